@@ -1,0 +1,3 @@
+"""flawscope: visual anomaly detection for industrial inspection."""
+
+__version__ = "0.1.0"
