@@ -1,0 +1,138 @@
+"""The Python API behind the CLI: fit a run, test it on labelled data, predict on new images.
+
+    >>> run = flawscope.fit("patchcore", "datasets/mtd", "runs/mtd", options={"backbone": "efficientnet_lite0"})
+    >>> metrics = flawscope.test(run, "datasets/mtd")
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .calibration import DEFAULT_TARGET_FPR, threshold_from_normals
+from .data import ImageDataset, Sample, find_images, load_dataset, split_validation
+from .data.dataset import collate
+from .errors import ConfigError
+from .fitting import FitContext
+from .model_io import load_model, read_model_info, save_model
+from .models.base import AnomalyModel
+from .registry import get_method
+from .runs import environment, write_json
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> the first CUDA device when present, else the CPU; anything else is checked."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {device!r} was asked for but CUDA is not available here; use --device cpu.")
+    return resolved
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, numpy and torch so a run is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_outside(out: Path, data_root: Path) -> None:
+    out, data_root = out.resolve(), data_root.resolve()
+    if out == data_root or data_root in out.parents:
+        raise ConfigError(f"The output folder {out} is inside the data folder {data_root}; flawscope never writes "
+                          "into a data folder. Choose --out elsewhere.")
+
+
+@dataclass
+class ScoredImages:
+    """Scores of a list of images, in order. Maps and masks are kept only when asked for."""
+
+    samples: list[Sample]
+    raw_scores: np.ndarray  # (N,) float64
+    norm_scores: np.ndarray  # (N,) float64
+    maps: np.ndarray | None  # (N, H, W) float32 raw anomaly maps
+    masks: np.ndarray | None  # (N, H, W) bool ground truth
+    seconds: float
+
+
+def score_images(model: AnomalyModel, samples: Sequence[Sample], ctx: FitContext, batch_size: int = 8,
+                 keep_maps: bool = False) -> ScoredImages:
+    """Runs ``model`` over ``samples`` in batches (inference mode, progress bar)."""
+    model.to(ctx.device).eval()
+    loader = ctx.loader(samples, model.config, batch_size)
+    size, count = model.config.image_size, len(samples)
+    raw, norm = np.zeros(count), np.zeros(count)
+    maps = np.zeros((count, size, size), np.float32) if keep_maps else None
+    masks = np.zeros((count, size, size), bool) if keep_maps else None
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in ctx.progress(loader, "scoring", len(loader)):
+            index = batch["index"].numpy()
+            out = model(batch["image"].to(ctx.device))
+            raw[index] = out.pred_score.double().cpu().numpy()
+            norm[index] = out.norm_score.double().cpu().numpy()
+            if keep_maps:
+                maps[index] = out.anomaly_map[:, 0].float().cpu().numpy()
+                masks[index] = batch["mask"][:, 0].numpy() > 0.5
+    return ScoredImages(list(samples), raw, norm, maps, masks, time.perf_counter() - start)
+
+
+def calibrate(model: AnomalyModel, normals: Sequence[Sample], ctx: FitContext,
+              target_fpr: float = DEFAULT_TARGET_FPR) -> dict[str, Any]:
+    """Sets the model's threshold from held-out good images and returns what was done."""
+    scored = score_images(model, normals, ctx)
+    result = threshold_from_normals(scored.raw_scores, target_fpr)
+    model.set_calibration(result["threshold"], result["score_low"])
+    return result
+
+
+def fit(method: str, data: str | Path, out: str | Path, *, options: Mapping[str, Any] | None = None, seed: int = 0,
+        device: str = "auto", val_ratio: float = 0.1, target_fpr: float = DEFAULT_TARGET_FPR, layout: str = "auto",
+        category: str | None = None, weights_path: str | Path | None = None, quiet: bool = False,
+        num_workers: int = 0) -> Path:
+    """Trains ``method`` on the good training images of ``data`` and writes a run folder.
+
+    A seeded ``val_ratio`` share of ``train/good`` is held out to calibrate the threshold; test images are never
+    looked at. Writes ``out/model/`` (model.json + weights.safetensors), ``out/config.json``,
+    ``out/environment.json`` and ``out/fit_log.json``.
+
+    Returns:
+        The run folder.
+    """
+    spec = get_method(method)
+    config = spec.config_class.from_dict(dict(options or {}))
+    torch_device = resolve_device(device)
+    dataset = load_dataset(data, layout=layout, category=category)
+    out = Path(out)
+    _check_outside(out, dataset.root)
+    train, val = split_validation(dataset.train, val_ratio, seed)
+    seed_everything(seed)
+    ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers)
+    model = spec.model_class(config, pretrained=True, weights_path=weights_path)
+    start = time.perf_counter()
+    training = spec.fit(model, train, ctx)
+    fit_seconds = time.perf_counter() - start
+    calibration = calibrate(model, val, ctx, target_fpr) if val else {"rule": "none (no held-out images)"}
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model.cpu(), out / "model", metadata={"calibration_details": calibration, "training": training})
+    write_json(out / "config.json", {
+        "method": method, "options": config.to_dict(), "seed": seed, "data": str(dataset.root),
+        "layout": dataset.layout, "category": category, "val_ratio": val_ratio, "target_fpr": target_fpr,
+        "num_train": len(train), "num_val": len(val), "fit_seconds": round(fit_seconds, 2),
+        "val_images": [str(s.path) for s in val],
+    })
+    write_json(out / "environment.json", environment(seed, str(torch_device)))
+    write_json(out / "fit_log.json", ctx.log)
+    return out

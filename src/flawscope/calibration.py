@@ -1,0 +1,68 @@
+"""Decision thresholds from held-out images, in the raw score units of a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, DataError
+
+DEFAULT_TARGET_FPR = 0.01
+
+
+def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAULT_TARGET_FPR) -> dict[str, Any]:
+    """The smallest held-out normal score that at most ``target_fpr`` of the normals exceed.
+
+    An image is called defective when its score is strictly above the threshold, so on the held-out normals the
+    false-positive rate is at most ``target_fpr`` (0 with fewer than ``1 / target_fpr`` images: the maximum).
+
+    Args:
+        normal_scores: (N,) raw scores of held-out good images.
+        target_fpr: tolerated fraction of good images called defective, in [0, 1).
+
+    Returns:
+        dict with ``threshold``, ``score_low`` (median normal score, mapped to 0 by the normalised score),
+        ``rule`` and the counts used.
+    """
+    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if scores.size == 0:
+        raise DataError("No held-out good images to calibrate the threshold on; use --val-ratio > 0.")
+    if not 0 <= target_fpr < 1:
+        raise ConfigError(f"target_fpr must be in [0, 1); got {target_fpr}.")
+    allowed = int(np.floor(target_fpr * scores.size))  # normals allowed above the threshold
+    threshold = scores[scores.size - 1 - allowed]
+    return {
+        "threshold": float(threshold),
+        "score_low": float(np.median(scores)),
+        "rule": f"quantile of held-out normal scores, target FPR {target_fpr:g}",
+        "num_normal": int(scores.size),
+    }
+
+
+def threshold_f1(normal_scores: np.ndarray, defect_scores: np.ndarray) -> dict[str, Any]:
+    """The F1-optimal threshold when labelled defects are available (never pass test images here).
+
+    Returns:
+        dict like :func:`threshold_from_normals`, plus the F1 reached on these images.
+    """
+    from .metrics import f1max
+
+    normal = np.asarray(normal_scores, dtype=np.float64)
+    defect = np.asarray(defect_scores, dtype=np.float64)
+    if normal.size == 0 or defect.size == 0:
+        raise DataError("F1-optimal calibration needs both good and defective held-out images.")
+    scores = np.concatenate([normal, defect])
+    labels = np.concatenate([np.zeros(normal.size, bool), np.ones(defect.size, bool)])
+    best_f1, cut = f1max(scores, labels)
+    # f1max predicts defective at score >= cut; our decision is score > threshold, so step just below the cut.
+    below = scores[scores < cut]
+    threshold = float(below.max()) if below.size else float(np.nextafter(cut, -np.inf))
+    return {
+        "threshold": threshold,
+        "score_low": float(np.median(normal)),
+        "rule": "F1-optimal on held-out labelled images",
+        "f1": float(best_f1),
+        "num_normal": int(normal.size),
+        "num_defective": int(defect.size),
+    }

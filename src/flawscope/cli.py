@@ -1,0 +1,145 @@
+"""The `flawscope` command: fit | test | predict | info | demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .calibration import DEFAULT_TARGET_FPR
+from .config import parse_overrides
+from .errors import FlawscopeError
+
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+QUIET = click.option("--quiet", is_flag=True, help="no progress bars")
+
+
+def _fail(error: Exception) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
+
+
+class _Group(click.Group):
+    """Turns flawscope's own errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FlawscopeError as e:
+            _fail(e)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="flawscope")
+def main() -> None:
+    """Visual anomaly detection for industrial inspection."""
+
+
+@main.command()
+@click.option("--model", "method", required=True, help="method name (see `flawscope info`)")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="data set root (MVTec layout or VisA)")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="run folder to write")
+@click.option("--backbone", default=None, help="feature extractor, e.g. efficientnet_lite0")
+@click.option("--image-size", type=int, default=None, help="model input side in pixels")
+@click.option("--resize-size", type=int, default=None, help="shorter side before the centre crop; 0 = no crop")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="any model option, repeatable")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-ratio", type=float, default=0.1, show_default=True, help="good images held out to calibrate")
+@click.option("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, show_default=True,
+              help="tolerated false-positive rate of the threshold on held-out good images")
+@click.option("--category", default=None, help="category folder inside a multi-category data root")
+@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="explicit backbone weights file")
+@DEVICE
+@QUIET
+def fit(method, data, out, backbone, image_size, resize_size, overrides, seed, val_ratio, target_fpr, category,
+        layout, weights, device, quiet) -> None:
+    """Train a model on the good images of DATA and write the run folder OUT."""
+    from .api import fit as run_fit
+
+    options = parse_overrides(overrides)
+    for key, value in (("backbone", backbone), ("image_size", image_size), ("resize_size", resize_size)):
+        if value is not None:
+            options[key] = value
+    run = run_fit(method, data, out, options=options, seed=seed, device=device, val_ratio=val_ratio,
+                  target_fpr=target_fpr, layout=layout, category=category, weights_path=weights, quiet=quiet)
+    click.echo(f"model written to {run / 'model'}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="default: the run folder")
+@click.option("--category", default=None)
+@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--no-report", is_flag=True, help="skip report.html")
+@DEVICE
+@QUIET
+def test(run, data, out, category, layout, batch_size, no_report, device, quiet) -> None:
+    """Evaluate RUN on the labelled test split of DATA."""
+    from .evaluation import test as run_test
+
+    metrics = run_test(run, data, out=out, layout=layout, category=category, device=device,
+                       batch_size=batch_size, quiet=quiet, report=not no_report)
+    _print_metrics(metrics)
+    click.echo(f"report: {(out or run) / 'report.html'}" if not no_report else f"metrics: {(out or run)}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+        value = metrics.get(key)
+        click.echo(f"  {key:<12} {'n/a' if value is None else f'{100 * value:.1f} %'}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--no-overlays", is_flag=True, help="write the CSV only")
+@click.option("--strict", is_flag=True, help="stop at the first unreadable image instead of skipping it")
+@DEVICE
+@QUIET
+def predict(run, paths, out, batch_size, no_overlays, strict, device, quiet) -> None:
+    """Score new images (files, folders or globs) with RUN."""
+    from .prediction import predict as run_predict
+
+    csv_path = run_predict(run, paths, out, device=device, batch_size=batch_size, overlays=not no_overlays,
+                           strict=strict, quiet=quiet)
+    click.echo(f"predictions: {csv_path}")
+
+
+@main.command()
+@click.option("--model", "method", default=None, help="show the options of one method")
+@click.option("--json", "as_json", is_flag=True)
+def info(method, as_json) -> None:
+    """Versions, device, methods, and which backbone weights are available offline."""
+    from .backbones import weights_status
+    from .registry import available_methods, get_method
+    from .runs import environment
+
+    if method:
+        spec = get_method(method)
+        click.echo(f"{spec.name}: {spec.summary} (supervision: {spec.supervision})")
+        for name, default, help_text in spec.config_class.describe():
+            click.echo(f"  {name:<22} {default!s:<18} {help_text}")
+        return
+    env = environment()
+    report = {"environment": env, "methods": available_methods(), "backbone_weights": weights_status()}
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    for key in ("flawscope", "python", "torch", "timm", "numpy", "cpu", "cpu_count", "torch_threads", "cuda"):
+        click.echo(f"{key:<14} {env[key]}")
+    click.echo(f"{'methods':<14} {', '.join(report['methods'])}")
+    click.echo("backbone weights available offline:")
+    for name, status in report["backbone_weights"].items():
+        click.echo(f"  {name:<20} {status}")
+
+
+if __name__ == "__main__":
+    main()

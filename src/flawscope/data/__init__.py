@@ -1,0 +1,22 @@
+"""Image decoding, dataset layouts, validation splits and the torch dataset."""
+
+from flawscope.data.dataset import ImageDataset, collate, make_loader, preprocess, preprocess_mask
+from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, read_mask
+from flawscope.data.layouts import DatasetSplit, Sample, find_images, load_dataset, split_validation
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DatasetSplit",
+    "ImageDataset",
+    "Sample",
+    "collate",
+    "find_images",
+    "is_image_file",
+    "load_dataset",
+    "make_loader",
+    "preprocess",
+    "preprocess_mask",
+    "read_image",
+    "read_mask",
+    "split_validation",
+]

@@ -1,0 +1,213 @@
+"""The torch dataset shared by fitting, evaluation and prediction.
+
+Geometry (the SimpleNet/PatchCore recipe, e.g. resize 256 then crop 224): the shorter side is resized to
+``resize_size`` with bilinear interpolation and antialiasing, the longer side keeps the aspect ratio, then the centre
+``image_size`` x ``image_size`` square is cut out. A mask goes through the very same bilinear resize and crop and is
+then thresholded at 0.5, so a mask pixel is a defect when most of its area was; this keeps masks on the image's
+sampling grid, where nearest-neighbour resizing would shift them by up to half a pixel.
+
+``resize_size=0`` resizes the whole image to ``image_size`` x ``image_size`` instead (aspect ratio not kept, nothing
+cut off), as EfficientAD and anomalib do; use it for parts whose defects may lie near the borders of elongated images.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from flawscope.data.io import read_image, read_mask
+from flawscope.data.layouts import Sample
+from flawscope.errors import ConfigError, DataError
+
+
+def _resize_size(image_size: int, resize_size: int | None) -> int:
+    """Check the two sizes and return the effective resize size (``image_size`` when None)."""
+    resize = image_size if resize_size is None else resize_size
+    if resize == 0:
+        return 0
+    if image_size < 1 or resize < image_size:
+        raise ConfigError(
+            f"image_size must be >= 1 and resize_size 0 or >= image_size (the crop is cut from the resized image); "
+            f"got image_size={image_size}, resize_size={resize_size}."
+        )
+    return resize
+
+
+def _resize_crop(tensor: Tensor, image_size: int, resize_size: int) -> Tensor:
+    """Resize the shorter side to ``resize_size`` and cut the centre square.
+
+    Args:
+        tensor: (C, H, W) float.
+        image_size: Side S of the output.
+        resize_size: Shorter side after resizing, >= S; 0 resizes the whole image to S x S without a crop.
+
+    Returns:
+        (C, S, S) float.
+    """
+    if resize_size == 0:
+        return F.interpolate(tensor[None], size=(image_size, image_size), mode="bilinear", align_corners=False,
+                             antialias=True)[0]
+    height, width = tensor.shape[-2:]
+    # Same rounding as torchvision's Resize(int), so sizes match the papers' preprocessing.
+    if height <= width:
+        size = (resize_size, int(resize_size * width / height))
+    else:
+        size = (int(resize_size * height / width), resize_size)
+    resized = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    top = int(round((size[0] - image_size) / 2.0))
+    left = int(round((size[1] - image_size) / 2.0))
+    return resized[:, top : top + image_size, left : left + image_size]
+
+
+def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = None) -> Tensor:
+    """Turn a decoded image into model input.
+
+    Args:
+        image: (H, W, 3) uint8 RGB, as returned by ``read_image``.
+        image_size: Side S of the centre crop.
+        resize_size: Shorter side before cropping; None means ``image_size`` (no crop on square images).
+
+    Returns:
+        (3, S, S) float32 in [0, 1].
+
+    Raises:
+        ConfigError: Invalid sizes.
+        DataError: ``image`` is not an (H, W, 3) uint8 array.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(
+            f"preprocess() expects an (H, W, 3) uint8 RGB array as read_image() returns; got shape {image.shape}, "
+            f"dtype {image.dtype}."
+        )
+    tensor = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)
+    return _resize_crop(tensor, image_size, _resize_size(image_size, resize_size))
+
+
+def preprocess_mask(mask: np.ndarray, image_size: int, resize_size: int | None = None) -> Tensor:
+    """Map a mask through the geometry of ``preprocess``.
+
+    Args:
+        mask: (H, W) bool, the size of its image.
+        image_size: Side S of the centre crop.
+        resize_size: Shorter side before cropping; None means ``image_size``.
+
+    Returns:
+        (1, S, S) float32 with values in {0, 1}.
+    """
+    soft = _resize_crop(torch.tensor(mask)[None].float(), image_size, _resize_size(image_size, resize_size))
+    return (soft > 0.5).float()
+
+
+class ImageDataset(Dataset):
+    """Decoded, resized and cropped images with their masks.
+
+    Items are dicts: ``image`` (3, S, S) float32 in [0, 1], ``mask`` (1, S, S) float32 in {0, 1} (zeros for good
+    images), ``label`` int (1 = defective) and ``index`` int (position in ``samples``).
+
+    Args:
+        samples: Images to load, e.g. ``load_dataset(...).test``.
+        image_size: Side S of the centre crop.
+        resize_size: Shorter side before cropping; None means ``image_size``.
+        skip_bad: When True, an image or mask that cannot be used gives a None item and is recorded in
+            ``bad_files`` as (path, reason) instead of raising DataError. Recording happens in the loading
+            process, so use it with ``num_workers=0``.
+    """
+
+    def __init__(
+        self, samples: Sequence[Sample], image_size: int, resize_size: int | None = None, skip_bad: bool = False
+    ):
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.resize_size = _resize_size(image_size, resize_size)
+        self.skip_bad = skip_bad
+        self.bad_files: list[tuple[Path, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.samples[index]
+        try:
+            image, mask = self._load(sample)
+        except DataError as error:
+            if not self.skip_bad:
+                raise
+            if (sample.path, str(error)) not in self.bad_files:  # a second epoch must not list a file twice
+                self.bad_files.append((sample.path, str(error)))
+            return None
+        return {"image": image, "mask": mask, "label": sample.label, "index": index}
+
+    def _load(self, sample: Sample) -> tuple[Tensor, Tensor]:
+        """Return the (3, S, S) image and (1, S, S) mask of one sample."""
+        pixels = read_image(sample.path)
+        image = preprocess(pixels, self.image_size, self.resize_size)
+        if sample.mask_path is None:
+            return image, torch.zeros(1, self.image_size, self.image_size)
+        mask = read_mask(sample.mask_path, size=pixels.shape[:2], image_path=sample.path)
+        return image, preprocess_mask(mask, self.image_size, self.resize_size)
+
+
+def collate(items: list[dict | None]) -> dict | None:
+    """Stack dataset items into a batch, dropping the None items of skipped files.
+
+    Args:
+        items: Items of ``ImageDataset``.
+
+    Returns:
+        None when every item was skipped, else a dict with ``image`` (B, 3, S, S), ``mask`` (B, 1, S, S),
+        ``label`` (B,) int64 and ``index`` (B,) int64.
+    """
+    kept = [item for item in items if item is not None]
+    if not kept:
+        return None
+    return {
+        "image": torch.stack([item["image"] for item in kept]),
+        "mask": torch.stack([item["mask"] for item in kept]),
+        "label": torch.tensor([item["label"] for item in kept], dtype=torch.int64),
+        "index": torch.tensor([item["index"] for item in kept], dtype=torch.int64),
+    }
+
+
+def make_loader(
+    samples: Sequence[Sample],
+    image_size: int,
+    resize_size: int | None = None,
+    batch_size: int = 8,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    skip_bad: bool = False,
+) -> DataLoader:
+    """Build a DataLoader over an ``ImageDataset``; its batches come from ``collate`` (None if all were skipped).
+
+    Args:
+        samples: Images to load.
+        image_size: Side S of the centre crop.
+        resize_size: Shorter side before cropping; None means ``image_size``.
+        batch_size: Images per batch.
+        shuffle: Shuffle each epoch, in an order fixed by ``seed``.
+        seed: Seed of the shuffling.
+        num_workers: Loader worker processes.
+        skip_bad: Skip unusable files and list them in ``loader.dataset.bad_files`` (needs ``num_workers=0``).
+
+    Raises:
+        ConfigError: Invalid sizes, or ``skip_bad`` with worker processes.
+    """
+    if skip_bad and num_workers > 0:
+        raise ConfigError(
+            f"skip_bad=True records bad files in the loading process, so it needs num_workers=0; got "
+            f"num_workers={num_workers}. Set num_workers=0 or skip_bad=False."
+        )
+    dataset = ImageDataset(samples, image_size, resize_size, skip_bad)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+        collate_fn=collate,
+    )

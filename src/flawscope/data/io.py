@@ -1,0 +1,134 @@
+"""Robust image and mask decoding: every supported file becomes an RGB uint8 array or a clear DataError.
+
+Decoding rules (the same for training, evaluation and prediction, so a model never sees two encodings of one scene):
+
+- EXIF orientation is applied, so arrays are upright as image viewers show them.
+- Grayscale, palette, CMYK and YCbCr images are converted to RGB.
+- Transparent images (RGBA, LA, palette with transparency) are composited on black: the colour stored under a fully
+  transparent pixel is arbitrary, black makes it deterministic and matches the zero padding models see at borders.
+- 16-bit integer images are scaled linearly, 65535 -> 255 (``round(v / 257)``), never clipped; float images are
+  taken as [0, 1] when their maximum is at most 1 and as 16-bit values otherwise.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from flawscope.errors import DataError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+_SIXTEEN_BIT_MAX = 65535
+# Pillow's modes holding more than 8 bits per pixel in a single channel.
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def is_image_file(path: Path) -> bool:
+    """Return True for a visible file whose extension (any case) is in ``IMAGE_EXTENSIONS``.
+
+    Hidden files are excluded because macOS copies leave ``._name.png`` metadata files next to real images.
+    """
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _open_upright(path: str | Path) -> Image.Image:
+    """Decode a file fully and apply its EXIF orientation, turning every decoder failure into a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
+        raise DataError(f"Image file {path} {what}. Check the path, or pass the folder to find_images().")
+    try:
+        with Image.open(path) as image:
+            image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
+            return ImageOps.exif_transpose(image)
+    except UnidentifiedImageError as error:
+        raise DataError(
+            f"Cannot read {path}: it is not an image format flawscope can decode (is the extension wrong, or is it "
+            f"another kind of file?). Supported: {', '.join(IMAGE_EXTENSIONS)}. Convert it or remove it from the "
+            f"data folder."
+        ) from error
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(
+            f"Cannot decode {path}: the file is truncated or corrupt ({error}). Re-export or re-copy the file, or "
+            f"remove it from the data folder."
+        ) from error
+
+
+def _wide_to_uint8(image: Image.Image) -> np.ndarray:
+    """Scale a 16-bit or float single-channel image to uint8 (H, W) without clipping the upper range."""
+    values = np.asarray(image, dtype=np.float64)
+    full_scale = 1.0 if image.mode == "F" and values.max(initial=0.0) <= 1.0 else _SIXTEEN_BIT_MAX
+    return np.round(np.clip(values, 0.0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+
+
+def _to_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """Convert any decoded PIL image to an (H, W, 3) uint8 RGB array following the module's rules."""
+    if image.mode in _WIDE_MODES:
+        gray = _wide_to_uint8(image)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if _has_alpha(image):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
+        composited = (rgba[:, :, :3] * rgba[:, :, 3:] + 127) // 255
+        return composited.astype(np.uint8)
+    try:
+        return np.array(image.convert("RGB"), dtype=np.uint8)  # a copy: arrays over PIL buffers are read-only
+    except ValueError as error:
+        raise DataError(
+            f"Cannot convert {path} (Pillow mode {image.mode!r}) to RGB. Save it as 8-bit RGB or grayscale."
+        ) from error
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as upright RGB.
+
+    Args:
+        path: Image file in one of ``IMAGE_EXTENSIONS`` (the format is detected from the content).
+
+    Returns:
+        Array of shape (H, W, 3), dtype uint8, RGB.
+
+    Raises:
+        DataError: The file is missing, not an image, truncated, corrupt or in an unsupported pixel mode; the
+            message names the file and the fix.
+    """
+    path = Path(path)
+    return _to_rgb(_open_upright(path), path)
+
+
+def _mask_to_bool(image: Image.Image) -> np.ndarray:
+    """Nonzero colour (alpha ignored) means defect; palettes are resolved to colours first."""
+    if image.mode in ("P", "RGBA", "LA", "PA"):
+        image = image.convert("RGB")
+    values = np.asarray(image)
+    return values.any(axis=2) if values.ndim == 3 else values != 0
+
+
+def read_mask(path: str | Path, size: tuple[int, int] | None = None, image_path: Path | None = None) -> np.ndarray:
+    """Read a ground-truth mask; any nonzero pixel marks a defect (MVTec uses 255, VisA uses instance ids).
+
+    Args:
+        path: Mask image file.
+        size: Expected (H, W), the size of the image the mask belongs to; None skips the check.
+        image_path: The image the mask belongs to, named in the error message when the sizes differ.
+
+    Returns:
+        Array of shape (H, W), dtype bool, True where the image is defective.
+
+    Raises:
+        DataError: The mask is unreadable, or its size differs from ``size``.
+    """
+    path = Path(path)
+    mask = _mask_to_bool(_open_upright(path))
+    if size is not None and mask.shape != tuple(size):
+        owner = f"its image {image_path}" if image_path is not None else "the expected size"
+        raise DataError(
+            f"Mask {path} is {mask.shape[0]}x{mask.shape[1]} (height x width) but {owner} is "
+            f"{size[0]}x{size[1]}. A mask must have exactly the size of its image; re-export the mask at "
+            f"{size[0]}x{size[1]}."
+        )
+    return mask

@@ -1,0 +1,323 @@
+"""Dataset layouts: MVTec AD style folders (also BTAD, MPDD, MTD), the VisA split CSV, plain image lists.
+
+Only listing happens here: files are checked to exist, never opened for writing, and nothing is created in a data
+folder. Every list is sorted by path so runs are reproducible across file systems.
+"""
+
+import csv
+import glob
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file
+from flawscope.errors import ConfigError, DataError
+
+LAYOUTS = ("auto", "mvtec", "visa")
+# "good" is MVTec's name for defect-free images; BTAD ships the same tree with "ok" instead.
+NORMAL_NAMES = ("good", "ok")
+MVTEC_HELP = (
+    "flawscope expects the MVTec AD layout: <root>/train/good/ (defect-free training images), "
+    "<root>/test/<type>/ (test images, 'good' for defect-free ones) and <root>/ground_truth/<type>/<stem>_mask.png "
+    "(one mask per defective test image)"
+)
+VISA_CSV = Path("split_csv") / "1cls.csv"
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+_MAX_LISTED = 12
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset.
+
+    Attributes:
+        path: Image file.
+        label: 0 for a good image, 1 for a defective one.
+        defect_type: Name of the defect folder ("good" for good images).
+        mask_path: Ground-truth mask of a defective image; None for good images (their mask is all zeros).
+    """
+
+    path: Path
+    label: int = 0
+    defect_type: str = "good"
+    mask_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """The samples of one dataset category.
+
+    Attributes:
+        root: Folder of the category (MVTec) or of the whole dataset (VisA).
+        train: Good training images, sorted by path.
+        test: Test images, good and defective, sorted by defect type then path; empty when there is no test set.
+        layout: "mvtec" or "visa".
+    """
+
+    root: Path
+    train: list[Sample]
+    test: list[Sample]
+    layout: str
+
+
+def _join(names: Iterable[str]) -> str:
+    """Comma-separated names, shortened for long lists, "nothing" for an empty one."""
+    names = list(names)
+    if len(names) > _MAX_LISTED:
+        return ", ".join(names[:_MAX_LISTED]) + f", ... ({len(names)} in all)"
+    return ", ".join(names) or "nothing"
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _contents(root: Path) -> str:
+    """Describe a folder two levels deep, e.g. "train/ok, test/ko", for 'what was found' in error messages."""
+    entries = []
+    for folder in _subfolders(root):
+        children = _subfolders(folder)
+        entries += [f"{folder.name}/{child.name}" for child in children] if children else [folder.name]
+    return _join(entries)
+
+
+def _normal_folder(parent: Path) -> Path | None:
+    return next((parent / name for name in NORMAL_NAMES if (parent / name).is_dir()), None)
+
+
+def _mvtec_root(root: Path, category: str | None) -> Path:
+    """Resolve the category folder of an MVTec-style dataset, or explain why there is none."""
+    categories = [folder.name for folder in _subfolders(root) if _normal_folder(folder / "train")]
+    if _normal_folder(root / "train"):
+        if category is None or category == root.name:
+            return root
+        raise DataError(
+            f"Category {category!r} was given but {root} is already a single category (it has train/good). "
+            f"Pass its parent folder together with the category, or drop the category."
+        )
+    if category is not None and category in categories:
+        return root / category
+    if category is not None or categories:
+        asked = f"No category {category!r} in {root}" if category is not None else f"{root} holds several categories"
+        raise DataError(
+            f"{asked}; found categories: {_join(categories)}. Choose one with category=... (--category on the "
+            f"command line)."
+        )
+    raise DataError(f"No 'train/good' in {root}; found: {_contents(root)}. {MVTEC_HELP}.")
+
+
+def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
+    """Find ``<stem>_mask.<ext>`` (MVTec, MPDD) or ``<stem>.<ext>`` (BTAD), any extension case, .png first."""
+    for suffix in ("_mask", ""):
+        for extension in (".png", *IMAGE_EXTENSIONS):
+            found = index.get(f"{image.stem}{suffix}{extension}".lower())
+            if found is not None:
+                return found
+    raise DataError(
+        f"Defective test image {image} has no mask: expected {ground_truth / (image.stem + '_mask.png')}. Every "
+        f"image in test/<type> other than test/good needs one; add the mask or move the image out of the test set."
+    )
+
+
+def _mvtec_test(root: Path) -> list[Sample]:
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        return []
+    samples = []
+    for type_dir in _subfolders(test_dir):
+        images = _list_images(type_dir)
+        if type_dir.name in NORMAL_NAMES:
+            samples += [Sample(path) for path in images]
+            continue
+        ground_truth = root / "ground_truth" / type_dir.name
+        index = {p.name.lower(): p for p in _list_images(ground_truth)} if ground_truth.is_dir() else {}
+        samples += [Sample(path, 1, type_dir.name, _mask_for(path, ground_truth, index)) for path in images]
+    if not samples:
+        raise DataError(f"No test images in {test_dir}; found: {_contents(test_dir)}. {MVTEC_HELP}.")
+    return samples
+
+
+def _load_mvtec(root: Path) -> DatasetSplit:
+    train_dir = _normal_folder(root / "train")
+    train = [Sample(path) for path in _list_images(train_dir)]
+    if not train:
+        others = sorted(p.name for p in train_dir.iterdir())
+        raise DataError(
+            f"No images in {train_dir} (found: {_join(others)}). Add defect-free images with one of the "
+            f"extensions {', '.join(IMAGE_EXTENSIONS)}."
+        )
+    return DatasetSplit(root=root, train=train, test=_mvtec_test(root), layout="mvtec")
+
+
+def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
+    """Read the split CSV as (line number, row) pairs; line numbers make error messages point at the row."""
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"{csv_path} lacks the column(s) {', '.join(missing)}; got {reader.fieldnames}. The VisA split "
+                f"file needs the columns {', '.join(VISA_COLUMNS)} (as in VisA's split_csv/1cls.csv)."
+            )
+        return [(reader.line_num, row) for row in reader]
+
+
+def _existing(root: Path, relative: str, what: str, where: str) -> Path:
+    path = root / relative
+    if not relative or not path.is_file():
+        raise DataError(
+            f"{where}: the {what} {path if relative else '(empty)'} does not exist. Fix the path in the CSV."
+        )
+    return path
+
+
+def _visa_sample(root: Path, row: dict[str, str], where: str) -> tuple[str, Sample]:
+    """Return (split, sample) for one CSV row, checking its label, split and files."""
+    split, label = row["split"].strip(), row["label"].strip()
+    if split not in ("train", "test") or label not in ("normal", "anomaly") or (split, label) == ("train", "anomaly"):
+        raise DataError(
+            f"{where}: got split {split!r} with label {label!r}; expected split 'train' or 'test' and label 'normal' "
+            f"or 'anomaly' (training rows must be 'normal')."
+        )
+    image = _existing(root, row["image"].strip(), "image", where)
+    if label == "normal":
+        return split, Sample(image)
+    return split, Sample(image, 1, "anomaly", _existing(root, row["mask"].strip(), "mask", where))
+
+
+def _load_visa(root: Path, category: str | None) -> DatasetSplit:
+    csv_path = root / VISA_CSV
+    if not csv_path.is_file():
+        raise DataError(f"No {VISA_CSV} in {root}; found: {_contents(root)}. Copy VisA's split_csv/1cls.csv there.")
+    rows = _read_visa_rows(csv_path)
+    objects = sorted({row["object"] for _, row in rows})
+    if category is None and len(objects) == 1:
+        category = objects[0]
+    if category not in objects:
+        raise DataError(
+            f"{csv_path} has no object {category!r}; found objects: {_join(objects)}. Choose one with category=... "
+            f"(--category on the command line)."
+        )
+    parts: dict[str, list[Sample]] = {"train": [], "test": []}
+    for line, row in rows:
+        if row["object"] == category:
+            split, sample = _visa_sample(root, row, f"{csv_path}, line {line}")
+            parts[split].append(sample)
+    if not parts["train"]:
+        raise DataError(f"{csv_path} has no 'train' rows labelled 'normal' for {category!r}; add some.")
+    return DatasetSplit(
+        root=root,
+        train=sorted(parts["train"], key=lambda s: s.path),
+        test=sorted(parts["test"], key=lambda s: (s.defect_type, s.path)),
+        layout="visa",
+    )
+
+
+def load_dataset(root: str | Path, layout: str = "auto", category: str | None = None) -> DatasetSplit:
+    """List the training and test samples of a dataset folder.
+
+    Args:
+        root: MVTec-style category folder (holding ``train/good``), a parent of several category folders (then
+            ``category`` picks one), or a VisA root (holding ``split_csv/1cls.csv``).
+        layout: "mvtec", "visa", or "auto" (VisA when ``root/split_csv`` exists and ``root/train`` does not).
+        category: MVTec category subfolder or VisA object name; needed when the root holds several.
+
+    Returns:
+        The split; a missing MVTec ``test`` folder gives an empty ``test`` list (enough for fitting).
+
+    Raises:
+        ConfigError: Unknown ``layout``.
+        DataError: Missing or misnamed folders, empty ``train/good``, a defective image without its mask, or a
+            bad VisA CSV; the message names the path and what was found.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"Unknown dataset layout {layout!r}; expected one of: {', '.join(LAYOUTS)}.")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Data folder {root} does not exist or is not a folder. Check the path.")
+    if layout == "visa" or (layout == "auto" and (root / "split_csv").is_dir() and not (root / "train").is_dir()):
+        return _load_visa(root, category)
+    return _load_mvtec(_mvtec_root(root, category))
+
+
+def _expand(item: Path) -> list[Path]:
+    """Images named by one argument: a file, a folder (searched recursively) or a glob pattern."""
+    if item.is_dir():
+        # Hidden folders hold tool caches (.ipynb_checkpoints, .thumbnails) with copies of the images.
+        return [
+            path
+            for path in item.rglob("*")
+            if is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(item).parts)
+        ]
+    if item.is_file():
+        if item.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(
+                f"{item} is not an image file: expected one of the extensions {', '.join(IMAGE_EXTENSIONS)}."
+            )
+        return [item]
+    if any(char in str(item) for char in "*?["):
+        matches = [Path(match) for match in glob.glob(str(item), recursive=True)]
+        return [path for path in matches if is_image_file(path)] + [
+            path for folder in matches if folder.is_dir() for path in _expand(folder)
+        ]
+    raise DataError(f"{item} does not exist. Pass image files, folders or glob patterns such as 'images/*.png'.")
+
+
+def find_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Collect the images to predict on.
+
+    Args:
+        paths: Image files, folders (searched recursively; non-image and hidden files are skipped) and glob
+            patterns (``**`` allowed). A single str or Path is accepted too.
+
+    Returns:
+        Unique image paths, sorted.
+
+    Raises:
+        DataError: A path does not exist, a file is not an image, or nothing was found.
+    """
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    found = sorted({path for item in items for path in _expand(Path(item))})
+    if not found:
+        searched = ", ".join(str(item) for item in items) or "(no paths given)"
+        raise DataError(
+            f"No images found in: {searched}. Looked for the extensions {', '.join(IMAGE_EXTENSIONS)} (any case)."
+        )
+    return found
+
+
+def split_validation(
+    samples: Sequence[Sample], ratio: float = 0.1, seed: int = 0, min_count: int = 1
+) -> tuple[list[Sample], list[Sample]]:
+    """Hold out a seeded share of the good training images for threshold calibration.
+
+    Args:
+        samples: Good training samples.
+        ratio: Share held out, in [0, 1); 0 holds out nothing. At least ``min_count`` images are held out when > 0.
+        seed: Seed of the random choice; the same seed and samples give the same split.
+        min_count: Fewest images each part may have (training, and validation when ``ratio`` > 0).
+
+    Returns:
+        (train, val), each in the order of ``samples``.
+
+    Raises:
+        ConfigError: ``ratio`` outside [0, 1).
+        DataError: Too few samples to leave ``min_count`` in each part.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"The validation ratio must be in [0, 1); got {ratio}.")
+    n_val = max(min_count, round(ratio * len(samples))) if ratio > 0 else 0
+    if len(samples) - n_val < min_count:
+        raise DataError(
+            f"Only {len(samples)} training image(s): holding out {n_val} for validation leaves fewer than "
+            f"{min_count} for training. Add good images or lower the validation ratio (now {ratio})."
+        )
+    held_out = set(random.Random(seed).sample(range(len(samples)), n_val))
+    train = [sample for i, sample in enumerate(samples) if i not in held_out]
+    val = [sample for i, sample in enumerate(samples) if i in held_out]
+    return train, val

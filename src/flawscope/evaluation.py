@@ -1,0 +1,161 @@
+"""`flawscope test`: score a labelled test set, compute the metrics, write metrics.json, per_image.csv, report.html."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .api import ScoredImages, resolve_device, score_images
+from .data import ImageDataset, load_dataset
+from .errors import DataError
+from .fitting import FitContext
+from .model_io import load_model, read_model_info
+from .models.base import AnomalyModel
+from .report import Curve, GalleryItem, heatmap_overlay, write_report
+from .runs import write_json
+
+GALLERY_SIZE = 6
+
+
+def _defined(fn, *args) -> Any:
+    """A metric's value, or None when it is undefined for this data (e.g. no defective images)."""
+    try:
+        return fn(*args)
+    except DataError:
+        return None
+
+
+def compute_metrics(scored: ScoredImages) -> tuple[dict[str, Any], list[Curve]]:
+    """Image and pixel metrics of a scored test set, with the curves for the report."""
+    labels = np.array([s.label for s in scored.samples], bool)
+    result: dict[str, Any] = {}
+    image = _defined(M.image_metrics, scored.raw_scores, labels) or {}
+    for key in ("image_auroc", "image_ap", "image_f1max"):
+        result[key] = image.get(key)
+    has_defect_pixels = scored.masks is not None and bool(scored.masks.any())
+    pixel = _defined(M.pixel_metrics, scored.maps, scored.masks) if has_defect_pixels else None
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+        result[key] = (pixel or {}).get(key)
+    curves = []
+    if result["image_auroc"] is not None:
+        fpr, tpr, _ = M.roc_curve(scored.raw_scores, labels)
+        curves.append(Curve("ROC (image)", fpr, tpr, "false positive rate", "true positive rate",
+                            result["image_auroc"]))
+        precision, recall, _ = M.pr_curve(scored.raw_scores, labels)
+        curves.append(Curve("PR (image)", recall, precision, "recall", "precision", result["image_ap"]))
+    if result["pixel_aupro"] is not None:
+        fpr, pro = M.pro_curve(scored.maps, scored.masks)
+        curves.append(Curve("PRO (pixel)", fpr, pro, "false positive rate", "per-region overlap",
+                            result["pixel_aupro"], xmax=0.3))
+    return result, curves
+
+
+def per_type_auroc(scored: ScoredImages) -> dict[str, dict[str, Any]]:
+    """Image AUROC of each defect type against the good images."""
+    types = sorted({s.defect_type for s in scored.samples if s.label == 1})
+    good = np.array([s.label == 0 for s in scored.samples])
+    table = {}
+    for defect_type in types:
+        chosen = np.array([s.defect_type == defect_type for s in scored.samples])
+        keep = chosen | good
+        labels = chosen[keep]
+        table[defect_type] = {"count": int(chosen.sum()),
+                              "image_auroc": _defined(M.auroc, scored.raw_scores[keep], labels)}
+    return table
+
+
+def write_per_image(path: Path, scored: ScoredImages, threshold: float) -> None:
+    """per_image.csv: path, defect type, label, raw and normalised score, decision at the calibrated threshold."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "defect_type", "label", "raw_score", "norm_score", "decision"])
+        for sample, raw, norm in zip(scored.samples, scored.raw_scores, scored.norm_scores):
+            decision = "defective" if raw > threshold else "good"
+            writer.writerow([sample.path, sample.defect_type, sample.label, f"{raw:.6g}", f"{norm:.4f}", decision])
+
+
+def _gallery(model: AnomalyModel, scored: ScoredImages) -> dict[str, list[GalleryItem]]:
+    """Worst-scored good images and best/worst-scored defective images with overlays."""
+    cfg = model.config
+    dataset = ImageDataset(scored.samples, cfg.image_size, cfg.resize_size)
+    labels = np.array([s.label for s in scored.samples])
+    order = np.argsort(-scored.raw_scores, kind="stable")
+    good = [i for i in order if labels[i] == 0]
+    defective = [i for i in order if labels[i] == 1]
+    sections = {
+        "Good images with the highest scores (possible false alarms)": good[:GALLERY_SIZE],
+        "Defective images with the highest scores": defective[:GALLERY_SIZE],
+        "Defective images with the lowest scores (possible misses)": defective[::-1][:GALLERY_SIZE],
+    }
+    gallery = {}
+    for title, indices in sections.items():
+        items = []
+        for i in indices:
+            image = (dataset[i]["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            norm_map = model.normalize(torch.from_numpy(scored.maps[i])).numpy()
+            overlay = heatmap_overlay(image, norm_map, scored.masks[i] if scored.masks[i].any() else None)
+            sample = scored.samples[i]
+            caption = f"{sample.defect_type} · score {scored.norm_scores[i]:.2f} (raw {scored.raw_scores[i]:.4g})"
+            items.append(GalleryItem(sample.path.name, caption, overlay))
+        if items:
+            gallery[title] = items
+    return gallery
+
+
+def test(run: str | Path, data: str | Path, *, out: str | Path | None = None, layout: str = "auto",
+         category: str | None = None, device: str = "auto", batch_size: int = 8, quiet: bool = False,
+         report: bool = True) -> dict[str, Any]:
+    """Evaluates a run on the test split of ``data``.
+
+    Writes into ``out`` (default: the run folder) ``metrics.json``, ``per_image.csv``, ``curves.json`` and
+    ``report.html``.
+
+    Returns:
+        The metrics dictionary written to metrics.json.
+    """
+    run = Path(run)
+    info = read_model_info(run)
+    model = load_model(info["folder"])
+    dataset = load_dataset(data, layout=layout, category=category)
+    if not dataset.test:
+        raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
+    out = Path(out) if out else run
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = FitContext(device=resolve_device(device), quiet=quiet)
+    scored = score_images(model, dataset.test, ctx, batch_size, keep_maps=True)
+    model.cpu()
+    start = time.perf_counter()
+    metrics, curves = compute_metrics(scored)
+    metric_seconds = time.perf_counter() - start
+    labels = np.array([s.label for s in scored.samples])
+    threshold = float(model.threshold)
+    decisions = scored.raw_scores > threshold
+    metrics.update({
+        "num_images": int(labels.size), "num_good": int((labels == 0).sum()), "num_defective": int(labels.sum()),
+        "threshold": threshold,
+        "accuracy_at_threshold": float((decisions == (labels == 1)).mean()),
+        "inference_seconds": round(scored.seconds, 3),
+        "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
+        "metrics_seconds": round(metric_seconds, 3),
+        "per_type": per_type_auroc(scored),
+        "method": info["method"], "data": str(dataset.root),
+    })
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "curves.json", {c.name: {"x": c.x.tolist(), "y": c.y.tolist()} for c in curves})
+    write_per_image(out / "per_image.csv", scored, threshold)
+    if report:
+        write_report(
+            out / "report.html", title=f"flawscope test report: {info['method']} on {dataset.root.name}",
+            info={"model": info["method"], "backbone": info["config"].get("backbone", ""),
+                  "run": str(run), "data": str(dataset.root), "threshold (raw)": f"{threshold:.6g}",
+                  "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)"},
+            metrics={k: metrics[k] for k in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+                                             "pixel_f1max", "pixel_aupro")},
+            per_type=metrics["per_type"], curves=curves, gallery=_gallery(model, scored))
+    return metrics

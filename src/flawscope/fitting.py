@@ -1,0 +1,49 @@
+"""What a method's fit routine receives besides the model and the training images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+from .data import Sample, make_loader
+
+T = TypeVar("T")
+
+
+@dataclass
+class FitContext:
+    """Device, seed and progress settings shared by every fit routine.
+
+    Attributes:
+        device: where training runs.
+        seed: seeds torch, numpy and the data order; recorded in the run folder.
+        quiet: hide progress bars.
+        num_workers: DataLoader worker processes.
+        log: free-form per-epoch records a fit routine appends (losses), saved in the run folder.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    quiet: bool = False
+    num_workers: int = 0
+    log: list[dict] = field(default_factory=list)
+
+    def loader(self, samples: Sequence[Sample], config: ModelConfig, batch_size: int,
+               shuffle: bool = False) -> DataLoader:
+        """Batches of images at the model's input geometry (dicts with 'image', 'mask', 'label', 'index')."""
+        return make_loader(samples, config.image_size, config.resize_size, batch_size=batch_size,
+                           shuffle=shuffle, seed=self.seed, num_workers=self.num_workers)
+
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+        """Wraps ``iterable`` in a progress bar unless quiet."""
+        return iter(tqdm(iterable, desc=desc, total=total, disable=self.quiet, leave=False, dynamic_ncols=True))
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A torch RNG seeded from the run's seed (``offset`` separates independent streams)."""
+        return torch.Generator().manual_seed(self.seed + offset)

@@ -1,0 +1,124 @@
+"""Model folders: ``model.json`` (method, every hyperparameter, calibration, versions) + ``weights.safetensors``.
+
+A folder is self-contained: the backbone's weights are inside ``weights.safetensors``, so loading needs no
+network and no other file. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import ModelFormatError
+from .models.base import AnomalyModel
+from .registry import get_method
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Writes ``model`` to ``folder`` (created if needed) and returns the folder.
+
+    Args:
+        model: a fitted inference module.
+        folder: destination; existing ``model.json``/``weights.safetensors`` there are replaced.
+        metadata: extra JSON-serialisable facts (calibration details, training report) stored in model.json.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(weights), metadata={"format": str(FORMAT_VERSION), "method": model.method})
+    info = {
+        "format": FORMAT_VERSION,
+        "method": model.method,
+        "library_version": __version__,
+        "config": model.config.to_dict(),
+        "input": {
+            "shape": ["B", 3, model.config.image_size, model.config.image_size],
+            "channel_order": "RGB",
+            "range": [0.0, 1.0],
+            "resize_size": model.config.resize_size,
+        },
+        "calibration": {"threshold": float(model.threshold), "score_low": float(model.score_low)},
+        "weights_sha256": _sha256(weights),
+        **(metadata or {}),
+    }
+    (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
+    return folder
+
+
+def read_model_info(folder: str | Path) -> dict[str, Any]:
+    """Reads and checks ``model.json``; raises ModelFormatError with the fix when it cannot be used."""
+    folder = Path(folder)
+    path = folder / MODEL_JSON
+    if not path.is_file():
+        nested = folder / "model" / MODEL_JSON
+        if nested.is_file():
+            return read_model_info(folder / "model")
+        raise ModelFormatError(f"No {MODEL_JSON} in {folder}. Pass a run folder from `flawscope fit` or its model/.")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path} is not valid JSON ({e}). The model folder is damaged; fit again.") from e
+    version = info.get("format")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ModelFormatError(
+            f"{path} has model format {version!r}; this flawscope ({__version__}) reads format {FORMAT_VERSION}. "
+            "Upgrade flawscope (pip install -U flawscope) to load models written by a newer version."
+        )
+    info["folder"] = str(folder)
+    return info
+
+
+def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> AnomalyModel:
+    """Rebuilds a model from its folder. The backbone is built without downloading and filled from the file."""
+    info = read_model_info(folder)
+    folder = Path(info["folder"])
+    method = get_method(info["method"])
+    config = method.config_class.from_dict(info["config"])
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelFormatError(f"{weights} is missing; a model folder needs both {MODEL_JSON} and {WEIGHTS_FILE}.")
+    if info.get("weights_sha256") and _sha256(weights) != info["weights_sha256"]:
+        raise ModelFormatError(f"{weights} does not match the hash in {MODEL_JSON}: the file was changed or damaged.")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except SafetensorsError as e:
+        raise ModelFormatError(f"{weights} cannot be read as safetensors ({e}).") from e
+    model = method.model_class(config, pretrained=False)
+    load_state(model, state)
+    return model.eval()
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` that first resizes buffers whose size is learned (memory banks, statistics)."""
+    buffers = dict(model.named_buffers())
+    for name, tensor in state.items():
+        if name in buffers and buffers[name].shape != tensor.shape:
+            owner_name, _, buffer_name = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            owner.register_buffer(buffer_name, torch.empty_like(tensor))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"Weights do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+            "The file was written for another configuration."
+        )

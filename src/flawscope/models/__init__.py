@@ -1,0 +1,3 @@
+"""Built-in methods. Importing this package registers them (see flawscope.registry)."""
+
+from . import patchcore  # noqa: F401

@@ -1,0 +1,63 @@
+"""PatchCore training: collect local features of the good images, reduce them with the greedy coreset."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...data import Sample
+from ...fitting import FitContext
+from ...sampling import greedy_coreset, nearest_in_bank
+from .model import PatchCore
+
+
+def collect_features(model: PatchCore, samples: Sequence[Sample], ctx: FitContext) -> torch.Tensor:
+    """Local features of every training image, as float16 (N, D) to halve memory.
+
+    When the images together give more than ``config.max_train_features`` locations, each image contributes
+    a seeded random subset of equal size, so memory stays bounded for large training sets.
+    """
+    cfg = model.config
+    loader = ctx.loader(samples, cfg, cfg.batch_size)
+    generator = ctx.generator(1)
+    chunks, per_image = [], None
+    for batch in ctx.progress(loader, "features", len(loader)):
+        features = model.local_features(batch["image"].to(ctx.device))  # (B, D, h, w)
+        features = features.permute(0, 2, 3, 1).flatten(1, 2).cpu()  # (B, h*w, D)
+        if per_image is None:
+            per_image = min(features.shape[1], math.ceil(cfg.max_train_features / len(samples)))
+        if per_image < features.shape[1]:
+            keep = torch.stack([torch.randperm(features.shape[1], generator=generator)[:per_image]
+                                for _ in range(features.shape[0])])
+            features = torch.gather(features, 1, keep[..., None].expand(-1, -1, features.shape[2]))
+        chunks.append(features.reshape(-1, features.shape[2]).half())
+    return torch.cat(chunks)
+
+
+def fit(model: PatchCore, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any]:
+    """Fills the memory bank from ``samples`` (good images). Returns a report of sizes and timings."""
+    cfg = model.config
+    model.to(ctx.device).eval()
+    start = time.perf_counter()
+    features = collect_features(model, samples, ctx)
+    extracted = time.perf_counter()
+    num_features = features.shape[0]
+    num_keep = max(1, round(cfg.coreset_ratio * num_features))
+    if num_keep < num_features:
+        index = greedy_coreset(features, num_keep, cfg.projection_dim, ctx.generator(2), ctx.progress)
+        features = features[index]
+    bank = features.float().to(ctx.device)
+    model.memory_bank = bank
+    model.bank_neighbors = nearest_in_bank(bank, min(cfg.num_neighbors, bank.shape[0]))
+    model.fitted.fill_(True)
+    return {
+        "num_images": len(samples),
+        "num_features": num_features,
+        "memory_bank_size": int(bank.shape[0]),
+        "feature_seconds": round(extracted - start, 2),
+        "coreset_seconds": round(time.perf_counter() - extracted, 2),
+    }

@@ -1,0 +1,63 @@
+"""Run folders: what `flawscope fit` writes besides the model, and the environment it ran in."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(seed: int | None = None, device: str | None = None) -> dict[str, Any]:
+    """Versions, hardware and settings that affect results, for environment.json and benchmark tables."""
+    import numpy
+    import timm
+
+    info: dict[str, Any] = {
+        "flawscope": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": device,
+        "seed": seed,
+        "git_revision": _git_revision(),
+        "command": " ".join(sys.argv),
+    }
+    return info
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes pretty JSON with a trailing newline."""
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

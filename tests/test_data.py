@@ -1,0 +1,395 @@
+"""Tests of flawscope.data: decoding, layouts, splits and the torch dataset, on tiny fixtures under tmp_path."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flawscope.data import (
+    ImageDataset,
+    Sample,
+    collate,
+    find_images,
+    load_dataset,
+    make_loader,
+    preprocess,
+    preprocess_mask,
+    read_image,
+    read_mask,
+    split_validation,
+)
+from flawscope.errors import ConfigError, DataError
+
+MTD = Path(__file__).parents[1] / ".." / "shared" / "datasets" / "mtd"
+RNG = np.random.default_rng(0)
+
+
+def _save_rgb(path: Path, height: int = 24, width: int = 32) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _save_mask(path: Path, height: int = 24, width: int = 32) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((height, width), np.uint8)
+    mask[4:10, 6:14] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+def _make_mvtec(root: Path) -> Path:
+    """A category with 5 train images (one .PNG), 2 good and 3 defective test images of 2 types, plus junk files."""
+    for i in range(4):
+        _save_rgb(root / "train" / "good" / f"{i:03d}.png")
+    _save_rgb(root / "train" / "good" / "004.PNG")
+    (root / "train" / "good" / "README.txt").write_text("not an image")
+    (root / "train" / "good" / ".DS_Store").write_bytes(b"\0\1")
+    for i in range(2):
+        _save_rgb(root / "test" / "good" / f"{i:03d}.png")
+    for defect, count in (("crack", 2), ("scratch", 1)):
+        for i in range(count):
+            _save_rgb(root / "test" / defect / f"{i:03d}.png")
+            _save_mask(root / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+# --- read_image / read_mask ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (Image.new("L", (3, 2), 100), (100, 100, 100)),
+        (Image.new("RGBA", (3, 2), (200, 100, 50, 255)), (200, 100, 50)),
+        (Image.new("RGBA", (3, 2), (200, 100, 50, 0)), (0, 0, 0)),  # transparent -> black
+        (Image.new("RGBA", (3, 2), (200, 100, 50, 51)), (40, 20, 10)),  # alpha 0.2 composited on black
+        (Image.new("LA", (3, 2), (90, 255)), (90, 90, 90)),
+        (Image.fromarray(np.full((2, 3), 25700, np.uint16)), (100, 100, 100)),  # I;16: 25700 / 257
+        (Image.fromarray(np.full((2, 3), 65535, np.uint16)), (255, 255, 255)),  # full 16-bit range, not clipped
+    ],
+)
+def test_read_image_converts_modes_to_rgb_uint8(tmp_path, image, expected):
+    path = tmp_path / "image.png"
+    image.save(path)
+    pixels = read_image(path)
+    assert pixels.shape == (2, 3, 3) and pixels.dtype == np.uint8
+    assert (pixels == np.array(expected, np.uint8)).all()
+
+
+def test_read_image_palette_with_and_without_transparency(tmp_path):
+    palette = Image.new("P", (3, 2), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.save(tmp_path / "opaque.png")
+    palette.save(tmp_path / "transparent.png", transparency=1)
+    assert (read_image(tmp_path / "opaque.png") == [10, 200, 30]).all()
+    assert (read_image(tmp_path / "transparent.png") == 0).all()
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "a.JPEG", "a.bmp", "a.tif", "a.tiff", "a.webp"])
+def test_read_image_common_formats(tmp_path, name):
+    Image.new("RGB", (7, 5), (0, 128, 255)).save(tmp_path / name, **({"lossless": True} if "webp" in name else {}))
+    pixels = read_image(tmp_path / name)
+    assert pixels.shape == (5, 7, 3)
+    assert np.abs(pixels.astype(int) - [0, 128, 255]).max() <= 3  # jpeg is lossy
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees
+    Image.new("RGB", (40, 20)).save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_image(tmp_path / "rotated.jpg").shape == (40, 20, 3)
+
+
+def test_read_image_truncated_jpeg(tmp_path):
+    _save_rgb(tmp_path / "full.jpg", 64, 64)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.jpg.*truncated or corrupt"):
+        read_image(tmp_path / "cut.jpg")
+
+
+def test_read_image_not_an_image(tmp_path):
+    (tmp_path / "notes.png").write_text("hello")
+    with pytest.raises(DataError, match=r"notes\.png.*not an image format"):
+        read_image(tmp_path / "notes.png")
+
+
+def test_read_image_missing_file_and_folder(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.png does not exist"):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(DataError, match="is a folder"):
+        read_image(tmp_path)
+
+
+def test_read_mask_nonzero_is_defect(tmp_path):
+    Image.fromarray(np.array([[0, 1, 255], [0, 7, 0]], np.uint8)).save(tmp_path / "ids.png")
+    assert read_mask(tmp_path / "ids.png").tolist() == [[False, True, True], [False, True, False]]
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque black background must not count as defect
+    rgba[0, 0] = (255, 255, 255, 255)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert read_mask(tmp_path / "rgba.png").sum() == 1
+
+
+def test_read_mask_wrong_size_names_both_files(tmp_path):
+    mask = _save_mask(tmp_path / "m.png", 10, 12)
+    with pytest.raises(DataError, match=r"m\.png is 10x12 \(height x width\) but its image .*img\.png is 24x32"):
+        read_mask(mask, size=(24, 32), image_path=tmp_path / "img.png")
+
+
+# --- load_dataset ----------------------------------------------------------------------------------------------------
+
+
+def test_load_mvtec_lists_sorted_samples_and_ignores_junk(tmp_path):
+    split = load_dataset(_make_mvtec(tmp_path / "bottle"))
+    assert split.layout == "mvtec" and split.root == tmp_path / "bottle"
+    assert [s.path.name for s in split.train] == ["000.png", "001.png", "002.png", "003.png", "004.PNG"]
+    assert [(s.defect_type, s.label, s.path.name) for s in split.test] == [
+        ("crack", 1, "000.png"),
+        ("crack", 1, "001.png"),
+        ("good", 0, "000.png"),
+        ("good", 0, "001.png"),
+        ("scratch", 1, "000.png"),
+    ]
+    assert split.test[1].mask_path == tmp_path / "bottle" / "ground_truth" / "crack" / "001_mask.png"
+    assert split.test[2].mask_path is None
+
+
+def test_load_mvtec_parent_with_categories(tmp_path):
+    _make_mvtec(tmp_path / "bottle")
+    _make_mvtec(tmp_path / "cable")
+    with pytest.raises(DataError, match="several categories; found categories: bottle, cable"):
+        load_dataset(tmp_path)
+    assert load_dataset(tmp_path, category="cable").root == tmp_path / "cable"
+    with pytest.raises(DataError, match="No category 'screw'.*bottle, cable"):
+        load_dataset(tmp_path, category="screw")
+    with pytest.raises(DataError, match="already a single category"):
+        load_dataset(tmp_path / "bottle", category="cable")
+
+
+def test_load_btad_names(tmp_path):
+    _save_rgb(tmp_path / "train" / "ok" / "0000.bmp")
+    _save_rgb(tmp_path / "test" / "ok" / "0001.bmp")
+    _save_rgb(tmp_path / "test" / "ko" / "0002.bmp")
+    _save_mask(tmp_path / "ground_truth" / "ko" / "0002.png")
+    split = load_dataset(tmp_path)
+    assert [(s.label, s.mask_path) for s in split.test] == [
+        (1, tmp_path / "ground_truth" / "ko" / "0002.png"),
+        (0, None),
+    ]
+
+
+def test_load_mvtec_misnamed_folder(tmp_path):
+    _save_rgb(tmp_path / "train" / "normal" / "0.png")
+    (tmp_path / "test").mkdir()
+    message = f"No 'train/good' in {tmp_path}; found: test, train/normal. flawscope expects the MVTec AD layout"
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_dataset(tmp_path)
+
+
+def test_load_mvtec_empty_train_good(tmp_path):
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    (tmp_path / "train" / "good" / "README").write_text("x")
+    with pytest.raises(DataError, match=r"No images in .*train/good \(found: README\)"):
+        load_dataset(tmp_path)
+
+
+def test_load_mvtec_missing_mask_names_expected_path(tmp_path):
+    root = _make_mvtec(tmp_path)
+    (root / "ground_truth" / "scratch" / "000_mask.png").unlink()
+    expected = root / "ground_truth" / "scratch" / "000_mask.png"
+    with pytest.raises(DataError, match=re.escape(f"has no mask: expected {expected}")):
+        load_dataset(root)
+
+
+def test_wrong_size_mask_fails_when_loading_the_item(tmp_path):
+    root = _make_mvtec(tmp_path)
+    _save_mask(root / "ground_truth" / "crack" / "000_mask.png", 12, 16)
+    dataset = ImageDataset(load_dataset(root).test, image_size=16)
+    with pytest.raises(DataError, match=r"000_mask\.png is 12x16 .* its image .*crack/000\.png is 24x32"):
+        dataset[0]
+
+
+def _make_visa(root: Path) -> Path:
+    rows = ["object,split,label,image,mask"]
+    for obj in ("candle", "pcb1"):
+        for i in range(3):
+            image = _save_rgb(root / obj / "Data" / "Images" / "Normal" / f"{i:04d}.JPG")
+            rows.append(f"{obj},{'train' if i < 2 else 'test'},normal,{image.relative_to(root)},")
+        image = _save_rgb(root / obj / "Data" / "Images" / "Anomaly" / "000.JPG")
+        mask = _save_mask(root / obj / "Data" / "Masks" / "Anomaly" / "000.png")
+        rows.append(f"{obj},test,anomaly,{image.relative_to(root)},{mask.relative_to(root)}")
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_load_visa_csv(tmp_path):
+    root = _make_visa(tmp_path)
+    split = load_dataset(root, category="pcb1")
+    assert split.layout == "visa"
+    assert [s.path.name for s in split.train] == ["0000.JPG", "0001.JPG"]
+    assert [(s.label, s.path.parent.name) for s in split.test] == [(1, "Anomaly"), (0, "Normal")]
+    assert split.test[0].mask_path == root / "pcb1" / "Data" / "Masks" / "Anomaly" / "000.png"
+    with pytest.raises(DataError, match="has no object None; found objects: candle, pcb1"):
+        load_dataset(root)
+
+
+def test_load_visa_bad_rows(tmp_path):
+    root = _make_visa(tmp_path)
+    csv_path = root / "split_csv" / "1cls.csv"
+    csv_path.write_text(csv_path.read_text().replace("test,anomaly", "test,defect", 1))
+    with pytest.raises(DataError, match=r"1cls\.csv, line 5: got split 'test' with label 'defect'"):
+        load_dataset(root, category="candle")
+    csv_path.write_text("object,split,image\ncandle,train,a.png\n")
+    with pytest.raises(DataError, match="lacks the column\\(s\\) label, mask"):
+        load_dataset(root, layout="visa", category="candle")
+
+
+def test_loading_never_modifies_the_data_folder(tmp_path):
+    root = _make_mvtec(tmp_path / "bottle")
+    before = _snapshot(root)
+    split = load_dataset(root)
+    for _ in make_loader(split.train + split.test, image_size=16, resize_size=20, batch_size=3):
+        pass
+    find_images([root])
+    assert _snapshot(root) == before
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not MTD.is_dir(), reason="../shared/datasets/mtd is absent")
+def test_load_real_mtd():
+    split = load_dataset(MTD)
+    assert (len(split.train), len(split.test)) == (700, 644)
+    assert sum(s.label == 0 for s in split.test) == 252
+    assert {s.defect_type for s in split.test} == {"blowhole", "break", "crack", "fray", "good", "uneven"}
+
+
+# --- find_images / split_validation ----------------------------------------------------------------------------------
+
+
+def test_find_images_folders_globs_files(tmp_path):
+    root = _make_mvtec(tmp_path)
+    _save_rgb(root / ".cache" / "copy.png")
+    found = find_images([root])
+    assert len(found) == 5 + 5 + 3 and found == sorted(found)  # train + test + masks; junk and hidden skipped
+    assert find_images(str(root / "test" / "*" / "00[0].png")) == sorted(root.glob("test/*/000.png"))
+    single = root / "test" / "good" / "000.png"
+    assert find_images([single, single]) == [single]
+
+
+def test_find_images_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"No images found in: .*empty, .*\*\.jpg"):
+        find_images([tmp_path / "empty", tmp_path / "*.jpg"])
+    with pytest.raises(DataError, match=r"notes\.txt is not an image file"):
+        find_images([tmp_path / "notes.txt"])
+    with pytest.raises(DataError, match=r"nope does not exist"):
+        find_images([tmp_path / "nope"])
+
+
+def test_split_validation_is_seeded_disjoint_and_ordered():
+    samples = [Sample(Path(f"{i:02d}.png")) for i in range(20)]
+    train, val = split_validation(samples, ratio=0.1, seed=3)
+    assert len(val) == 2 and len(train) == 18
+    assert sorted(train + val, key=lambda s: s.path) == samples
+    assert train == sorted(train, key=lambda s: s.path) and val == sorted(val, key=lambda s: s.path)
+    assert split_validation(samples, ratio=0.1, seed=3) == (train, val)
+    assert split_validation(samples, ratio=0.1, seed=4)[1] != val
+    assert split_validation(samples, ratio=0.0) == (samples, [])
+    assert len(split_validation(samples[:3], ratio=0.01)[1]) == 1  # a positive ratio holds out at least min_count
+
+
+def test_split_validation_errors():
+    samples = [Sample(Path(f"{i}.png")) for i in range(3)]
+    for ratio in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
+            split_validation(samples, ratio=ratio)
+    with pytest.raises(DataError, match="Only 3 training image"):
+        split_validation(samples, ratio=0.5, min_count=2)
+
+
+# --- preprocessing and the torch dataset -----------------------------------------------------------------------------
+
+
+def test_preprocess_resizes_shorter_side_and_centre_crops():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 40:] = 255  # left half black, right half white: a centred crop keeps them symmetric
+    tensor = preprocess(image, image_size=16, resize_size=20)
+    assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32
+    row = tensor[0, 0]
+    assert row[0] == 0 and row[-1] == 1
+    assert torch.allclose(row + row.flip(0), torch.ones(16))  # the edge (blurred by antialiasing) is centred
+    with pytest.raises(ConfigError, match="resize_size 0 or >= image_size"):
+        preprocess(image, image_size=16, resize_size=8)
+    with pytest.raises(DataError, match=r"\(H, W, 3\) uint8"):
+        preprocess(image[:, :, 0], image_size=16)
+
+
+def test_mask_stays_aligned_with_its_image():
+    mask = np.zeros((50, 70), bool)
+    mask[13:29, 21:44] = True
+    image = np.repeat(mask[:, :, None] * np.uint8(255), 3, axis=2)
+    for resize_size in (24, 31):
+        soft_image = preprocess(image, image_size=24, resize_size=resize_size)
+        hard_mask = preprocess_mask(mask, image_size=24, resize_size=resize_size)
+        assert hard_mask.shape == (1, 24, 24) and set(hard_mask.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(hard_mask[0], (soft_image[0] > 0.5).float())
+
+
+def test_dataset_items_and_batches(tmp_path):
+    split = load_dataset(_make_mvtec(tmp_path))
+    dataset = ImageDataset(split.test, image_size=16, resize_size=20)
+    item = dataset[0]
+    assert item["image"].shape == (3, 16, 16) and item["mask"].shape == (1, 16, 16)
+    assert item["label"] == 1 and item["index"] == 0 and item["mask"].sum() > 0
+    assert dataset[2]["mask"].sum() == 0  # test/good: all-zero mask
+    batch = next(iter(make_loader(split.test, 16, 20, batch_size=4)))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["mask"].shape == (4, 1, 16, 16)
+    assert batch["label"].tolist() == [1, 1, 0, 0] and batch["index"].tolist() == [0, 1, 2, 3]
+
+
+def test_shuffle_is_seeded(tmp_path):
+    samples = load_dataset(_make_mvtec(tmp_path)).test
+
+    def order(seed):
+        return torch.cat([b["index"] for b in make_loader(samples, 8, batch_size=2, shuffle=True, seed=seed)]).tolist()
+
+    assert order(1) == order(1) and sorted(order(1)) == list(range(5))
+
+
+def test_skip_bad_records_files_instead_of_raising(tmp_path):
+    good = _save_rgb(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    samples = [Sample(good), Sample(tmp_path / "bad.png"), Sample(good)]
+    loader = make_loader(samples, image_size=8, batch_size=3, skip_bad=True)
+    for _ in range(2):  # two epochs must not list the bad file twice
+        batches = list(loader)
+    assert batches[0]["index"].tolist() == [0, 2]
+    assert [(path.name, "not an image format" in reason) for path, reason in loader.dataset.bad_files] == [
+        ("bad.png", True)
+    ]
+    assert collate([None, None]) is None
+    with pytest.raises(DataError, match=r"bad\.png"):
+        list(make_loader(samples, image_size=8))
+    with pytest.raises(ConfigError, match="num_workers=0"):
+        make_loader(samples, image_size=8, skip_bad=True, num_workers=2)
+
+
+def test_preprocess_resize_zero_keeps_the_whole_image():
+    # A wide image with a bright right edge: a centre crop would cut it off, resize_size=0 keeps it.
+    image = np.zeros((20, 60, 3), np.uint8)
+    image[:, -6:] = 255
+    squashed = preprocess(image, 16, 0)
+    cropped = preprocess(image, 16, 16)
+    assert squashed.shape == cropped.shape == (3, 16, 16)
+    assert squashed[:, :, -1].min() > 0.9 and cropped[:, :, -1].max() == 0

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+from flawscope.layers import GaussianBlur2d, LocalFeatureAggregator, gaussian_kernel1d
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 4.0])
+def test_blur_matches_scipy_gaussian_filter(sigma):
+    x = torch.rand(2, 1, 37, 41, dtype=torch.float64)
+    expected = np.stack([scipy.ndimage.gaussian_filter(m[0].numpy(), sigma) for m in x])
+    got = GaussianBlur2d(sigma)(x)[:, 0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-10)
+
+
+def test_blur_pads_repeatedly_when_kernel_is_larger_than_the_map():
+    x = torch.rand(1, 1, 7, 5, dtype=torch.float64)
+    expected = scipy.ndimage.gaussian_filter(x[0, 0].numpy(), 4.0)
+    np.testing.assert_allclose(GaussianBlur2d(4.0)(x)[0, 0].numpy(), expected, atol=1e-10)
+
+
+def test_blur_sigma_zero_is_identity_and_kernel_is_normalised():
+    x = torch.rand(1, 1, 8, 8)
+    assert torch.equal(GaussianBlur2d(0)(x), x)
+    kernel = gaussian_kernel1d(4.0)
+    assert kernel.numel() == 33 and kernel.sum().item() == pytest.approx(1.0)
+
+
+def _reference_patchcore_embedding(features, patch_size, pretrain_dim, target_dim):
+    """The public PatchCore/SimpleNet code's steps, written out literally (PatchMaker + MeanMapper + Aggregator)."""
+    ref_h, ref_w = features[0].shape[-2:]
+    per_layer = []
+    for f in features:
+        b, c, h, w = f.shape
+        unfolded = torch.nn.Unfold(patch_size, stride=1, padding=patch_size // 2)(f)
+        patches = unfolded.reshape(b, c, patch_size, patch_size, -1).permute(0, 4, 1, 2, 3)  # (B, hw, C, p, p)
+        if (h, w) != (ref_h, ref_w):
+            p = patches.reshape(b, h, w, c, patch_size, patch_size).permute(0, 3, 4, 5, 1, 2)
+            p = p.reshape(-1, h, w)
+            p = F.interpolate(p.unsqueeze(1), size=(ref_h, ref_w), mode="bilinear", align_corners=False).squeeze(1)
+            p = p.reshape(b, c, patch_size, patch_size, ref_h, ref_w).permute(0, 4, 5, 1, 2, 3)
+            patches = p.reshape(b, ref_h * ref_w, c, patch_size, patch_size)
+        rows = patches.reshape(-1, c * patch_size * patch_size)
+        per_layer.append(F.adaptive_avg_pool1d(rows.unsqueeze(1), pretrain_dim).squeeze(1))
+    stacked = torch.stack(per_layer, dim=1).reshape(per_layer[0].shape[0], 1, -1)
+    return F.adaptive_avg_pool1d(stacked, target_dim).reshape(-1, target_dim)
+
+
+def test_local_features_match_the_public_code_recipe():
+    torch.manual_seed(0)
+    features = [torch.randn(2, 8, 6, 6), torch.randn(2, 16, 3, 3)]
+    got = LocalFeatureAggregator(3, 24, 20)(features)  # (B, D, h, w)
+    expected = _reference_patchcore_embedding(features, 3, 24, 20)  # (B*h*w, D)
+    assert got.shape == (2, 20, 6, 6)
+    torch.testing.assert_close(got.permute(0, 2, 3, 1).reshape(-1, 20), expected)
+
+
+def test_local_features_of_a_constant_map_are_the_neighbourhood_mean():
+    # With zero padding, an interior location of a constant map averages to the constant; a corner sees 4 of 9.
+    features = [torch.ones(1, 1, 5, 5)]
+    got = LocalFeatureAggregator(3, 3, 3)(features)  # pretrain_dim 3 = one value per kernel row
+    assert torch.allclose(got[0, :, 2, 2], torch.ones(3))
+    assert torch.allclose(got[0, :, 0, 0], torch.tensor([0.0, 2 / 3, 2 / 3]))
