@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -40,9 +40,9 @@ class FitContext:
         return make_loader(samples, config.image_size, config.resize_size, batch_size=batch_size,
                            shuffle=shuffle, seed=self.seed, num_workers=self.num_workers)
 
-    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-        """Wraps ``iterable`` in a progress bar unless quiet."""
-        return iter(tqdm(iterable, desc=desc, total=total, disable=self.quiet, leave=False, dynamic_ncols=True))
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> tqdm:
+        """Wraps ``iterable`` in a progress bar (hidden when quiet); ``set_postfix`` shows live values."""
+        return tqdm(iterable, desc=desc, total=total, disable=self.quiet, leave=False, dynamic_ncols=True)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A torch RNG seeded from the run's seed (``offset`` separates independent streams)."""

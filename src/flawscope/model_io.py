@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -101,7 +101,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         raise ModelFormatError(f"{weights} does not match the hash in {MODEL_JSON}: the file was changed or damaged.")
     try:
         state = load_file(str(weights), device=str(map_location))
-    except SafetensorsError as e:
+    except SafetensorError as e:
         raise ModelFormatError(f"{weights} cannot be read as safetensors ({e}).") from e
     model = method.model_class(config, pretrained=False)
     load_state(model, state)

@@ -43,7 +43,7 @@ def greedy_coreset(features: Tensor, num_samples: int, projection_dim: int = 128
     steps = range(1, num_samples)
     for step in progress(steps, "coreset", num_samples - 1) if progress else steps:
         last = reduced[selected[step - 1]]
-        dist = sq_norms - 2 * (reduced @ last) + last.pow(2).sum()
+        dist = torch.addmv(sq_norms, reduced, last, alpha=-2).add_(last.pow(2).sum())  # one pass over the rows
         torch.minimum(min_dist, dist, out=min_dist)
         selected[step] = torch.argmax(min_dist)
     return selected

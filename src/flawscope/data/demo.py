@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import skimage.data
 from PIL import Image
+from tqdm import tqdm
 
 from flawscope.errors import ConfigError, DataError
 from flawscope.synthesis.defects import paint_defect, random_blob_mask, random_scratch_mask, random_stain
@@ -86,7 +87,7 @@ def _defect_sample(clean: np.ndarray, kind: str, rng: np.random.Generator) -> tu
         alpha, color = mask * rng.uniform(0.75, 0.95), _shifted_color(clean, mask, rng, (70, 110))
     elif kind == "blob":
         mask = random_blob_mask(shape, rng)
-        alpha, color = mask * rng.uniform(0.6, 0.8), _shifted_color(clean, mask, rng, (50, 90))
+        alpha, color = mask * rng.uniform(0.6, 0.8), _shifted_color(clean, mask, rng, (60, 100))
     else:
         alpha, mask = random_stain(shape, rng)
         alpha, color = alpha * rng.uniform(0.6, 0.85), _STAIN_COLORS[rng.integers(len(_STAIN_COLORS))]
@@ -166,7 +167,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def _write_category(folder: Path, settings: dict) -> None:
+def _write_category(folder: Path, settings: dict, progress: bool) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -177,7 +178,8 @@ def _write_category(folder: Path, settings: dict) -> None:
     source = getattr(skimage.data, texture)()
     # Keyed by the texture's fixed position, so asking for a subset of textures gives the same images.
     rng = np.random.default_rng([settings["seed"], DEMO_TEXTURES.index(texture)])
-    for path, split, kind in _planned_files(folder, settings):
+    plan = _planned_files(folder, settings)
+    for path, split, kind in tqdm(plan, desc=f"demo {texture}", unit="image", disable=not progress):
         image = _random_view(source, split, texture, size, rng)
         if kind is not None:
             image, mask = _defect_sample(image, kind, rng)
@@ -211,6 +213,7 @@ def make_demo_dataset(
     num_test_per_defect: int = 10,
     seed: int = 0,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> list[Path]:
     """Generate the demo data set (one MVTec-style category per texture) under ``root``.
 
@@ -227,6 +230,7 @@ def make_demo_dataset(
         num_test_per_defect: Test images per defect type (scratch, blob, stain) and texture.
         seed: Seed of the random crops and defects.
         overwrite: Regenerate demo folders even when they are complete.
+        progress: Show a progress bar per texture (the default set takes a few seconds).
 
     Returns:
         The category folders ``root/<texture>``, in the order of ``textures``.
@@ -244,5 +248,5 @@ def make_demo_dataset(
     todo = [_needs_writing(f, s, overwrite) for f, s in zip(folders, all_settings, strict=True)]
     for folder, settings, needed in zip(folders, all_settings, todo, strict=True):
         if needed:
-            _write_category(folder, settings)
+            _write_category(folder, settings, progress)
     return folders

@@ -4,7 +4,8 @@ Every distinct score is a threshold and equal scores enter together, so results 
 definitions (AUROC, average precision) and the MVTec AD definition of AUPRO without binning. Scores are compared
 in the dtype they come in (float16/32/64; nothing is rounded). Memory stays bounded by sorting each class of
 scores once (one copy of the scores) and counting by binary search; for AUPRO only the normal scores above the
-max_fpr cut-off are sorted. 2,000 float32 maps of 256x256 need well under 4 GiB in all.
+max_fpr cut-off are sorted. ``pixel_metrics`` on 2,000 float32 maps of 256x256 peaks at about 2.1 GiB resident,
+inputs included (see docs/benchmarks.md).
 
 Undefined metrics raise :class:`~flawscope.errors.DataError` instead of returning NaN: AUROC, the ROC curve and
 AUPRO need both classes; average precision, F1max and the PR curve need at least one positive. Constant scores
@@ -144,8 +145,8 @@ def pro_curve(maps: Any, masks: Any, max_fpr: float = 0.3) -> tuple[np.ndarray, 
         max_fpr: FPR limit in (0, 1].
 
     Returns:
-        ``(fpr, pro)``, each (L,) float64: the exact curve's corners (collinear points dropped), starting at
-        (0, 0) and ending at fpr = ``max_fpr`` with PRO interpolated linearly there.
+        ``(fpr, pro)``, each (L,) float64: the corners of the exact curve (no points inside its flat runs),
+        starting at (0, 0) and ending at fpr = ``max_fpr`` with PRO interpolated linearly there.
 
     Raises:
         DataError: with no defect or no normal pixel, or on invalid input.

@@ -8,10 +8,31 @@ score is rounded or binned, and memory is one copy of the scores plus O(distinct
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from flawscope.errors import DataError
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Counts at the distinct positive scores, the only thresholds where recall changes.
+
+    Any other threshold has the recall of the next positive score above it and at least as many false positives,
+    so AUROC, AP, F1max and the PR curve lose nothing by skipping it.
+
+    Attributes:
+        thresholds: (K,) distinct positive scores, descending.
+        tp: (K,) int64 positives >= threshold.
+        fp: (K,) int64 negatives >= threshold.
+        fp_above: (K,) int64 negatives > threshold.
+    """
+
+    thresholds: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    fp_above: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -34,6 +55,12 @@ class SortedScores:
         neg.sort()
         return cls(pos, neg)
 
+    @cached_property
+    def counts(self) -> Counts:
+        """Counts shared by every metric, computed on first use (one binary search per distinct positive score)."""
+        thresholds = distinct_descending(self.pos)
+        return Counts(thresholds, count_at_least(self.pos, thresholds), *count_at_least_and_above(self.neg, thresholds))
+
     def require(self, metric: str, *, need_neg: bool) -> None:
         """Raises DataError when ``metric`` is undefined: no positives, or no negatives when ``need_neg``."""
         if self.pos.size == 0 or (need_neg and self.neg.size == 0):
@@ -44,8 +71,8 @@ class SortedScores:
             )
 
 
-def count_at_least(sorted_values: np.ndarray, thresholds: np.ndarray, *, strict: bool = False) -> np.ndarray:
-    """Counts values >= (or > when ``strict``) each threshold.
+def count_at_least(sorted_values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Counts values >= each threshold.
 
     Args:
         sorted_values: (M,) ascending.
@@ -54,8 +81,29 @@ def count_at_least(sorted_values: np.ndarray, thresholds: np.ndarray, *, strict:
     Returns:
         (K,) int64 counts.
     """
-    side = "right" if strict else "left"
-    return sorted_values.size - np.searchsorted(sorted_values, thresholds, side=side).astype(np.int64)
+    return sorted_values.size - np.searchsorted(sorted_values, thresholds).astype(np.int64)
+
+
+def count_at_least_and_above(sorted_values: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts values >= and values > each threshold.
+
+    A value equal to a threshold is rare with continuous scores, so the second binary search only runs for the
+    thresholds that occur in ``sorted_values``; with quantised scores there are few distinct thresholds anyway.
+
+    Args:
+        sorted_values: (M,) ascending.
+        thresholds: (K,) any order.
+
+    Returns:
+        ``(at_least, above)``, each (K,) int64.
+    """
+    if sorted_values.size == 0:
+        return np.zeros(thresholds.size, dtype=np.int64), np.zeros(thresholds.size, dtype=np.int64)
+    left = np.searchsorted(sorted_values, thresholds).astype(np.int64)
+    right = left.copy()
+    tied = np.flatnonzero(sorted_values[np.minimum(left, sorted_values.size - 1)] == thresholds)
+    right[tied] = np.searchsorted(sorted_values, thresholds[tied], side="right")
+    return sorted_values.size - left, sorted_values.size - right
 
 
 def distinct_descending(values: np.ndarray) -> np.ndarray:
@@ -65,32 +113,6 @@ def distinct_descending(values: np.ndarray) -> np.ndarray:
     return values[keep][::-1]
 
 
-def binary_counts(scores: SortedScores, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """True and false positives when predicting "anomalous" for score >= threshold.
-
-    Args:
-        scores: Sorted positive and negative scores.
-        thresholds: (K,) thresholds.
-
-    Returns:
-        ``(tp, fp)``, each (K,) int64.
-    """
-    return count_at_least(scores.pos, thresholds), count_at_least(scores.neg, thresholds)
-
-
-def _positive_counts(scores: SortedScores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts at the distinct positive scores, the only thresholds where recall changes.
-
-    Any other threshold has the recall of the next positive score above it and at least as many false positives,
-    so AP, F1max and the PR curve lose nothing by skipping it.
-
-    Returns:
-        ``(thresholds, tp, fp)``, each (K,), thresholds descending.
-    """
-    thresholds = distinct_descending(scores.pos)
-    return (thresholds, *binary_counts(scores, thresholds))
-
-
 def auroc(scores: SortedScores) -> float:
     """Area under the ROC curve, exact, ties counted as half (the trapezoid rule on the exact ROC curve).
 
@@ -98,11 +120,10 @@ def auroc(scores: SortedScores) -> float:
     positive scores are searched in the sorted negatives, so the cost after sorting is O(K log Q).
     """
     scores.require("AUROC", need_neg=True)
-    thresholds, tp, fp_at_least = _positive_counts(scores)
-    num_pos_here = np.diff(tp, prepend=0)  # positives equal to each threshold
-    fp_above = count_at_least(scores.neg, thresholds, strict=True)
+    counts = scores.counts
+    num_pos_here = np.diff(counts.tp, prepend=0)  # positives equal to each threshold
     # Doubled so the half-weighted ties stay integers; products stay far below 2**63 for any realistic size.
-    num_below_twice = 2 * scores.neg.size - fp_at_least - fp_above
+    num_below_twice = 2 * scores.neg.size - counts.fp - counts.fp_above
     pairs_twice = int(np.dot(num_pos_here, num_below_twice))
     return pairs_twice / (2 * scores.pos.size * scores.neg.size)
 
@@ -110,7 +131,7 @@ def auroc(scores: SortedScores) -> float:
 def average_precision(scores: SortedScores) -> float:
     """Average precision as scikit-learn defines it: sum of precision times recall increase, no interpolation."""
     scores.require("Average precision", need_neg=False)
-    _, tp, fp = _positive_counts(scores)
+    tp, fp = scores.counts.tp, scores.counts.fp
     recall_gain = np.diff(tp, prepend=0) / scores.pos.size
     return float(np.dot(recall_gain, tp / (tp + fp)))
 
@@ -118,13 +139,13 @@ def average_precision(scores: SortedScores) -> float:
 def f1max(scores: SortedScores) -> tuple[float, float]:
     """Best F1 over all thresholds, and the highest threshold reaching it (predict anomalous when score >= it).
 
-    F1 can only peak at a positive score (see ``_positive_counts``), so those thresholds cover the full sweep.
+    F1 can only peak at a positive score (see ``Counts``), so those thresholds cover the full sweep.
     """
     scores.require("F1max", need_neg=False)
-    thresholds, tp, fp = _positive_counts(scores)
-    f1 = 2 * tp / (tp + fp + scores.pos.size)
+    counts = scores.counts
+    f1 = 2 * counts.tp / (counts.tp + counts.fp + scores.pos.size)
     best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
+    return float(f1[best]), float(counts.thresholds[best])
 
 
 def roc_curve(scores: SortedScores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,7 +158,7 @@ def roc_curve(scores: SortedScores) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     scores.require("The ROC curve", need_neg=True)
     thresholds = distinct_descending(np.sort(np.concatenate((scores.pos, scores.neg))))
     # Counted in the scores' own dtype; a float64 +inf would make searchsorted upcast whole arrays.
-    tp, fp = (np.concatenate(([0], counts)) for counts in binary_counts(scores, thresholds))
+    tp, fp = (np.concatenate(([0], count_at_least(values, thresholds))) for values in (scores.pos, scores.neg))
     thresholds = np.concatenate(([np.inf], thresholds.astype(np.float64)))
     return fp / scores.neg.size, tp / scores.pos.size, thresholds
 
@@ -152,5 +173,5 @@ def pr_curve(scores: SortedScores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ``(precision, recall, thresholds)``, each (K,), thresholds descending (recall increasing).
     """
     scores.require("The precision-recall curve", need_neg=False)
-    thresholds, tp, fp = _positive_counts(scores)
-    return tp / (tp + fp), tp / scores.pos.size, thresholds
+    counts = scores.counts
+    return counts.tp / (counts.tp + counts.fp), counts.tp / scores.pos.size, counts.thresholds

@@ -31,8 +31,9 @@ def _as_scores(x: np.ndarray, name: str) -> np.ndarray:
         if x.dtype.kind not in "biu":
             raise DataError(f"{name} must be numeric; got dtype {x.dtype}.")
         x = x.astype(np.float64)
-    num_nan = int(np.count_nonzero(np.isnan(x)))
-    if num_nan:
+    # max() propagates NaN without the full-size temporary of isnan(); the count is only made for the message.
+    if np.isnan(x.max()):
+        num_nan = int(np.count_nonzero(np.isnan(x)))
         raise DataError(
             f"{name} contain {num_nan} NaN value(s) out of {x.size}; every score must be a number. "
             "Check the model output (a NaN usually comes from a division by zero or an unfitted statistic)."

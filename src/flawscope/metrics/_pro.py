@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from flawscope.errors import ConfigError, DataError
-from flawscope.metrics._binary import count_at_least
+from flawscope.metrics._binary import count_at_least_and_above
 
 # Pixels labelled per call: bounds the int32 label buffer to 64 MiB whatever the number and size of the maps.
 _LABEL_CHUNK_PIXELS = 2**24
@@ -41,10 +41,12 @@ def region_ids(masks: np.ndarray) -> tuple[np.ndarray, int]:
         ``(ids, num_regions)``: ids (D,) int64 in [0, num_regions), the region of each defect pixel in the
         C order of ``masks[masks]``.
     """
-    ids, num_regions = [], 0
+    ids, num_regions = [np.zeros(0, dtype=np.int64)], 0
+    # Defect-free images hold no region and no defect pixel, so only the others are labelled.
+    defective = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1))
     step = max(1, _LABEL_CHUNK_PIXELS // (masks.shape[1] * masks.shape[2]))
-    for start in range(0, masks.shape[0], step):
-        chunk = masks[start : start + step]
+    for start in range(0, defective.size, step):
+        chunk = masks[defective[start : start + step]]
         labels, num = ndimage.label(chunk, structure=_STRUCTURE)
         ids.append(labels[chunk].astype(np.int64) + (num_regions - 1))
         num_regions += num
@@ -81,7 +83,7 @@ def cutoff_count(num_neg: int, max_fpr: float) -> int:
 def pro_curve(
     neg_top: np.ndarray, num_neg: int, defect: np.ndarray, ids: np.ndarray, num_regions: int, max_fpr: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PRO curve from FPR 0 to ``max_fpr``, exact, collinear points dropped.
+    """PRO curve from FPR 0 to ``max_fpr``, exact: its corners only, as points on flat runs add nothing.
 
     Args:
         neg_top: ascending normal scores holding at least every one >= the ``cutoff_count``-th largest.
@@ -94,7 +96,7 @@ def pro_curve(
     Returns:
         ``(fpr, pro)``, each (L,) float64, fpr non-decreasing from 0 to max_fpr.
     """
-    order = np.argsort(defect, kind="stable")[::-1]
+    order = np.argsort(defect)[::-1]  # tie order is irrelevant: ties are grouped below
     scores = defect[order]
     region_size = np.bincount(ids, minlength=num_regions)
     pro_gain = np.cumsum(1.0 / (num_regions * region_size[ids[order]]))
@@ -106,8 +108,7 @@ def pro_curve(
     fp = np.empty(2 * thresholds.size + 2, dtype=np.int64)
     pro = np.empty(fp.size, dtype=np.float64)
     fp[0], pro[0] = 0, 0.0
-    fp[1:-1:2] = count_at_least(neg_top, thresholds, strict=True)
-    fp[2:-1:2] = count_at_least(neg_top, thresholds)
+    fp[2:-1:2], fp[1:-1:2] = count_at_least_and_above(neg_top, thresholds)
     pro[1:-1:2] = np.concatenate(([0.0], pro_at[:-1]))
     pro[2:-1:2] = pro_at
     fp[-1], pro[-1] = num_neg, pro_at[-1]

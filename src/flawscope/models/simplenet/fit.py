@@ -1,0 +1,139 @@
+"""SimpleNet training: Gaussian-noise fake features and a truncated L1 loss, on cached frozen features.
+
+The backbone is frozen and there is no augmentation, so every image's local features are extracted once and the
+160 epochs run on the cache (float16; a memory-mapped file when it would not fit in ``max_cache_bytes``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...data import Sample
+from ...fitting import FitContext
+from .model import SimpleNet, SimpleNetConfig
+
+MAX_CACHE_BYTES = 4 << 30
+
+
+def truncated_l1_loss(real_scores: Tensor, fake_scores: Tensor, margin: float = 0.5) -> Tensor:
+    """Eq. 7-8: max(0, th+ - D(q)) + max(0, -th- + D(q-)), averaged over locations, with th+ = -th- = margin.
+
+    Args:
+        real_scores: (N,) discriminator outputs on adapted normal features.
+        fake_scores: (N,) outputs on the noisy features.
+    """
+    return (margin - real_scores).clamp_min(0).mean() + (fake_scores + margin).clamp_min(0).mean()
+
+
+def make_fake_features(features: Tensor, noise_std: float, generator: torch.Generator | None = None) -> Tensor:
+    """q- = q + eps, eps ~ N(0, noise_std^2) i.i.d. per entry; not detached, so the adaptor gets both gradients."""
+    noise = torch.randn(features.shape, generator=generator, device=features.device, dtype=features.dtype)
+    return features + noise_std * noise
+
+
+def build_feature_cache(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext,
+                        max_bytes: int = MAX_CACHE_BYTES) -> np.ndarray:
+    """Frozen local features of every training image: (N_images, h*w, D) float16, in RAM or memory-mapped."""
+    cfg = model.config
+    loader = ctx.loader(samples, cfg, batch_size=8)
+    cache = None
+    with torch.no_grad():
+        for batch in ctx.progress(loader, "features", len(loader)):
+            features = model.local_features(batch["image"].to(ctx.device)).flatten(1, 2)  # (B, h*w, D)
+            if cache is None:
+                shape = (len(samples), *features.shape[1:])
+                if math.prod(shape) * 2 <= max_bytes:
+                    cache = np.empty(shape, np.float16)
+                else:
+                    # delete=True removes the file on close; the mapping stays valid until the cache is dropped.
+                    handle = tempfile.NamedTemporaryFile(prefix="flawscope-cache-", suffix=".f16")
+                    cache = np.memmap(handle, np.float16, "w+", shape=shape)
+            cache[batch["index"].numpy()] = features.cpu().half().numpy()
+    return cache
+
+
+def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray) -> tuple[float, float]:
+    """The absolute noise sigma used in training, and the std of the cached features it may be relative to."""
+    sample = cache[:: max(1, len(cache) // 64)].astype(np.float32)
+    feature_std = float(sample.std())
+    if cfg.resolved_noise_mode() == "absolute":
+        return cfg.noise_std, feature_std
+    return cfg.noise_std_relative * feature_std, feature_std
+
+
+def _optimizers(model: SimpleNet) -> list[torch.optim.Optimizer]:
+    cfg = model.config
+    if cfg.adaptor_optimizer == "adamw":  # public code: AdamW with PyTorch's default decoupled weight decay
+        adaptor = torch.optim.AdamW(model.adaptor.parameters(), lr=cfg.lr_adaptor)
+    else:
+        adaptor = torch.optim.Adam(model.adaptor.parameters(), lr=cfg.lr_adaptor, weight_decay=cfg.weight_decay)
+    discriminator = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.lr_discriminator,
+                                     weight_decay=cfg.weight_decay)
+    return [adaptor, discriminator]
+
+
+def train_step(model: SimpleNet, features: Tensor, sigma: float, optimizers: list[torch.optim.Optimizer],
+               generator: torch.Generator | None = None) -> tuple[float, float, float]:
+    """One update on a batch of cached features (N, D). Returns (loss, mean real score, mean fake score)."""
+    adapted = model.adaptor(features)
+    fake = make_fake_features(adapted, sigma, generator)
+    # BatchNorm sees real and fake features together, as in the public code.
+    scores = model.discriminator(torch.cat([adapted, fake]))[:, 0]
+    real_scores, fake_scores = scores[: len(adapted)], scores[len(adapted) :]
+    loss = truncated_l1_loss(real_scores, fake_scores, model.config.margin)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return float(loss.detach()), float(real_scores.detach().mean()), float(fake_scores.detach().mean())
+
+
+def fit(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any]:
+    """Trains the adaptor and discriminator for ``num_epochs`` on ``samples`` (good images). The final model is kept:
+    no checkpoint is selected (the public code's selection on the test set is not reproduced)."""
+    cfg = model.config
+    model.to(ctx.device)
+    model.backbone.eval()
+    start = time.perf_counter()
+    cache = build_feature_cache(model, samples, ctx)
+    sigma, feature_std = noise_sigma(cfg, cache)
+    extracted = time.perf_counter()
+    optimizers = _optimizers(model)
+    generator = ctx.generator(3)
+    noise_generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 4)
+    model.adaptor.train()
+    model.discriminator.train()
+    epochs = ctx.progress(range(cfg.num_epochs), "training", cfg.num_epochs)
+    for epoch in epochs:
+        order = torch.randperm(len(cache), generator=generator).numpy()
+        totals = np.zeros(3)
+        steps = 0
+        for first in range(0, len(order), cfg.batch_size):
+            index = np.sort(order[first : first + cfg.batch_size])
+            batch = torch.from_numpy(np.asarray(cache[index], np.float32)).to(ctx.device).flatten(0, 1)
+            totals += train_step(model, batch, sigma, optimizers, noise_generator)
+            steps += 1
+        loss, real, fake = totals / steps
+        ctx.log.append({"epoch": epoch + 1, "loss": loss, "real_score": real, "fake_score": fake})
+        epochs.set_postfix(loss=f"{loss:.4f}")
+    model.eval()
+    model.fitted.fill_(True)
+    return {
+        "num_images": len(samples),
+        "feature_grid": list(cache.shape[1:]),
+        "feature_std": feature_std,
+        "noise_sigma": sigma,
+        "noise_mode": cfg.resolved_noise_mode(),
+        "final_loss": ctx.log[-1]["loss"] if ctx.log else None,
+        "feature_seconds": round(extracted - start, 2),
+        "train_seconds": round(time.perf_counter() - extracted, 2),
+    }

@@ -1,0 +1,97 @@
+"""SimpleNet (Liu et al., CVPR 2023): frozen local features, a linear adaptor and an MLP discriminator.
+
+Inference graph: backbone stages (stride 8 and 16) -> PatchCore-style 3x3 aggregation -> adaptor (one linear layer)
+-> discriminator; the anomaly score of a location is -D(q). The image score is the maximum of the raw score grid
+(Eq. 11); the map is upsampled bilinearly and smoothed with a Gaussian of sigma 4 px (Eq. 10).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...backbones import create_backbone
+from ...config import ModelConfig, option
+from ...layers import GaussianBlur2d, LocalFeatureAggregator
+from ..base import AnomalyModel
+
+# The backbones of the paper's Table 4, for which the absolute noise sigma of 0.015 was tuned.
+PAPER_BACKBONES = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
+
+
+@dataclass(frozen=True)
+class SimpleNetConfig(ModelConfig):
+    """SimpleNet hyperparameters. Defaults follow the paper; the public code's choices are noted per field."""
+
+    strides: tuple[int, ...] = option((8, 16), "backbone stages used, by stride (layer2+layer3)", low=4, high=32)
+    patch_size: int = option(3, "neighbourhood aggregated at each location", low=1, high=9)
+    embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1)
+    adaptor_bias: bool = option(False, "bias in the adaptor (paper: none; public code: bias)")
+    discriminator_hidden: int = option(1024, "hidden width of the discriminator (public code)", low=1)
+    noise_std: float = option(0.015, "sigma of the Gaussian noise that makes fake features (absolute mode)", low=0,
+                              low_open=True)
+    noise_mode: str = option("auto", "absolute: sigma = noise_std; relative: sigma = noise_std_relative x the "
+                             "training features' std; auto: absolute for the paper's ResNet backbones, else relative",
+                             choices=("auto", "absolute", "relative"))
+    noise_std_relative: float = option(0.25, "sigma as a fraction of the feature std (relative mode)", low=0,
+                                       low_open=True)
+    margin: float = option(0.5, "th+ = margin, th- = -margin of the truncated L1 loss", low=0)
+    lr_adaptor: float = option(1e-4, "adaptor learning rate", low=0, low_open=True)
+    lr_discriminator: float = option(2e-4, "discriminator learning rate", low=0, low_open=True)
+    weight_decay: float = option(1e-5, "weight decay of both optimisers", low=0)
+    adaptor_optimizer: str = option("adam", "adam (paper) or adamw (public code, decoupled decay 0.01)",
+                                    choices=("adam", "adamw"))
+    num_epochs: int = option(160, "passes over the training features", low=1)
+    batch_size: int = option(4, "images per training step (public code: 8)", low=1)
+    smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
+
+    def resolved_noise_mode(self) -> str:
+        """'absolute' or 'relative', with 'auto' resolved from the backbone."""
+        if self.noise_mode != "auto":
+            return self.noise_mode
+        return "absolute" if self.backbone in PAPER_BACKBONES else "relative"
+
+
+class Discriminator(nn.Sequential):
+    """Linear -> BatchNorm -> LeakyReLU(0.2) -> Linear (no bias): (N, D) -> (N, 1), higher = more normal."""
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2),
+                         nn.Linear(hidden, 1, bias=False))
+        for layer in (self[0], self[3]):
+            nn.init.xavier_normal_(layer.weight)
+
+
+class SimpleNet(AnomalyModel):
+    """SimpleNet's inference module; training lives in ``fit.py``."""
+
+    method = "simplenet"
+    config_class = SimpleNetConfig
+
+    def __init__(self, config: SimpleNetConfig, pretrained: bool = True, weights_path: str | Path | None = None):
+        super().__init__(config)
+        self.backbone = create_backbone(config.backbone, config.strides, pretrained=pretrained,
+                                        weights_path=weights_path)
+        self.aggregator = LocalFeatureAggregator(config.patch_size, config.embed_dim, config.embed_dim)
+        self.adaptor = nn.Linear(config.embed_dim, config.embed_dim, bias=config.adaptor_bias)
+        nn.init.xavier_normal_(self.adaptor.weight)
+        self.discriminator = Discriminator(config.embed_dim, config.discriminator_hidden)
+        self.blur = GaussianBlur2d(config.smoothing_sigma)
+
+    def local_features(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) -> (B, h, w, D) frozen local features (the training cache stores these)."""
+        return self.aggregator(self.backbone(images)).permute(0, 2, 3, 1)
+
+    def score_features(self, features: Tensor) -> Tensor:
+        """(..., D) local features -> (...) anomaly scores -D(G(o))."""
+        flat = features.reshape(-1, features.shape[-1])
+        return -self.discriminator(self.adaptor(flat)).reshape(features.shape[:-1])
+
+    def raw_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        scores = self.score_features(self.local_features(images))  # (B, h, w)
+        image_score = scores.flatten(1).amax(dim=1)  # Eq. 11 on the raw grid, before upsampling and smoothing
+        anomaly_map = F.interpolate(scores[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.blur(anomaly_map), image_score
