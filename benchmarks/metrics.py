@@ -26,8 +26,8 @@ from PIL import Image
 from scipy import ndimage
 
 import flawscope.metrics as fm
+from _common import REPO, command, cpu_model, write_section
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Metrics speed"
 TOLERANCE = 1e-6
 
@@ -197,19 +197,6 @@ def measure_memory(data: Path | None, num_maps: int, size: int) -> dict[str, flo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def command() -> str:
-    """The command line of this run, with the thread-count variable when it was set."""
-    threads = os.environ.get("OMP_NUM_THREADS")
-    return " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python", *sys.argv])
-
-
 def render(rows, memory, args, source: str, masks: np.ndarray) -> str:
     """The markdown section: setup, timing table, memory line."""
     defect_ratio = masks.mean()
@@ -247,20 +234,6 @@ def render(rows, memory, args, source: str, masks: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces this script's section (up to the next level-2 heading) in ``path`` or appends it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO / "../shared/datasets/mtd", help="MVTec-layout folder")
@@ -289,7 +262,7 @@ def main() -> None:
     section = render(rows, memory, args, source, masks)
     print(section)
     if not args.no_write:
-        write_section(args.docs, section)
+        write_section(args.docs, SECTION, section)
 
 
 if __name__ == "__main__":

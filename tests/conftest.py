@@ -21,8 +21,9 @@ def _few_threads():
 def tiny_dataset(tmp_path_factory) -> Path:
     """A 64-px grass category: 12 good training images, 4 good and 6 defective test images with masks."""
     root = tmp_path_factory.mktemp("demo")
-    (folder,) = make_demo_dataset(root, textures=("grass",), image_size=64, num_train=12, num_test_good=4,
-                                  num_test_per_defect=2, seed=0)
+    (folder,) = make_demo_dataset(
+        root, textures=("grass",), image_size=64, num_train=12, num_test_good=4, num_test_per_defect=2, seed=0
+    )
     return folder
 
 

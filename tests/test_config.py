@@ -15,12 +15,15 @@ def test_unknown_option_lists_valid_names():
         PatchCoreConfig.from_dict({"corset_ratio": 0.1})
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("coreset_ratio", 1.5, r"'coreset_ratio' parameter of PatchCoreConfig must be in \(0, 1\]; got 1.5"),
-    ("coreset_ratio", 0, r"must be in \(0, 1\]"),
-    ("image_size", "big", "must be of type int"),
-    ("image_size", 2.5, "must be of type int"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("coreset_ratio", 1.5, r"'coreset_ratio' parameter of PatchCoreConfig must be in \(0, 1\]; got 1.5"),
+        ("coreset_ratio", 0, r"must be in \(0, 1\]"),
+        ("image_size", "big", "must be of type int"),
+        ("image_size", 2.5, "must be of type int"),
+    ],
+)
 def test_out_of_range_values_are_rejected(key, value, message):
     with pytest.raises(ConfigError, match=message):
         PatchCoreConfig.from_dict({key: value})

@@ -54,7 +54,7 @@ def test_forward_shapes_and_values(fitted):
     assert out.anomaly_map.shape == out.norm_map.shape == (2, 1, 64, 64)
     assert out.pred_score.shape == out.norm_score.shape == (2,)
     assert torch.isfinite(out.anomaly_map).all() and torch.isfinite(out.pred_score).all()
-    assert 0 <= float(out.norm_score.min()) and float(out.norm_score.max()) <= 1
+    assert float(out.norm_score.min()) >= 0 and float(out.norm_score.max()) <= 1
 
 
 def test_fit_marks_model_fitted_and_reports(fitted):
@@ -71,7 +71,7 @@ def test_save_load_round_trip_gives_identical_outputs(fitted, tmp_path):
     images = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         a, b = model(images), loaded(images)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert float(loaded.threshold) == 2.0
 

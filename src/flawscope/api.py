@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import csv
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -18,11 +17,10 @@ import numpy as np
 import torch
 
 from .calibration import DEFAULT_TARGET_FPR, threshold_from_normals
-from .data import ImageDataset, Sample, find_images, load_dataset, split_validation
-from .data.dataset import collate
+from .data import Sample, load_dataset, split_validation
 from .errors import ConfigError
 from .fitting import FitContext
-from .model_io import load_model, read_model_info, save_model
+from .model_io import save_model
 from .models.base import AnomalyModel
 from .registry import get_method
 from .runs import environment, write_json

@@ -111,6 +111,9 @@ def predict(run, paths, out, batch_size, no_overlays, strict, device, quiet) -> 
     csv_path = run_predict(run, paths, out, device=device, batch_size=batch_size, overlays=not no_overlays,
                            strict=strict, quiet=quiet)
     click.echo(f"predictions: {csv_path}")
+    skipped = csv_path.parent / "skipped.csv"
+    if skipped.is_file():
+        click.echo(f"some images could not be read and were skipped; see {skipped}", err=True)
 
 
 @main.command()
@@ -139,6 +142,38 @@ def info(method, as_json) -> None:
     click.echo("backbone weights available offline:")
     for name, status in report["backbone_weights"].items():
         click.echo(f"  {name:<20} {status}")
+
+
+# The demo's short schedule: SimpleNet on EfficientNet-Lite0 (real weights ship with flawscope's dependencies).
+DEMO_OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 224, "resize_size": 0, "embed_dim": 384,
+                "num_epochs": 12}
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("flawscope-demo"), show_default=True,
+              help="folder for the generated data set and the run")
+@click.option("--texture", type=click.Choice(["brick", "grass", "gravel"]), default="grass", show_default=True,
+              help="which generated category to train and test on")
+@click.option("--epochs", type=int, default=DEMO_OPTIONS["num_epochs"], show_default=True)
+@DEVICE
+@QUIET
+def demo(out, texture, epochs, device, quiet) -> None:
+    """Generate a small textured data set with drawn-in defects, train SimpleNet on it, test, write a report."""
+    from .api import fit as run_fit
+    from .data.demo import make_demo_dataset
+    from .evaluation import test as run_test
+
+    click.echo(f"1/3 generating the demo data set in {out / 'data'} (scikit-image texture photos, drawn defects)")
+    make_demo_dataset(out / "data", progress=not quiet)
+    data = out / "data" / texture
+    click.echo(f"2/3 training SimpleNet ({DEMO_OPTIONS['backbone']}, {epochs} epochs) on {data / 'train' / 'good'}")
+    run = run_fit("simplenet", data, out / "run", options={**DEMO_OPTIONS, "num_epochs": epochs}, device=device,
+                  quiet=quiet)
+    click.echo(f"3/3 testing on {data / 'test'}")
+    metrics = run_test(run, data, device=device, quiet=quiet)
+    _print_metrics(metrics)
+    click.echo(f"report: {(run / 'report.html').resolve()}")
+    click.echo(f"next: flawscope predict {run} {data / 'test' / 'scratch'} --out {out / 'predictions'}")
 
 
 if __name__ == "__main__":

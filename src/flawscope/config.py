@@ -19,8 +19,16 @@ from .errors import ConfigError
 C = TypeVar("C", bound="ModelConfig")
 
 
-def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False, choices: Sequence[Any] | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: Sequence[Any] | None = None,
+) -> Any:
     """A dataclass field with a help text and a declared range or set of choices."""
     meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices}
     if isinstance(default, (list, tuple)):
@@ -103,7 +111,9 @@ class ModelConfig:
 
     backbone: str = option("wide_resnet50_2", "feature extractor name (see `flawscope info`)")
     image_size: int = option(224, "side of the square model input, pixels", low=32, high=4096)
-    resize_size: int = option(256, "shorter side before the centre crop; 0 = resize the whole image, no crop", low=0, high=8192)
+    resize_size: int = option(
+        256, "shorter side before the centre crop; 0 = resize the whole image, no crop", low=0, high=8192
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .api import ScoredImages, resolve_device, score_images
+from .api import ScoredImages, _check_outside, resolve_device, score_images
 from .data import ImageDataset, load_dataset
 from .errors import DataError
 from .fitting import FitContext
@@ -75,7 +75,7 @@ def write_per_image(path: Path, scored: ScoredImages, threshold: float) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "defect_type", "label", "raw_score", "norm_score", "decision"])
-        for sample, raw, norm in zip(scored.samples, scored.raw_scores, scored.norm_scores):
+        for sample, raw, norm in zip(scored.samples, scored.raw_scores, scored.norm_scores, strict=True):
             decision = "defective" if raw > threshold else "good"
             writer.writerow([sample.path, sample.defect_type, sample.label, f"{raw:.6g}", f"{norm:.4f}", decision])
 
@@ -126,6 +126,7 @@ def test(run: str | Path, data: str | Path, *, out: str | Path | None = None, la
     if not dataset.test:
         raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
     out = Path(out) if out else run
+    _check_outside(out, dataset.root)
     out.mkdir(parents=True, exist_ok=True)
     ctx = FitContext(device=resolve_device(device), quiet=quiet)
     scored = score_images(model, dataset.test, ctx, batch_size, keep_maps=True)

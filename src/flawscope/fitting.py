@@ -34,11 +34,19 @@ class FitContext:
     num_workers: int = 0
     log: list[dict] = field(default_factory=list)
 
-    def loader(self, samples: Sequence[Sample], config: ModelConfig, batch_size: int,
-               shuffle: bool = False) -> DataLoader:
+    def loader(
+        self, samples: Sequence[Sample], config: ModelConfig, batch_size: int, shuffle: bool = False
+    ) -> DataLoader:
         """Batches of images at the model's input geometry (dicts with 'image', 'mask', 'label', 'index')."""
-        return make_loader(samples, config.image_size, config.resize_size, batch_size=batch_size,
-                           shuffle=shuffle, seed=self.seed, num_workers=self.num_workers)
+        return make_loader(
+            samples,
+            config.image_size,
+            config.resize_size,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_workers=self.num_workers,
+        )
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> tqdm:
         """Wraps ``iterable`` in a progress bar (hidden when quiet); ``set_postfix`` shows live values."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .api import resolve_device
+from .api import _check_outside, resolve_device
 from .data import Sample, find_images, make_loader
 from .errors import DataError
 from .fitting import FitContext
@@ -33,6 +33,9 @@ def predict(run: str | Path, paths: Sequence[str | Path], out: str | Path, *, de
     model.check_fitted()
     images = find_images(paths)
     out = Path(out)
+    for folder in (Path(p) for p in paths):
+        if folder.is_dir():  # overlays written there would be read back as images by the next run
+            _check_outside(out, folder)
     (out / "overlays").mkdir(parents=True, exist_ok=True) if overlays else out.mkdir(parents=True, exist_ok=True)
     ctx = FitContext(device=resolve_device(device), quiet=quiet)
     model.to(ctx.device).eval()
@@ -57,6 +60,7 @@ def predict(run: str | Path, paths: Sequence[str | Path], out: str | Path, *, de
                     save_png(out / "overlays" / f"{index:05d}_{images[index].stem}.png",
                              heatmap_overlay(image, region, region > 0.5))
     bad = getattr(loader.dataset, "bad_files", [])
+    (out / "skipped.csv").unlink(missing_ok=True)  # a list left by an earlier run into this folder would mislead
     if bad:
         with open(out / "skipped.csv", "w", newline="") as f:
             csv.writer(f).writerows([("path", "reason"), *bad])

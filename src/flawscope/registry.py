@@ -27,8 +27,9 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, model_class: type, fit: Callable[..., dict[str, Any]], *, supervision: str = "normal",
-             summary: str = "") -> None:
+def register(
+    name: str, model_class: type, fit: Callable[..., dict[str, Any]], *, supervision: str = "normal", summary: str = ""
+) -> None:
     """Adds a method under ``name`` (lower case, no separators)."""
     if name in _METHODS:
         raise RuntimeError(f"Method {name!r} is registered twice.")

@@ -8,9 +8,14 @@ import torch
 from torch import Tensor
 
 
-def greedy_coreset(features: Tensor, num_samples: int, projection_dim: int = 128, generator: torch.Generator | None = None,
-                   progress: Callable[[Iterator[int], str, int], Iterator[int]] | None = None,
-                   chunk_size: int = 1 << 16) -> Tensor:
+def greedy_coreset(
+    features: Tensor,
+    num_samples: int,
+    projection_dim: int = 128,
+    generator: torch.Generator | None = None,
+    progress: Callable[[Iterator[int], str, int], Iterator[int]] | None = None,
+    chunk_size: int = 1 << 16,
+) -> Tensor:
     """Selects ``num_samples`` rows that approximately minimise the largest distance of any row to the selection.
 
     Each step adds the row farthest from everything selected so far (Sener & Savarese; PatchCore Alg. 1).

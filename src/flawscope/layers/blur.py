@@ -59,4 +59,3 @@ class GaussianBlur2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, radius={self.radius}"
-

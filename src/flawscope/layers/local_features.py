@@ -55,4 +55,3 @@ class LocalFeatureAggregator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, pretrain_dim={self.pretrain_dim}, target_dim={self.target_dim}"
-

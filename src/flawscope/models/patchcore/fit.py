@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,10 +28,11 @@ def collect_features(model: PatchCore, samples: Sequence[Sample], ctx: FitContex
         features = model.local_features(batch["image"].to(ctx.device))  # (B, D, h, w)
         features = features.permute(0, 2, 3, 1).flatten(1, 2).cpu()  # (B, h*w, D)
         if per_image is None:
-            per_image = min(features.shape[1], math.ceil(cfg.max_train_features / len(samples)))
+            per_image = min(features.shape[1], max(1, cfg.max_train_features // len(samples)))
         if per_image < features.shape[1]:
-            keep = torch.stack([torch.randperm(features.shape[1], generator=generator)[:per_image]
-                                for _ in range(features.shape[0])])
+            keep = torch.stack(
+                [torch.randperm(features.shape[1], generator=generator)[:per_image] for _ in range(features.shape[0])]
+            )
             features = torch.gather(features, 1, keep[..., None].expand(-1, -1, features.shape[2]))
         chunks.append(features.reshape(-1, features.shape[2]).half())
     return torch.cat(chunks)

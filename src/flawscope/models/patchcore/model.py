@@ -19,17 +19,20 @@ from ..base import AnomalyModel
 class PatchCoreConfig(ModelConfig):
     """PatchCore hyperparameters; defaults follow the paper (WideResNet-50, layer2+3, 10 % coreset)."""
 
-    strides: tuple[int, ...] = option((8, 16), "backbone stages used, by stride (layer2 and layer3 of a ResNet)",
-                                      low=4, high=32)
+    strides: tuple[int, ...] = option(
+        (8, 16), "backbone stages used, by stride (layer2 and layer3 of a ResNet)", low=4, high=32
+    )
     patch_size: int = option(3, "neighbourhood aggregated at each location", low=1, high=9)
     pretrain_embed_dim: int = option(1024, "per-stage feature length after pooling", low=1)
     target_embed_dim: int = option(1024, "memory bank feature length", low=1)
-    coreset_ratio: float = option(0.1, "fraction of training features kept by the greedy coreset", low=0,
-                                  high=1, low_open=True)
+    coreset_ratio: float = option(
+        0.1, "fraction of training features kept by the greedy coreset", low=0, high=1, low_open=True
+    )
     projection_dim: int = option(128, "random projection used to speed up the coreset search; 0 = none", low=0)
     num_neighbors: int = option(9, "b, the bank neighbourhood of the paper's score reweighting; 1 = off", low=1)
-    max_train_features: int = option(2_000_000, "cap on features collected before the coreset (memory bound)",
-                                     low=1)
+    max_train_features: int = option(
+        2_000_000, "features collected before the coreset, at most (or one per image if larger)", low=1
+    )
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
     batch_size: int = option(8, "images per batch during feature extraction", low=1)
 
@@ -54,10 +57,10 @@ class PatchCore(AnomalyModel):
 
     def __init__(self, config: PatchCoreConfig, pretrained: bool = True, weights_path: str | Path | None = None):
         super().__init__(config)
-        self.backbone = create_backbone(config.backbone, config.strides, pretrained=pretrained,
-                                        weights_path=weights_path)
-        self.aggregator = LocalFeatureAggregator(config.patch_size, config.pretrain_embed_dim,
-                                                 config.target_embed_dim)
+        self.backbone = create_backbone(
+            config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
+        )
+        self.aggregator = LocalFeatureAggregator(config.patch_size, config.pretrain_embed_dim, config.target_embed_dim)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         self.register_buffer("memory_bank", torch.zeros(0, config.target_embed_dim))
         self.register_buffer("bank_neighbors", torch.zeros(0, config.num_neighbors, dtype=torch.long))
@@ -75,7 +78,10 @@ class PatchCore(AnomalyModel):
         patch_scores = nearest_sq.sqrt().reshape(batch, height * width)  # (B, h*w)
 
         max_score, max_pos = patch_scores.max(dim=1)  # (B,)
-        score = max_score if self.config.num_neighbors == 1 else self._reweight(queries, nearest_idx, max_score, max_pos)
+        if self.bank_neighbors.shape[1] == 1:  # b = 1 (or a one-row bank): nothing to reweight against
+            score = max_score
+        else:
+            score = self._reweight(queries, nearest_idx, max_score, max_pos)
         patch_map = patch_scores.reshape(batch, 1, height, width)
         anomaly_map = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return self.blur(anomaly_map), score

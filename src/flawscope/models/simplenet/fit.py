@@ -39,8 +39,9 @@ def make_fake_features(features: Tensor, noise_std: float, generator: torch.Gene
     return features + noise_std * noise
 
 
-def build_feature_cache(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext,
-                        max_bytes: int = MAX_CACHE_BYTES) -> np.ndarray:
+def build_feature_cache(
+    model: SimpleNet, samples: Sequence[Sample], ctx: FitContext, max_bytes: int = MAX_CACHE_BYTES
+) -> np.ndarray:
     """Frozen local features of every training image: (N_images, h*w, D) float16, in RAM or memory-mapped."""
     cfg = model.config
     loader = ctx.loader(samples, cfg, batch_size=8)
@@ -53,9 +54,9 @@ def build_feature_cache(model: SimpleNet, samples: Sequence[Sample], ctx: FitCon
                 if math.prod(shape) * 2 <= max_bytes:
                     cache = np.empty(shape, np.float16)
                 else:
-                    # delete=True removes the file on close; the mapping stays valid until the cache is dropped.
-                    handle = tempfile.NamedTemporaryFile(prefix="flawscope-cache-", suffix=".f16")
-                    cache = np.memmap(handle, np.float16, "w+", shape=shape)
+                    # An unnamed temporary file: the mapping keeps it alive, the OS frees it when the cache goes.
+                    with tempfile.TemporaryFile(prefix="flawscope-cache-") as handle:
+                        cache = np.memmap(handle, np.float16, "w+", shape=shape)
             cache[batch["index"].numpy()] = features.cpu().half().numpy()
     return cache
 
@@ -75,13 +76,19 @@ def _optimizers(model: SimpleNet) -> list[torch.optim.Optimizer]:
         adaptor = torch.optim.AdamW(model.adaptor.parameters(), lr=cfg.lr_adaptor)
     else:
         adaptor = torch.optim.Adam(model.adaptor.parameters(), lr=cfg.lr_adaptor, weight_decay=cfg.weight_decay)
-    discriminator = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.lr_discriminator,
-                                     weight_decay=cfg.weight_decay)
+    discriminator = torch.optim.Adam(
+        model.discriminator.parameters(), lr=cfg.lr_discriminator, weight_decay=cfg.weight_decay
+    )
     return [adaptor, discriminator]
 
 
-def train_step(model: SimpleNet, features: Tensor, sigma: float, optimizers: list[torch.optim.Optimizer],
-               generator: torch.Generator | None = None) -> tuple[float, float, float]:
+def train_step(
+    model: SimpleNet,
+    features: Tensor,
+    sigma: float,
+    optimizers: list[torch.optim.Optimizer],
+    generator: torch.Generator | None = None,
+) -> tuple[float, float, float]:
     """One update on a batch of cached features (N, D). Returns (loss, mean real score, mean fake score)."""
     adapted = model.adaptor(features)
     fake = make_fake_features(adapted, sigma, generator)

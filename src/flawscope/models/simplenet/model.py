@@ -31,19 +31,25 @@ class SimpleNetConfig(ModelConfig):
     embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1)
     adaptor_bias: bool = option(False, "bias in the adaptor (paper: none; public code: bias)")
     discriminator_hidden: int = option(1024, "hidden width of the discriminator (public code)", low=1)
-    noise_std: float = option(0.015, "sigma of the Gaussian noise that makes fake features (absolute mode)", low=0,
-                              low_open=True)
-    noise_mode: str = option("auto", "absolute: sigma = noise_std; relative: sigma = noise_std_relative x the "
-                             "training features' std; auto: absolute for the paper's ResNet backbones, else relative",
-                             choices=("auto", "absolute", "relative"))
-    noise_std_relative: float = option(0.25, "sigma as a fraction of the feature std (relative mode)", low=0,
-                                       low_open=True)
+    noise_std: float = option(
+        0.015, "sigma of the Gaussian noise that makes fake features (absolute mode)", low=0, low_open=True
+    )
+    noise_mode: str = option(
+        "auto",
+        "absolute: sigma = noise_std; relative: sigma = noise_std_relative x the "
+        "training features' std; auto: absolute for the paper's ResNet backbones, else relative",
+        choices=("auto", "absolute", "relative"),
+    )
+    noise_std_relative: float = option(
+        0.25, "sigma as a fraction of the feature std (relative mode)", low=0, low_open=True
+    )
     margin: float = option(0.5, "th+ = margin, th- = -margin of the truncated L1 loss", low=0)
     lr_adaptor: float = option(1e-4, "adaptor learning rate", low=0, low_open=True)
     lr_discriminator: float = option(2e-4, "discriminator learning rate", low=0, low_open=True)
     weight_decay: float = option(1e-5, "weight decay of both optimisers", low=0)
-    adaptor_optimizer: str = option("adam", "adam (paper) or adamw (public code, decoupled decay 0.01)",
-                                    choices=("adam", "adamw"))
+    adaptor_optimizer: str = option(
+        "adam", "adam (paper) or adamw (public code, decoupled decay 0.01)", choices=("adam", "adamw")
+    )
     num_epochs: int = option(160, "passes over the training features", low=1)
     batch_size: int = option(4, "images per training step (public code: 8)", low=1)
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
@@ -59,8 +65,9 @@ class Discriminator(nn.Sequential):
     """Linear -> BatchNorm -> LeakyReLU(0.2) -> Linear (no bias): (N, D) -> (N, 1), higher = more normal."""
 
     def __init__(self, in_dim: int, hidden: int) -> None:
-        super().__init__(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2),
-                         nn.Linear(hidden, 1, bias=False))
+        super().__init__(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1, bias=False)
+        )
         for layer in (self[0], self[3]):
             nn.init.xavier_normal_(layer.weight)
 
@@ -73,8 +80,9 @@ class SimpleNet(AnomalyModel):
 
     def __init__(self, config: SimpleNetConfig, pretrained: bool = True, weights_path: str | Path | None = None):
         super().__init__(config)
-        self.backbone = create_backbone(config.backbone, config.strides, pretrained=pretrained,
-                                        weights_path=weights_path)
+        self.backbone = create_backbone(
+            config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
+        )
         self.aggregator = LocalFeatureAggregator(config.patch_size, config.embed_dim, config.embed_dim)
         self.adaptor = nn.Linear(config.embed_dim, config.embed_dim, bias=config.adaptor_bias)
         nn.init.xavier_normal_(self.adaptor.weight)

@@ -1,0 +1,385 @@
+"""End-to-end tests of the `flawscope` command: fit -> test -> predict -> reload, and its bad-input messages.
+
+One PatchCore run (EfficientNet-Lite0, 64 px, small embeddings) is fitted per module and reused; every error case
+fails before any training starts, so they cost little.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from flawscope import __version__
+from flawscope.cli import main
+from flawscope.data import preprocess, read_image
+from flawscope.model_io import load_model
+
+FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--resize-size", "0",
+        "--set", "coreset_ratio=0.5", "--set", "target_embed_dim=64", "--set", "pretrain_embed_dim=64", "--quiet",
+        # 3 held-out good images, so the normalised score is not squeezed to 0 or 1 by a one-image calibration
+        "--val-ratio", "0.25"]
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def fit_args(data: Path, out: Path, *extra: str) -> list[str | Path]:
+    return ["fit", "--model", "patchcore", *FAST, "--data", data, "--out", out, *extra]
+
+
+def assert_clean_error(result: Result, *fragments: str) -> str:
+    """Exit code != 0, no traceback, one line on stderr naming each fragment; returns that line."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` (folders too) with its size and mtime, to prove nothing was written there."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data_snapshot(tiny_dataset) -> dict[str, tuple[int, int]]:
+    return snapshot(tiny_dataset)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, data_snapshot, tmp_path_factory) -> Path:
+    """A fitted and tested run folder (report included)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = invoke(*fit_args(tiny_dataset, out))
+    assert result.exit_code == 0, result.output
+    assert str(out / "model") in result.stdout
+    result = invoke("test", out, "--data", tiny_dataset, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "image_auroc" in result.stdout and "report.html" in result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tiny_dataset, tmp_path_factory) -> Path:
+    """A folder of three readable test images (one good, two defective)."""
+    folder = tmp_path_factory.mktemp("images")
+    for name in ("good/000.png", "scratch/000.png", "stain/001.png"):
+        shutil.copy(tiny_dataset / "test" / name, folder / name.replace("/", "_"))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- the happy path
+
+
+def test_fit_writes_the_run_folder(run):
+    info = json.loads((run / "model" / "model.json").read_text())
+    assert info["format"] == 1 and info["method"] == "patchcore" and info["library_version"] == __version__
+    assert info["config"]["backbone"] == "efficientnet_lite0"
+    assert info["config"]["image_size"] == 64 and info["config"]["resize_size"] == 0
+    assert info["config"]["coreset_ratio"] == 0.5 and info["config"]["target_embed_dim"] == 64
+    assert info["input"]["shape"] == ["B", 3, 64, 64]
+    assert info["calibration"]["threshold"] > info["calibration"]["score_low"]
+    assert len(info["weights_sha256"]) == 64
+    assert (run / "model" / "weights.safetensors").stat().st_size > 0
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "patchcore" and config["seed"] == 0
+    assert config["options"] == info["config"]
+    assert (config["num_train"], config["num_val"]) == (9, 3) and config["val_ratio"] == 0.25
+
+    env = json.loads((run / "environment.json").read_text())
+    assert env["seed"] == 0 and env["flawscope"] == __version__ and env["torch"] == torch.__version__
+    assert env["python"] == sys.version.split()[0]
+    assert env["device"] == "cpu"
+
+
+def test_test_writes_metrics(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0, key
+    # The defects of the demo set are plain to see; a working pipeline ranks most of them above the good images.
+    assert metrics["image_auroc"] >= 0.6 and metrics["pixel_auroc"] >= 0.7
+    assert (metrics["num_images"], metrics["num_good"], metrics["num_defective"]) == (10, 4, 6)
+    assert metrics["method"] == "patchcore"
+    for key in ("inference_seconds", "images_per_second", "metrics_seconds"):
+        assert metrics[key] >= 0
+    assert set(metrics["per_type"]) == {"scratch", "blob", "stain"}
+    assert all(row["count"] == 2 for row in metrics["per_type"].values())
+
+
+def test_per_image_csv(run, tiny_dataset):
+    rows = read_csv(run / "per_image.csv")
+    assert list(rows[0]) == ["path", "defect_type", "label", "raw_score", "norm_score", "decision"]
+    expected = {str(p.relative_to(tiny_dataset)) for p in (tiny_dataset / "test").rglob("*.png")}
+    assert sorted(str(Path(r["path"]).relative_to(tiny_dataset)) for r in rows) == sorted(expected)
+    threshold = json.loads((run / "metrics.json").read_text())["threshold"]
+    for row in rows:
+        defect_type = Path(row["path"]).parent.name
+        assert row["defect_type"] == defect_type
+        assert row["label"] == ("0" if defect_type == "good" else "1")
+        norm = float(row["norm_score"])
+        assert 0.0 <= norm <= 1.0
+        assert row["decision"] == ("defective" if norm > 0.5 else "good"), row
+        assert row["decision"] == ("defective" if float(row["raw_score"]) > threshold else "good"), row
+    # Not a degenerate calibration: both decisions occur and the normalised scale is not all 0s and 1s.
+    assert {row["decision"] for row in rows} == {"good", "defective"}
+    assert any(0.0 < float(row["norm_score"]) < 1.0 for row in rows)
+
+
+def test_report_is_self_contained(run):
+    html = (run / "report.html").read_text()
+    assert "<svg" in html and "data:image/png;base64," in html
+    assert "http://" not in html and "https://" not in html
+    assert "patchcore" in html
+
+
+def test_predict_writes_csv_and_overlays(run, images, tmp_path):
+    before = snapshot(images)
+    out = tmp_path / "pred"
+    result = invoke("predict", run, images, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "predictions.csv")
+    assert list(rows[0]) == ["path", "raw_score", "norm_score", "decision"]
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in images.iterdir())
+    for row in rows:
+        assert row["decision"] == ("defective" if float(row["norm_score"]) > 0.5 else "good")
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert len(overlays) == 3
+    assert read_image(overlays[0]).shape[:2] == (64, 64)
+    assert not (out / "skipped.csv").exists()
+    assert snapshot(images) == before
+
+    # The same image scores the same in `test` and in `predict`.
+    per_image = {Path(r["path"]).parent.name + "_" + Path(r["path"]).name: r for r in read_csv(run / "per_image.csv")}
+    for row in rows:
+        assert float(row["raw_score"]) == pytest.approx(float(per_image[Path(row["path"]).name]["raw_score"]),
+                                                        rel=1e-5)
+
+
+def test_reloaded_model_reproduces_per_image_scores(run):
+    model = load_model(run / "model")
+    model.check_fitted()
+    rows = read_csv(run / "per_image.csv")[::3]  # a few images, good and defective
+    batch = torch.stack([preprocess(read_image(r["path"]), 64, 0) for r in rows])
+    with torch.inference_mode():
+        scores = model(batch).pred_score.double().numpy()
+    expected = np.array([float(r["raw_score"]) for r in rows])
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_nothing_is_written_into_the_data_folder(run, tiny_dataset, data_snapshot, images, tmp_path):
+    # `run` has fitted and tested; predict on the data folder's own test images too.
+    result = invoke("predict", run, tiny_dataset / "test" / "good", "--out", tmp_path / "pred", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert snapshot(tiny_dataset) == data_snapshot
+
+
+def test_fit_refuses_out_inside_the_data_folder(tiny_dataset, data_snapshot):
+    result = invoke(*fit_args(tiny_dataset, tiny_dataset / "runs" / "x"))
+    assert_clean_error(result, "inside the data folder", "--out")
+    assert snapshot(tiny_dataset) == data_snapshot
+
+
+def test_test_refuses_out_inside_the_data_folder(run, tiny_dataset, data_snapshot):
+    result = invoke("test", run, "--data", tiny_dataset, "--out", tiny_dataset / "eval", "--quiet")
+    assert_clean_error(result, "inside the data folder", "--out")
+    assert snapshot(tiny_dataset) == data_snapshot
+
+
+def test_predict_refuses_out_inside_the_image_folder(run, images):
+    before = snapshot(images)
+    result = invoke("predict", run, images, "--out", images / "pred", "--quiet")
+    assert_clean_error(result, "inside the data folder", "--out")
+    assert snapshot(images) == before
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        (["--model", "patchcor"], ["Unknown model 'patchcor'", "patchcore", "simplenet"]),
+        (["--backbone", "resnet5"], ["Unknown backbone 'resnet5'", "efficientnet_lite0", "resnet50"]),
+        (["--set", "corset_ratio=0.5"], ["'corset_ratio'", "Valid options", "coreset_ratio", "num_neighbors"]),
+        (["--set", "coreset_ratio=1.5"], ["'coreset_ratio'", "(0, 1]", "1.5"]),
+        (["--set", "num_neighbors=many"], ["'num_neighbors'", "int", "'many'"]),
+        (["--set", "coreset_ratio"], ["--set expects key=value", "'coreset_ratio'"]),
+        (["--image-size", "16"], ["'image_size'", "[32, 4096]", "16"]),
+    ],
+    ids=["model", "backbone", "set-key", "range", "type", "set-syntax", "image-size"],
+)
+def test_fit_rejects_bad_options(tiny_dataset, tmp_path, change, fragments):
+    args = fit_args(tiny_dataset, tmp_path / "run")
+    # Later options win in click, so appending overrides the defaults above; --model is given once.
+    if change[0] == "--model":
+        args[args.index("--model") + 1] = change[1]
+    else:
+        args += change
+    assert_clean_error(invoke(*args), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_rejects_an_empty_data_folder(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "train" / "good").mkdir(parents=True)
+    (empty / "train" / "good" / "notes.txt").write_text("no images here")
+    assert_clean_error(invoke(*fit_args(empty, tmp_path / "run")), str(empty / "train" / "good"), "No images",
+                       ".png")
+    (tmp_path / "bare").mkdir()
+    assert_clean_error(invoke(*fit_args(tmp_path / "bare", tmp_path / "run")), "No 'train/good'", "found: nothing")
+    assert_clean_error(invoke(*fit_args(tmp_path / "missing", tmp_path / "run")), "missing", "does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_explains_a_misnamed_folder(tiny_dataset, tmp_path):
+    misnamed = tmp_path / "bottle"
+    shutil.copytree(tiny_dataset / "train" / "good", misnamed / "training" / "good")
+    line = assert_clean_error(invoke(*fit_args(misnamed, tmp_path / "run")), "No 'train/good'", "training/good",
+                              "MVTec AD layout")
+    assert str(misnamed) in line
+
+
+def test_test_needs_a_run_folder(tiny_dataset, tmp_path):
+    (tmp_path / "not_a_run").mkdir()
+    assert_clean_error(invoke("test", tmp_path / "not_a_run", "--data", tiny_dataset), "No model.json",
+                       "flawscope fit")
+
+
+@pytest.fixture
+def run_copy(run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run / "model", copy / "model")
+    return copy
+
+
+def test_newer_model_format_asks_to_upgrade(run_copy, images, tmp_path):
+    path = run_copy / "model" / "model.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "format": info["format"] + 1}))
+    assert_clean_error(invoke("predict", run_copy, images, "--out", tmp_path / "p"), "format 2", "Upgrade flawscope")
+
+
+def test_corrupted_weights_are_detected(run_copy, tiny_dataset, tmp_path):
+    weights = run_copy / "model" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # a flipped bit inside a tensor still parses as safetensors: only the hash can tell
+    weights.write_bytes(bytes(data))
+    assert_clean_error(invoke("test", run_copy, "--data", tiny_dataset, "--out", tmp_path / "e"),
+                       "weights.safetensors", "does not match the hash", "fit again")
+    assert not (tmp_path / "e").exists()
+
+
+def test_predict_skips_corrupt_images_and_lists_them(run, images, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(images, folder)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    (folder / "truncated.png").write_bytes((images / "good_000.png").read_bytes()[:200])
+    out = tmp_path / "pred"
+    (out).mkdir()
+    (out / "skipped.csv").write_text("path,reason\nstale.png,from an earlier run\n")
+
+    result = invoke("predict", run, folder, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "skipped.csv" in result.output
+    assert sorted(Path(r["path"]).name for r in read_csv(out / "predictions.csv")) == sorted(
+        p.name for p in images.iterdir())
+    skipped = read_csv(out / "skipped.csv")
+    assert sorted(Path(r["path"]).name for r in skipped) == ["broken.png", "truncated.png"]
+    assert all(r["reason"] for r in skipped)
+    assert len(list((out / "overlays").glob("*.png"))) == 3
+
+    # A later clean run into the same folder must not leave the old list behind.
+    result = invoke("predict", run, images, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not (out / "skipped.csv").exists()
+
+    strict = invoke("predict", run, folder, "--out", tmp_path / "strict", "--strict", "--quiet")
+    assert_clean_error(strict, str(folder / "broken.png"))
+
+
+def test_predict_on_a_folder_without_images(run, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    assert_clean_error(invoke("predict", run, folder, "--out", tmp_path / "p"), "No images found", str(folder),
+                       ".png")
+    assert not (tmp_path / "p").exists()
+
+
+def test_errors_reach_a_real_shell_without_traceback(tmp_path):
+    executable = shutil.which("flawscope") or pytest.skip("the flawscope command is not on PATH")
+    result = subprocess.run([executable, "fit", "--model", "nope", "--data", tmp_path, "--out", tmp_path / "run"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: Unknown model 'nope'. Available: ") and "patchcore" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------- info
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"flawscope, version {__version__}"
+
+
+def test_info_lists_versions_and_weights():
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    assert __version__ in result.stdout and torch.__version__ in result.stdout
+    assert "patchcore" in result.stdout
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("efficientnet_lite0 "))
+    assert "missing" not in line and Path(line.split(maxsplit=1)[1]).is_file()
+    assert "wide_resnet50_2" in result.stdout
+
+    report = json.loads(invoke("info", "--json").stdout)
+    assert report["environment"]["flawscope"] == __version__
+    assert "patchcore" in report["methods"]
+    assert set(report["backbone_weights"]) >= {"efficientnet_lite0", "wide_resnet50_2"}
+
+
+def test_info_lists_the_options_of_a_model():
+    result = invoke("info", "--model", "patchcore")
+    assert result.exit_code == 0, result.output
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert {"backbone", "image_size", "coreset_ratio", "num_neighbors", "target_embed_dim"} <= set(names)
+    assert "0.1" in next(line for line in result.stdout.splitlines() if line.split()[0] == "coreset_ratio")
+    assert_clean_error(invoke("info", "--model", "patchcor"), "Unknown model 'patchcor'", "patchcore")
+
+
+# --------------------------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_identical_weights(run, tiny_dataset, tmp_path):
+    assert invoke(*fit_args(tiny_dataset, tmp_path / "again")).exit_code == 0
+    first = json.loads((run / "model" / "model.json").read_text())
+    second = json.loads((tmp_path / "again" / "model" / "model.json").read_text())
+    assert second["weights_sha256"] == first["weights_sha256"]
+    assert second["calibration"] == first["calibration"]
+
+    assert invoke(*fit_args(tiny_dataset, tmp_path / "other", "--seed", "1")).exit_code == 0
+    other = json.loads((tmp_path / "other" / "model" / "model.json").read_text())
+    assert other["weights_sha256"] != first["weights_sha256"]
+    assert json.loads((tmp_path / "other" / "environment.json").read_text())["seed"] == 1

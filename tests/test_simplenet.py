@@ -1,0 +1,306 @@
+"""SimpleNet: spec sizes, loss, noise generator, scoring path, one training step and a short fit."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+from flawscope.data import load_dataset
+from flawscope.errors import ConfigError
+from flawscope.fitting import FitContext
+from flawscope.models.simplenet import SimpleNet, SimpleNetConfig, fit
+from flawscope.models.simplenet.fit import (
+    _optimizers,
+    make_fake_features,
+    noise_sigma,
+    train_step,
+    truncated_l1_loss,
+)
+from flawscope.models.simplenet.model import PAPER_BACKBONES
+
+SMALL = {"backbone": "resnet18", "image_size": 64, "resize_size": 0, "embed_dim": 16, "discriminator_hidden": 8}
+
+
+def _small_model(**changes) -> SimpleNet:
+    torch.manual_seed(0)
+    return SimpleNet(SimpleNetConfig.from_dict({**SMALL, **changes}), pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def paper_model() -> SimpleNet:
+    """The paper's configuration (WRN-50-2, 224 px) with random backbone weights."""
+    torch.manual_seed(0)
+    return SimpleNet(SimpleNetConfig(), pretrained=False).eval()
+
+
+# --- sizes (spec 2.3, 2.4, 2.6) -------------------------------------------------------------------------------------
+
+
+def test_paper_feature_grid_is_28x28x1536(paper_model):
+    with torch.no_grad():
+        features = paper_model.local_features(torch.rand(1, 3, 224, 224))
+    assert features.shape == (1, 28, 28, 1536)
+
+
+def test_adaptor_parameter_count(paper_model):
+    assert paper_model.adaptor.bias is None
+    assert sum(p.numel() for p in paper_model.adaptor.parameters()) == 2_359_296 == 1536 * 1536
+    # The adaptor's size depends only on embed_dim, so a cheap backbone is enough for the bias variant.
+    with_bias = _small_model(embed_dim=1536, adaptor_bias=True)
+    assert sum(p.numel() for p in with_bias.adaptor.parameters()) == 2_360_832 == 1536 * 1536 + 1536
+
+
+def test_discriminator_parameter_count_matches_the_spec_breakdown(paper_model):
+    # Spec 2.6: 1,576,960 parameters "plus BN running statistics", i.e. BN's affine weight and bias are counted:
+    # Linear(1536, 1024) with bias + BN affine (2 x 1024) + Linear(1024, 1) without bias.
+    first, norm, act, last = paper_model.discriminator
+    assert isinstance(norm, torch.nn.BatchNorm1d) and isinstance(act, torch.nn.LeakyReLU)
+    assert act.negative_slope == 0.2
+    assert first.weight.numel() == 1536 * 1024 and first.bias.numel() == 1024
+    assert norm.weight.numel() == norm.bias.numel() == 1024
+    assert last.weight.shape == (1, 1024) and last.bias is None
+    total = sum(p.numel() for p in paper_model.discriminator.parameters())
+    assert total == 1_576_960 == (1536 * 1024 + 1024) + 2 * 1024 + 1024
+    # Running statistics are buffers, not parameters.
+    assert {name for name, _ in norm.named_buffers()} == {"running_mean", "running_var", "num_batches_tracked"}
+
+
+# --- loss -----------------------------------------------------------------------------------------------------------
+
+
+def test_truncated_l1_loss_on_hand_made_scores():
+    real = torch.tensor([1.0, 0.2, -0.5, 0.5])  # hinge terms 0.5 - s: 0, 0.3, 1.0, 0
+    fake = torch.tensor([-1.0, 0.0, 0.3, -0.4])  # hinge terms s + 0.5: 0, 0.5, 0.8, 0.1
+    expected = (0.3 + 1.0) / 4 + (0.5 + 0.8 + 0.1) / 4
+    assert truncated_l1_loss(real, fake).item() == pytest.approx(expected)
+    assert truncated_l1_loss(real, fake, margin=0.0).item() == pytest.approx(0.5 / 4 + 0.3 / 4)
+    # Scores beyond the margins cost nothing.
+    assert truncated_l1_loss(torch.tensor([0.5, 2.0]), torch.tensor([-0.5, -3.0])).item() == 0.0
+
+
+def test_truncated_l1_loss_gradient_only_where_the_margin_is_violated():
+    real = torch.tensor([1.0, 0.2], requires_grad=True)
+    fake = torch.tensor([-1.0, 0.3], requires_grad=True)
+    truncated_l1_loss(real, fake).backward()
+    torch.testing.assert_close(real.grad, torch.tensor([0.0, -0.5]))
+    torch.testing.assert_close(fake.grad, torch.tensor([0.0, 0.5]))
+
+
+# --- anomalous feature generator ------------------------------------------------------------------------------------
+
+
+def test_fake_features_noise_statistics():
+    sigma = 0.015
+    generator = torch.Generator().manual_seed(0)
+    noise = make_fake_features(torch.zeros(400, 500), sigma, generator)
+    assert noise.shape == (400, 500)
+    assert abs(noise.mean().item()) < 5 * sigma / math.sqrt(noise.numel())
+    assert noise.std().item() == pytest.approx(sigma, rel=0.01)
+
+
+def test_fake_features_are_additive_fresh_per_call_and_seeded():
+    features = torch.randn(6, 8)
+    a = make_fake_features(features, 0.1, torch.Generator().manual_seed(3))
+    b = make_fake_features(features, 0.1, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    generator = torch.Generator().manual_seed(3)
+    first, second = make_fake_features(features, 0.1, generator), make_fake_features(features, 0.1, generator)
+    assert not torch.allclose(first, second)
+    # The noise does not depend on the features (q- = q + eps).
+    offset = make_fake_features(torch.zeros(6, 8), 0.1, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a - features, offset)
+
+
+def test_fake_features_are_not_detached():
+    features = torch.randn(5, 4, requires_grad=True)
+    fake = make_fake_features(features, 0.5, torch.Generator().manual_seed(0))
+    assert fake.requires_grad
+    (fake * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(features.grad, torch.arange(4.0).expand(5, 4))
+
+
+# --- scoring path (spec 2.9) ----------------------------------------------------------------------------------------
+
+
+def test_scoring_path_matches_a_direct_computation(paper_model):
+    torch.manual_seed(1)
+    norm = paper_model.discriminator[1]
+    norm.running_mean.normal_(0, 0.5)  # non-trivial eval statistics, so BN's role is visible
+    norm.running_var.uniform_(0.5, 2.0)
+    images = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        out = paper_model(images)
+        features = paper_model.local_features(images)  # (1, 28, 28, 1536)
+        adapted = features.reshape(-1, 1536) @ paper_model.adaptor.weight.T
+        grid = -paper_model.discriminator(adapted).reshape(28, 28)  # s = -D(q)
+    assert out.pred_score.shape == (1,)
+    # Eq. 11: the maximum of the raw 28 x 28 grid, before upsampling and smoothing.
+    torch.testing.assert_close(out.pred_score[0], grid.max(), rtol=1e-5, atol=1e-5)
+    upsampled = F.interpolate(grid[None, None], size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
+    expected_map = scipy.ndimage.gaussian_filter(upsampled.double().numpy(), sigma=4)
+    assert out.anomaly_map.shape == (1, 1, 224, 224)
+    np.testing.assert_allclose(out.anomaly_map[0, 0].numpy(), expected_map, rtol=1e-4, atol=1e-4)
+    # The image score is not taken from the smoothed map, whose peak is lower.
+    assert out.anomaly_map.max().item() < out.pred_score.item() - 1e-3
+
+
+# --- noise sigma resolution -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", PAPER_BACKBONES)
+def test_auto_noise_is_absolute_for_paper_backbones(backbone):
+    cache = np.random.default_rng(0).normal(0, 3.0, (5, 4, 8)).astype(np.float16)
+    cfg = SimpleNetConfig(backbone=backbone, noise_std=0.02)
+    assert cfg.resolved_noise_mode() == "absolute"
+    sigma, feature_std = noise_sigma(cfg, cache)
+    assert sigma == 0.02
+    assert feature_std == pytest.approx(float(cache.astype(np.float32).std()), rel=1e-6)
+
+
+def test_auto_noise_is_relative_for_other_backbones():
+    cache = np.random.default_rng(0).normal(0, 3.0, (5, 4, 8)).astype(np.float16)
+    std = float(cache.astype(np.float32).std())
+    cfg = SimpleNetConfig(backbone="efficientnet_lite0", noise_std_relative=0.1)
+    assert cfg.resolved_noise_mode() == "relative"
+    sigma, feature_std = noise_sigma(cfg, cache)
+    assert feature_std == pytest.approx(std, rel=1e-6)
+    assert sigma == pytest.approx(0.1 * std, rel=1e-6)
+
+
+def test_explicit_noise_mode_overrides_the_backbone():
+    cache = np.full((2, 3, 4), 1.0, np.float16)
+    cache[0] = -1.0  # std exactly 1
+    relative = SimpleNetConfig(backbone="wide_resnet50_2", noise_mode="relative", noise_std_relative=0.3)
+    assert noise_sigma(relative, cache) == (pytest.approx(0.3), pytest.approx(1.0))
+    absolute = SimpleNetConfig(backbone="efficientnet_lite0", noise_mode="absolute", noise_std=0.05)
+    assert noise_sigma(absolute, cache) == (0.05, pytest.approx(1.0))
+
+
+# --- optimisers and one training step -------------------------------------------------------------------------------
+
+
+def test_optimizers_adam_default_and_adamw_variant():
+    model = _small_model(weight_decay=1e-3)
+    adaptor, discriminator = _optimizers(model)
+    assert type(adaptor) is torch.optim.Adam and type(discriminator) is torch.optim.Adam
+    assert adaptor.param_groups[0]["lr"] == 1e-4 and adaptor.param_groups[0]["weight_decay"] == 1e-3
+    assert discriminator.param_groups[0]["lr"] == 2e-4 and discriminator.param_groups[0]["weight_decay"] == 1e-3
+    assert {id(p) for p in adaptor.param_groups[0]["params"]} == {id(p) for p in model.adaptor.parameters()}
+    assert {id(p) for p in discriminator.param_groups[0]["params"]} == {id(p) for p in model.discriminator.parameters()}
+
+    adaptor, discriminator = _optimizers(_small_model(adaptor_optimizer="adamw", weight_decay=1e-3))
+    assert type(adaptor) is torch.optim.AdamW
+    assert adaptor.param_groups[0]["weight_decay"] == 0.01  # PyTorch's default, as in the public code
+    assert adaptor.param_groups[0]["lr"] == 1e-4
+    assert type(discriminator) is torch.optim.Adam and discriminator.param_groups[0]["weight_decay"] == 1e-3
+
+
+def test_train_step_matches_a_direct_computation():
+    model = _small_model()
+    model.adaptor.train()
+    model.discriminator.train()
+    before = copy.deepcopy(model)
+    features = torch.randn(12, 16)
+    sigma = 0.5
+    loss, real_mean, fake_mean = train_step(
+        model, features, sigma, _optimizers(model), torch.Generator().manual_seed(7)
+    )
+
+    # Direct computation with the same noise on the pre-step weights.
+    adapted = before.adaptor(features)
+    fake = adapted + sigma * torch.randn(adapted.shape, generator=torch.Generator().manual_seed(7))
+    both = torch.cat([adapted, fake])
+    hidden = before.discriminator[0](both).detach()
+    scores = before.discriminator(both)[:, 0]
+    expected = truncated_l1_loss(scores[:12], scores[12:])
+    expected.backward()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert real_mean == pytest.approx(scores[:12].mean().item(), rel=1e-5, abs=1e-6)
+    assert fake_mean == pytest.approx(scores[12:].mean().item(), rel=1e-5, abs=1e-6)
+
+    # BatchNorm saw real and fake features together: one momentum update with the concatenated batch's statistics.
+    norm = model.discriminator[1]
+    torch.testing.assert_close(norm.running_mean, 0.1 * hidden.mean(0))
+    torch.testing.assert_close(norm.running_var, 0.9 + 0.1 * hidden.var(0, unbiased=True))
+    assert not torch.allclose(norm.running_mean, 0.1 * hidden[:12].mean(0), atol=1e-3)
+
+    # Gradients include the fake branch through the adaptor (q- is not detached).
+    torch.testing.assert_close(model.adaptor.weight.grad, before.adaptor.weight.grad)
+    torch.testing.assert_close(model.discriminator[0].weight.grad, before.discriminator[0].weight.grad)
+    detached = copy.deepcopy(before)
+    detached.zero_grad()
+    q = detached.adaptor(features)
+    s = detached.discriminator(torch.cat([q, (q + (fake - adapted)).detach()]))[:, 0]
+    truncated_l1_loss(s[:12], s[12:]).backward()
+    assert not torch.allclose(detached.adaptor.weight.grad, before.adaptor.weight.grad, atol=1e-6)
+
+
+def test_train_step_updates_adaptor_and_discriminator_only():
+    model = _small_model()
+    model.adaptor.train()
+    model.discriminator.train()
+    before = copy.deepcopy(model)
+    train_step(model, torch.randn(8, 16), 0.1, _optimizers(model), torch.Generator().manual_seed(0))
+    for name, param in model.named_parameters():
+        old = dict(before.named_parameters())[name]
+        if name.startswith(("adaptor.", "discriminator.")):
+            assert not torch.equal(param, old), f"{name} was not updated"
+        else:
+            assert torch.equal(param, old), f"{name} changed"
+    assert int(model.discriminator[1].num_batches_tracked) == 1
+
+
+# --- short fit ------------------------------------------------------------------------------------------------------
+
+
+def _short_fit(tiny_dataset):
+    model = _small_model(embed_dim=64, discriminator_hidden=32, num_epochs=2)
+    ctx = FitContext(quiet=True, seed=0)
+    report = fit(model, load_dataset(tiny_dataset).train, ctx)
+    return model, ctx, report
+
+
+def test_short_fit_logs_each_epoch_and_marks_fitted(tiny_dataset):
+    model, ctx, report = _short_fit(tiny_dataset)
+    assert [entry["epoch"] for entry in ctx.log] == [1, 2]
+    for entry in ctx.log:
+        assert {"loss", "real_score", "fake_score"} <= set(entry)
+        assert math.isfinite(entry["loss"]) and entry["loss"] >= 0
+    assert bool(model.fitted) and not model.training
+    assert report["final_loss"] == ctx.log[-1]["loss"]
+    assert report["num_images"] == 12 and report["feature_grid"] == [64, 64]  # 8 x 8 locations of 64 dims
+    assert report["noise_mode"] == "absolute" and report["noise_sigma"] == 0.015  # resnet18 is a paper backbone
+    # 12 images in batches of 4: 3 steps per epoch, 6 BatchNorm updates.
+    assert int(model.discriminator[1].num_batches_tracked) == 6
+
+    again, again_ctx, _ = _short_fit(tiny_dataset)
+    assert again_ctx.log == ctx.log  # seeded: same data order and noise
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+# --- configuration errors -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"noise_mode": "foo"},
+            r"'noise_mode' parameter of SimpleNetConfig must be one of 'auto', 'absolute', "
+            r"'relative'; got 'foo'",
+        ),
+        ({"adaptor_optimizer": "sgd"}, r"'adaptor_optimizer'.*one of 'adam', 'adamw'; got 'sgd'"),
+        ({"noise_std": 0}, r"'noise_std'.*must be in \(0, inf\]; got 0.0"),
+        ({"noise_std_relative": -0.1}, r"'noise_std_relative'.*got -0.1"),
+        ({"embed_dim": 0}, r"'embed_dim'.*got 0"),
+        ({"noise_sigma": 0.1}, r"Unknown option\(s\) 'noise_sigma'.*Valid options:.*noise_std"),
+    ],
+)
+def test_config_errors_name_the_option_and_valid_values(options, match):
+    with pytest.raises(ConfigError, match=match):
+        SimpleNetConfig.from_dict(options)
