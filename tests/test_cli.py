@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 from flawscope import __version__
 from flawscope.cli import main
 from flawscope.data import preprocess, read_image
-from flawscope.model_io import load_model
+from flawscope.model_io import load_model, save_model
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--resize-size", "0",
         "--set", "coreset_ratio=0.5", "--set", "target_embed_dim=64", "--set", "pretrain_embed_dim=64", "--quiet",
@@ -378,6 +378,12 @@ def test_same_seed_gives_identical_weights(run, tiny_dataset, tmp_path):
     second = json.loads((tmp_path / "again" / "model" / "model.json").read_text())
     assert second["weights_sha256"] == first["weights_sha256"]
     assert second["calibration"] == first["calibration"]
+
+    # Saving is byte-exact too (safetensors writes its metadata map in random order; see model_io.save_model).
+    model = load_model(run / "model")
+    hashes = {json.loads((save_model(model, tmp_path / f"save{i}") / "model.json").read_text())["weights_sha256"]
+              for i in range(5)}
+    assert hashes == {first["weights_sha256"]}
 
     assert invoke(*fit_args(tiny_dataset, tmp_path / "other", "--seed", "1")).exit_code == 0
     other = json.loads((tmp_path / "other" / "model" / "model.json").read_text())

@@ -12,7 +12,7 @@ from flawscope.data.demo import (
     DEFECT_TYPES,
     DEMO_TEXTURES,
     MARKER_NAME,
-    _defect_sample,
+    draw_defect,
     _random_view,
     make_demo_dataset,
 )
@@ -130,11 +130,11 @@ def test_paint_refuses_bad_mask_and_alpha():
 
 
 @pytest.mark.parametrize("kind", DEFECT_TYPES)
-def test_defect_sample_mask_is_exactly_the_changed_pixels(kind):
+def testdraw_defect_mask_is_exactly_the_changed_pixels(kind):
     rng = np.random.default_rng(5)
     for _ in range(5):
         clean = _random_view(gravel(), "test", "gravel", 96, rng)
-        painted, mask = _defect_sample(clean, kind, rng)
+        painted, mask = draw_defect(clean, kind, rng)
         change = np.abs(painted.astype(int) - clean.astype(int)).max(axis=-1)
         assert mask.any()
         assert (change[mask] >= 5).all()  # min_change 0.02 of 255, rounded up

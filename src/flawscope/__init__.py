@@ -1,3 +1,18 @@
-"""flawscope: visual anomaly detection for industrial inspection."""
+"""flawscope: visual anomaly detection for industrial inspection.
+
+    >>> import flawscope
+    >>> run = flawscope.fit("simplenet", "data/bottle", "runs/bottle", options={"backbone": "efficientnet_lite0"})
+    >>> metrics = flawscope.test(run, "data/bottle")
+    >>> model = flawscope.load_model(run)  # model(images) -> AnomalyOutput(anomaly_map, pred_score, ...)
+"""
 
 __version__ = "0.1.0"
+
+from .api import fit  # noqa: E402
+from .evaluation import test  # noqa: E402
+from .model_io import load_model, save_model  # noqa: E402
+from .models.base import AnomalyOutput  # noqa: E402
+from .prediction import predict  # noqa: E402
+from .registry import available_methods  # noqa: E402
+
+__all__ = ["AnomalyOutput", "available_methods", "fit", "load_model", "predict", "save_model", "test"]

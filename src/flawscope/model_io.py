@@ -45,7 +45,10 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": str(FORMAT_VERSION), "method": model.method})
+    # One metadata key: safetensors writes its metadata map in random order, and a second key would make the
+    # file's bytes (and weights_sha256) differ between two identical fits.
+    header = json.dumps({"format": FORMAT_VERSION, "method": model.method}, sort_keys=True)
+    save_file(state, str(weights), metadata={"flawscope": header})
     info = {
         "format": FORMAT_VERSION,
         "method": model.method,

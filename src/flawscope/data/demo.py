@@ -69,7 +69,7 @@ def _shifted_color(clean: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     return np.clip(mean + sign * rng.uniform(*shift) + rng.uniform(-12, 12, size=3), 0, 255)
 
 
-def _defect_sample(clean: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def draw_defect(clean: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draw one defect of type ``kind`` into a copy of ``clean``.
 
     Args:
@@ -182,7 +182,7 @@ def _write_category(folder: Path, settings: dict, progress: bool) -> None:
     for path, split, kind in tqdm(plan, desc=f"demo {texture}", unit="image", disable=not progress):
         image = _random_view(source, split, texture, size, rng)
         if kind is not None:
-            image, mask = _defect_sample(image, kind, rng)
+            image, mask = draw_defect(image, kind, rng)
             _save_png(mask.astype(np.uint8) * 255, _mask_path(folder, path, kind))
         _save_png(image, path)
     marker.write_text(json.dumps({**settings, "complete": True}, indent=2))

@@ -103,6 +103,8 @@ def _mvtec_root(root: Path, category: str | None) -> Path:
     if category is not None and category in categories:
         return root / category
     if category is not None or categories:
+        if category is None and len(categories) == 1:
+            return root / categories[0]
         asked = f"No category {category!r} in {root}" if category is not None else f"{root} holds several categories"
         raise DataError(
             f"{asked}; found categories: {_join(categories)}. Choose one with category=... (--category on the "

@@ -104,16 +104,9 @@ def train_step(
     return float(loss.detach()), float(real_scores.detach().mean()), float(fake_scores.detach().mean())
 
 
-def fit(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any]:
-    """Trains the adaptor and discriminator for ``num_epochs`` on ``samples`` (good images). The final model is kept:
-    no checkpoint is selected (the public code's selection on the test set is not reproduced)."""
+def train_on_cache(model: SimpleNet, cache: np.ndarray, sigma: float, ctx: FitContext) -> None:
+    """Runs ``num_epochs`` over cached features (N_images, h*w, D), logging the mean loss of each epoch."""
     cfg = model.config
-    model.to(ctx.device)
-    model.backbone.eval()
-    start = time.perf_counter()
-    cache = build_feature_cache(model, samples, ctx)
-    sigma, feature_std = noise_sigma(cfg, cache)
-    extracted = time.perf_counter()
     optimizers = _optimizers(model)
     generator = ctx.generator(3)
     noise_generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 4)
@@ -122,8 +115,7 @@ def fit(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext) -> dict[st
     epochs = ctx.progress(range(cfg.num_epochs), "training", cfg.num_epochs)
     for epoch in epochs:
         order = torch.randperm(len(cache), generator=generator).numpy()
-        totals = np.zeros(3)
-        steps = 0
+        totals, steps = np.zeros(3), 0
         for first in range(0, len(order), cfg.batch_size):
             index = np.sort(order[first : first + cfg.batch_size])
             batch = torch.from_numpy(np.asarray(cache[index], np.float32)).to(ctx.device).flatten(0, 1)
@@ -133,6 +125,21 @@ def fit(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext) -> dict[st
         ctx.log.append({"epoch": epoch + 1, "loss": loss, "real_score": real, "fake_score": fake})
         epochs.set_postfix(loss=f"{loss:.4f}")
     model.eval()
+
+
+def fit(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any]:
+    """Trains the adaptor and discriminator for ``num_epochs`` on ``samples`` (good images).
+
+    The final model is kept: no checkpoint is selected (the public code's selection on the test set is not
+    reproduced).
+    """
+    cfg = model.config
+    model.to(ctx.device)
+    start = time.perf_counter()
+    cache = build_feature_cache(model, samples, ctx)
+    sigma, feature_std = noise_sigma(cfg, cache)
+    extracted = time.perf_counter()
+    train_on_cache(model, cache, sigma, ctx)
     model.fitted.fill_(True)
     return {
         "num_images": len(samples),

@@ -1,0 +1,27 @@
+"""Minimum accuracy on real data (../shared/datasets/mtd), skipped when the folder is absent.
+
+Each setting is the one documented in docs/benchmarks.md (or a cheaper one where marked) and runs in a few minutes
+on 2 CPU cores. The floors are the issue's minimums, measured against a peer on the same data.
+"""
+
+import pytest
+
+import flawscope
+from conftest import mtd_or_skip
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_data]
+
+WHOLE_IMAGE_224 = {"backbone": "efficientnet_lite0", "image_size": 224, "resize_size": 0}
+
+
+def _fit_and_test(method, options, tmp_path):
+    data = mtd_or_skip()
+    run = flawscope.fit(method, data, tmp_path / method, options=options, quiet=True)
+    return flawscope.test(run, data, quiet=True, report=False)
+
+
+def test_patchcore_on_mtd(tmp_path):
+    metrics = _fit_and_test("patchcore", {**WHOLE_IMAGE_224, "coreset_ratio": 0.01}, tmp_path)
+    assert metrics["image_auroc"] >= 0.90
+    assert metrics["pixel_auroc"] >= 0.75
+    assert metrics["pixel_aupro"] >= 0.70
