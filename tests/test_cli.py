@@ -21,12 +21,27 @@ from click.testing import CliRunner, Result
 from flawscope import __version__
 from flawscope.cli import main
 from flawscope.data import preprocess, read_image
+from flawscope.data.demo import make_demo_dataset
 from flawscope.model_io import load_model, save_model
 
-FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--resize-size", "0",
-        "--set", "coreset_ratio=0.5", "--set", "target_embed_dim=64", "--set", "pretrain_embed_dim=64", "--quiet",
-        # 3 held-out good images, so the normalised score is not squeezed to 0 or 1 by a one-image calibration
-        "--val-ratio", "0.25"]
+FAST = [
+    "--backbone",
+    "efficientnet_lite0",
+    "--image-size",
+    "64",
+    "--resize-size",
+    "0",
+    "--set",
+    "coreset_ratio=0.5",
+    "--set",
+    "target_embed_dim=64",
+    "--set",
+    "pretrain_embed_dim=64",
+    "--quiet",
+    # 3 held-out good images, so the normalised score is not squeezed to 0 or 1 by a one-image calibration
+    "--val-ratio",
+    "0.25",
+]
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 
 
@@ -171,8 +186,7 @@ def test_predict_writes_csv_and_overlays(run, images, tmp_path):
     # The same image scores the same in `test` and in `predict`.
     per_image = {Path(r["path"]).parent.name + "_" + Path(r["path"]).name: r for r in read_csv(run / "per_image.csv")}
     for row in rows:
-        assert float(row["raw_score"]) == pytest.approx(float(per_image[Path(row["path"]).name]["raw_score"]),
-                                                        rel=1e-5)
+        assert float(row["raw_score"]) == pytest.approx(float(per_image[Path(row["path"]).name]["raw_score"]), rel=1e-5)
 
 
 def test_reloaded_model_reproduces_per_image_scores(run):
@@ -243,8 +257,7 @@ def test_fit_rejects_an_empty_data_folder(tmp_path):
     empty = tmp_path / "empty"
     (empty / "train" / "good").mkdir(parents=True)
     (empty / "train" / "good" / "notes.txt").write_text("no images here")
-    assert_clean_error(invoke(*fit_args(empty, tmp_path / "run")), str(empty / "train" / "good"), "No images",
-                       ".png")
+    assert_clean_error(invoke(*fit_args(empty, tmp_path / "run")), str(empty / "train" / "good"), "No images", ".png")
     (tmp_path / "bare").mkdir()
     assert_clean_error(invoke(*fit_args(tmp_path / "bare", tmp_path / "run")), "No 'train/good'", "found: nothing")
     assert_clean_error(invoke(*fit_args(tmp_path / "missing", tmp_path / "run")), "missing", "does not exist")
@@ -254,15 +267,15 @@ def test_fit_rejects_an_empty_data_folder(tmp_path):
 def test_fit_explains_a_misnamed_folder(tiny_dataset, tmp_path):
     misnamed = tmp_path / "bottle"
     shutil.copytree(tiny_dataset / "train" / "good", misnamed / "training" / "good")
-    line = assert_clean_error(invoke(*fit_args(misnamed, tmp_path / "run")), "No 'train/good'", "training/good",
-                              "MVTec AD layout")
+    line = assert_clean_error(
+        invoke(*fit_args(misnamed, tmp_path / "run")), "No 'train/good'", "training/good", "MVTec AD layout"
+    )
     assert str(misnamed) in line
 
 
 def test_test_needs_a_run_folder(tiny_dataset, tmp_path):
     (tmp_path / "not_a_run").mkdir()
-    assert_clean_error(invoke("test", tmp_path / "not_a_run", "--data", tiny_dataset), "No model.json",
-                       "flawscope fit")
+    assert_clean_error(invoke("test", tmp_path / "not_a_run", "--data", tiny_dataset), "No model.json", "flawscope fit")
 
 
 @pytest.fixture
@@ -284,8 +297,12 @@ def test_corrupted_weights_are_detected(run_copy, tiny_dataset, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF  # a flipped bit inside a tensor still parses as safetensors: only the hash can tell
     weights.write_bytes(bytes(data))
-    assert_clean_error(invoke("test", run_copy, "--data", tiny_dataset, "--out", tmp_path / "e"),
-                       "weights.safetensors", "does not match the hash", "fit again")
+    assert_clean_error(
+        invoke("test", run_copy, "--data", tiny_dataset, "--out", tmp_path / "e"),
+        "weights.safetensors",
+        "does not match the hash",
+        "fit again",
+    )
     assert not (tmp_path / "e").exists()
 
 
@@ -302,7 +319,8 @@ def test_predict_skips_corrupt_images_and_lists_them(run, images, tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipped.csv" in result.output
     assert sorted(Path(r["path"]).name for r in read_csv(out / "predictions.csv")) == sorted(
-        p.name for p in images.iterdir())
+        p.name for p in images.iterdir()
+    )
     skipped = read_csv(out / "skipped.csv")
     assert sorted(Path(r["path"]).name for r in skipped) == ["broken.png", "truncated.png"]
     assert all(r["reason"] for r in skipped)
@@ -321,15 +339,19 @@ def test_predict_on_a_folder_without_images(run, tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "readme.txt").write_text("hello")
-    assert_clean_error(invoke("predict", run, folder, "--out", tmp_path / "p"), "No images found", str(folder),
-                       ".png")
+    assert_clean_error(invoke("predict", run, folder, "--out", tmp_path / "p"), "No images found", str(folder), ".png")
     assert not (tmp_path / "p").exists()
 
 
 def test_errors_reach_a_real_shell_without_traceback(tmp_path):
     executable = shutil.which("flawscope") or pytest.skip("the flawscope command is not on PATH")
-    result = subprocess.run([executable, "fit", "--model", "nope", "--data", tmp_path, "--out", tmp_path / "run"],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [executable, "fit", "--model", "nope", "--data", tmp_path, "--out", tmp_path / "run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith("error: Unknown model 'nope'. Available: ") and "patchcore" in result.stderr
@@ -381,11 +403,44 @@ def test_same_seed_gives_identical_weights(run, tiny_dataset, tmp_path):
 
     # Saving is byte-exact too (safetensors writes its metadata map in random order; see model_io.save_model).
     model = load_model(run / "model")
-    hashes = {json.loads((save_model(model, tmp_path / f"save{i}") / "model.json").read_text())["weights_sha256"]
-              for i in range(5)}
+    hashes = {
+        json.loads((save_model(model, tmp_path / f"save{i}") / "model.json").read_text())["weights_sha256"]
+        for i in range(5)
+    }
     assert hashes == {first["weights_sha256"]}
 
     assert invoke(*fit_args(tiny_dataset, tmp_path / "other", "--seed", "1")).exit_code == 0
     other = json.loads((tmp_path / "other" / "model" / "model.json").read_text())
     assert other["weights_sha256"] != first["weights_sha256"]
     assert json.loads((tmp_path / "other" / "environment.json").read_text())["seed"] == 1
+
+
+@pytest.fixture
+def whole_run_copy(run, tmp_path) -> Path:
+    shutil.copytree(run, tmp_path / "whole-run")
+    return tmp_path / "whole-run"
+
+
+def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(whole_run_copy, tmp_path):
+    run_copy = whole_run_copy
+    validation = make_demo_dataset(
+        tmp_path / "val",
+        textures=("grass",),
+        image_size=64,
+        num_train=4,
+        num_test_good=4,
+        num_test_per_defect=2,
+        seed=7,
+    )[0]
+    result = invoke("calibrate", run_copy, "--data", validation, "--quiet")
+    assert result.exit_code == 0, result.output
+    info = json.loads((run_copy / "model" / "model.json").read_text())
+    assert info["calibration_details"]["rule"].startswith("F1-optimal")
+    assert info["calibration"]["threshold"] == pytest.approx(info["calibration_details"]["threshold"])
+    assert "training" in info  # the fit report survives recalibration
+    reloaded = load_model(run_copy / "model")
+    assert float(reloaded.threshold) == pytest.approx(info["calibration"]["threshold"])
+
+
+def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):
+    assert_clean_error(invoke("calibrate", whole_run_copy, "--data", tiny_dataset), "trained on", "test set")

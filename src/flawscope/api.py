@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -16,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import DEFAULT_TARGET_FPR, threshold_from_normals
+from .calibration import DEFAULT_TARGET_FPR, threshold_f1, threshold_from_normals
 from .data import Sample, load_dataset, split_validation
 from .errors import ConfigError
 from .fitting import FitContext
-from .model_io import save_model
+from .model_io import load_model, read_model_info, save_model
 from .models.base import AnomalyModel
 from .registry import get_method
 from .runs import environment, write_json
@@ -115,7 +116,8 @@ def fit(method: str, data: str | Path, out: str | Path, *, options: Mapping[str,
     dataset = load_dataset(data, layout=layout, category=category)
     out = Path(out)
     _check_outside(out, dataset.root)
-    train, val = split_validation(dataset.train, val_ratio, seed)
+    # At least 3 held-out images, so the threshold and the normalised scale rest on more than one score.
+    train, val = split_validation(dataset.train, val_ratio, seed, min_count=3 if val_ratio > 0 else 1)
     seed_everything(seed)
     ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers)
     model = spec.model_class(config, pretrained=True, weights_path=weights_path)
@@ -134,3 +136,41 @@ def fit(method: str, data: str | Path, out: str | Path, *, options: Mapping[str,
     write_json(out / "environment.json", environment(seed, str(torch_device)))
     write_json(out / "fit_log.json", ctx.log)
     return out
+
+
+def calibrate_run(run: str | Path, data: str | Path, *, rule: str = "f1", target_fpr: float = DEFAULT_TARGET_FPR,
+                  layout: str = "auto", category: str | None = None, device: str = "auto",
+                  quiet: bool = False) -> dict[str, Any]:
+    """Recomputes a run's threshold on a separate labelled validation folder and saves it into the run.
+
+    ``data`` is read like a test set (MVTec layout ``test/``, or VisA's test rows) but must not be the data the
+    model will be evaluated on: calibrating on the test split of the training folder is refused.
+
+    Args:
+        rule: "f1" for the F1-optimal threshold (needs good and defective images), "fpr" for the quantile of the
+            good images at ``target_fpr``.
+
+    Returns:
+        The calibration details written to model.json.
+    """
+    if rule not in ("f1", "fpr"):
+        raise ConfigError(f"Unknown calibration rule {rule!r}; use 'f1' or 'fpr'.")
+    info = read_model_info(run)
+    dataset = load_dataset(data, layout=layout, category=category)
+    config_path = Path(run) / "config.json"
+    trained_on = json.loads(config_path.read_text())["data"] if config_path.is_file() else None
+    if trained_on and Path(trained_on).resolve() == dataset.root.resolve():
+        raise ConfigError(
+            f"{dataset.root} is the folder this run was trained on; its test split is the test set. Calibrate on a "
+            "separate labelled validation folder so the test metrics stay honest."
+        )
+    model = load_model(info["folder"])
+    scored = score_images(model, dataset.test, FitContext(device=resolve_device(device), quiet=quiet))
+    labels = np.array([s.label for s in dataset.test], bool)
+    normal, defect = scored.raw_scores[~labels], scored.raw_scores[labels]
+    result = threshold_f1(normal, defect) if rule == "f1" else threshold_from_normals(normal, target_fpr)
+    result["data"] = str(dataset.root)
+    model.set_calibration(result["threshold"], result["score_low"])
+    metadata = {key: info[key] for key in ("training",) if key in info}
+    save_model(model.cpu(), info["folder"], metadata={"calibration_details": result, **metadata})
+    return result

@@ -11,6 +11,15 @@ from .errors import ConfigError, DataError
 DEFAULT_TARGET_FPR = 0.01
 
 
+def _typical_normal(normal_scores: np.ndarray, threshold: float) -> float:
+    """Median of the normal scores below the threshold: the raw score the normalised scale maps to 0."""
+    below = normal_scores[normal_scores < threshold]
+    if below.size:
+        return float(np.median(below))
+    # No held-out normal is below the threshold: fall back to one score spread below it.
+    return float(threshold - max(np.ptp(normal_scores), abs(threshold) * 1e-3, 1e-6))
+
+
 def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAULT_TARGET_FPR) -> dict[str, Any]:
     """The smallest held-out normal score that at most ``target_fpr`` of the normals exceed.
 
@@ -22,7 +31,8 @@ def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAUL
         target_fpr: tolerated fraction of good images called defective, in [0, 1).
 
     Returns:
-        dict with ``threshold``, ``score_low`` (median normal score, mapped to 0 by the normalised score),
+        dict with ``threshold``, ``score_low`` (median of the normal scores below the threshold, mapped to 0
+        by the normalised score),
         ``rule`` and the counts used.
     """
     scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
@@ -34,7 +44,7 @@ def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAUL
     threshold = scores[scores.size - 1 - allowed]
     return {
         "threshold": float(threshold),
-        "score_low": float(np.median(scores)),
+        "score_low": _typical_normal(scores, float(threshold)),
         "rule": f"quantile of held-out normal scores, target FPR {target_fpr:g}",
         "num_normal": int(scores.size),
     }
@@ -60,7 +70,7 @@ def threshold_f1(normal_scores: np.ndarray, defect_scores: np.ndarray) -> dict[s
     threshold = float(below.max()) if below.size else float(np.nextafter(cut, -np.inf))
     return {
         "threshold": threshold,
-        "score_low": float(np.median(normal)),
+        "score_low": _typical_normal(normal, threshold),
         "rule": "F1-optimal on held-out labelled images",
         "f1": float(best_f1),
         "num_normal": int(normal.size),

@@ -1,4 +1,4 @@
-"""The `flawscope` command: fit | test | predict | info | demo."""
+"""The `flawscope` command: fit | test | predict | calibrate | info | demo."""
 
 from __future__ import annotations
 
@@ -114,6 +114,26 @@ def predict(run, paths, out, batch_size, no_overlays, strict, device, quiet) -> 
     skipped = csv_path.parent / "skipped.csv"
     if skipped.is_file():
         click.echo(f"some images could not be read and were skipped; see {skipped}", err=True)
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="a labelled validation folder (its test/ split), never the data you report test metrics on")
+@click.option("--rule", type=click.Choice(["f1", "fpr"]), default="f1", show_default=True,
+              help="f1: F1-optimal threshold; fpr: quantile of the good images at --target-fpr")
+@click.option("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, show_default=True)
+@click.option("--category", default=None)
+@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@DEVICE
+@QUIET
+def calibrate(run, data, rule, target_fpr, category, layout, device, quiet) -> None:
+    """Set RUN's decision threshold from labelled held-out images."""
+    from .api import calibrate_run
+
+    result = calibrate_run(run, data, rule=rule, target_fpr=target_fpr, layout=layout, category=category,
+                           device=device, quiet=quiet)
+    click.echo(f"threshold {result['threshold']:.6g} ({result['rule']}) written to {run}")
 
 
 @main.command()

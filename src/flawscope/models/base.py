@@ -32,7 +32,8 @@ class AnomalyModel(nn.Module):
     Buffers kept in every model's ``state_dict`` (so export and model folders carry them):
         fitted: whether ``fit`` has run.
         threshold: raw image score at which an image is called defective.
-        score_low: raw score of a typical normal image (median of the validation normals); maps to 0.
+        score_low: raw score of a typical normal image (median of the held-out normals below the threshold);
+            maps to 0.
     """
 
     method: ClassVar[str]

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from flawscope.calibration import threshold_f1, threshold_from_normals
+from flawscope.errors import ConfigError, DataError
+from flawscope.models.base import AnomalyModel
+from flawscope.models.patchcore import PatchCoreConfig
+
+
+def test_quantile_threshold_allows_at_most_the_target_share_above():
+    scores = np.arange(1, 201, dtype=float)  # 200 normals
+    result = threshold_from_normals(scores, target_fpr=0.01)
+    assert result["threshold"] == 198.0  # two normals (1 %) lie strictly above
+    assert (scores > result["threshold"]).mean() <= 0.01
+    assert result["score_low"] == 99.0 and result["num_normal"] == 200  # median of the 197 below
+
+
+def test_quantile_threshold_with_few_normals_is_their_maximum():
+    assert threshold_from_normals([0.3, 0.1, 0.2], target_fpr=0.01)["threshold"] == 0.3
+
+
+def test_quantile_threshold_rejects_bad_input():
+    with pytest.raises(DataError, match="held-out"):
+        threshold_from_normals([])
+    with pytest.raises(ConfigError, match="target_fpr"):
+        threshold_from_normals([1.0], target_fpr=1.0)
+
+
+def test_f1_threshold_separates_perfectly_separable_scores():
+    result = threshold_f1([0.1, 0.2, 0.3], [0.5, 0.6])
+    assert result["f1"] == 1.0
+    assert 0.3 <= result["threshold"] < 0.5  # decision is score > threshold
+
+
+def test_f1_threshold_matches_brute_force():
+    rng = np.random.default_rng(0)
+    normal, defect = rng.normal(0, 1, 50), rng.normal(1.5, 1, 20)
+    result = threshold_f1(normal, defect)
+    scores = np.concatenate([normal, defect])
+    labels = np.r_[np.zeros(50), np.ones(20)].astype(bool)
+
+    def f1_at(t):
+        pred = scores > t
+        tp = (pred & labels).sum()
+        return 2 * tp / (pred.sum() + labels.sum())
+
+    assert f1_at(result["threshold"]) == pytest.approx(max(f1_at(t) for t in np.r_[scores, -np.inf]))
+    assert f1_at(result["threshold"]) == pytest.approx(result["f1"])
+
+
+class _Identity(AnomalyModel):
+    """Scores each image by its mean pixel, to test the calibrated output scale."""
+
+    method = "identity"
+    config_class = PatchCoreConfig
+
+    def raw_scores(self, images):
+        return images.mean(1, keepdim=True), images.mean(dim=(1, 2, 3))
+
+
+def test_normalised_score_maps_low_to_zero_and_threshold_to_half():
+    model = _Identity(PatchCoreConfig(image_size=32, resize_size=0))
+    model.set_calibration(threshold=0.6, score_low=0.2)
+    images = torch.stack([torch.full((3, 32, 32), v) for v in (0.2, 0.4, 0.6, 1.0)])
+    out = model(images)
+    torch.testing.assert_close(out.norm_score, torch.tensor([0.0, 0.25, 0.5, 1.0]))
+    assert out.norm_map.shape == (4, 1, 32, 32)
+    torch.testing.assert_close(out.pred_score, torch.tensor([0.2, 0.4, 0.6, 1.0]))
+
+
+def test_threshold_below_typical_score_is_nudged_above_it():
+    model = _Identity(PatchCoreConfig(image_size=32, resize_size=0))
+    model.set_calibration(threshold=0.5, score_low=0.5)
+    assert float(model.threshold) > float(model.score_low)
+
+
+def test_f1_threshold_below_most_normals_keeps_score_low_below_it():
+    # Defects score lower than most normals: the F1-optimal threshold sits low, score_low must stay under it.
+    result = threshold_f1([1.0, 5.0, 6.0, 7.0], [4.0, 4.5])
+    assert result["score_low"] < result["threshold"]
