@@ -12,8 +12,8 @@ from flawscope.data.demo import (
     DEFECT_TYPES,
     DEMO_TEXTURES,
     MARKER_NAME,
-    draw_defect,
     _random_view,
+    draw_defect,
     make_demo_dataset,
 )
 from flawscope.errors import ConfigError, DataError

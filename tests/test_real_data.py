@@ -5,9 +5,9 @@ on 2 CPU cores. The floors are the issue's minimums, measured against a peer on 
 """
 
 import pytest
+from conftest import mtd_or_skip
 
 import flawscope
-from conftest import mtd_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 

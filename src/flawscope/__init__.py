@@ -1,9 +1,9 @@
 """flawscope: visual anomaly detection for industrial inspection.
 
-    >>> import flawscope
-    >>> run = flawscope.fit("simplenet", "data/bottle", "runs/bottle", options={"backbone": "efficientnet_lite0"})
-    >>> metrics = flawscope.test(run, "data/bottle")
-    >>> model = flawscope.load_model(run)  # model(images) -> AnomalyOutput(anomaly_map, pred_score, ...)
+>>> import flawscope
+>>> run = flawscope.fit("simplenet", "data/bottle", "runs/bottle", options={"backbone": "efficientnet_lite0"})
+>>> metrics = flawscope.test(run, "data/bottle")
+>>> model = flawscope.load_model(run)  # model(images) -> AnomalyOutput(anomaly_map, pred_score, ...)
 """
 
 __version__ = "0.1.0"

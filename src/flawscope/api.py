@@ -1,7 +1,7 @@
 """The Python API behind the CLI: fit a run, test it on labelled data, predict on new images.
 
-    >>> run = flawscope.fit("patchcore", "datasets/mtd", "runs/mtd", options={"backbone": "efficientnet_lite0"})
-    >>> metrics = flawscope.test(run, "datasets/mtd")
+>>> run = flawscope.fit("patchcore", "datasets/mtd", "runs/mtd", options={"backbone": "efficientnet_lite0"})
+>>> metrics = flawscope.test(run, "datasets/mtd")
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ def seed_everything(seed: int) -> None:
 def _check_outside(out: Path, data_root: Path) -> None:
     out, data_root = out.resolve(), data_root.resolve()
     if out == data_root or data_root in out.parents:
-        raise ConfigError(f"The output folder {out} is inside the data folder {data_root}; flawscope never writes "
-                          "into a data folder. Choose --out elsewhere.")
+        raise ConfigError(
+            f"The output folder {out} is inside the data folder {data_root}; flawscope never writes "
+            "into a data folder. Choose --out elsewhere."
+        )
 
 
 @dataclass
@@ -66,8 +68,9 @@ class ScoredImages:
     seconds: float
 
 
-def score_images(model: AnomalyModel, samples: Sequence[Sample], ctx: FitContext, batch_size: int = 8,
-                 keep_maps: bool = False) -> ScoredImages:
+def score_images(
+    model: AnomalyModel, samples: Sequence[Sample], ctx: FitContext, batch_size: int = 8, keep_maps: bool = False
+) -> ScoredImages:
     """Runs ``model`` over ``samples`` in batches (inference mode, progress bar)."""
     model.to(ctx.device).eval()
     loader = ctx.loader(samples, model.config, batch_size)
@@ -88,8 +91,9 @@ def score_images(model: AnomalyModel, samples: Sequence[Sample], ctx: FitContext
     return ScoredImages(list(samples), raw, norm, maps, masks, time.perf_counter() - start)
 
 
-def calibrate(model: AnomalyModel, normals: Sequence[Sample], ctx: FitContext,
-              target_fpr: float = DEFAULT_TARGET_FPR) -> dict[str, Any]:
+def calibrate(
+    model: AnomalyModel, normals: Sequence[Sample], ctx: FitContext, target_fpr: float = DEFAULT_TARGET_FPR
+) -> dict[str, Any]:
     """Sets the model's threshold from held-out good images and returns what was done."""
     scored = score_images(model, normals, ctx)
     result = threshold_from_normals(scored.raw_scores, target_fpr)
@@ -97,10 +101,22 @@ def calibrate(model: AnomalyModel, normals: Sequence[Sample], ctx: FitContext,
     return result
 
 
-def fit(method: str, data: str | Path, out: str | Path, *, options: Mapping[str, Any] | None = None, seed: int = 0,
-        device: str = "auto", val_ratio: float = 0.1, target_fpr: float = DEFAULT_TARGET_FPR, layout: str = "auto",
-        category: str | None = None, weights_path: str | Path | None = None, quiet: bool = False,
-        num_workers: int = 0) -> Path:
+def fit(
+    method: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    val_ratio: float = 0.1,
+    target_fpr: float = DEFAULT_TARGET_FPR,
+    layout: str = "auto",
+    category: str | None = None,
+    weights_path: str | Path | None = None,
+    quiet: bool = False,
+    num_workers: int = 0,
+) -> Path:
     """Trains ``method`` on the good training images of ``data`` and writes a run folder.
 
     A seeded ``val_ratio`` share of ``train/good`` is held out to calibrate the threshold; test images are never
@@ -127,20 +143,39 @@ def fit(method: str, data: str | Path, out: str | Path, *, options: Mapping[str,
     calibration = calibrate(model, val, ctx, target_fpr) if val else {"rule": "none (no held-out images)"}
     out.mkdir(parents=True, exist_ok=True)
     save_model(model.cpu(), out / "model", metadata={"calibration_details": calibration, "training": training})
-    write_json(out / "config.json", {
-        "method": method, "options": config.to_dict(), "seed": seed, "data": str(dataset.root),
-        "layout": dataset.layout, "category": category, "val_ratio": val_ratio, "target_fpr": target_fpr,
-        "num_train": len(train), "num_val": len(val), "fit_seconds": round(fit_seconds, 2),
-        "val_images": [str(s.path) for s in val],
-    })
+    write_json(
+        out / "config.json",
+        {
+            "method": method,
+            "options": config.to_dict(),
+            "seed": seed,
+            "data": str(dataset.root),
+            "layout": dataset.layout,
+            "category": category,
+            "val_ratio": val_ratio,
+            "target_fpr": target_fpr,
+            "num_train": len(train),
+            "num_val": len(val),
+            "fit_seconds": round(fit_seconds, 2),
+            "val_images": [str(s.path) for s in val],
+        },
+    )
     write_json(out / "environment.json", environment(seed, str(torch_device)))
     write_json(out / "fit_log.json", ctx.log)
     return out
 
 
-def calibrate_run(run: str | Path, data: str | Path, *, rule: str = "f1", target_fpr: float = DEFAULT_TARGET_FPR,
-                  layout: str = "auto", category: str | None = None, device: str = "auto",
-                  quiet: bool = False) -> dict[str, Any]:
+def calibrate_run(
+    run: str | Path,
+    data: str | Path,
+    *,
+    rule: str = "f1",
+    target_fpr: float = DEFAULT_TARGET_FPR,
+    layout: str = "auto",
+    category: str | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Recomputes a run's threshold on a separate labelled validation folder and saves it into the run.
 
     ``data`` is read like a test set (MVTec layout ``test/``, or VisA's test rows) but must not be the data the

@@ -48,15 +48,35 @@ def main() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="any model option, repeatable")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-ratio", type=float, default=0.1, show_default=True, help="good images held out to calibrate")
-@click.option("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, show_default=True,
-              help="tolerated false-positive rate of the threshold on held-out good images")
+@click.option(
+    "--target-fpr",
+    type=float,
+    default=DEFAULT_TARGET_FPR,
+    show_default=True,
+    help="tolerated false-positive rate of the threshold on held-out good images",
+)
 @click.option("--category", default=None, help="category folder inside a multi-category data root")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="explicit backbone weights file")
 @DEVICE
 @QUIET
-def fit(method, data, out, backbone, image_size, resize_size, overrides, seed, val_ratio, target_fpr, category,
-        layout, weights, device, quiet) -> None:
+def fit(
+    method,
+    data,
+    out,
+    backbone,
+    image_size,
+    resize_size,
+    overrides,
+    seed,
+    val_ratio,
+    target_fpr,
+    category,
+    layout,
+    weights,
+    device,
+    quiet,
+) -> None:
     """Train a model on the good images of DATA and write the run folder OUT."""
     from .api import fit as run_fit
 
@@ -64,8 +84,20 @@ def fit(method, data, out, backbone, image_size, resize_size, overrides, seed, v
     for key, value in (("backbone", backbone), ("image_size", image_size), ("resize_size", resize_size)):
         if value is not None:
             options[key] = value
-    run = run_fit(method, data, out, options=options, seed=seed, device=device, val_ratio=val_ratio,
-                  target_fpr=target_fpr, layout=layout, category=category, weights_path=weights, quiet=quiet)
+    run = run_fit(
+        method,
+        data,
+        out,
+        options=options,
+        seed=seed,
+        device=device,
+        val_ratio=val_ratio,
+        target_fpr=target_fpr,
+        layout=layout,
+        category=category,
+        weights_path=weights,
+        quiet=quiet,
+    )
     click.echo(f"model written to {run / 'model'}")
 
 
@@ -83,8 +115,17 @@ def test(run, data, out, category, layout, batch_size, no_report, device, quiet)
     """Evaluate RUN on the labelled test split of DATA."""
     from .evaluation import test as run_test
 
-    metrics = run_test(run, data, out=out, layout=layout, category=category, device=device,
-                       batch_size=batch_size, quiet=quiet, report=not no_report)
+    metrics = run_test(
+        run,
+        data,
+        out=out,
+        layout=layout,
+        category=category,
+        device=device,
+        batch_size=batch_size,
+        quiet=quiet,
+        report=not no_report,
+    )
     _print_metrics(metrics)
     click.echo(f"report: {(out or run) / 'report.html'}" if not no_report else f"metrics: {(out or run)}")
 
@@ -108,8 +149,9 @@ def predict(run, paths, out, batch_size, no_overlays, strict, device, quiet) -> 
     """Score new images (files, folders or globs) with RUN."""
     from .prediction import predict as run_predict
 
-    csv_path = run_predict(run, paths, out, device=device, batch_size=batch_size, overlays=not no_overlays,
-                           strict=strict, quiet=quiet)
+    csv_path = run_predict(
+        run, paths, out, device=device, batch_size=batch_size, overlays=not no_overlays, strict=strict, quiet=quiet
+    )
     click.echo(f"predictions: {csv_path}")
     skipped = csv_path.parent / "skipped.csv"
     if skipped.is_file():
@@ -118,10 +160,19 @@ def predict(run, paths, out, batch_size, no_overlays, strict, device, quiet) -> 
 
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="a labelled validation folder (its test/ split), never the data you report test metrics on")
-@click.option("--rule", type=click.Choice(["f1", "fpr"]), default="f1", show_default=True,
-              help="f1: F1-optimal threshold; fpr: quantile of the good images at --target-fpr")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="a labelled validation folder (its test/ split), never the data you report test metrics on",
+)
+@click.option(
+    "--rule",
+    type=click.Choice(["f1", "fpr"]),
+    default="f1",
+    show_default=True,
+    help="f1: F1-optimal threshold; fpr: quantile of the good images at --target-fpr",
+)
 @click.option("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, show_default=True)
 @click.option("--category", default=None)
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
@@ -131,8 +182,9 @@ def calibrate(run, data, rule, target_fpr, category, layout, device, quiet) -> N
     """Set RUN's decision threshold from labelled held-out images."""
     from .api import calibrate_run
 
-    result = calibrate_run(run, data, rule=rule, target_fpr=target_fpr, layout=layout, category=category,
-                           device=device, quiet=quiet)
+    result = calibrate_run(
+        run, data, rule=rule, target_fpr=target_fpr, layout=layout, category=category, device=device, quiet=quiet
+    )
     click.echo(f"threshold {result['threshold']:.6g} ({result['rule']}) written to {run}")
 
 
@@ -165,15 +217,30 @@ def info(method, as_json) -> None:
 
 
 # The demo's short schedule: SimpleNet on EfficientNet-Lite0 (real weights ship with flawscope's dependencies).
-DEMO_OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 224, "resize_size": 0, "embed_dim": 384,
-                "num_epochs": 12}
+DEMO_OPTIONS = {
+    "backbone": "efficientnet_lite0",
+    "image_size": 224,
+    "resize_size": 0,
+    "embed_dim": 384,
+    "num_epochs": 12,
+}
 
 
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("flawscope-demo"), show_default=True,
-              help="folder for the generated data set and the run")
-@click.option("--texture", type=click.Choice(["brick", "grass", "gravel"]), default="grass", show_default=True,
-              help="which generated category to train and test on")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("flawscope-demo"),
+    show_default=True,
+    help="folder for the generated data set and the run",
+)
+@click.option(
+    "--texture",
+    type=click.Choice(["brick", "grass", "gravel"]),
+    default="grass",
+    show_default=True,
+    help="which generated category to train and test on",
+)
 @click.option("--epochs", type=int, default=DEMO_OPTIONS["num_epochs"], show_default=True)
 @DEVICE
 @QUIET
@@ -187,8 +254,9 @@ def demo(out, texture, epochs, device, quiet) -> None:
     make_demo_dataset(out / "data", progress=not quiet)
     data = out / "data" / texture
     click.echo(f"2/3 training SimpleNet ({DEMO_OPTIONS['backbone']}, {epochs} epochs) on {data / 'train' / 'good'}")
-    run = run_fit("simplenet", data, out / "run", options={**DEMO_OPTIONS, "num_epochs": epochs}, device=device,
-                  quiet=quiet)
+    run = run_fit(
+        "simplenet", data, out / "run", options={**DEMO_OPTIONS, "num_epochs": epochs}, device=device, quiet=quiet
+    )
     click.echo(f"3/3 testing on {data / 'test'}")
     metrics = run_test(run, data, device=device, quiet=quiet)
     _print_metrics(metrics)

@@ -45,14 +45,16 @@ def compute_metrics(scored: ScoredImages) -> tuple[dict[str, Any], list[Curve]]:
     curves = []
     if result["image_auroc"] is not None:
         fpr, tpr, _ = M.roc_curve(scored.raw_scores, labels)
-        curves.append(Curve("ROC (image)", fpr, tpr, "false positive rate", "true positive rate",
-                            result["image_auroc"]))
+        curves.append(
+            Curve("ROC (image)", fpr, tpr, "false positive rate", "true positive rate", result["image_auroc"])
+        )
         precision, recall, _ = M.pr_curve(scored.raw_scores, labels)
         curves.append(Curve("PR (image)", recall, precision, "recall", "precision", result["image_ap"]))
     if result["pixel_aupro"] is not None:
         fpr, pro = M.pro_curve(scored.maps, scored.masks)
-        curves.append(Curve("PRO (pixel)", fpr, pro, "false positive rate", "per-region overlap",
-                            result["pixel_aupro"], xmax=0.3))
+        curves.append(
+            Curve("PRO (pixel)", fpr, pro, "false positive rate", "per-region overlap", result["pixel_aupro"], xmax=0.3)
+        )
     return result, curves
 
 
@@ -65,8 +67,10 @@ def per_type_auroc(scored: ScoredImages) -> dict[str, dict[str, Any]]:
         chosen = np.array([s.defect_type == defect_type for s in scored.samples])
         keep = chosen | good
         labels = chosen[keep]
-        table[defect_type] = {"count": int(chosen.sum()),
-                              "image_auroc": _defined(M.auroc, scored.raw_scores[keep], labels)}
+        table[defect_type] = {
+            "count": int(chosen.sum()),
+            "image_auroc": _defined(M.auroc, scored.raw_scores[keep], labels),
+        }
     return table
 
 
@@ -108,9 +112,18 @@ def _gallery(model: AnomalyModel, scored: ScoredImages) -> dict[str, list[Galler
     return gallery
 
 
-def test(run: str | Path, data: str | Path, *, out: str | Path | None = None, layout: str = "auto",
-         category: str | None = None, device: str = "auto", batch_size: int = 8, quiet: bool = False,
-         report: bool = True) -> dict[str, Any]:
+def test(
+    run: str | Path,
+    data: str | Path,
+    *,
+    out: str | Path | None = None,
+    layout: str = "auto",
+    category: str | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    quiet: bool = False,
+    report: bool = True,
+) -> dict[str, Any]:
     """Evaluates a run on the test split of ``data``.
 
     Writes into ``out`` (default: the run folder) ``metrics.json``, ``per_image.csv``, ``curves.json`` and
@@ -137,26 +150,50 @@ def test(run: str | Path, data: str | Path, *, out: str | Path | None = None, la
     labels = np.array([s.label for s in scored.samples])
     threshold = float(model.threshold)
     decisions = scored.raw_scores > threshold
-    metrics.update({
-        "num_images": int(labels.size), "num_good": int((labels == 0).sum()), "num_defective": int(labels.sum()),
-        "threshold": threshold,
-        "accuracy_at_threshold": float((decisions == (labels == 1)).mean()),
-        "inference_seconds": round(scored.seconds, 3),
-        "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
-        "metrics_seconds": round(metric_seconds, 3),
-        "per_type": per_type_auroc(scored),
-        "method": info["method"], "data": str(dataset.root),
-    })
+    metrics.update(
+        {
+            "num_images": int(labels.size),
+            "num_good": int((labels == 0).sum()),
+            "num_defective": int(labels.sum()),
+            "threshold": threshold,
+            "accuracy_at_threshold": float((decisions == (labels == 1)).mean()),
+            "inference_seconds": round(scored.seconds, 3),
+            "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
+            "metrics_seconds": round(metric_seconds, 3),
+            "per_type": per_type_auroc(scored),
+            "method": info["method"],
+            "data": str(dataset.root),
+        }
+    )
     write_json(out / "metrics.json", metrics)
     write_json(out / "curves.json", {c.name: {"x": c.x.tolist(), "y": c.y.tolist()} for c in curves})
     write_per_image(out / "per_image.csv", scored, threshold)
     if report:
         write_report(
-            out / "report.html", title=f"flawscope test report: {info['method']} on {dataset.root.name}",
-            info={"model": info["method"], "backbone": info["config"].get("backbone", ""),
-                  "run": str(run), "data": str(dataset.root), "threshold (raw)": f"{threshold:.6g}",
-                  "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)"},
-            metrics={k: metrics[k] for k in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
-                                             "pixel_f1max", "pixel_aupro")},
-            per_type=metrics["per_type"], curves=curves, gallery=_gallery(model, scored))
+            out / "report.html",
+            title=f"flawscope test report: {info['method']} on {dataset.root.name}",
+            info={
+                "model": info["method"],
+                "backbone": info["config"].get("backbone", ""),
+                "run": str(run),
+                "data": str(dataset.root),
+                "threshold (raw)": f"{threshold:.6g}",
+                "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)",
+            },
+            metrics={
+                k: metrics[k]
+                for k in (
+                    "image_auroc",
+                    "image_ap",
+                    "image_f1max",
+                    "pixel_auroc",
+                    "pixel_ap",
+                    "pixel_f1max",
+                    "pixel_aupro",
+                )
+            },
+            per_type=metrics["per_type"],
+            curves=curves,
+            gallery=_gallery(model, scored),
+        )
     return metrics

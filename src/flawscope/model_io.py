@@ -101,8 +101,10 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     if not weights.is_file():
         raise ModelFormatError(f"{weights} is missing; a model folder needs both {MODEL_JSON} and {WEIGHTS_FILE}.")
     if info.get("weights_sha256") and _sha256(weights) != info["weights_sha256"]:
-        raise ModelFormatError(f"{weights} does not match the hash in {MODEL_JSON}: the file was changed or damaged. "
-                               "Restore the model folder from a copy or fit again.")
+        raise ModelFormatError(
+            f"{weights} does not match the hash in {MODEL_JSON}: the file was changed or damaged. "
+            "Restore the model folder from a copy or fit again."
+        )
     try:
         state = load_file(str(weights), device=str(map_location))
     except SafetensorError as e:

@@ -17,8 +17,17 @@ from .model_io import load_model, read_model_info
 from .report import heatmap_overlay, save_png
 
 
-def predict(run: str | Path, paths: Sequence[str | Path], out: str | Path, *, device: str = "auto",
-            batch_size: int = 8, overlays: bool = True, strict: bool = False, quiet: bool = False) -> Path:
+def predict(
+    run: str | Path,
+    paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 8,
+    overlays: bool = True,
+    strict: bool = False,
+    quiet: bool = False,
+) -> Path:
     """Scores every image found under ``paths`` (files, folders, globs).
 
     Writes ``out/predictions.csv`` (path, raw_score, norm_score, decision) and, with ``overlays``, one
@@ -41,8 +50,7 @@ def predict(run: str | Path, paths: Sequence[str | Path], out: str | Path, *, de
     model.to(ctx.device).eval()
     cfg = model.config
     samples = [Sample(path) for path in images]
-    loader = make_loader(samples, cfg.image_size, cfg.resize_size, batch_size=batch_size,
-                         skip_bad=not strict)
+    loader = make_loader(samples, cfg.image_size, cfg.resize_size, batch_size=batch_size, skip_bad=not strict)
     csv_path = out / "predictions.csv"
     with open(csv_path, "w", newline="") as f, torch.inference_mode():
         writer = csv.writer(f)
@@ -57,8 +65,10 @@ def predict(run: str | Path, paths: Sequence[str | Path], out: str | Path, *, de
                 if overlays:
                     image = (batch["image"][row].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                     region = result.norm_map[row, 0].cpu().numpy()
-                    save_png(out / "overlays" / f"{index:05d}_{images[index].stem}.png",
-                             heatmap_overlay(image, region, region > 0.5))
+                    save_png(
+                        out / "overlays" / f"{index:05d}_{images[index].stem}.png",
+                        heatmap_overlay(image, region, region > 0.5),
+                    )
     bad = getattr(loader.dataset, "bad_files", [])
     (out / "skipped.csv").unlink(missing_ok=True)  # a list left by an earlier run into this folder would mislead
     if bad:

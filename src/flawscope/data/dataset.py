@@ -49,8 +49,9 @@ def _resize_crop(tensor: Tensor, image_size: int, resize_size: int) -> Tensor:
         (C, S, S) float.
     """
     if resize_size == 0:
-        return F.interpolate(tensor[None], size=(image_size, image_size), mode="bilinear", align_corners=False,
-                             antialias=True)[0]
+        return F.interpolate(
+            tensor[None], size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )[0]
     height, width = tensor.shape[-2:]
     # Same rounding as torchvision's Resize(int), so sizes match the papers' preprocessing.
     if height <= width:
