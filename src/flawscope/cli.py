@@ -216,6 +216,88 @@ def info(method, as_json) -> None:
         click.echo(f"  {name:<20} {status}")
 
 
+@main.command()
+@click.option("--backbone", default="wide_resnet101_2", show_default=True, help="network whose features are distilled")
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="folder of natural images (ImageNet train in the paper); searched recursively, never written to",
+)
+@click.option("--size", type=click.Choice(["small", "medium"]), default="small", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="teacher file to write (.safetensors)")
+@click.option("--steps", type=int, default=60_000, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
+@click.option("--gray-prob", type=float, default=0.1, show_default=True, help="grayscale probability per image")
+@click.option("--stats-images", type=int, default=10_000, show_default=True, help="images for the feature statistics")
+@click.option("--image-size", type=int, default=256, show_default=True, help="teacher input; the backbone sees 2x")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True, help="steps between checkpoints")
+@click.option("--restart", is_flag=True, help="ignore an existing checkpoint and start from step 0")
+@click.option("--num-workers", type=int, default=4, show_default=True, help="image decoding processes")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="explicit backbone weights file")
+@DEVICE
+@QUIET
+def distill(
+    backbone,
+    images,
+    size,
+    out,
+    steps,
+    batch_size,
+    lr,
+    weight_decay,
+    gray_prob,
+    stats_images,
+    image_size,
+    seed,
+    checkpoint_every,
+    restart,
+    num_workers,
+    weights,
+    device,
+    quiet,
+) -> None:
+    """Distil an EfficientAD teacher (PDN) from BACKBONE's features on a folder of natural images.
+
+    Resumable: rerun the same command after an interruption and it continues from the last checkpoint.
+    """
+    from .api import resolve_device
+    from .models.efficientad.distill import DistillSettings, distill_teacher
+
+    settings = DistillSettings(
+        backbone=backbone,
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        gray_prob=gray_prob,
+        stats_images=stats_images,
+        image_size=image_size,
+        seed=seed,
+    )
+    report = distill_teacher(
+        backbone,
+        images,
+        out,
+        settings,
+        weights_path=weights,
+        device=resolve_device(device),
+        num_workers=num_workers,
+        checkpoint_every=max(1, checkpoint_every),
+        restart=restart,
+        quiet=quiet,
+    )
+    click.echo(
+        f"teacher written to {report['out']} ({report['steps']} steps, {report['num_images']} images from "
+        f"{report['images']}, {report['seconds']:.0f} s, final loss {report['final_loss']})"
+    )
+    click.echo(f"next: flawscope fit --model efficientad --set size={size} --set teacher_path={report['out']} ...")
+
+
 # The demo's short schedule: SimpleNet on EfficientNet-Lite0 (real weights ship with flawscope's dependencies).
 DEMO_OPTIONS = {
     "backbone": "efficientnet_lite0",

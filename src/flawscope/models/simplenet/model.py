@@ -41,7 +41,7 @@ class SimpleNetConfig(ModelConfig):
         choices=("auto", "absolute", "relative"),
     )
     noise_std_relative: float = option(
-        0.25, "sigma as a fraction of the feature std (relative mode)", low=0, low_open=True
+        0.12, "sigma as a fraction of the feature std (relative mode)", low=0, low_open=True
     )
     margin: float = option(0.5, "th+ = margin, th- = -margin of the truncated L1 loss", low=0)
     lr_adaptor: float = option(1e-4, "adaptor learning rate", low=0, low_open=True)

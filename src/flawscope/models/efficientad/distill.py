@@ -1,0 +1,355 @@
+"""Teacher distillation (spec 2.7): a padded PDN learns to reproduce a backbone's PatchCore features.
+
+Psi: backbone stages at strides 8 and 16 (layer2 + layer3 of a ResNet) at twice the teacher's input size, through
+``LocalFeatureAggregator`` (3x3 neighbourhoods, per-stage pooling to 1024, then to 384), normalised per channel
+with statistics of ``stats_images`` images. The PDN sees the same image at the teacher size (256 -> 64x64 output,
+matching Psi's 512 / 8). Loss: mean squared difference; Adam lr 1e-4, weight decay 1e-5, 60,000 steps of 16 images,
+grayscale with p = 0.1 (one decision for both views), no learning-rate schedule.
+
+Resumable: every ``checkpoint_every`` steps the teacher, Adam's state and Psi's statistics go to one safetensors
+file next to the output (``<out>.ckpt.safetensors``; ``<out>.ckpt.json`` is a readable copy of its progress).
+The data order and the grayscale decisions are functions of (seed, step), so a resumed run continues exactly
+where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from ...backbones import create_backbone
+from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
+from ...data import find_images, preprocess, read_image
+from ...errors import ConfigError
+from ...layers import LocalFeatureAggregator
+from .fit import random_grayscale
+from .model import PDN, TEACHER_METADATA_KEY
+
+CHECKPOINT_KEY = "flawscope_distill"
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """What defines a distillation run; a checkpoint resumes only under the same settings (``steps`` may grow)."""
+
+    backbone: str = "wide_resnet101_2"
+    size: str = "small"
+    steps: int = 60_000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    gray_prob: float = 0.1
+    stats_images: int = 10_000
+    image_size: int = 256  # teacher input; Psi sees twice this
+    pretrain_dim: int = 1024
+    out_channels: int = 384
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size not in ("small", "medium"):
+            raise ConfigError(f"--size must be 'small' or 'medium'; got {self.size!r}.")
+        positive = ("steps", "batch_size", "stats_images", "image_size", "pretrain_dim", "out_channels")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"The distillation's {name} must be at least 1; got {getattr(self, name)}.")
+        if self.image_size % 4:
+            raise ConfigError(f"The teacher's image_size must be a multiple of 4; got {self.image_size}.")
+        if not 0 <= self.gray_prob <= 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("gray_prob must be in [0, 1], lr > 0 and weight_decay >= 0.")
+
+
+class PatchCoreTarget(nn.Module):
+    """Psi: images (B, 3, 2s, 2s) in [0, 1] -> (B, out_channels, s/4, s/4) PatchCore features of a frozen backbone."""
+
+    def __init__(
+        self,
+        backbone: str,
+        pretrained: bool = True,
+        weights_path: str | Path | None = None,
+        pretrain_dim: int = 1024,
+        out_channels: int = 384,
+    ) -> None:
+        super().__init__()
+        self.backbone = create_backbone(backbone, (8, 16), pretrained=pretrained, weights_path=weights_path)
+        self.aggregator = LocalFeatureAggregator(3, pretrain_dim, out_channels)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.aggregator(self.backbone(images))
+
+
+class _TwoViews(Dataset):
+    """An image resized whole to 2s (Psi's view) and to s (the PDN's view), both (3, ., .) in [0, 1]."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int) -> None:
+        self.paths, self.image_size = list(paths), image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = read_image(self.paths[index])
+        return preprocess(image, 2 * self.image_size, 0), preprocess(image, self.image_size, 0)
+
+
+class _StepBatches(Sampler[list[int]]):
+    """The image indices of steps [start, stop): an endless stream of seeded per-epoch permutations."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+        self.num_images, self.batch_size, self.seed, self.start, self.stop = num_images, batch_size, seed, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, order = -1, None
+        for step in range(self.start, self.stop):
+            batch = []
+            for position in range(step * self.batch_size, (step + 1) * self.batch_size):
+                if position // self.num_images != epoch:
+                    epoch = position // self.num_images
+                    order = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(self.seed + epoch))
+                batch.append(int(order[position % self.num_images]))
+            yield batch
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+
+
+@torch.no_grad()
+def feature_statistics(
+    psi: PatchCoreTarget,
+    paths: Sequence[Path],
+    settings: DistillSettings,
+    device: torch.device,
+    num_workers: int,
+    quiet: bool,
+) -> tuple[Tensor, Tensor, int]:
+    """Per-channel mean and population std of Psi over ``stats_images`` images (at most all), grayscale p=0.1.
+
+    Returns:
+        mean (C,), std (C,), number of images used.
+    """
+    count = min(settings.stats_images, len(paths))
+    chosen = torch.randperm(len(paths), generator=torch.Generator().manual_seed(settings.seed - 1))[:count]
+    loader = DataLoader(
+        _TwoViews([paths[i] for i in chosen], settings.image_size),
+        batch_size=settings.batch_size,
+        num_workers=num_workers,
+    )
+    generator = torch.Generator().manual_seed(settings.seed - 2)
+    total = total_sq = 0.0
+    positions = 0
+    for big, _ in tqdm(loader, "feature statistics", disable=quiet, leave=False, dynamic_ncols=True):
+        features = psi(random_grayscale(big, settings.gray_prob, generator).to(device)).double()
+        total = total + features.sum(dim=(0, 2, 3))
+        total_sq = total_sq + features.pow(2).sum(dim=(0, 2, 3))
+        positions += features.numel() // features.shape[1]
+    mean = total / positions
+    std = (total_sq / positions - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float(), count
+
+
+def _checkpoint_paths(out: Path) -> tuple[Path, Path]:
+    return out.with_name(out.name + ".ckpt.safetensors"), out.with_name(out.name + ".ckpt.json")
+
+
+def _save_checkpoint(path: Path, teacher: PDN, optimizer: torch.optim.Optimizer, stats: dict[str, Tensor], state: dict):
+    tensors = {f"teacher.{k}": v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in stats.items()})
+    for index, param_state in optimizer.state_dict()["state"].items():
+        for name, value in param_state.items():
+            tensors[f"adam.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={CHECKPOINT_KEY: json.dumps(state, sort_keys=True)})
+    os.replace(partial, path)  # atomic: an interrupted save leaves the previous checkpoint intact
+    path.with_suffix(".json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _load_checkpoint(path: Path, teacher: PDN, optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, Tensor]]:
+    with safe_open(str(path), framework="pt") as handle:
+        state = json.loads(handle.metadata()[CHECKPOINT_KEY])
+    tensors = load_file(str(path))
+    teacher.load_state_dict({k[len("teacher.") :]: v for k, v in tensors.items() if k.startswith("teacher.")})
+    adam_state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            _, index, name = key.split(".", 2)
+            adam_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": adam_state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return state, {k: tensors[k] for k in ("psi_mean", "psi_std")}
+
+
+def _image_list_digest(paths: Sequence[Path], root: Path) -> str:
+    names = "\n".join(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths)
+    return hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
+def distill_teacher(
+    backbone: str,
+    images: str | Path,
+    out: str | Path,
+    settings: DistillSettings | None = None,
+    *,
+    weights_path: str | Path | None = None,
+    pretrained_backbone: bool = True,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    checkpoint_every: int = 1000,
+    restart: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Distils a PDN teacher from ``backbone`` on the images under ``images`` and writes ``out`` (.safetensors).
+
+    Args:
+        backbone: Psi's network (``wide_resnet101_2`` in the paper; any flawscope backbone with a stride-8 stage).
+        images: a folder of natural images (ImageNet train in the paper), searched recursively; never written to.
+        out: the teacher file; its metadata records size, backbone, steps, image folder and image count.
+        settings: the schedule (defaults: the paper's); ``settings.backbone`` is replaced by ``backbone``.
+        weights_path: an explicit weight file for the backbone.
+        pretrained_backbone: False uses random backbone weights (tests only).
+        checkpoint_every: steps between checkpoints.
+        restart: ignore an existing checkpoint and start from step 0.
+
+    Returns:
+        A summary: steps done in this call, total steps, final loss, seconds, paths.
+    """
+    settings = dataclasses.replace(settings or DistillSettings(), backbone=backbone)
+    out, root = Path(out), Path(images)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"The teacher file must end in .safetensors; got {out}.")
+    paths = find_images([root])
+    if root.is_dir() and root.resolve() in out.resolve().parents:
+        raise ConfigError(
+            f"{out} is inside the image folder {root}; flawscope never writes there. Choose --out elsewhere."
+        )
+    device = torch.device(device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint, progress_json = _checkpoint_paths(out)
+    torch.manual_seed(settings.seed)  # the teacher's initialisation (and a random test backbone) follow the seed
+    psi = PatchCoreTarget(backbone, pretrained_backbone, weights_path, settings.pretrain_dim, settings.out_channels)
+    psi.to(device)
+    teacher = PDN(settings.size, settings.out_channels, padded=True).to(device)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    digest = _image_list_digest(paths, root)
+    start_step, seconds_before = 0, 0.0
+    started = time.perf_counter()
+    if checkpoint.is_file() and not restart:
+        state, stats = _load_checkpoint(checkpoint, teacher, optimizer)
+        saved = {**state["settings"], "steps": settings.steps}
+        if saved != dataclasses.asdict(settings) or state["images_digest"] != digest:
+            raise ConfigError(
+                f"The checkpoint {checkpoint} was written with other settings or another image list "
+                f"({state['settings']}, {state['num_images']} images). Use the same options to resume, or "
+                "--restart to start over."
+            )
+        start_step, seconds_before, stats_count = state["step"], state["seconds"], state["stats_images_used"]
+        if start_step > settings.steps:
+            raise ConfigError(
+                f"The checkpoint {checkpoint} is already at step {start_step}, beyond --steps {settings.steps}. "
+                "Ask for at least as many steps, or --restart."
+            )
+        mean, std = stats["psi_mean"].to(device), stats["psi_std"].to(device)
+    else:
+        mean, std, stats_count = feature_statistics(psi, paths, settings, device, num_workers, quiet)
+    image_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    image_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean_map, std_map = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    stats = {"psi_mean": mean, "psi_std": std}
+
+    def state_now(step: int, loss: float | None) -> dict[str, Any]:
+        return {
+            "settings": dataclasses.asdict(settings),
+            "step": step,
+            "images": str(root),
+            "num_images": len(paths),
+            "images_digest": digest,
+            "stats_images_used": stats_count,
+            "loss": loss,
+            "seconds": round(seconds_before + time.perf_counter() - started, 2),
+        }
+
+    sampler = _StepBatches(len(paths), settings.batch_size, settings.seed, start_step, settings.steps)
+    loader = DataLoader(
+        _TwoViews(paths, settings.image_size),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    teacher.train()
+    loss_value = None
+    bar = tqdm(total=settings.steps, initial=start_step, desc="distilling", disable=quiet, dynamic_ncols=True)
+    for step, (big, small) in zip(range(start_step, settings.steps), loader, strict=True):
+        # One grayscale decision per image for both views, drawn from (seed, step) so a resumed run repeats it.
+        big = random_grayscale(big, settings.gray_prob, _step_generator(settings.seed, step)).to(device)
+        small = random_grayscale(small, settings.gray_prob, _step_generator(settings.seed, step)).to(device)
+        target = (psi(big) - mean_map) / std_map
+        prediction = teacher((small - image_mean) / image_std)
+        loss = (prediction - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
+            _save_checkpoint(checkpoint, teacher, optimizer, stats, state_now(step + 1, loss_value))
+    bar.close()
+    final = state_now(settings.steps, loss_value)
+    _save_checkpoint(checkpoint, teacher, optimizer, stats, final)
+    _write_teacher(out, teacher, settings, final, weights_path or psi.backbone.weights_file)
+    return {
+        "out": str(out),
+        "checkpoint": str(checkpoint),
+        "progress": str(progress_json),
+        "steps": settings.steps,
+        "steps_this_run": settings.steps - start_step,
+        "images": str(root),
+        "num_images": len(paths),
+        "stats_images_used": stats_count,
+        "final_loss": loss_value,
+        "seconds": final["seconds"],
+    }
+
+
+def _write_teacher(out: Path, teacher: PDN, settings: DistillSettings, state: dict, backbone_weights: Any) -> None:
+    """The teacher's state dict with one metadata entry (JSON) saying how it was made."""
+    info = {
+        "format": 1,
+        "size": settings.size,
+        "out_channels": settings.out_channels,
+        "padding": "paper",
+        "image_size": settings.image_size,
+        "backbone": settings.backbone,
+        "backbone_weights": None if backbone_weights is None else Path(str(backbone_weights)).name,
+        "steps": state["step"],
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "weight_decay": settings.weight_decay,
+        "gray_prob": settings.gray_prob,
+        "seed": settings.seed,
+        "images": state["images"],
+        "num_images": state["num_images"],
+        "stats_images": state["stats_images_used"],
+        "final_loss": state["loss"],
+        "seconds": state["seconds"],
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+    partial = out.with_name(out.name + ".partial")
+    save_file(tensors, str(partial), metadata={TEACHER_METADATA_KEY: json.dumps(info, sort_keys=True)})
+    os.replace(partial, out)
