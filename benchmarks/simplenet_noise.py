@@ -24,7 +24,7 @@ from flawscope.data import load_dataset, make_loader, split_validation
 from flawscope.data.demo import DEFECT_TYPES, draw_defect
 from flawscope.fitting import FitContext
 from flawscope.models.simplenet import SimpleNet, SimpleNetConfig
-from flawscope.models.simplenet.fit import build_feature_cache, train_on_cache
+from flawscope.models.simplenet.fit import build_feature_cache, fit_standardization, noise_sigma, train_on_cache
 
 SECTION = "## SimpleNet: noise sigma on a synthetic development set, defect strength {strength:g}"
 
@@ -79,13 +79,16 @@ def main() -> None:
     ctx = FitContext(quiet=False)
     base = SimpleNet(SimpleNetConfig.from_dict(options))
     cache = build_feature_cache(base, train, ctx)
-    feature_std = float(cache[:: max(1, len(cache) // 64)].astype(np.float32).std())
+    fit_standardization(base, cache)
+    feature_std = noise_sigma(base.config, cache, base)[1]
     images, labels, masks = development_set(base, val, seed=0, strength=args.strength)
     rows = []
     for sigma in args.sigmas:
         torch.manual_seed(0)
         model = SimpleNet(SimpleNetConfig.from_dict(options))
         model.backbone.load_state_dict(base.backbone.state_dict())
+        model.feature_mean.copy_(base.feature_mean)
+        model.feature_scale.copy_(base.feature_scale)
         start = time.perf_counter()
         train_on_cache(model, cache, sigma * feature_std, FitContext(quiet=False))
         rows.append((sigma, evaluate(model, images, labels, masks), time.perf_counter() - start))

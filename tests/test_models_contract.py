@@ -14,6 +14,8 @@ from flawscope.registry import available_methods, get_method
 QUICK_OPTIONS = {
     "patchcore": {"coreset_ratio": 0.5, "pretrain_embed_dim": 64, "target_embed_dim": 64},
     "simplenet": {"num_epochs": 1, "batch_size": 4, "embed_dim": 64, "discriminator_hidden": 32},
+    "efficientad": {"num_steps": 3},
+    "cfa": {"num_epochs": 1, "gamma_d": 4, "gamma_c": 4, "kmeans_max_iter": 50},
 }
 BASE_OPTIONS = {"backbone": "resnet18", "image_size": 64, "resize_size": 0}
 

@@ -1,6 +1,15 @@
-"""Blocks shared by several methods: local-feature aggregation and Gaussian smoothing."""
+"""Blocks shared by several methods: local-feature aggregation, Gaussian smoothing, k-means."""
 
 from .blur import GaussianBlur2d, gaussian_kernel1d
+from .kmeans import KMeansResult, kmeans, kmeans_plus_plus, pairwise_squared_distances
 from .local_features import LocalFeatureAggregator
 
-__all__ = ["GaussianBlur2d", "LocalFeatureAggregator", "gaussian_kernel1d"]
+__all__ = [
+    "GaussianBlur2d",
+    "KMeansResult",
+    "LocalFeatureAggregator",
+    "gaussian_kernel1d",
+    "kmeans",
+    "kmeans_plus_plus",
+    "pairwise_squared_distances",
+]

@@ -61,10 +61,21 @@ def build_feature_cache(
     return cache
 
 
-def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray) -> tuple[float, float]:
-    """The absolute noise sigma used in training, and the std of the cached features it may be relative to."""
-    sample = cache[:: max(1, len(cache) // 64)].astype(np.float32)
-    feature_std = float(sample.std())
+def fit_standardization(model: SimpleNet, cache: np.ndarray) -> None:
+    """With feature_norm 'channel', sets the per-channel mean and std of the cached training features."""
+    if model.config.resolved_feature_norm() != "channel":
+        return
+    sample = torch.from_numpy(cache[:: max(1, len(cache) // 64)].astype(np.float32)).flatten(0, 1)  # (N, D)
+    model.feature_mean.copy_(sample.mean(0))
+    model.feature_scale.copy_(sample.std(0, correction=0).clamp_min(1e-6))
+
+
+def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray, model: SimpleNet | None = None) -> tuple[float, float]:
+    """The absolute noise sigma used in training, and the std of the (standardised) features it may be relative to."""
+    sample = torch.from_numpy(cache[:: max(1, len(cache) // 64)].astype(np.float32))
+    if model is not None:
+        sample = model.standardize(sample.to(model.feature_mean.device))
+    feature_std = float(sample.std(correction=0))
     if cfg.resolved_noise_mode() == "absolute":
         return cfg.noise_std, feature_std
     return cfg.noise_std_relative * feature_std, feature_std
@@ -90,7 +101,7 @@ def train_step(
     generator: torch.Generator | None = None,
 ) -> tuple[float, float, float]:
     """One update on a batch of cached features (N, D). Returns (loss, mean real score, mean fake score)."""
-    adapted = model.adaptor(features)
+    adapted = model.adaptor(model.standardize(features))
     fake = make_fake_features(adapted, sigma, generator)
     # BatchNorm sees real and fake features together, as in the public code.
     scores = model.discriminator(torch.cat([adapted, fake]))[:, 0]
@@ -137,7 +148,8 @@ def fit(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext) -> dict[st
     model.to(ctx.device)
     start = time.perf_counter()
     cache = build_feature_cache(model, samples, ctx)
-    sigma, feature_std = noise_sigma(cfg, cache)
+    fit_standardization(model, cache)
+    sigma, feature_std = noise_sigma(cfg, cache, model)
     extracted = time.perf_counter()
     train_on_cache(model, cache, sigma, ctx)
     model.fitted.fill_(True)
@@ -147,6 +159,7 @@ def fit(model: SimpleNet, samples: Sequence[Sample], ctx: FitContext) -> dict[st
         "feature_std": feature_std,
         "noise_sigma": sigma,
         "noise_mode": cfg.resolved_noise_mode(),
+        "feature_norm": cfg.resolved_feature_norm(),
         "final_loss": ctx.log[-1]["loss"] if ctx.log else None,
         "feature_seconds": round(extracted - start, 2),
         "train_seconds": round(time.perf_counter() - extracted, 2),

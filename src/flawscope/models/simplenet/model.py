@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,6 +44,12 @@ class SimpleNetConfig(ModelConfig):
     noise_std_relative: float = option(
         0.12, "sigma as a fraction of the feature std (relative mode)", low=0, low_open=True
     )
+    feature_norm: str = option(
+        "auto",
+        "none: raw local features (paper); channel: standardise each feature channel with training statistics "
+        "before the adaptor; auto: none for the paper's ResNet backbones, else channel",
+        choices=("auto", "none", "channel"),
+    )
     margin: float = option(0.5, "th+ = margin, th- = -margin of the truncated L1 loss", low=0)
     lr_adaptor: float = option(1e-4, "adaptor learning rate", low=0, low_open=True)
     lr_discriminator: float = option(2e-4, "discriminator learning rate", low=0, low_open=True)
@@ -53,6 +60,12 @@ class SimpleNetConfig(ModelConfig):
     num_epochs: int = option(160, "passes over the training features", low=1)
     batch_size: int = option(4, "images per training step (public code: 8)", low=1)
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
+
+    def resolved_feature_norm(self) -> str:
+        """'none' or 'channel', with 'auto' resolved from the backbone."""
+        if self.feature_norm != "auto":
+            return self.feature_norm
+        return "none" if self.backbone in PAPER_BACKBONES else "channel"
 
     def resolved_noise_mode(self) -> str:
         """'absolute' or 'relative', with 'auto' resolved from the backbone."""
@@ -88,14 +101,21 @@ class SimpleNet(AnomalyModel):
         nn.init.xavier_normal_(self.adaptor.weight)
         self.discriminator = Discriminator(config.embed_dim, config.discriminator_hidden)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
+        # Set by fit when feature_norm resolves to "channel"; the identity keeps the paper's graph otherwise.
+        self.register_buffer("feature_mean", torch.zeros(config.embed_dim))
+        self.register_buffer("feature_scale", torch.ones(config.embed_dim))
 
     def local_features(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> (B, h, w, D) frozen local features (the training cache stores these)."""
         return self.aggregator(self.backbone(images)).permute(0, 2, 3, 1)
 
+    def standardize(self, features: Tensor) -> Tensor:
+        """(..., D) -> (..., D): per-channel standardisation fitted on the training features (identity by default)."""
+        return (features - self.feature_mean) / self.feature_scale
+
     def score_features(self, features: Tensor) -> Tensor:
         """(..., D) local features -> (...) anomaly scores -D(G(o))."""
-        flat = features.reshape(-1, features.shape[-1])
+        flat = self.standardize(features.reshape(-1, features.shape[-1]))
         return -self.discriminator(self.adaptor(flat)).reshape(features.shape[:-1])
 
     def raw_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
