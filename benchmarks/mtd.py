@@ -29,7 +29,7 @@ SECTION = "## MTD: accuracy and speed"
 WHOLE_224 = "--backbone efficientnet_lite0 --image-size 224 --resize-size 0"
 SETTINGS = {
     "patchcore": f"--model patchcore {WHOLE_224} --set coreset_ratio=0.01".split(),
-    "simplenet": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=30".split(),
+    "simplenet": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8".split(),
 }
 
 

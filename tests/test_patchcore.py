@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from flawscope.data import load_dataset
 from flawscope.fitting import FitContext
+from flawscope.layers import pairwise_squared_distances as squared_distances
 from flawscope.models.patchcore import PatchCore, PatchCoreConfig, fit
 from flawscope.models.patchcore.fit import collect_features
-from flawscope.models.patchcore.model import squared_distances
 from flawscope.sampling import nearest_in_bank
 
 # A hand-made 2-D memory bank without distance ties around the points used below.

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ...backbones import create_backbone
 from ...config import ModelConfig, option
-from ...layers import GaussianBlur2d, LocalFeatureAggregator
+from ...layers import GaussianBlur2d, LocalFeatureAggregator, pairwise_squared_distances
 from ..base import AnomalyModel
 
 
@@ -35,12 +35,6 @@ class PatchCoreConfig(ModelConfig):
     )
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
     batch_size: int = option(8, "images per batch during feature extraction", low=1)
-
-
-def squared_distances(queries: Tensor, bank: Tensor) -> Tensor:
-    """(N, D), (M, D) -> (N, M) squared Euclidean distances, via matrix products (fast and exportable)."""
-    dots = queries @ bank.T
-    return (queries.pow(2).sum(1, keepdim=True) - 2 * dots + bank.pow(2).sum(1)).clamp_min(0)
 
 
 class PatchCore(AnomalyModel):
@@ -74,7 +68,7 @@ class PatchCore(AnomalyModel):
         features = self.local_features(images)  # (B, D, h, w)
         batch, dim, height, width = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, dim)  # (B*h*w, D)
-        nearest_sq, nearest_idx = squared_distances(queries, self.memory_bank).min(dim=1)
+        nearest_sq, nearest_idx = pairwise_squared_distances(queries, self.memory_bank).min(dim=1)
         patch_scores = nearest_sq.sqrt().reshape(batch, height * width)  # (B, h*w)
 
         max_score, max_pos = patch_scores.max(dim=1)  # (B,)

@@ -42,7 +42,7 @@ class SimpleNetConfig(ModelConfig):
         choices=("auto", "absolute", "relative"),
     )
     noise_std_relative: float = option(
-        0.12, "sigma as a fraction of the feature std (relative mode)", low=0, low_open=True
+        0.25, "sigma as a fraction of the feature std (relative mode)", low=0, low_open=True
     )
     feature_norm: str = option(
         "auto",
