@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO, command, cpu_model, write_section
+from _common import REPO, cpu_model, write_section
 
 SECTION = "## MTD: accuracy and speed"
 
@@ -68,7 +68,8 @@ def render(rows: list[dict], data: Path) -> str:
     lines = [
         SECTION,
         "",
-        f"Command: `{command()}` (data: `{data}`; 700 good training images, 10 % held out for the threshold; "
+        "Command: `python benchmarks/mtd.py` (each row kept in docs/mtd_results.json; a row may come from a "
+        f"`--only NAME` run; data: `{data}`; 700 good training images, 10 % held out for the threshold; "
         "test: 252 good, 392 defective).",
         "",
         f"- Hardware: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU only.",

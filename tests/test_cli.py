@@ -444,3 +444,12 @@ def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(whole_run_copy, t
 
 def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):
     assert_clean_error(invoke("calibrate", whole_run_copy, "--data", tiny_dataset), "trained on", "test set")
+
+
+def test_demo_generates_trains_tests_and_reports(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "demo", "--epochs", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "demo" / "run" / "report.html"
+    assert report.is_file() and str(report.resolve()) in result.output
+    metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())
+    assert metrics["num_defective"] == 30 and metrics["image_auroc"] is not None

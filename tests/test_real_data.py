@@ -25,3 +25,13 @@ def test_patchcore_on_mtd(tmp_path):
     assert metrics["image_auroc"] >= 0.90
     assert metrics["pixel_auroc"] >= 0.75
     assert metrics["pixel_aupro"] >= 0.70
+
+
+def test_simplenet_on_mtd(tmp_path):
+    # The documented MTD setting (docs/benchmarks.md, 8 epochs). It measured 88.3 / 76.1 / 63.4 here, below the
+    # issue's floors of 93 / 80 / 75 (see docs/methods.md); these bounds guard against regressions from there.
+    options = {**WHOLE_IMAGE_224, "embed_dim": 384, "num_epochs": 8}
+    metrics = _fit_and_test("simplenet", options, tmp_path)
+    assert metrics["image_auroc"] >= 0.85
+    assert metrics["pixel_auroc"] >= 0.72
+    assert metrics["pixel_aupro"] >= 0.58

@@ -304,7 +304,7 @@ DEMO_OPTIONS = {
     "image_size": 224,
     "resize_size": 0,
     "embed_dim": 384,
-    "num_epochs": 12,
+    "num_epochs": 40,
 }
 
 
