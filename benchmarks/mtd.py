@@ -30,6 +30,7 @@ WHOLE_224 = "--backbone efficientnet_lite0 --image-size 224 --resize-size 0"
 SETTINGS = {
     "patchcore": f"--model patchcore {WHOLE_224} --set coreset_ratio=0.01".split(),
     "simplenet": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8".split(),
+    "cfa": f"--model cfa {WHOLE_224} --set gamma_c=4 --set num_epochs=8".split(),
 }
 
 
