@@ -16,6 +16,19 @@ QUICK_OPTIONS = {
     "simplenet": {"num_epochs": 1, "batch_size": 4, "embed_dim": 64, "discriminator_hidden": 32},
     "efficientad": {"num_steps": 3},
     "cfa": {"num_epochs": 1, "gamma_d": 4, "gamma_c": 4, "kmeans_max_iter": 50},
+    "prn": {"num_epochs": 1, "steps_per_epoch": 1, "batch_normal": 2, "batch_simulated": 2, "msa_depth": 1},
+    "mlff": {
+        "num_epochs": 1,
+        "repeat_factor": 4,
+        "batch_size": 4,
+        "texture_dim": 16,
+        "feat_dim": 16,
+        "tem_levels": 8,
+        "tem_stat_dim": 8,
+        "sc_reduce": 16,
+        "freeze_backbone": True,
+        "lr": 0.01,
+    },
 }
 BASE_OPTIONS = {"backbone": "resnet18", "image_size": 64, "resize_size": 0}
 

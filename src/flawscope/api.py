@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from .calibration import DEFAULT_TARGET_FPR, threshold_f1, threshold_from_normals
-from .data import Sample, load_dataset, split_validation
+from .data import Sample, load_anomaly_folder, load_dataset, select_seen_anomalies, split_validation
 from .errors import ConfigError
 from .fitting import FitContext
 from .model_io import load_model, read_model_info, save_model
@@ -116,12 +117,19 @@ def fit(
     weights_path: str | Path | None = None,
     quiet: bool = False,
     num_workers: int = 0,
+    seen_anomalies: int | None = None,
+    anomaly_dir: str | Path | None = None,
 ) -> Path:
     """Trains ``method`` on the good training images of ``data`` and writes a run folder.
 
     A seeded ``val_ratio`` share of ``train/good`` is held out to calibrate the threshold; test images are never
     looked at. Writes ``out/model/`` (model.json + weights.safetensors), ``out/config.json``,
     ``out/environment.json`` and ``out/fit_log.json``.
+
+    Few-shot methods (``supervision="few-shot"``, e.g. PRN) also train on labelled defects: ``seen_anomalies``
+    of them (default 10, the paper's setting) drawn from ``anomaly_dir`` when given, else from the test split of
+    ``data``, stratified over defect types with ``seed``. Their paths go into config.json and ``flawscope test``
+    leaves them out of the test set.
 
     Returns:
         The run folder.
@@ -135,7 +143,8 @@ def fit(
     # At least 3 held-out images, so the threshold and the normalised scale rest on more than one score.
     train, val = split_validation(dataset.train, val_ratio, seed, min_count=3 if val_ratio > 0 else 1)
     seed_everything(seed)
-    ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers)
+    seen, seen_record = _seen_anomalies(spec, dataset.test, seen_anomalies, anomaly_dir, seed)
+    ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers, seen_anomalies=seen)
     model = spec.model_class(config, pretrained=True, weights_path=weights_path)
     start = time.perf_counter()
     training = spec.fit(model, train, ctx)
@@ -158,11 +167,56 @@ def fit(
             "num_val": len(val),
             "fit_seconds": round(fit_seconds, 2),
             "val_images": [str(s.path) for s in val],
+            **seen_record,
         },
     )
     write_json(out / "environment.json", environment(seed, str(torch_device)))
     write_json(out / "fit_log.json", ctx.log)
     return out
+
+
+DEFAULT_SEEN_ANOMALIES = 10  # PRN's "general setting" (DRA, DevNet): 10 labelled defects per category
+
+
+def _seen_anomalies(
+    spec, test: Sequence[Sample], count: int | None, anomaly_dir: str | Path | None, seed: int
+) -> tuple[list[Sample], dict[str, Any]]:
+    """The labelled defects a few-shot method trains on, and what config.json records about them."""
+    if spec.supervision != "few-shot":
+        if count or anomaly_dir:
+            raise ConfigError(
+                f"{spec.name} trains on good images only (supervision {spec.supervision!r}); it cannot use "
+                f"seen anomalies (got seen_anomalies={count}, anomaly_dir={anomaly_dir}). Drop --seen-anomalies / "
+                "--anomaly-dir, or choose a few-shot method such as prn."
+            )
+        return [], {}
+    pool = load_anomaly_folder(anomaly_dir) if anomaly_dir else list(test)
+    # A separate defect folder is used whole unless a count is given.
+    requested = (len(pool) if anomaly_dir else DEFAULT_SEEN_ANOMALIES) if count is None else count
+    seen = select_seen_anomalies(pool, requested, seed)
+    source = str(anomaly_dir) if anomaly_dir else "test split of the data (removed from it by `flawscope test`)"
+    if not seen:
+        why = "0 seen anomalies were asked for" if requested == 0 else f"no labelled defects with masks in the {source}"
+        warnings.warn(
+            f"{spec.name} trains on synthetic defects only ({why}), so it learns no real defect appearance (see "
+            "docs/methods.md). Give --seen-anomalies N with a labelled test split, or --anomaly-dir DIR.",
+            stacklevel=3,
+        )
+    elif len(seen) < requested:
+        warnings.warn(
+            f"{spec.name}: {requested} seen anomalies were asked for but only {len(seen)} labelled defect(s) with "
+            f"masks exist in the {source}; it trains on those and on synthetic defects.",
+            stacklevel=3,
+        )
+    record = {
+        "seen_anomalies_requested": requested,
+        "seen_anomalies_source": source,
+        "seen_anomaly_seed": seed,
+        "seen_anomalies": [str(s.path.resolve()) for s in seen],
+        "seen_anomaly_masks": [str(s.mask_path.resolve()) for s in seen],
+        "seen_anomalies_from_test": anomaly_dir is None,
+    }
+    return seen, record
 
 
 def calibrate_run(

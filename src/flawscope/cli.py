@@ -1,4 +1,4 @@
-"""The `flawscope` command: fit | test | predict | calibrate | info | demo."""
+"""The `flawscope` command: fit | test | predict | export | bench | calibrate | synth | info | distill | demo."""
 
 from __future__ import annotations
 
@@ -58,6 +58,19 @@ def main() -> None:
 @click.option("--category", default=None, help="category folder inside a multi-category data root")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="explicit backbone weights file")
+@click.option(
+    "--seen-anomalies",
+    type=click.IntRange(min=0),
+    default=None,
+    help="few-shot methods (prn): labelled defects to train on, drawn from the test split (or --anomaly-dir) "
+    "stratified by type; `flawscope test` excludes them. Default 10 (all of --anomaly-dir)",
+)
+@click.option(
+    "--anomaly-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="few-shot methods: a separate folder of labelled defects (<type>/ + ground_truth/<type>/)",
+)
 @DEVICE
 @QUIET
 def fit(
@@ -74,6 +87,8 @@ def fit(
     category,
     layout,
     weights,
+    seen_anomalies,
+    anomaly_dir,
     device,
     quiet,
 ) -> None:
@@ -97,6 +112,8 @@ def fit(
         category=category,
         weights_path=weights,
         quiet=quiet,
+        seen_anomalies=seen_anomalies,
+        anomaly_dir=anomaly_dir,
     )
     click.echo(f"model written to {run / 'model'}")
 
@@ -109,9 +126,15 @@ def fit(
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--no-report", is_flag=True, help="skip report.html")
+@click.option(
+    "--exclude-seen-of",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="also leave out the defects another (few-shot) run trained on, to compare on the same images",
+)
 @DEVICE
 @QUIET
-def test(run, data, out, category, layout, batch_size, no_report, device, quiet) -> None:
+def test(run, data, out, category, layout, batch_size, no_report, exclude_seen_of, device, quiet) -> None:
     """Evaluate RUN on the labelled test split of DATA."""
     from .evaluation import test as run_test
 
@@ -125,7 +148,10 @@ def test(run, data, out, category, layout, batch_size, no_report, device, quiet)
         batch_size=batch_size,
         quiet=quiet,
         report=not no_report,
+        exclude_seen_of=exclude_seen_of,
     )
+    if metrics.get("num_excluded_seen"):
+        click.echo(f"  {metrics['num_excluded_seen']} seen defects used in training were left out of the test set")
     _print_metrics(metrics)
     click.echo(f"report: {(out or run) / 'report.html'}" if not no_report else f"metrics: {(out or run)}")
 
@@ -141,21 +167,66 @@ def _print_metrics(metrics: dict) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--no-overlays", is_flag=True, help="write the CSV only")
+@click.option("--no-overlays", is_flag=True, help="no heat-map overlays (CSV and JSON lines only)")
+@click.option("--masks", is_flag=True, help="also write binary defect masks (masks/*.png, 255 = defect)")
+@click.option("--min-area", type=int, default=0, show_default=True, help="drop defect regions under this many pixels")
 @click.option("--strict", is_flag=True, help="stop at the first unreadable image instead of skipping it")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch / ONNX Runtime (default: torch's)")
 @DEVICE
 @QUIET
-def predict(run, paths, out, batch_size, no_overlays, strict, device, quiet) -> None:
-    """Score new images (files, folders or globs) with RUN."""
+def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, threads, device, quiet) -> None:
+    """Score new images (files, folders or globs) with RUN: a run folder, or an exported .onnx / .pt file."""
     from .prediction import predict as run_predict
 
     csv_path = run_predict(
-        run, paths, out, device=device, batch_size=batch_size, overlays=not no_overlays, strict=strict, quiet=quiet
+        run,
+        paths,
+        out,
+        device=device,
+        batch_size=batch_size,
+        overlays=not no_overlays,
+        masks=masks,
+        min_area=min_area,
+        strict=strict,
+        quiet=quiet,
+        threads=threads,
     )
-    click.echo(f"predictions: {csv_path}")
+    click.echo(f"predictions: {csv_path} and {csv_path.with_suffix('.jsonl')}")
     skipped = csv_path.parent / "skipped.csv"
     if skipped.is_file():
         click.echo(f"some images could not be read and were skipped; see {skipped}", err=True)
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--format", "export_format", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True
+)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="default: RUN/export/model.onnx or .pt")
+@click.option("--batch", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size N")
+@click.option("--half", is_flag=True, help="float16 weights (inputs, outputs and threshold stay float32)")
+@click.option("--no-check", is_flag=True, help="skip the parity check against the torch model")
+def export(run, export_format, out, batch, half, no_check) -> None:
+    """Export RUN's inference graph (normalisation, calibration and threshold included) to ONNX or TorchScript."""
+    from .export import FORMATS, check_parity, export_model
+    from .export.parity import held_out_images
+    from .model_io import load_model, read_model_info
+
+    model = load_model(read_model_info(run)["folder"])
+    model.check_fitted()
+    path = out or Path(run) / "export" / f"model{FORMATS[export_format]}"
+    export_model(model, path, export_format, batch=batch, half=half)
+    click.echo(f"{export_format} model written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if not no_check:
+        images = held_out_images(run, model)
+        report = check_parity(model, path, images)
+        near = report["near_threshold"]
+        click.echo(
+            f"parity with torch on {report['images']} {'random' if images is None else 'held-out'} images: "
+            f"max |difference| {report['max_abs_norm']:.1e} on the calibrated outputs, {report['max_rel_raw']:.1e} "
+            f"of the map's range on the raw ones (allowed {report['atol']:.0e}), decisions equal"
+            + (f" ({near} image(s) within the tolerance of the threshold not compared)" if near else "")
+        )
 
 
 @main.command()
@@ -298,6 +369,50 @@ def distill(
     click.echo(f"next: flawscope fit --model efficientad --set size={size} --set teacher_path={report['out']} ...")
 
 
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="data set root whose good images to use")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="new folder for the validation set")
+@click.option(
+    "--run",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="use this run's held-out good images and input geometry (recommended: the model never saw them)",
+)
+@click.option("--num-defects", type=int, default=None, help="images that get a defect (default: half)")
+@click.option("--image-size", type=int, default=256, show_default=True, help="side of the written images")
+@click.option("--resize-size", type=int, default=0, show_default=True, help="0 = resize the whole image, no crop")
+@click.option("--textures", type=click.Path(path_type=Path), default=None, help="texture folder (e.g. DTD)")
+@click.option("--foreground", is_flag=True, help="place defects on the Otsu foreground (object categories)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--category", default=None)
+@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+def synth(data, out, run, num_defects, image_size, resize_size, textures, foreground, seed, category, layout) -> None:
+    """Write a synthetic labelled validation set (good images + simulated defects with masks) to OUT.
+
+    Calibrate a run on it when no real defects exist: flawscope calibrate RUN --data OUT --rule f1
+    """
+    from .data import load_dataset
+    from .synthesis import write_synthetic_validation_set
+
+    images = [sample.path for sample in load_dataset(data, layout=layout, category=category).train]
+    if run is not None:
+        config = json.loads((Path(run) / "config.json").read_text())
+        images = [Path(p) for p in config.get("val_images", [])] or images
+        image_size, resize_size = config["options"]["image_size"], config["options"]["resize_size"]
+    summary = write_synthetic_validation_set(
+        images,
+        out,
+        num_defects=num_defects,
+        image_size=image_size,
+        resize_size=resize_size,
+        texture_dir=textures,
+        use_foreground=foreground,
+        seed=seed,
+    )
+    click.echo(f"{summary['num_good']} good and {summary['num_defects']} synthetic defective images written to {out}")
+    click.echo(f"next: flawscope calibrate RUN --data {out} --rule f1")
+
+
 # The demo's short schedule: SimpleNet on EfficientNet-Lite0 (real weights ship with flawscope's dependencies).
 DEMO_OPTIONS = {
     "backbone": "efficientnet_lite0",
@@ -344,6 +459,36 @@ def demo(out, texture, epochs, device, quiet) -> None:
     _print_metrics(metrics)
     click.echo(f"report: {(run / 'report.html').resolve()}")
     click.echo(f"next: flawscope predict {run} {data / 'test' / 'scratch'} --out {out / 'predictions'}")
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="labelled data set (MVTec layout or VisA)")
+@click.option("--models", default=None, help="comma-separated methods, e.g. patchcore,simplenet")
+@click.option("--set", "overrides", multiple=True, metavar="[MODEL:]KEY=VALUE", help="option for all or one model")
+@click.option("--settings", type=click.Path(path_type=Path), default=None, help='JSON {"name": {"model", "options"}}')
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for runs, bench.md, bench.json")
+@click.option("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)")
+@click.option("--repeats", type=int, default=20, show_default=True, help="timed calls at batch 1")
+@click.option("--category", default=None)
+@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench(data, models, overrides, settings, out, threads, repeats, category, layout, seed) -> None:
+    """Fit, test, export and time several models on DATA; write one table (bench.md, bench.json)."""
+    from .bench import parse_settings, run_bench
+
+    result = run_bench(
+        data,
+        parse_settings(models, overrides, settings),
+        out,
+        threads=threads,
+        repeats=repeats,
+        seed=seed,
+        layout=layout,
+        category=category,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    click.echo((Path(out) / "bench.md").read_text())
+    click.echo(f"written: {Path(out) / 'bench.md'}, {Path(out) / 'bench.json'} ({len(result['rows'])} rows)")
 
 
 if __name__ == "__main__":

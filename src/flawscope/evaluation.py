@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 
 from . import metrics as M
 from .api import ScoredImages, _check_outside, resolve_device, score_images
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, exclude_samples, load_dataset
 from .errors import DataError
 from .fitting import FitContext
 from .model_io import load_model, read_model_info
@@ -112,6 +113,12 @@ def _gallery(model: AnomalyModel, scored: ScoredImages) -> dict[str, list[Galler
     return gallery
 
 
+def seen_anomaly_paths(run: str | Path) -> list[str]:
+    """Image paths of the labelled defects a run trained on (config.json ``seen_anomalies``; empty if none)."""
+    config = Path(run) / "config.json"
+    return list(json.loads(config.read_text()).get("seen_anomalies", [])) if config.is_file() else []
+
+
 def test(
     run: str | Path,
     data: str | Path,
@@ -123,8 +130,13 @@ def test(
     batch_size: int = 8,
     quiet: bool = False,
     report: bool = True,
+    exclude_seen_of: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluates a run on the test split of ``data``.
+
+    Defective images the run trained on (few-shot methods; listed in its config.json) are removed from the test
+    set first; ``exclude_seen_of`` removes those of another run too, so an unsupervised model can be compared
+    with a few-shot one on the very same images. The removed paths are listed in metrics.json.
 
     Writes into ``out`` (default: the run folder) ``metrics.json``, ``per_image.csv``, ``curves.json`` and
     ``report.html``.
@@ -141,8 +153,10 @@ def test(
     out = Path(out) if out else run
     _check_outside(out, dataset.root)
     out.mkdir(parents=True, exist_ok=True)
+    seen = seen_anomaly_paths(run) + (seen_anomaly_paths(exclude_seen_of) if exclude_seen_of else [])
+    test_samples, excluded = exclude_samples(dataset.test, seen)
     ctx = FitContext(device=resolve_device(device), quiet=quiet)
-    scored = score_images(model, dataset.test, ctx, batch_size, keep_maps=True)
+    scored = score_images(model, test_samples, ctx, batch_size, keep_maps=True)
     model.cpu()
     start = time.perf_counter()
     metrics, curves = compute_metrics(scored)
@@ -163,6 +177,8 @@ def test(
             "per_type": per_type_auroc(scored),
             "method": info["method"],
             "data": str(dataset.root),
+            "num_excluded_seen": len(excluded),
+            "excluded_seen": [str(s.path) for s in excluded],
         }
     )
     write_json(out / "metrics.json", metrics)
@@ -179,6 +195,11 @@ def test(
                 "data": str(dataset.root),
                 "threshold (raw)": f"{threshold:.6g}",
                 "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)",
+                **(
+                    {"excluded": f"{len(excluded)} seen defects used in training (listed in metrics.json)"}
+                    if excluded
+                    else {}
+                ),
             },
             metrics={
                 k: metrics[k]

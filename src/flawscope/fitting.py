@@ -26,6 +26,7 @@ class FitContext:
         quiet: hide progress bars.
         num_workers: DataLoader worker processes.
         log: free-form per-epoch records a fit routine appends (losses), saved in the run folder.
+        seen_anomalies: labelled defective samples (with masks) for few-shot methods; empty for the others.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -33,6 +34,7 @@ class FitContext:
     quiet: bool = False
     num_workers: int = 0
     log: list[dict] = field(default_factory=list)
+    seen_anomalies: Sequence[Sample] = ()
 
     def loader(
         self, samples: Sequence[Sample], config: ModelConfig, batch_size: int, shuffle: bool = False

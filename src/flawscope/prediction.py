@@ -1,20 +1,34 @@
-"""`flawscope predict`: score new images with a trained run, write a CSV and heat-map overlays."""
+"""`flawscope predict`: score new images with a run or an exported file; write CSV, JSON lines, overlays, masks.
+
+Streaming: images are decoded batch by batch and every row is written as soon as its batch is scored, so memory
+stays constant whatever the number of images (only the list of paths and of unreadable files is kept).
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .api import _check_outside, resolve_device
+from .api import _check_outside
 from .data import Sample, find_images, make_loader
 from .errors import DataError
+from .export import Prediction, load_inferencer
 from .fitting import FitContext
-from .model_io import load_model, read_model_info
 from .report import heatmap_overlay, save_png
+
+CSV_COLUMNS = ["path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"]
+
+
+def _region_rows(prediction: Prediction) -> list[dict]:
+    return [
+        {**r.to_dict(), "peak_score": round(r.peak_score, 4), "peak_raw": float(f"{r.peak_raw:.6g}")}
+        for r in prediction.regions
+    ]
 
 
 def predict(
@@ -25,50 +39,82 @@ def predict(
     device: str = "auto",
     batch_size: int = 8,
     overlays: bool = True,
+    masks: bool = False,
+    min_area: int = 0,
     strict: bool = False,
     quiet: bool = False,
+    threads: int | None = None,
 ) -> Path:
     """Scores every image found under ``paths`` (files, folders, globs).
 
-    Writes ``out/predictions.csv`` (path, raw_score, norm_score, decision) and, with ``overlays``, one
-    ``out/overlays/NNNNN_<name>.png`` per image. Unreadable files are skipped and listed in ``out/skipped.csv``
-    unless ``strict``, which stops at the first one.
+    Args:
+        run: a run or model folder (torch), or an exported ``.onnx`` / TorchScript ``.pt`` file.
+        paths: image files, folders (searched recursively) and glob patterns.
+        out: output folder (never inside an input folder).
+        device: 'auto', 'cpu', 'cuda' (ONNX Runtime uses CUDA when it has the provider).
+        batch_size: images per forward pass.
+        overlays: write ``out/overlays/NNNNN_<name>.png`` (heat map, region outlines).
+        masks: write ``out/masks/NNNNN_<name>.png``, the binary defect mask (255 = defect).
+        min_area: regions smaller than this many pixels are dropped (from the regions and the masks).
+        strict: stop at the first unreadable image instead of skipping it and listing it in ``out/skipped.csv``.
+        quiet: no progress bar.
+        threads: CPU threads for torch and ONNX Runtime (default: torch's setting). On a machine shared with other
+            jobs, fewer threads than cores is often faster: threads of one operation wait for each other.
+
+    Writes ``out/predictions.csv`` (one row per image: path, raw and normalised score, decision, number of regions,
+    defect area in pixels, the regions as JSON) and ``out/predictions.jsonl`` (the same as one JSON object per
+    line, with the overlay and mask paths). Regions are in pixels of the model input; see docs/deploy.md.
 
     Returns:
         The path of predictions.csv.
     """
-    info = read_model_info(run)
-    model = load_model(info["folder"])
-    model.check_fitted()
+    if threads:
+        torch.set_num_threads(threads)
+    inferencer = load_inferencer(run, device, threads)
     images = find_images(paths)
     out = Path(out)
     for folder in (Path(p) for p in paths):
-        if folder.is_dir():  # overlays written there would be read back as images by the next run
+        if folder.is_dir():  # files written there would be read back as images by the next run
             _check_outside(out, folder)
-    (out / "overlays").mkdir(parents=True, exist_ok=True) if overlays else out.mkdir(parents=True, exist_ok=True)
-    ctx = FitContext(device=resolve_device(device), quiet=quiet)
-    model.to(ctx.device).eval()
-    cfg = model.config
+    out.mkdir(parents=True, exist_ok=True)
     samples = [Sample(path) for path in images]
-    loader = make_loader(samples, cfg.image_size, cfg.resize_size, batch_size=batch_size, skip_bad=not strict)
+    loader = make_loader(
+        samples, inferencer.image_size, inferencer.resize_size, batch_size=batch_size, skip_bad=not strict
+    )
+    progress = FitContext(quiet=quiet).progress
     csv_path = out / "predictions.csv"
-    with open(csv_path, "w", newline="") as f, torch.inference_mode():
-        writer = csv.writer(f)
-        writer.writerow(["path", "raw_score", "norm_score", "decision"])
-        for batch in ctx.progress(loader, "predicting", len(loader)):
+    with open(csv_path, "w", newline="") as csv_file, open(out / "predictions.jsonl", "w") as jsonl_file:
+        writer = csv.writer(csv_file)
+        writer.writerow(CSV_COLUMNS)
+        for batch in progress(loader, "predicting", len(loader)):
             if batch is None:
                 continue
-            result = model(batch["image"].to(ctx.device))
-            for row, index in enumerate(batch["index"].tolist()):
-                raw, norm = float(result.pred_score[row]), float(result.norm_score[row])
-                writer.writerow([images[index], f"{raw:.6g}", f"{norm:.4f}", "defective" if norm > 0.5 else "good"])
+            predictions = inferencer.predict(batch["image"], min_area=min_area)
+            for index, pixels, prediction in zip(batch["index"].tolist(), batch["image"], predictions, strict=True):
+                name = f"{index:05d}_{images[index].stem}.png"
+                regions = _region_rows(prediction)
+                row = {
+                    "path": str(images[index]),
+                    "raw_score": float(f"{prediction.raw_score:.6g}"),
+                    "norm_score": round(prediction.norm_score, 4),
+                    "decision": prediction.decision,
+                    "num_regions": len(regions),
+                    "defect_area": int(prediction.mask.sum()),
+                    "regions": regions,
+                    "overlay": f"overlays/{name}" if overlays else None,
+                    "mask": f"masks/{name}" if masks else None,
+                }
+                writer.writerow(
+                    [row[c] if c != "regions" else json.dumps(regions, separators=(",", ":")) for c in CSV_COLUMNS]
+                )
+                jsonl_file.write(json.dumps(row) + "\n")
                 if overlays:
-                    image = (batch["image"][row].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                    region = result.norm_map[row, 0].cpu().numpy()
-                    save_png(
-                        out / "overlays" / f"{index:05d}_{images[index].stem}.png",
-                        heatmap_overlay(image, region, region > 0.5),
-                    )
+                    image = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                    save_png(out / row["overlay"], heatmap_overlay(image, prediction.norm_map, prediction.mask))
+                if masks:
+                    save_png(out / row["mask"], prediction.mask.astype(np.uint8) * 255)
+            csv_file.flush()
+            jsonl_file.flush()
     bad = getattr(loader.dataset, "bad_files", [])
     (out / "skipped.csv").unlink(missing_ok=True)  # a list left by an earlier run into this folder would mislead
     if bad:

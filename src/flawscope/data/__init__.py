@@ -3,6 +3,7 @@
 from flawscope.data.dataset import ImageDataset, collate, make_loader, preprocess, preprocess_mask
 from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, read_mask
 from flawscope.data.layouts import DatasetSplit, Sample, find_images, load_dataset, split_validation
+from flawscope.data.seen import exclude_samples, load_anomaly_folder, select_seen_anomalies
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -10,13 +11,16 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "collate",
+    "exclude_samples",
     "find_images",
     "is_image_file",
+    "load_anomaly_folder",
     "load_dataset",
     "make_loader",
     "preprocess",
     "preprocess_mask",
     "read_image",
     "read_mask",
+    "select_seen_anomalies",
     "split_validation",
 ]

@@ -1,3 +1,3 @@
 """Built-in methods. Importing this package registers them (see flawscope.registry)."""
 
-from . import cfa, efficientad, patchcore, simplenet  # noqa: F401
+from . import cfa, efficientad, mlff, patchcore, prn, simplenet  # noqa: F401

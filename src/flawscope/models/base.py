@@ -26,6 +26,15 @@ class AnomalyOutput(NamedTuple):
     norm_score: Tensor  # (B,) pred_score on the calibrated scale; > 0.5 means "defective"
 
 
+def normalize_scores(raw: Tensor, threshold: Tensor, score_low: Tensor) -> Tensor:
+    """Maps raw scores linearly so that ``score_low`` -> 0 and ``threshold`` -> 0.5, then clips to [0, 1].
+
+    A function of its own so that an export wrapper can apply it in float32 to a half-precision graph's output.
+    """
+    scale = (threshold - score_low).clamp_min(1e-12)
+    return (0.5 * (raw - score_low) / scale).clamp(0.0, 1.0)
+
+
 class AnomalyModel(nn.Module):
     """Base class of the inference modules. Subclasses implement :meth:`raw_scores`.
 
@@ -56,8 +65,7 @@ class AnomalyModel(nn.Module):
 
     def normalize(self, raw: Tensor) -> Tensor:
         """Maps raw scores linearly so that ``score_low`` -> 0 and ``threshold`` -> 0.5, then clips to [0, 1]."""
-        scale = (self.threshold - self.score_low).clamp_min(1e-12)
-        return (0.5 * (raw - self.score_low) / scale).clamp(0.0, 1.0)
+        return normalize_scores(raw, self.threshold, self.score_low)
 
     def set_calibration(self, threshold: float, score_low: float) -> None:
         """Stores the decision threshold and the typical normal score (raw units)."""

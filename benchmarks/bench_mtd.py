@@ -1,0 +1,67 @@
+"""`flawscope bench` on MTD for every model; writes its table into docs/benchmarks.md (and docs/bench_mtd.json).
+
+Every setting uses EfficientNet-Lite0 (the ImageNet weights reachable offline here) on whole images resized to
+224 px, as benchmarks/mtd.py does. EfficientAD needs a distilled teacher (`flawscope distill`), given with
+``--teacher``; without one it is left out. Usage:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_mtd.py --threads 1                 # every setting
+    OMP_NUM_THREADS=1 python benchmarks/bench_mtd.py --only patchcore --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from _common import REPO, write_section
+from flawscope.bench import BenchSetting, render_markdown, run_bench
+from flawscope.registry import available_methods
+
+SECTION = "## MTD: flawscope bench (accuracy, speed in torch and ONNX Runtime, memory)"
+LITE0 = {"backbone": "efficientnet_lite0", "image_size": 224, "resize_size": 0}
+SETTINGS = {
+    "patchcore": {**LITE0, "coreset_ratio": 0.01},
+    "simplenet": {**LITE0, "embed_dim": 384, "num_epochs": 8},
+    "cfa": {**LITE0, "gamma_c": 4, "num_epochs": 8},
+    "efficientad": {},  # + teacher_path from --teacher
+    "prn": dict(LITE0),
+    "mlff": dict(LITE0),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO / "../shared/datasets/mtd")
+    parser.add_argument("--out", type=Path, default=REPO / "runs/bench-mtd")
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--teacher", default="", help="EfficientAD teacher (.safetensors from flawscope distill)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--docs", type=Path, default=REPO / "docs/benchmarks.md")
+    args = parser.parse_args()
+    if not (args.data / "train" / "good").is_dir():
+        sys.exit(f"MTD not found at {args.data}")
+    names = args.only or [n for n in SETTINGS if n in available_methods() and (n != "efficientad" or args.teacher)]
+    settings = [
+        BenchSetting(n, n, {**SETTINGS[n], **({"teacher_path": args.teacher} if n == "efficientad" else {})})
+        for n in names
+    ]
+    result = run_bench(args.data.resolve(), settings, args.out, threads=args.threads, repeats=args.repeats)
+    # Rows of earlier runs (other --only selections) are kept, so the table can be built one model at a time.
+    store = args.docs.with_name("bench_mtd.json")
+    previous = json.loads(store.read_text()) if store.exists() else {"rows": [], "settings": []}
+    kept = [r for r in previous["rows"] if r["name"] not in names]
+    kept_settings = [s for s in previous["settings"] if s["name"] not in names]
+    result = {**result, "rows": kept + result["rows"], "settings": kept_settings + result["settings"]}
+    store.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    section = render_markdown(result, SECTION)
+    print(section)
+    write_section(args.docs, SECTION, section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""`flawscope bench`: accuracy, fit time, latency, throughput and memory of several models on one data set.
+
+Each setting runs in its own spawned process (so its peak memory is its own): fit, test (image AUROC, pixel AUROC,
+AUPRO), ONNX export with a parity check, then inference timing in torch and ONNX Runtime at batch 1 (latency, median
+of ``repeats`` calls) and batch 16 (throughput), with the same thread count for both runtimes. The machine's peak
+fp32 throughput is measured once with a square matrix product, and each model's FLOPs per image (convolutions and
+matrix products, counted by ``torch.utils.flop_counter``) turn its throughput into a fraction of that peak.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import parse_overrides
+from .errors import ConfigError
+from .registry import get_method
+
+THROUGHPUT_BATCH = 16
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    """One row of the table: a name, a method and its options."""
+
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_settings(
+    models: str | None, overrides: Sequence[str] = (), settings_file: str | Path | None = None
+) -> list[BenchSetting]:
+    """Settings from ``--models a,b``, ``--set key=value`` (all models) / ``--set model:key=value`` (one model), or
+    a JSON file ``{"name": {"model": "patchcore", "options": {...}}, ...}``."""
+    settings: list[BenchSetting] = []
+    if settings_file:
+        for name, entry in json.loads(Path(settings_file).read_text()).items():
+            settings.append(BenchSetting(name, entry.get("model", name), dict(entry.get("options", {}))))
+    for method in [m.strip() for m in (models or "").split(",") if m.strip()]:
+        settings.append(BenchSetting(method, method, {}))
+    if not settings:
+        raise ConfigError("bench needs --models a,b,... or --settings FILE.")
+    shared: dict[str, str] = {}
+    specific: dict[str, dict[str, str]] = {}
+    for key, value in parse_overrides(overrides).items():
+        target, sep, option_name = key.partition(":")
+        if sep:
+            specific.setdefault(target, {})[option_name] = value
+        else:
+            shared[key] = value
+    result = []
+    for s in settings:
+        options = {**shared, **s.options, **specific.get(s.name, {})}
+        get_method(s.method).config_class.from_dict(options)  # fail before any fitting starts
+        result.append(BenchSetting(s.name, s.method, options))
+    return result
+
+
+def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    """Best-of-``repeats`` fp32 GFLOP/s of a ``size`` x ``size`` matrix product with ``threads`` threads.
+
+    The best rather than the median: on a shared machine the slower calls measure the other jobs, not the CPU.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.rand(size, size), torch.rand(size, size)
+        out = torch.empty(size, size)
+        torch.mm(a, b, out=out)
+        best = min(_timed(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+def count_flops(model: torch.nn.Module, image_size: int) -> dict[str, float]:
+    """FLOPs of one image through ``model`` (convolutions and matrix products), total and in the backbone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.rand(1, 3, image_size, image_size))
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    backbone = sum(v for k, v in per_module.items() if k.count(".") == 1 and k.endswith(".backbone"))
+    return {"total": float(counter.get_total_flops()), "backbone": float(backbone)}
+
+
+def time_inference(inferencer, image_size: int, repeats: int) -> dict[str, float]:
+    """Latency at batch 1 (median of ``repeats`` calls) and images/s at batch 16 of an inferencer, random inputs."""
+    one = torch.rand(1, 3, image_size, image_size).numpy()
+    batch = torch.rand(THROUGHPUT_BATCH, 3, image_size, image_size).numpy()
+    latency = _median_seconds(lambda: inferencer.run(one), repeats, warmup=2)
+    per_batch = _median_seconds(lambda: inferencer.run(batch), max(2, repeats // 4))
+    return {"latency_ms": 1000 * latency, "images_per_second": THROUGHPUT_BATCH / per_batch}
+
+
+def bench_setting(
+    setting: BenchSetting,
+    data: str,
+    out: str,
+    threads: int,
+    repeats: int,
+    seed: int = 0,
+    layout: str = "auto",
+    category: str | None = None,
+) -> dict[str, Any]:
+    """Fit, test, export and time one setting in this process; returns its row of the table."""
+    from .api import fit
+    from .evaluation import test
+    from .export import OnnxInferencer, TorchInferencer, check_parity, export_model
+    from .model_io import load_model
+
+    torch.set_num_threads(threads)
+    run = Path(out) / setting.name
+    start = time.perf_counter()
+    fit(
+        setting.method,
+        data,
+        run,
+        options=setting.options,
+        seed=seed,
+        device="cpu",
+        layout=layout,
+        category=category,
+        quiet=True,
+    )
+    fit_seconds = time.perf_counter() - start
+    metrics = test(run, data, layout=layout, category=category, device="cpu", quiet=True, report=False)
+    model = load_model(run / "model")
+    onnx_path = export_model(model, run / "export" / "model.onnx", "onnx")
+    parity = check_parity(model, onnx_path)
+    size = model.config.image_size
+    torch_speed = time_inference(TorchInferencer(model, "cpu"), size, repeats)
+    onnx_speed = time_inference(OnnxInferencer(onnx_path, "cpu", threads), size, repeats)
+    flops = count_flops(model, size)
+    return {
+        "name": setting.name,
+        "method": setting.method,
+        "options": model.config.to_dict(),
+        "image_auroc": metrics["image_auroc"],
+        "pixel_auroc": metrics["pixel_auroc"],
+        "pixel_aupro": metrics["pixel_aupro"],
+        "fit_seconds": fit_seconds,
+        "torch": torch_speed,
+        "onnxruntime": onnx_speed,
+        "parity_max_abs_norm": parity["max_abs_norm"],
+        "gflop_per_image": flops["total"] / 1e9,
+        "backbone_flop_share": flops["backbone"] / flops["total"] if flops["total"] else None,
+        # ru_maxrss is KiB on Linux: the peak of this whole process (fit, test, export, timing).
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_bench(
+    data: str | Path,
+    settings: Sequence[BenchSetting],
+    out: str | Path,
+    *,
+    threads: int | None = None,
+    repeats: int = 20,
+    seed: int = 0,
+    layout: str = "auto",
+    category: str | None = None,
+    isolate: bool = True,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Benchmarks every setting on ``data`` and writes ``out/bench.json`` and ``out/bench.md``.
+
+    Args:
+        threads: torch and ONNX Runtime threads (default: torch's current count).
+        repeats: timed calls at batch 1 (batch 16 uses a quarter of them, at least 2).
+        isolate: run each setting in a fresh spawned process (peak memory per setting); False runs them here.
+
+    Returns:
+        The contents of bench.json.
+    """
+    import onnx
+    import onnxruntime
+
+    from .runs import environment
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = threads or torch.get_num_threads()
+    peak = matmul_peak_gflops(threads)
+    rows = []
+    for setting in settings:
+        progress(f"bench: {setting.name} ({setting.method})")
+        args = (setting, str(data), str(out), threads, repeats, seed, layout, category)
+        if isolate:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                row = pool.apply(bench_setting, args)
+        else:
+            row = bench_setting(*args)
+        achieved = row["gflop_per_image"] * row["torch"]["images_per_second"]
+        rows.append({**row, "achieved_gflops": achieved, "peak_fraction": achieved / peak})
+    env = environment()
+    env.update({"threads": threads, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__})
+    result = {
+        "data": str(data),
+        "environment": env,
+        "matmul_peak_gflops": peak,
+        "throughput_batch": THROUGHPUT_BATCH,
+        "repeats": repeats,
+        "rows": rows,
+        "settings": [asdict(s) for s in settings],
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "bench.md").write_text(render_markdown(result))
+    return result
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope bench") -> str:
+    """The bench table with the hardware and software it was measured on."""
+    env = result["environment"]
+    lines = [
+        heading,
+        "",
+        f"Data: `{result['data']}`. Command: `{env.get('command', '')}`.",
+        "",
+        f"- Hardware: {env['cpu']}, {env['cpu_count']} logical CPUs, {env['threads']} threads for torch and ONNX "
+        f"Runtime; GPU: {env.get('cuda') or 'none used'}. Peak fp32 matrix product ({env['threads']} threads, "
+        f"2048x2048, best of 10): {result['matmul_peak_gflops']:.1f} GFLOP/s.",
+        f"- Software: flawscope {env['flawscope']}, Python {env['python']}, torch {env['torch']}, onnxruntime "
+        f"{env['onnxruntime']}, onnx {env['onnx']}, timm {env['timm']}, numpy {env['numpy']}.",
+        f"- Latency: median of {result['repeats']} calls at batch 1. Throughput: batch {result['throughput_batch']}, "
+        "median of a quarter as many calls. Inputs are float32 tensors already resized (decoding not included). "
+        "GFLOP/img counts convolutions and matrix products of one image; % of peak = GFLOP/img x torch images/s / "
+        "peak. Peak MiB: resident set of the process that fitted, tested, exported and timed the model.",
+        "",
+        "| model | image AUROC | pixel AUROC | AUPRO | fit (s) | torch b1 (ms) | torch b16 (img/s) "
+        "| ORT b1 (ms) | ORT b16 (img/s) | GFLOP/img | % of peak | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['name']} | {_pct(r['image_auroc'])} | {_pct(r['pixel_auroc'])} | {_pct(r['pixel_aupro'])} "
+            f"| {r['fit_seconds']:.1f} | {r['torch']['latency_ms']:.1f} | {r['torch']['images_per_second']:.1f} "
+            f"| {r['onnxruntime']['latency_ms']:.1f} | {r['onnxruntime']['images_per_second']:.1f} "
+            f"| {r['gflop_per_image']:.2f} | {100 * r['peak_fraction']:.0f} | {r['peak_mib']:.0f} |"
+        )
+    lines += ["", "Settings:", ""]
+    lines += [f"- {s['name']}: `{s['method']}` {json.dumps(s['options'], sort_keys=True)}" for s in result["settings"]]
+    return "\n".join(lines) + "\n"

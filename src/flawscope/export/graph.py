@@ -1,0 +1,125 @@
+"""The graph that is exported, and the metadata written into every exported file.
+
+An exported file holds one model's whole inference module (input normalisation inside the backbone, the method's
+head, upsampling, smoothing, and the calibrated score normalisation with its threshold) behind one input,
+``images`` (B, 3, S, S) float32 RGB in [0, 1], and the four outputs of :class:`~flawscope.models.base.AnomalyOutput`,
+in that order and under those names.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..errors import ConfigError
+from ..models.base import AnomalyModel, AnomalyOutput, normalize_scores
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = AnomalyOutput._fields  # anomaly_map, pred_score, norm_map, norm_score
+METADATA_KEY = "flawscope"  # ONNX metadata_props key / TorchScript extra file holding the JSON metadata
+EXPORT_FORMAT_VERSION = 1
+
+
+class ExportGraph(nn.Module):
+    """Wraps a fitted model into the exported signature: images -> (anomaly_map, pred_score, norm_map, norm_score).
+
+    With ``half``, the model's weights and activations are float16 while the input, the four outputs and the score
+    normalisation stay float32, so the threshold is compared at full precision.
+
+    Args:
+        model: a fitted model (it is copied, never changed).
+        half: float16 weights.
+    """
+
+    def __init__(self, model: AnomalyModel, half: bool = False) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).cpu().eval()
+        self.half = half
+        # Float32 copies: half-precision thresholds would round the decision boundary to 3 significant digits.
+        self.register_buffer("threshold", model.threshold.detach().float().cpu().clone())
+        self.register_buffer("score_low", model.score_low.detach().float().cpu().clone())
+        if half:
+            self.model.half()
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """images (B, 3, S, S) float32 in [0, 1] -> four float32 tensors, see :class:`AnomalyOutput`."""
+        inputs = images.half() if self.half else images
+        anomaly_map, score = self.model.raw_scores(inputs)
+        anomaly_map, score = anomaly_map.float(), score.float()
+        return (
+            anomaly_map,
+            score,
+            normalize_scores(anomaly_map, self.threshold, self.score_low),
+            normalize_scores(score, self.threshold, self.score_low),
+        )
+
+
+def parse_batch(batch: str | int) -> int | None:
+    """'dynamic' -> None (any batch size); 'N' or N -> N, the fixed batch size of the exported graph."""
+    if isinstance(batch, str) and batch.strip().lower() == "dynamic":
+        return None
+    try:
+        value = int(batch)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise ConfigError(f"--batch must be 'dynamic' or a positive integer; got {batch!r}.")
+    return value
+
+
+def export_metadata(model: AnomalyModel, export_format: str, batch: int | None, half: bool) -> dict[str, Any]:
+    """What a deployer needs besides the graph: input geometry and channel order, threshold, versions."""
+    cfg = model.config
+    return {
+        "format": "flawscope-export",
+        "format_version": EXPORT_FORMAT_VERSION,
+        "export_format": export_format,
+        "method": model.method,
+        "library_version": __version__,
+        "torch_version": torch.__version__,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["B" if batch is None else batch, 3, cfg.image_size, cfg.image_size],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "channel_order": "RGB",
+            "range": [0.0, 1.0],
+            "image_size": cfg.image_size,
+            "resize_size": cfg.resize_size,
+            "preprocessing": (
+                f"resize the whole image to {cfg.image_size}x{cfg.image_size} (bilinear, antialiased)"
+                if cfg.resize_size == 0
+                else f"resize the shorter side to {cfg.resize_size} (bilinear, antialiased), centre-crop "
+                f"{cfg.image_size}x{cfg.image_size}"
+            )
+            + "; divide uint8 values by 255; no mean/std normalisation (it is inside the graph)",
+        },
+        "outputs": {
+            "anomaly_map": "(B, 1, S, S) raw per-pixel anomaly score",
+            "pred_score": "(B,) raw image score",
+            "norm_map": "(B, 1, S, S) calibrated map: threshold -> 0.5, clipped to [0, 1]",
+            "norm_score": "(B,) calibrated image score; > 0.5 means defective",
+        },
+        "batch": "dynamic" if batch is None else batch,
+        "precision": "float16" if half else "float32",
+        "threshold": float(model.threshold),
+        "score_low": float(model.score_low),
+        "decision": "defective when norm_score > 0.5 (pred_score > threshold)",
+        "config": cfg.to_dict(),
+    }
+
+
+def metadata_json(metadata: dict[str, Any]) -> str:
+    return json.dumps(metadata, sort_keys=True)
+
+
+def example_input(model: AnomalyModel, batch: int | None) -> Tensor:
+    """A seeded random batch at the model's input size (2 images for a dynamic batch, so batch is not baked in)."""
+    size = model.config.image_size
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(batch or 2, 3, size, size, generator=generator)

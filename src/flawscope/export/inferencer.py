@@ -1,0 +1,222 @@
+"""One way to run a model, whatever its form: a run folder (torch), an .onnx file (ONNX Runtime), a TorchScript file.
+
+Every inferencer takes a float batch (B, 3, S, S) in [0, 1] (numpy or torch) and returns one :class:`Prediction`
+per image, computed the same way from the graph's four outputs, so the three paths give the same predictions.
+
+>>> inferencer = load_inferencer("runs/mtd/export/model.onnx")
+>>> predictions = inferencer.predict(images)  # images (B, 3, S, S) float32 in [0, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError, ModelFormatError
+from ..models.base import AnomalyModel
+from .graph import INPUT_NAME, OUTPUT_NAMES, export_metadata
+from .regions import Region, find_regions
+
+ONNX_SUFFIXES = (".onnx",)
+TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript")
+
+
+@dataclass
+class Prediction:
+    """What a model says about one image.
+
+    Attributes:
+        raw_score: the image score in the method's own units.
+        norm_score: the calibrated score in [0, 1]; the threshold is 0.5.
+        is_defective: ``norm_score > 0.5``.
+        anomaly_map: (S, S) float32 raw map.
+        norm_map: (S, S) float32 calibrated map in [0, 1].
+        regions: connected components of ``norm_map > 0.5`` of at least ``min_area`` pixels, largest first.
+        mask: (S, S) bool, the pixels of ``regions``.
+    """
+
+    raw_score: float
+    norm_score: float
+    is_defective: bool
+    anomaly_map: np.ndarray = field(repr=False)
+    norm_map: np.ndarray = field(repr=False)
+    regions: list[Region]
+    mask: np.ndarray = field(repr=False)
+
+    @property
+    def decision(self) -> str:
+        return "defective" if self.is_defective else "good"
+
+
+class Inferencer(Protocol):
+    """What ``flawscope predict`` and deployments use: metadata plus ``predict``."""
+
+    metadata: dict[str, Any]
+
+    def predict(self, images: np.ndarray | torch.Tensor, min_area: int = 0) -> list[Prediction]: ...
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class _BaseInferencer:
+    """Shared part: input checks, padding to a fixed export batch, and turning outputs into predictions."""
+
+    metadata: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["input"]["image_size"])
+
+    @property
+    def resize_size(self) -> int:
+        return int(self.metadata["input"]["resize_size"])
+
+    @property
+    def fixed_batch(self) -> int | None:
+        batch = self.metadata.get("batch", "dynamic")
+        return None if batch == "dynamic" else int(batch)
+
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def run(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """images (B, 3, S, S) float in [0, 1] -> the graph's four outputs as float32 numpy arrays, by name."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        size = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            raise DataError(
+                f"This model expects images of shape (B, 3, {size}, {size}) float in [0, 1]; got {images.shape}. "
+                "Use flawscope.data.preprocess() to resize and crop."
+            )
+        batch = self.fixed_batch
+        if batch is None or images.shape[0] == batch:
+            return dict(zip(OUTPUT_NAMES, self._forward(images), strict=True))
+        # A fixed-batch graph: run full chunks, zero-pad the last one and drop what the padding produced.
+        chunks = []
+        for start in range(0, images.shape[0], batch):
+            chunk = images[start : start + batch]
+            count = chunk.shape[0]
+            if count < batch:
+                chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]), np.float32)])
+            chunks.append([output[:count] for output in self._forward(chunk)])
+        return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(OUTPUT_NAMES)}
+
+    def predict(self, images: np.ndarray | torch.Tensor, min_area: int = 0) -> list[Prediction]:
+        """images (B, 3, S, S) float in [0, 1] -> B predictions with regions of at least ``min_area`` pixels."""
+        out = self.run(images)
+        predictions = []
+        for i in range(out["pred_score"].shape[0]):
+            norm_map, raw_map = out["norm_map"][i, 0], out["anomaly_map"][i, 0]
+            regions, mask = find_regions(norm_map, raw_map, min_area=min_area)
+            norm_score = float(out["norm_score"][i])
+            predictions.append(
+                Prediction(float(out["pred_score"][i]), norm_score, norm_score > 0.5, raw_map, norm_map, regions, mask)
+            )
+        return predictions
+
+
+class TorchInferencer(_BaseInferencer):
+    """Runs a model in torch (the reference the exported files are checked against)."""
+
+    def __init__(self, model: AnomalyModel, device: str | torch.device = "cpu") -> None:
+        model.check_fitted()
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.metadata = export_metadata(model, "torch", None, False)
+
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(images).to(self.device))
+        return tuple(t.float().cpu().numpy() for t in out)
+
+
+class TorchScriptInferencer(_BaseInferencer):
+    """Runs an exported TorchScript file."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+        from .torchscript import load_torchscript
+
+        self.device = torch.device(device)
+        self.module, self.metadata = load_torchscript(path, self.device)
+        self.path = Path(path)
+
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(images).to(self.device))
+        return tuple(t.float().cpu().numpy() for t in out)
+
+
+def onnx_providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime providers: CUDA first when asked for (or 'auto') and available, the CPU always."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
+        raise ConfigError(
+            f"Device {device!r} was asked for but this onnxruntime has no CUDA provider (has: {', '.join(available)})."
+            " Install onnxruntime-gpu or use --device cpu."
+        )
+    wants_cuda = device == "auto" or device.startswith("cuda")
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if wants_cuda and "CUDAExecutionProvider" in available
+        else ["CPUExecutionProvider"]
+    )
+
+
+class OnnxInferencer(_BaseInferencer):
+    """Runs an exported .onnx file with ONNX Runtime (CPU by default, CUDA when present and asked for).
+
+    Args:
+        path: the .onnx file.
+        device: 'auto' (CUDA when onnxruntime has it), 'cpu' or 'cuda'.
+        threads: intra-op threads; None uses ``torch.get_num_threads()`` so both runtimes use the same count.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - depends on the installation
+            raise ConfigError("Running .onnx files needs onnxruntime: pip install 'flawscope[export]'.") from e
+        from .onnx import read_onnx_metadata
+
+        self.path = Path(path)
+        self.metadata = read_onnx_metadata(self.path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(str(device)))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelFormatError(f"ONNX Runtime cannot load {self.path}: {str(e)[:300]}") from e
+
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))
+
+
+def load_inferencer(path: str | Path, device: str = "auto", threads: int | None = None) -> _BaseInferencer:
+    """An inferencer for a run or model folder (torch), an .onnx file or a TorchScript file (.pt, .ts)."""
+    from ..api import resolve_device
+    from ..model_io import load_model, read_model_info
+
+    path = Path(path)
+    if path.is_dir():
+        return TorchInferencer(load_model(read_model_info(path)["folder"]), resolve_device(device))
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return OnnxInferencer(path, device, threads)
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return TorchScriptInferencer(path, resolve_device(device))
+    if not path.exists():
+        raise ModelFormatError(f"{path} does not exist. Pass a run folder, an .onnx file or a TorchScript .pt file.")
+    raise ModelFormatError(
+        f"Cannot tell what {path} is: expected a run or model folder, an .onnx file or a TorchScript file "
+        f"({', '.join(TORCHSCRIPT_SUFFIXES)})."
+    )

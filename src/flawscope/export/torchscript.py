@@ -1,0 +1,69 @@
+"""TorchScript export by tracing, with the metadata as a JSON extra file inside the archive.
+
+Tracing (``torch.jit.trace``) works for every model because the contract forbids data-dependent Python branches in
+``forward``: the only branches depend on the configuration and on buffer shapes, which are fixed once a model is
+fitted. The traced graph keeps the batch dimension symbolic, so one file serves any batch size.
+
+Loading uses ``torch.jit.load``, which reads the archive with TorchScript's own restricted loader (tensors and
+TorchScript code only, no Python pickle). A TorchScript file does carry code: load files you trust, or use ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelFormatError
+from ..models.base import AnomalyModel
+from .graph import ExportGraph, example_input, export_metadata, metadata_json
+
+EXTRA_FILE = "flawscope.json"
+
+
+def export_torchscript(model: AnomalyModel, path: str | Path, *, batch: int | None = None, half: bool = False) -> Path:
+    """Writes ``model``'s inference graph to ``path`` as a TorchScript archive.
+
+    Args:
+        model: a fitted model (not changed).
+        path: the file to write (.pt), its folder is created.
+        batch: None for any batch size, else the fixed batch size recorded in the metadata (inferencers pad to it).
+        half: float16 weights (inputs and outputs stay float32).
+
+    Returns:
+        ``path``.
+    """
+    model.check_fitted()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = ExportGraph(model, half=half).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints, fixed after fitting
+        traced = torch.jit.trace(graph, (example_input(model, batch),), check_trace=False)
+        metadata = export_metadata(model, "torchscript", batch, half)
+        # torch 2.14 marks torch.jit deprecated in favour of torch.export, whose files need torch >= 2.x to load and
+        # are not yet a stable runtime format; TorchScript still loads in libtorch (C++) on an edge box.
+        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: metadata_json(metadata)})
+    return path
+
+
+def load_torchscript(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """Loads an exported TorchScript file and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path} does not exist; export one with `flawscope export RUN --format torchscript`.")
+    extra = {EXTRA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+        except RuntimeError as e:
+            raise ModelFormatError(f"{path} cannot be read as TorchScript ({str(e)[:200]}).") from e
+    if not extra[EXTRA_FILE]:
+        raise ModelFormatError(f"{path} has no {EXTRA_FILE} inside: it was not written by `flawscope export`.")
+    return module.eval(), json.loads(extra[EXTRA_FILE])

@@ -1,0 +1,183 @@
+"""MLFF (Tang et al., J. NUDT 2025): multi-level feature fusion trained on pseudo-anomalies.
+
+Inference graph (spec 2.2, shapes for ResNet-50 at 256 px): backbone stages 1-3 (stride 4, 8, 16) -> texture branch
+on the fused stages 1+2 (avg-pool stage 1 to stride 8, concat, 1x1 conv to 256 = X0; TEM -> T1; PTFEM on [T1, X0]
+-> T2; texture = [T2, T1, X0], 768 ch) and self-calibrated convolution on stage 3 (1024 ch, upsampled to stride 8)
+-> concat -> 1x1 conv -> per-pixel features psi (B, 256, 32, 32) -> score head eta (1x1 conv) -> S (B, 1, 32, 32).
+The map is S upsampled bilinearly to the input; the image score is its maximum (spec 2.9).
+
+Switching ``texture_branch`` and ``sc_branch`` off gives the ablation baseline of Table 4 (stages 1-3 fused directly,
+M23); ``score_source="distance"`` scores with the hypersphere distance A = sqrt(|psi|^2 + 1) - 1 instead of eta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...backbones import create_backbone
+from ...config import ModelConfig, option
+from ..base import AnomalyModel
+from .texture import PyramidTexture, TextureEnhancement, conv_bn_act
+
+PSEUDO_KINDS = ("confetti", "cutpaste")
+
+
+@dataclass(frozen=True)
+class MLFFConfig(ModelConfig):
+    """MLFF hyperparameters. Defaults follow the paper; [proposal] marks the spec's reconstructions (M1-M23)."""
+
+    backbone: str = option("resnet50", "feature extractor; stages at stride 4, 8, 16 are used (ResNet layer1-3)")
+    image_size: int = option(256, "side of the square model input, pixels", low=32, high=4096)
+    resize_size: int = option(256, "shorter side before the centre crop; 0 = resize the whole image", low=0)
+    freeze_backbone: bool = option(False, "keep the backbone's ImageNet weights fixed (paper: fine-tuned, M6)")
+    texture_branch: bool = option(True, "STLNet texture branch on stages 1+2 (False: plain fusion, Table 4 baseline)")
+    sc_branch: bool = option(True, "self-calibrated convolution on stage 3 (False: stage 3 as is)")
+    texture_dim: int = option(256, "width of X0, T1 and T2 in the texture branch [proposal, M3]", low=1)
+    feat_dim: int = option(256, "channels C of the fused feature psi [proposal, M2]", low=1)
+    tem_levels: int = option(128, "TEM quantisation levels N [M3]", low=2)
+    tem_stat_dim: int = option(128, "TEM statistics width [M3]", low=1)
+    ptfem_scales: tuple[int, ...] = option(
+        (1, 2, 4, 8), "PTFEM pyramid scales (paper; public STLNet code: 1,2,3,6)", low=1
+    )
+    ptfem_levels: int = option(8, "PTFEM quantisation levels per axis [M3]", low=2)
+    qco_window: str = option(
+        "spacing",
+        "QCO window: level spacing (public code) or half of it (STLNet paper) [M4]",
+        choices=("spacing", "half"),
+    )
+    sc_pooling_r: int = option(4, "SCConv down-sampling rate r [M5]", low=1)
+    sc_reduce: int = option(0, "1x1 conv to this many channels before SCConv; 0 = none (literal) [M5]", low=0)
+    score_source: str = option(
+        "head",
+        "map from the score head eta (paper) or the hypersphere distance A (Table 4 baseline)",
+        choices=("head", "distance"),
+    )
+    # Losses (spec 2.7).
+    loss_weights: tuple[float, ...] = option((1.0, 1.0, 1.0), "alpha, beta, xi: feature, score, consistency", low=0)
+    gamma_margin: float = option(2.5, "gamma: normal scores are pushed below it", low=0)
+    lambda_margin: float = option(5.0, "lambda: anomalous minus normal score is pushed above it", low=0)
+    score_pairing: str = option(
+        "image_mean",
+        "normal score paired with each anomalous pixel [proposal, M9]",
+        choices=("image_mean", "batch_mean", "random_pair"),
+    )
+    consistency_patch: int = option(2, "pooling window of the consistency loss's patches [proposal, M11]", low=1)
+    consistency_sign: str = option("neg", "softmax of negated (neg) or raw distances [M10]", choices=("neg", "raw"))
+    consistency_tau: float = option(1.0, "softmax temperature of the consistency loss", low=0, low_open=True)
+    detach_features: bool = option(False, "stop the consistency gradient into the features [M12]")
+    loss_resolution: str = option(
+        "input",
+        "losses on maps upsampled to the input (proposal) or on the feature grid [M7]",
+        choices=("input", "feature"),
+    )
+    # Pseudo-anomalies and schedule (spec 2.6, 2.8).
+    repeat_factor: int = option(10, "the training set is repeated this many times per epoch", low=1)
+    pseudo_ratio: float = option(0.5, "fraction of the repeated set made pseudo-anomalous (Table 3)", low=0, high=1)
+    pseudo_kinds: tuple[str, ...] = option(PSEUDO_KINDS, "pseudo-anomaly generators, drawn with equal probability")
+    cutpaste_variant: str = option("normal", "CutPaste variant [M21]", choices=("normal", "scar", "3way"))
+    lr: float = option(1e-3, "SGD learning rate", low=0, low_open=True)
+    momentum: float = option(0.9, "SGD momentum, Nesterov [proposal, M15]", low=0, high=1)
+    weight_decay: float = option(3e-5, "SGD weight decay ('decay rate' 0.00003) [M15]", low=0)
+    batch_size: int = option(32, "images per step", low=1)
+    num_epochs: int = option(200, "epochs over the repeated training set", low=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ...errors import ConfigError
+
+        unknown = [k for k in self.pseudo_kinds if k not in PSEUDO_KINDS]
+        if unknown or not self.pseudo_kinds:
+            raise ConfigError(f"pseudo_kinds must be a non-empty subset of {PSEUDO_KINDS}; got {self.pseudo_kinds}.")
+        if len(self.loss_weights) != 3:
+            raise ConfigError(f"loss_weights needs three values (alpha, beta, xi); got {self.loss_weights}.")
+        if self.score_source == "head" and self.loss_weights[1] == 0:
+            raise ConfigError("score_source='head' needs a score loss (beta > 0) to train the head; use 'distance'.")
+
+
+class SelfCalibratedConv(nn.Module):
+    """SCConv (Liu et al., CVPR 2020; spec 2.5): a pooled branch gates the full-resolution one.
+
+    (B, C, H, W) -> (B, C, H, W): y = k3(x) * sigmoid(x + up(k2(avgpool_r(x)))), out = ReLU(BN(conv(y))).
+    """
+
+    def __init__(self, channels: int, pooling_r: int = 4):
+        super().__init__()
+        self.pool = nn.AvgPool2d(pooling_r, pooling_r)
+        self.k2 = conv_bn_act(channels, channels, 3, nn.Identity())
+        self.k3 = conv_bn_act(channels, channels, 3, nn.Identity())
+        self.k4 = conv_bn_act(channels, channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        context = F.interpolate(self.k2(self.pool(x)), size=x.shape[-2:], mode="nearest")
+        return self.k4(self.k3(x) * torch.sigmoid(x + context))
+
+
+class TextureBranch(nn.Module):
+    """Stages 1+2 -> [T2, T1, X0] (spec 2.2 rows 5-10): (B, c1, 2h, 2w), (B, c2, h, w) -> (B, 3 * dim, h, w)."""
+
+    def __init__(self, in_ch: int, cfg: MLFFConfig):
+        super().__init__()
+        dim = cfg.texture_dim
+        self.start = conv_bn_act(in_ch, dim)
+        self.tem = TextureEnhancement(dim, dim, cfg.tem_stat_dim, cfg.tem_levels, cfg.qco_window)
+        self.ptfem = PyramidTexture(2 * dim, dim, cfg.ptfem_scales, cfg.ptfem_levels, dim // 2, cfg.qco_window)
+
+    def forward(self, low: Tensor) -> Tensor:
+        x0 = self.start(low)
+        t1 = self.tem(x0)
+        t2 = self.ptfem(torch.cat([t1, x0], dim=1))
+        return torch.cat([t2, t1, x0], dim=1)
+
+
+class MLFF(AnomalyModel):
+    """MLFF's inference module: features psi and score head eta; training lives in ``fit.py``."""
+
+    method = "mlff"
+    config_class = MLFFConfig
+
+    def __init__(self, config: MLFFConfig, pretrained: bool = True, weights_path: str | Path | None = None):
+        super().__init__(config)
+        self.backbone = create_backbone(config.backbone, (4, 8, 16), pretrained=pretrained, weights_path=weights_path)
+        # The shared Backbone is frozen and always in eval mode; fine-tuning makes its weights trainable while
+        # its batch-norm statistics stay the ImageNet ones.
+        self.backbone.body.requires_grad_(not config.freeze_backbone)
+        c1, c2, c3 = self.backbone.feature_info.channels
+        self.texture = TextureBranch(c1 + c2, config) if config.texture_branch else nn.Identity()
+        low_ch = 3 * config.texture_dim if config.texture_branch else c1 + c2
+        high = [nn.Conv2d(c3, config.sc_reduce, 1)] if config.sc_reduce else []
+        high_ch = config.sc_reduce or c3
+        if config.sc_branch:
+            high.append(SelfCalibratedConv(high_ch, config.sc_pooling_r))
+        self.high = nn.Sequential(*high)
+        self.fuse = nn.Conv2d(low_ch + high_ch, config.feat_dim, 1)
+        self.score_head = nn.Conv2d(config.feat_dim, 1, 1)
+
+    def features(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [0, 1] -> psi (B, C, H/8, W/8)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+            stage1, stage2, stage3 = self.backbone(images)
+        size = stage2.shape[-2:]
+        low = self.texture(torch.cat([F.adaptive_avg_pool2d(stage1, size), stage2], dim=1))
+        high = F.interpolate(self.high(stage3), size=size, mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([low, high], dim=1))
+
+    def score_map(self, psi: Tensor) -> Tensor:
+        """psi (B, C, h, w) -> (B, 1, h, w) anomaly scores on the feature grid (eta, or the distance A)."""
+        if self.config.score_source == "distance":
+            return hypersphere_distance(psi)
+        return self.score_head(psi)
+
+    def raw_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        scores = self.score_map(self.features(images))
+        anomaly_map = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return anomaly_map, anomaly_map.flatten(1).amax(dim=1)
+
+
+def hypersphere_distance(psi: Tensor) -> Tensor:
+    """Pseudo-Huber distance to the origin, A = sqrt(|psi|^2 + 1) - 1: (B, C, h, w) -> (B, 1, h, w)."""
+    return (psi.pow(2).sum(1, keepdim=True) + 1).sqrt() - 1

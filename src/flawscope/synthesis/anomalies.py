@@ -1,0 +1,169 @@
+"""PRN's anomaly generators: simulated (Perlin-masked blends) and extended (augmented real defects) anomalies.
+
+All generators take good images (H, W, 3) float32 in [0, 1] and a numpy Generator, and return ``(image, mask)``:
+the new image and an (H, W) bool mask that is exactly the set of pixels that changed. Blending ``(1 - beta) *
+source + beta * good`` can leave a masked pixel unchanged (a source pixel equal to the good one); such pixels are
+moved by ``min_change`` so the mask stays exact. A mask that misses the target area is redrawn (up to 10 times);
+one that stays empty leaves the good image unchanged, and the sample counts as normal (DRAEM).
+
+* :func:`simulated_anomaly`: Perlin mask within a target area, blended with a texture (heterologous, HEA) or with
+  a grid-shuffled good image (homologous, HOA, :func:`homologous_source`).
+* :func:`extended_anomaly`: a seen real defect, colour-augmented and moved by a random affine map, cut by a target
+  area and blended into a good image (PRN Eq. 4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flawscope.errors import DataError
+from flawscope.synthesis.augment import colour_augment, random_affine
+from flawscope.synthesis.perlin import PERLIN_MAX_EXPONENT, PERLIN_THRESHOLD, perlin_mask
+from flawscope.synthesis.regions import target_area
+
+OPACITY_RANGE = (0.0, 0.8)  # beta ~ U(0, 0.8), the share of the good image kept under the mask (DRAEM, PRN)
+MIN_CHANGE = 1.0 / 255.0
+_MAX_TRIES = 10
+
+
+def _check_pair(image: np.ndarray, other: np.ndarray, what: str) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or other.shape[:2] != image.shape[:2]:
+        raise DataError(
+            f"{what} must be (H, W, 3) images of one size; got {image.shape} and {other.shape}. Resize them to the "
+            "model geometry first (flawscope.data.preprocess)."
+        )
+
+
+def blend(
+    image: np.ndarray, source: np.ndarray, mask: np.ndarray, beta: float, min_change: float = MIN_CHANGE
+) -> np.ndarray:
+    """``(1 - beta) * source + beta * image`` under ``mask``, ``image`` elsewhere; every masked pixel changes.
+
+    A masked pixel whose largest channel change is below ``min_change`` is moved by ``min_change`` in every
+    channel (up, or down where that would leave [0, 1]).
+
+    Args:
+        image: (H, W, 3) float32 in [0, 1]; not modified.
+        source: (H, W, 3) float32 in [0, 1].
+        mask: (H, W) bool.
+        beta: opacity of the good image under the mask, in [0, 1).
+
+    Returns:
+        (H, W, 3) float32, bit-identical to ``image`` outside ``mask``.
+    """
+    out = image.copy()
+    out[mask] = (1.0 - beta) * source[mask] + beta * image[mask]
+    old, new = image[mask], out[mask]
+    barely = np.abs(new - old).max(-1) < min_change
+    pushed = old[barely] + min_change
+    pushed = np.where(pushed > 1.0, old[barely] - min_change, pushed)
+    new[barely] = pushed
+    out[mask] = new
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def grid_shuffle(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
+    """Cuts the image into ``grid`` x ``grid`` cells and reassembles them in random order (MemSeg, PRN's HOA).
+
+    When the sides are not multiples of ``grid`` the last rows/columns stay where they are.
+    """
+    height, width = image.shape[:2]
+    ch, cw = height // grid, width // grid
+    if ch == 0 or cw == 0:
+        return image.copy()
+    cells = image[: ch * grid, : cw * grid].reshape(grid, ch, grid, cw, -1).transpose(0, 2, 1, 3, 4)
+    cells = cells.reshape(grid * grid, ch, cw, -1)[rng.permutation(grid * grid)]
+    out = image.copy()
+    out[: ch * grid, : cw * grid] = (
+        cells.reshape(grid, grid, ch, cw, -1).transpose(0, 2, 1, 3, 4).reshape(ch * grid, cw * grid, -1)
+    )
+    return out
+
+
+def homologous_source(image: np.ndarray, rng: np.random.Generator, grid: int = 8, num_ops: int = 2) -> np.ndarray:
+    """HOA blend source: a good image, colour-augmented, then grid-shuffled."""
+    return grid_shuffle(colour_augment(image, rng, num_ops), rng, grid)
+
+
+def simulated_anomaly(
+    image: np.ndarray,
+    source: np.ndarray,
+    rng: np.random.Generator,
+    foreground: np.ndarray | None = None,
+    num_ops: int = 2,
+    max_exponent: int = PERLIN_MAX_EXPONENT,
+    threshold: float = PERLIN_THRESHOLD,
+    opacity: tuple[float, float] = OPACITY_RANGE,
+    use_target_area: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PRN Eq. 6: S = M̄ ⊙ N + (1 - β)(M ⊙ A) + β(M ⊙ N), M = threshold(Perlin) ∩ target area.
+
+    Args:
+        image: the good image N, (H, W, 3) float32 in [0, 1].
+        source: blend source before Aug_1: a texture (HEA) or :func:`homologous_source` output (HOA, pass
+            ``num_ops=0`` there since it is already augmented).
+        rng: source of randomness.
+        foreground: (H, W) bool, where the target area may be centred; None = anywhere. Without a target area the
+            mask is still cut to the foreground.
+        num_ops: colour operations applied to ``source`` (Aug_1).
+        use_target_area: False drops the target area (PRN's ablation without TA).
+
+    Returns:
+        (image, mask): (H, W, 3) float32 and (H, W) bool, the mask exactly the changed pixels.
+    """
+    _check_pair(image, source, "simulated_anomaly's image and source")
+    for _ in range(_MAX_TRIES):
+        # Redrawn while it misses the target area, as PRN redraws Aug_2 for extended anomalies; the Perlin
+        # threshold alone leaves ~5 % of masks empty, the intersection with a target area ~40 %.
+        mask = perlin_mask(image.shape[:2], rng, max_exponent, threshold)
+        if use_target_area:
+            mask &= target_area(image.shape[:2], rng, foreground)
+        if foreground is not None:
+            mask &= foreground
+        if mask.any():
+            break
+    if not mask.any():
+        return image.copy(), mask
+    textured = colour_augment(source, rng, num_ops) if num_ops else source
+    return blend(image, textured, mask, float(rng.uniform(*opacity))), mask
+
+
+def extended_anomaly(
+    image: np.ndarray,
+    defect: np.ndarray,
+    defect_mask: np.ndarray,
+    rng: np.random.Generator,
+    foreground: np.ndarray | None = None,
+    num_ops: int = 2,
+    opacity: tuple[float, float] = OPACITY_RANGE,
+    use_target_area: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PRN Eq. 4: a seen defect, Aug_1 then Aug_2, cut by a target area, blended into a good image.
+
+    The affine map is redrawn (up to 10 times) until the moved defect overlaps the target area; if it never does
+    the last moved defect is used without the cut, so a non-empty defect always gives a non-empty mask unless it
+    was moved entirely outside the image or the foreground.
+
+    Args:
+        image: the good image N, (H, W, 3) float32 in [0, 1].
+        defect: (H, W, 3) float32, a seen defective image at the same size.
+        defect_mask: (H, W) bool, its ground truth.
+        foreground: (H, W) bool, where the target area may be centred and the defect may land.
+
+    Returns:
+        (image, mask) as :func:`simulated_anomaly`.
+    """
+    _check_pair(image, defect, "extended_anomaly's image and defect")
+    coloured = colour_augment(defect, rng, num_ops) if num_ops else defect
+    moved, region = coloured, defect_mask
+    for _ in range(_MAX_TRIES):
+        moved, moved_mask = random_affine(coloured, defect_mask, rng)
+        region = moved_mask & target_area(image.shape[:2], rng, foreground) if use_target_area else moved_mask
+        if region.any():
+            break
+        region = moved_mask
+    if foreground is not None:
+        region = region & foreground
+    if not region.any():
+        return image.copy(), region
+    return blend(image, moved, region, float(rng.uniform(*opacity))), region

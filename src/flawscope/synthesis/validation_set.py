@@ -1,0 +1,133 @@
+"""Writing a synthetic labelled validation set, so a threshold can be calibrated when no real defects exist.
+
+The folder is laid out like MVTec AD, so ``flawscope calibrate RUN --data OUT`` (F1-optimal threshold) and
+``flawscope test`` read it as they read real data:
+
+    OUT/train/good/           the clean images the defects were drawn into (the layout needs a train split)
+    OUT/test/good/            other good images, unchanged
+    OUT/test/synthetic/       good images with a simulated defect (Perlin mask, texture or homologous blend)
+    OUT/ground_truth/synthetic/<stem>_mask.png   the exact masks
+
+Images are written at the model geometry (``image_size`` / ``resize_size``), so masks match pixel for pixel. Use
+good images the model was not trained on, e.g. a run's held-out validation images (``val_images`` in config.json).
+Synthetic defects are not real ones: a threshold calibrated on them is a starting point to check on the line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from flawscope.data import Sample, preprocess, read_image
+from flawscope.errors import ConfigError, DataError
+from flawscope.synthesis.anomalies import homologous_source, simulated_anomaly
+from flawscope.synthesis.perlin import texture_source
+from flawscope.synthesis.regions import foreground_mask
+
+_MAX_TRIES = 20
+
+
+def _load(path: Path, image_size: int, resize_size: int) -> np.ndarray:
+    """(S, S, 3) float32 in [0, 1] at the model geometry."""
+    return preprocess(read_image(path), image_size, resize_size).permute(1, 2, 0).numpy()
+
+
+def _save(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8) if image.dtype != bool else image * np.uint8(255)
+    Image.fromarray(array).save(path)
+
+
+def synthetic_defect(
+    image: np.ndarray,
+    other: np.ndarray,
+    rng: np.random.Generator,
+    textures=None,
+    hea_prob: float = 0.5,
+    use_foreground: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One simulated defect with a non-empty mask (redrawn until the mask is not empty).
+
+    Args:
+        image: (S, S, 3) float32 good image.
+        other: (S, S, 3) float32 good image, the homologous source.
+        textures: a texture source (see ``texture_source``); None = procedural.
+        hea_prob: chance of a texture blend; otherwise a grid-shuffled ``other``.
+        use_foreground: centre the defect on the Otsu foreground of ``image``.
+    """
+    textures = textures or texture_source(None)
+    foreground = foreground_mask(image) if use_foreground else None
+    for _ in range(_MAX_TRIES):
+        if rng.random() < hea_prob:
+            source, ops = textures(image.shape[:2], rng), 2
+        else:
+            source, ops = homologous_source(other, rng), 0
+        defective, mask = simulated_anomaly(image, source, rng, foreground, ops)
+        if mask.any():
+            return defective, mask
+    raise RuntimeError(f"No non-empty synthetic defect after {_MAX_TRIES} draws")
+
+
+def write_synthetic_validation_set(
+    images: Sequence[str | Path | Sample],
+    out: str | Path,
+    *,
+    num_defects: int | None = None,
+    image_size: int = 256,
+    resize_size: int = 0,
+    texture_dir: str | Path | None = None,
+    use_foreground: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Writes good images and synthetic defects made from them into ``out`` (MVTec layout, see module doc).
+
+    The images are shuffled with ``seed``; ``num_defects`` of them (default: half) receive a defect, the rest go to
+    ``test/good``. ``out`` must not exist or be empty; nothing else is written or modified.
+
+    Returns:
+        A summary, also written to ``out/synthetic.json``.
+
+    Raises:
+        ConfigError: fewer than 2 images, ``num_defects`` out of range, or ``out`` is a non-empty folder.
+    """
+    paths = [Path(getattr(item, "path", item)) for item in images]
+    out = Path(out)
+    if len(paths) < 2:
+        raise ConfigError(f"A synthetic validation set needs at least 2 good images; got {len(paths)}.")
+    count = len(paths) // 2 if num_defects is None else num_defects
+    if not 1 <= count < len(paths):
+        raise ConfigError(f"num_defects must be in [1, {len(paths) - 1}] for {len(paths)} images; got {count}.")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not empty; choose a new folder for the synthetic validation set.")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(paths))
+    textures = texture_source(texture_dir)
+    defect_paths = [paths[i] for i in order[:count]]
+    good_paths = [paths[i] for i in order[count:]]
+    for path in good_paths:
+        _save(_load(path, image_size, resize_size), out / "test" / "good" / f"{path.stem}.png")
+    for n, path in enumerate(defect_paths):
+        image = _load(path, image_size, resize_size)
+        other = _load(paths[int(rng.integers(len(paths)))], image_size, resize_size)
+        defective, mask = synthetic_defect(image, other, rng, textures, use_foreground=use_foreground)
+        name = f"{n:04d}_{path.stem}"
+        _save(image, out / "train" / "good" / f"{name}.png")
+        _save(defective, out / "test" / "synthetic" / f"{name}.png")
+        _save(mask, out / "ground_truth" / "synthetic" / f"{name}_mask.png")
+    summary = {
+        "num_good": len(good_paths),
+        "num_defects": count,
+        "image_size": image_size,
+        "resize_size": resize_size,
+        "textures": str(texture_dir) if texture_dir else "procedural",
+        "use_foreground": use_foreground,
+        "seed": seed,
+        "sources": [str(p) for p in paths],
+    }
+    (out / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

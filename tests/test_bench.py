@@ -1,0 +1,68 @@
+"""`flawscope bench` on the tiny generated set: settings parsing, the table, the JSON, the FLOP count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from flawscope.bench import count_flops, matmul_peak_gflops, parse_settings
+from flawscope.cli import main
+from flawscope.errors import ConfigError
+from flawscope.registry import get_method
+
+
+def test_settings_from_models_shared_and_per_model_options(tmp_path):
+    settings = parse_settings("patchcore, simplenet", ["image_size=64", "simplenet:num_epochs=2"])
+    assert [(s.name, s.method) for s in settings] == [("patchcore", "patchcore"), ("simplenet", "simplenet")]
+    assert settings[0].options == {"image_size": "64"}
+    assert settings[1].options == {"image_size": "64", "num_epochs": "2"}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"pc-small": {"model": "patchcore", "options": {"coreset_ratio": 0.01}}}))
+    (from_file,) = parse_settings(None, [], path)
+    assert from_file.name == "pc-small" and from_file.options == {"coreset_ratio": 0.01}
+
+
+@pytest.mark.parametrize(("models", "overrides", "fragment"), [(None, [], "--models"), ("patchcore", ["x=1"], "'x'")])
+def test_bad_settings_fail_before_fitting(models, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_settings(models, overrides)
+
+
+def test_flop_count_matches_a_hand_count():
+    # SimpleNet's adaptor is one (h*w, D) x (D, D) product: 2 * h*w * D * D FLOPs, inside the total.
+    method = get_method("simplenet")
+    config = method.config_class.from_dict(
+        {"backbone": "resnet18", "image_size": 64, "resize_size": 0, "embed_dim": 32, "discriminator_hidden": 16}
+    )
+    model = method.model_class(config, pretrained=False).eval()
+    flops = count_flops(model, 64)
+    conv1 = 2 * 64 * 3 * 7 * 7 * 32 * 32  # ResNet's stem: 64 filters of 3x7x7 at 32x32 outputs
+    adaptor = 2 * 8 * 8 * 32 * 32
+    assert flops["backbone"] >= conv1 and flops["total"] >= flops["backbone"] + adaptor
+    assert matmul_peak_gflops(threads=1, size=256, repeats=2) > 0
+
+
+def test_bench_writes_one_table_and_json(tiny_dataset, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--data", tiny_dataset, "--models", "patchcore", "--out", out, "--threads", "1", "--repeats", "2"]
+    args += ["--set", "backbone=efficientnet_lite0", "--set", "image_size=64", "--set", "resize_size=0"]
+    args += ["--set", "coreset_ratio=0.5", "--set", "target_embed_dim=64", "--set", "pretrain_embed_dim=64"]
+    threads = torch.get_num_threads()
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    (row,) = data["rows"]
+    assert row["name"] == "patchcore" and 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_aupro"] <= 1
+    for runtime in ("torch", "onnxruntime"):
+        assert row[runtime]["latency_ms"] > 0 and row[runtime]["images_per_second"] > 0
+    assert row["parity_max_abs_norm"] <= 1e-4 and row["peak_mib"] > 0 and row["gflop_per_image"] > 0
+    assert row["peak_fraction"] == pytest.approx(
+        row["gflop_per_image"] * row["torch"]["images_per_second"] / data["matmul_peak_gflops"]
+    )
+    assert data["environment"]["threads"] == 1 and data["environment"]["onnxruntime"]
+    table = (out / "bench.md").read_text()
+    assert "| patchcore |" in table and "GFLOP/s" in table and "onnxruntime" in table

@@ -1,0 +1,177 @@
+"""Export parity for every registered model, exported-file metadata, fixed batches, float16, defect regions.
+
+Each model gets the contract suite's short fit on the tiny set, a threshold placed between the scores of the
+test images (so both decisions occur), and is exported to ONNX and TorchScript. Torch, ONNX Runtime and TorchScript
+must agree within 1e-4 on the calibrated maps and scores and on every decision; a model that cannot be exported
+fails here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_models_contract import BASE_OPTIONS, QUICK_OPTIONS
+
+from flawscope.data import load_dataset
+from flawscope.errors import ModelFormatError, NotFittedError
+from flawscope.export import (
+    OUTPUT_NAMES,
+    OnnxInferencer,
+    TorchInferencer,
+    TorchScriptInferencer,
+    check_parity,
+    export_model,
+    find_regions,
+    load_inferencer,
+)
+from flawscope.fitting import FitContext
+from flawscope.registry import available_methods, get_method
+
+ATOL = 1e-4
+# MLFF at 64 px: its scale-8 co-occurrence branch gets 1-pixel regions with no diagonal neighbour pairs; torch
+# computes on the empty tensors, ONNX cannot express an empty reshape. 128 px is the smallest input with pairs; one
+# pass over the training images (instead of the contract's 4) keeps that larger fit short.
+EXPORT_OPTIONS = {"mlff": {"image_size": 128, "repeat_factor": 1}}
+
+
+def _fit(name: str, tiny_dataset):
+    torch.manual_seed(0)
+    method = get_method(name)
+    options = {**BASE_OPTIONS, **QUICK_OPTIONS.get(name, {}), **EXPORT_OPTIONS.get(name, {})}
+    config = method.config_class.from_dict(options)
+    model = method.model_class(config, pretrained=False)
+    split = load_dataset(tiny_dataset)
+    method.fit(model, split.train, FitContext(quiet=True))
+    return model.eval(), split
+
+
+def _test_images(split, size: int = 64, count: int = 5) -> torch.Tensor:
+    from flawscope.data import make_loader
+
+    batch = next(iter(make_loader(split.test, size, 0, batch_size=count)))
+    return batch["image"]
+
+
+@pytest.fixture(scope="module", params=available_methods())
+def exported(request, tiny_dataset, tmp_path_factory):
+    model, split = _fit(request.param, tiny_dataset)
+    images = _test_images(split, model.config.image_size)
+    with torch.inference_mode():
+        out = model(images)
+    raw = np.sort(out.pred_score.double().numpy())
+    spread = float(out.anomaly_map.max() - out.anomaly_map.min())
+    # Threshold between the 2nd and 3rd highest score, never on one: both decisions occur, none is a tie. The
+    # calibrated scale spans at least the maps' spread: after one training step some models score every image
+    # within 1e-4 (PRN: 0.50684-0.50689), and a scale that narrow would blow float32 rounding up past 1e-4.
+    threshold = float(raw[-3] + raw[-2]) / 2
+    model.set_calibration(threshold=threshold, score_low=threshold - max(threshold - float(raw[0]), spread))
+    folder = tmp_path_factory.mktemp(request.param)
+    paths = {fmt: export_model(model, folder / f"model.{fmt}", fmt) for fmt in ("onnx", "torchscript")}
+    return model, images, paths
+
+
+def test_exported_files_agree_with_torch(exported):
+    model, images, paths = exported
+    reference = TorchInferencer(model)
+    runners = [OnnxInferencer(paths["onnx"], "cpu"), TorchScriptInferencer(paths["torchscript"])]
+    for batch in (images[:1], images):  # one graph, any batch size
+        expected = reference.run(batch)
+        decisions = expected["norm_score"] > 0.5
+        assert decisions.any() or batch.shape[0] == 1
+        for runner in runners:
+            got = runner.run(batch)
+            assert set(got) == set(OUTPUT_NAMES)
+            for name in ("norm_map", "norm_score"):
+                assert got[name].shape == expected[name].shape
+                np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=ATOL, err_msg=f"{runner} {name}")
+            spread = float(np.ptp(expected["anomaly_map"])) or 1.0
+            for name in ("anomaly_map", "pred_score"):
+                np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=ATOL * spread, err_msg=name)
+            np.testing.assert_array_equal(got["norm_score"] > 0.5, decisions)
+
+
+def test_predictions_are_the_same_objects_from_every_path(exported):
+    model, images, paths = exported
+    predictions = [
+        runner.predict(images)
+        for runner in (
+            TorchInferencer(model),
+            load_inferencer(paths["onnx"], "cpu"),
+            load_inferencer(paths["torchscript"]),
+        )
+    ]
+    for other in predictions[1:]:
+        for a, b in zip(predictions[0], other, strict=True):
+            assert (a.is_defective, a.decision) == (b.is_defective, b.decision)
+            assert a.norm_score == pytest.approx(b.norm_score, abs=ATOL)
+            np.testing.assert_allclose(a.norm_map, b.norm_map, rtol=0, atol=ATOL)
+            if not (np.abs(a.norm_map - 0.5) <= ATOL).any():  # no pixel on the edge: the same regions exactly
+                assert [(r.x0, r.y0, r.x1, r.y1, r.area) for r in a.regions] == [
+                    (r.x0, r.y0, r.x1, r.y1, r.area) for r in b.regions
+                ]
+                np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_exported_metadata_says_what_a_deployer_needs(exported):
+    model, _, paths = exported
+    for fmt, path in paths.items():
+        meta = load_inferencer(path, "cpu").metadata
+        assert meta["export_format"] == fmt
+        assert meta["method"] == model.method
+        size = model.config.image_size
+        assert meta["input"]["shape"] == ["B", 3, size, size]
+        assert meta["input"]["channel_order"] == "RGB"
+        assert meta["input"]["range"] == [0.0, 1.0]
+        assert meta["threshold"] == pytest.approx(float(model.threshold))
+        assert meta["library_version"] and meta["precision"] == "float32"
+        assert meta["config"] == json.loads(json.dumps(model.config.to_dict()))
+
+
+def test_fixed_batch_and_half_precision(tiny_dataset, tmp_path):
+    model, split = _fit("simplenet", tiny_dataset)
+    images = _test_images(split)
+    onnx_path = export_model(model, tmp_path / "b2.onnx", "onnx", batch=2)
+    runner = OnnxInferencer(onnx_path, "cpu")
+    assert runner.metadata["input"]["shape"][0] == 2
+    assert runner.run(images)["norm_score"].shape == (5,)  # padded to 2 + 2 + 2, padding dropped
+    check_parity(model, onnx_path, images)
+    for fmt in ("onnx", "torchscript"):
+        path = export_model(model, tmp_path / f"half.{fmt}", fmt, half=True)
+        report = check_parity(model, path, images)  # float16 tolerance, documented in docs/deploy.md
+        assert report["atol"] > ATOL and report["decisions_equal"]
+
+
+def test_unfitted_model_is_not_exported(tmp_path):
+    method = get_method("patchcore")
+    model = method.model_class(method.config_class.from_dict({**BASE_OPTIONS, **QUICK_OPTIONS["patchcore"]}), False)
+    with pytest.raises(NotFittedError):
+        export_model(model, tmp_path / "m.onnx")
+
+
+def test_unknown_files_are_refused_with_a_message(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(ModelFormatError, match="Cannot tell what"):
+        load_inferencer(tmp_path / "weights.bin")
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelFormatError):
+        load_inferencer(tmp_path / "broken.onnx", "cpu")
+
+
+def test_regions_are_connected_components_with_box_area_and_peak():
+    norm = np.zeros((10, 12), np.float32)
+    norm[1:4, 2:5] = 0.7  # 3x3 square
+    norm[2, 3] = 0.9
+    norm[6, 6] = norm[7, 7] = 0.8  # diagonal pair: one 8-connected region of 2 pixels
+    norm[9, 11] = 0.6  # a single pixel in the corner
+    norm[5, 0] = 0.5  # at the threshold: not defective
+    regions, mask = find_regions(norm, norm * 10)
+    assert [(r.x0, r.y0, r.x1, r.y1, r.area) for r in regions] == [(2, 1, 5, 4, 9), (6, 6, 8, 8, 2), (11, 9, 12, 10, 1)]
+    assert regions[0].peak_score == pytest.approx(0.9) and regions[0].peak_raw == pytest.approx(9.0)
+    assert mask.sum() == 12 and not mask[5, 0]
+    kept, kept_mask = find_regions(norm, min_area=2)
+    assert [r.area for r in kept] == [9, 2] and kept_mask.sum() == 11 and not kept_mask[9, 11]
+    none, empty = find_regions(np.zeros((4, 4), np.float32))
+    assert none == [] and empty.shape == (4, 4) and not empty.any()

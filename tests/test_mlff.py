@@ -1,0 +1,234 @@
+"""MLFF: shapes through each module (ResNet-50 at 256 px), QCO against loops, losses on hand-made tensors, data plan."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flawscope.errors import ConfigError
+from flawscope.models.mlff import MLFF, MLFFConfig
+from flawscope.models.mlff.fit import add_pseudo_anomalies, mlff_losses, pseudo_anomaly_plan
+from flawscope.models.mlff.losses import consistency_loss, feature_loss, normal_patch_mask, score_loss
+from flawscope.models.mlff.model import hypersphere_distance
+from flawscope.models.mlff.texture import cooccurrence, level_counts, quantize_count
+
+SMALL = {"backbone": "resnet18", "image_size": 64, "resize_size": 0, "texture_dim": 16, "feat_dim": 8}
+SMALL |= {"tem_levels": 8, "tem_stat_dim": 8, "sc_reduce": 8}
+
+
+@pytest.fixture(scope="module")
+def paper_model() -> MLFF:
+    """The paper's configuration (ResNet-50, 256 px) with random weights."""
+    torch.manual_seed(0)
+    return MLFF(MLFFConfig(), pretrained=False).eval()
+
+
+# --- shapes (spec 2.2) ----------------------------------------------------------------------------------------------
+
+
+def test_paper_shapes_through_each_module(paper_model):
+    m = paper_model
+    images = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        stage1, stage2, stage3 = m.backbone(images)
+        assert stage1.shape == (2, 256, 64, 64) and stage2.shape == (2, 512, 32, 32)
+        assert stage3.shape == (2, 1024, 16, 16)
+        low = torch.cat([F.adaptive_avg_pool2d(stage1, (32, 32)), stage2], dim=1)
+        assert low.shape == (2, 768, 32, 32)
+        x0 = m.texture.start(low)
+        t1 = m.texture.tem(x0)
+        t2 = m.texture.ptfem(torch.cat([t1, x0], dim=1))
+        assert x0.shape == t1.shape == t2.shape == (2, 256, 32, 32)
+        for branch, scale in zip(m.texture.ptfem.branches, (1, 2, 4, 8), strict=True):
+            assert branch(m.texture.ptfem.reduce(torch.cat([t1, x0], 1))).shape == (2, 128, scale, scale)
+        assert m.texture(low).shape == (2, 768, 32, 32)
+        assert m.high(stage3).shape == (2, 1024, 16, 16)
+        psi = m.features(images)
+        assert psi.shape == (2, 256, 32, 32)
+        assert m.score_head(psi).shape == (2, 1, 32, 32)
+        anomaly_map, score = m.raw_scores(images)
+    assert anomaly_map.shape == (2, 1, 256, 256) and score.shape == (2,)
+    torch.testing.assert_close(score, anomaly_map.flatten(1).amax(1))
+
+
+def test_self_calibrated_conv_parameter_count(paper_model):
+    # Spec 2.5: three 3x3 convs 1024 -> 1024 without bias, each followed by BN (weight + bias): about 28 M.
+    assert sum(p.numel() for p in paper_model.high.parameters()) == 3 * (1024 * 1024 * 9 + 2 * 1024) == 28_317_696
+    assert paper_model.fuse.in_channels == 768 + 1024 and paper_model.fuse.out_channels == 256
+    assert paper_model.score_head.weight.shape == (1, 256, 1, 1) and paper_model.score_head.bias is not None
+
+
+def test_backbone_is_fine_tuned_by_default_and_frozen_on_request():
+    small = MLFF(MLFFConfig.from_dict(SMALL), pretrained=False)
+    assert all(p.requires_grad for p in small.backbone.parameters())
+    frozen = MLFF(MLFFConfig.from_dict({**SMALL, "freeze_backbone": True}), pretrained=False)
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+    small.train()
+    assert not small.backbone.training  # batch-norm statistics stay the ImageNet ones
+
+
+def test_ablation_baseline_fuses_the_three_stages_and_scores_by_distance():
+    cfg = MLFFConfig.from_dict({**SMALL, "texture_branch": False, "sc_branch": False, "sc_reduce": 0})
+    cfg = cfg.replace(score_source="distance", loss_weights=(1, 0, 0))
+    model = MLFF(cfg, pretrained=False).eval()
+    assert model.fuse.in_channels == 64 + 128 + 256  # resnet18 layer1 + layer2 + layer3
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        psi = model.features(images)
+        anomaly_map, _ = model.raw_scores(images)
+    expected = F.interpolate(hypersphere_distance(psi), size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(anomaly_map, expected)
+
+
+def test_score_head_without_score_loss_is_rejected():
+    with pytest.raises(ConfigError, match="distance"):
+        MLFFConfig(loss_weights=(1, 0, 1))
+    with pytest.raises(ConfigError, match="pseudo_kinds"):
+        MLFFConfig(pseudo_kinds=("perlin",))
+
+
+# --- quantisation and counting (spec 2.3, 2.4) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", ["spacing", "half"])
+def test_quantize_count_matches_direct_computation(window):
+    similarity = torch.tensor([[0.1, 0.5, 0.3, 0.9, 0.2], [1.0, -1.0, 0.0, 0.5, 0.25]], dtype=torch.float64)
+    levels, encoding = quantize_count(similarity, 4, window)
+    for row in range(2):
+        values = similarity[row].tolist()
+        low, high = min(values), max(values)
+        spacing = (high - low) / 4
+        delta = spacing if window == "spacing" else spacing / 2
+        for n in range(1, 5):
+            level = low + (2 * n - 1) / 8 * (high - low)
+            assert levels[row, n - 1].item() == pytest.approx(level)
+            for i, value in enumerate(values):
+                expected = 1 - abs(level - value) if abs(level - value) < delta else 0.0
+                assert encoding[row, n - 1, i].item() == pytest.approx(expected)
+    counts = level_counts(encoding)
+    torch.testing.assert_close(counts, encoding.sum(-1) / encoding.sum((-2, -1))[:, None])
+    if window == "spacing":  # levels 0.2, 0.4, 0.6, 0.8: level 0.2 takes 0.1, 0.3 (distance 0.1) and 0.2 itself
+        assert encoding[0, 0].tolist() == pytest.approx([0.9, 0, 0.9, 0, 1.0])
+
+
+def test_cooccurrence_matches_direct_loops():
+    torch.manual_seed(0)
+    encoding = torch.rand(3, 4, 5, dtype=torch.float64)  # N = 3 levels on a 4 x 5 region
+    result = cooccurrence(encoding)
+    direct = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            for r in range(3):
+                for c in range(4):
+                    direct[i, j] += encoding[i, r, c].item() * encoding[j, r + 1, c + 1].item()
+    np.testing.assert_allclose(result.numpy(), direct / direct.sum())
+
+
+# --- losses (spec 2.7) ----------------------------------------------------------------------------------------------
+
+
+def test_hypersphere_distance_is_pseudo_huber():
+    psi = torch.tensor([3.0, 4.0, 0.0])[None, :, None, None]
+    assert hypersphere_distance(psi).item() == pytest.approx(math.sqrt(26) - 1)
+
+
+def test_feature_loss_on_hand_made_distances():
+    distance = torch.tensor([0.5, 1.0, 2.0, 0.1]).view(1, 1, 2, 2)
+    anomalous = torch.tensor([False, False, True, True]).view(1, 1, 2, 2)
+    expected = (0.5 + 1.0) / 2 / 2 - (math.log(1 - math.exp(-2.0)) + math.log(1 - math.exp(-0.1))) / 2 / 2
+    assert feature_loss(distance, anomalous).item() == pytest.approx(expected, rel=1e-6)
+    # Without anomalous pixels only the normal term is left.
+    assert feature_loss(distance, torch.zeros_like(anomalous)).item() == pytest.approx(3.6 / 4 / 2)
+
+
+def test_score_loss_on_hand_made_scores():
+    # Image 0: normal 1, 3 (mean 2), anomalous 10 -> gap 8 > 5. Image 1: normal 4 (mean 4), anomalous 6, 7.
+    scores = torch.tensor([[1.0, 3.0, 10.0], [4.0, 6.0, 7.0]]).view(2, 1, 1, 3)
+    anomalous = torch.tensor([[False, False, True], [False, True, True]]).view(2, 1, 1, 3)
+    normal_term = (0 + 0.5 + 1.5) / 3  # max(0, s - 2.5) over 1, 3, 4
+    image_mean = normal_term + (0 + (5 - 2) + (5 - 3)) / 3
+    assert score_loss(scores, anomalous).item() == pytest.approx(image_mean)
+    batch_mean = normal_term + ((5 - (10 - 8 / 3)) * 0 + (5 - (6 - 8 / 3)) + (5 - (7 - 8 / 3))) / 3
+    assert score_loss(scores, anomalous, pairing="batch_mean").item() == pytest.approx(batch_mean)
+    random_pair = score_loss(scores, anomalous, pairing="random_pair", generator=torch.Generator().manual_seed(0))
+    assert normal_term <= random_pair.item() <= normal_term + 5
+
+
+def _direct_consistency(features: np.ndarray, scores: np.ndarray, keep: np.ndarray) -> float:
+    """KL(softmax(-Q_a) || softmax(-P_a)) over b != a among kept patches, averaged over rows: loops."""
+    index = np.flatnonzero(keep)
+    total = 0.0
+    for a in index:
+        others = [b for b in index if b != a]
+        p = np.array([-np.linalg.norm(features[a] - features[b]) for b in others])
+        q = np.array([-abs(scores[a] - scores[b]) for b in others])
+        sp, sq = np.exp(p) / np.exp(p).sum(), np.exp(q) / np.exp(q).sum()
+        total += float((sq * (np.log(sq) - np.log(sp))).sum())
+    return total / len(index)
+
+
+def test_consistency_loss_matches_direct_computation():
+    torch.manual_seed(0)
+    features = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    scores = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    keep = torch.tensor([[[True, True], [False, True]], [[True, False], [False, False]]])  # image 1: one patch only
+    loss = consistency_loss(features, scores, keep)
+    expected = _direct_consistency(
+        features[0].flatten(1).T.numpy(), scores[0].flatten().numpy(), keep[0].flatten().numpy()
+    )
+    assert loss.item() == pytest.approx(expected)  # image 1 is skipped, not averaged in as zero
+
+
+def test_consistency_loss_is_zero_when_structures_agree():
+    scores = torch.randn(1, 1, 3, 3)
+    features = torch.cat([scores, torch.zeros_like(scores)], dim=1)  # |F_a - F_b| = |Z_a - Z_b|
+    assert consistency_loss(features, scores, torch.ones(1, 3, 3, dtype=torch.bool)).item() == pytest.approx(
+        0, abs=1e-6
+    )
+
+
+def test_normal_patch_mask_marks_patches_with_any_anomalous_pixel():
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[0, 0, 5, 2] = True
+    expected = torch.ones(1, 2, 2, dtype=torch.bool)
+    expected[0, 1, 0] = False
+    assert torch.equal(normal_patch_mask(mask, (2, 2)), expected)
+
+
+def test_all_three_losses_reach_the_network():
+    torch.manual_seed(0)
+    model = MLFF(MLFFConfig.from_dict(SMALL), pretrained=False).train()
+    images = torch.rand(2, 3, 64, 64)
+    masks = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    masks[0, 0, 8:30, 10:40] = True
+    parts = mlff_losses(model, images, masks)
+    assert all(torch.isfinite(parts[k]) and parts[k] > 0 for k in ("feature", "score", "consistency"))
+    torch.testing.assert_close(parts["total"], parts["feature"] + parts["score"] + parts["consistency"])
+    parts["total"].backward()
+    assert model.score_head.weight.grad.abs().sum() > 0 and model.fuse.weight.grad.abs().sum() > 0
+
+
+# --- pseudo-anomalies (spec 2.6) ------------------------------------------------------------------------------------
+
+
+def test_pseudo_anomaly_plan_selects_exactly_half_of_the_repeated_set():
+    plan = pseudo_anomaly_plan(7, 10, 0.5, np.random.default_rng(0))
+    assert plan.shape == (10, 7) and plan.sum() == 35
+    assert pseudo_anomaly_plan(7, 10, 0.0, np.random.default_rng(0)).sum() == 0
+    assert pseudo_anomaly_plan(7, 10, 1.0, np.random.default_rng(0)).all()
+    assert plan.sum(0).min() > 0 and plan.sum(0).max() < 10  # spread over images, not whole images
+
+
+def test_pseudo_anomalies_are_applied_only_to_planned_images_and_are_seeded():
+    cfg = MLFFConfig.from_dict(SMALL)
+    images = torch.rand(4, 3, 64, 64)
+    plan = np.array([True, False, True, False])
+    out, masks = add_pseudo_anomalies(images, torch.arange(4), plan, cfg, seed=0, repetition=3)
+    changed = (out != images).any(1, keepdim=True)
+    assert torch.equal(changed, masks)
+    assert masks[0].any() and masks[2].any() and not masks[1].any() and not masks[3].any()
+    # Same (seed, pass, index) -> same defect, whatever the batch composition.
+    again, again_masks = add_pseudo_anomalies(images[2:3], torch.tensor([2]), plan, cfg, seed=0, repetition=3)
+    assert torch.equal(again[0], out[2]) and torch.equal(again_masks[0], masks[2])

@@ -1,0 +1,145 @@
+"""`flawscope export` and batch prediction: exported files as RUN, regions, JSON lines, masks, streaming."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import flawscope.prediction as prediction_module
+from flawscope.cli import main
+from flawscope.data import read_image
+from flawscope.prediction import predict
+
+FAST = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--resize-size", "0", "--val-ratio", "0.25"]
+FAST += ["--quiet", "--set", "coreset_ratio=0.5", "--set", "target_embed_dim=64", "--set", "pretrain_embed_dim=64"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("predict") / "run"
+    invoke("fit", "--model", "patchcore", *FAST, "--data", tiny_dataset, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(run) -> dict[str, Path]:
+    onnx = invoke("export", run, "--format", "onnx")
+    assert "parity with torch" in onnx.output and "decisions equal" in onnx.output
+    invoke("export", run, "--format", "torchscript", "--batch", "4")
+    return {"onnx": run / "export" / "model.onnx", "torchscript": run / "export" / "model.pt"}
+
+
+@pytest.fixture(scope="module")
+def images(tiny_dataset, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for path in sorted((tiny_dataset / "test").rglob("*.png")):
+        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
+    return folder
+
+
+def test_every_form_of_a_model_predicts_the_same(run, exported, images, tmp_path):
+    results = {}
+    for name, model in {"run": run, **exported}.items():
+        invoke("predict", model, images, "--out", tmp_path / name, "--quiet", "--no-overlays")
+        results[name] = read_csv(tmp_path / name / "predictions.csv")
+    reference = results.pop("run")
+    assert any(r["decision"] == "defective" for r in reference) and any(r["decision"] == "good" for r in reference)
+    for rows in results.values():
+        assert [r["path"] for r in rows] == [r["path"] for r in reference]
+        assert [r["decision"] for r in rows] == [r["decision"] for r in reference]
+        for a, b in zip(rows, reference, strict=True):
+            assert float(a["norm_score"]) == pytest.approx(float(b["norm_score"]), abs=2e-4)  # 4 decimals written
+
+
+def test_rows_carry_regions_and_jsonl_matches_csv(run, images, tmp_path):
+    out = tmp_path / "pred"
+    invoke("predict", run, str(images / "*.png"), "--out", out, "--quiet", "--masks")
+    rows = read_csv(out / "predictions.csv")
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(lines) == len(list(images.iterdir()))
+    for row, line in zip(rows, lines, strict=True):
+        assert row["path"] == line["path"] and row["decision"] == line["decision"]
+        regions = json.loads(row["regions"])
+        assert regions == line["regions"] and int(row["num_regions"]) == len(regions)
+        mask = read_image(out / line["mask"])[..., 0] > 127
+        assert int(row["defect_area"]) == int(mask.sum()) == sum(r["area"] for r in regions)
+        for r in regions:
+            assert 0 <= r["x0"] < r["x1"] <= 64 and 0 <= r["y0"] < r["y1"] <= 64
+            assert r["area"] <= (r["x1"] - r["x0"]) * (r["y1"] - r["y0"]) and r["peak_score"] > 0.5
+            assert mask[r["y0"] : r["y1"], r["x0"] : r["x1"]].any()
+        assert (out / line["overlay"]).is_file()
+    assert any(int(r["num_regions"]) for r in rows)
+
+    # --min-area drops the small regions only.
+    largest = max(r["area"] for line in lines for r in line["regions"])
+    invoke("predict", run, images, "--out", tmp_path / "big", "--quiet", "--no-overlays", "--min-area", largest)
+    kept = [json.loads(line) for line in (tmp_path / "big" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["area"] >= largest for line in kept for r in line["regions"])
+    assert sum(len(line["regions"]) for line in kept) >= 1
+    assert [line["norm_score"] for line in kept] == [line["norm_score"] for line in lines]  # scores unchanged
+
+
+@pytest.fixture
+def one_thread():
+    # On a loaded 2-core machine two threads per op wait on each other; one thread is several times faster here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_prediction_streams_without_keeping_per_image_results(run, images, tmp_path, monkeypatch, one_thread):
+    # 300 images; every Prediction is tracked by a weak reference, so the number still alive after each batch shows
+    # whether anything keeps per-image results (maps, regions) until the end (CPython frees them on the last reference).
+    folder = tmp_path / "many"
+    folder.mkdir()
+    sources = sorted(images.iterdir())
+    for i in range(300):
+        (folder / f"{i:03d}.png").symlink_to(sources[i % len(sources)])
+    refs: list[weakref.ref] = []
+    most_alive = 0
+    load = prediction_module.load_inferencer
+
+    def tracking_loader(*args, **kwargs):
+        inferencer = load(*args, **kwargs)
+        original = inferencer.predict
+
+        def tracked(batch, min_area=0):
+            nonlocal most_alive
+            most_alive = max(most_alive, sum(ref() is not None for ref in refs))
+            predictions = original(batch, min_area)
+            refs.extend(weakref.ref(p) for p in predictions)
+            return predictions
+
+        inferencer.predict = tracked
+        return inferencer
+
+    monkeypatch.setattr(prediction_module, "load_inferencer", tracking_loader)
+    csv_path = predict(run, [folder], tmp_path / "out", batch_size=16, overlays=False, quiet=True)
+    assert most_alive <= 16  # at most the previous batch is still referenced when the next one starts
+    rows = read_csv(csv_path)
+    assert len(rows) == 300 and len(np.unique([r["path"] for r in rows])) == 300
+
+
+def test_export_rejects_a_bad_batch(run):
+    result = CliRunner().invoke(main, ["export", str(run), "--batch", "zero"])
+    assert result.exit_code == 2 and "--batch must be 'dynamic' or a positive integer" in result.output

@@ -1,0 +1,240 @@
+"""PRN: shapes through every block, prototypes and residuals, attention against a direct computation, losses,
+and the seen-defect split (never in the test set)."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import flawscope
+from flawscope.data import Sample, load_dataset, select_seen_anomalies
+from flawscope.errors import ConfigError
+from flawscope.evaluation import test as run_test
+from flawscope.fitting import FitContext
+from flawscope.models.prn import PRN, PRNConfig
+from flawscope.models.prn.blocks import MultiScaleFusion, MultiSizeAttention
+from flawscope.models.prn.fit import fit, fit_prototypes, focal_loss, num_prototypes, prn_loss
+
+TINY = {"backbone": "resnet18", "image_size": 64, "resize_size": 0}
+
+
+def _tiny(**options) -> PRN:
+    torch.manual_seed(0)
+    return PRN(PRNConfig(**{**TINY, **options}), pretrained=False).eval()
+
+
+def test_shapes_through_every_block_resnet18_256():
+    torch.manual_seed(0)
+    model = PRN(PRNConfig(), pretrained=False).eval()
+    model.set_prototypes([torch.randn(3, c, s, s) for c, s in ((64, 64), (128, 32), (256, 16))])
+    images = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        *features, deep = model.backbone(images)
+        assert [tuple(f.shape[1:]) for f in features] == [(64, 64, 64), (128, 32, 32), (256, 16, 16)]
+        assert tuple(deep.shape[1:]) == (512, 8, 8)
+        residuals = model.residuals(features)
+        assert [r.shape for r in residuals] == [f.shape for f in features]
+        fused = model.feature_fusion(features)
+        fused_residuals = model.residual_fusion(residuals)
+        assert [f.shape for f in fused] == [f.shape for f in features] == [r.shape for r in fused_residuals]
+        joined = [torch.cat(pair, 1) for pair in zip(fused, fused_residuals, strict=True)]
+        assert [tuple(c.shape[1:]) for c in joined] == [(128, 64, 64), (256, 32, 32), (512, 16, 16)]
+        for stack, c, patches in zip(
+            model.attention, joined, ([64, 32, 16, 8], [32, 16, 8, 4], [16, 8, 4, 2]), strict=True
+        ):
+            assert len(stack) == 3 and stack[0].patches == patches  # N = 3 blocks, p_s = h / 2^(s-1)
+            assert [1 / s for s in stack[0].scales] == [c.shape[1] * p * p for p in patches]  # 1/c^s
+            assert stack(c).shape == c.shape
+        tokens = [stack(c) for stack, c in zip(model.attention, joined, strict=True)]
+        skips = model.attention_fusion(tokens)
+        assert [s.shape for s in skips] == [t.shape for t in tokens]
+        logits = model.decoder(deep, skips[::-1], (256, 256))
+        assert logits.shape == (1, 1, 256, 256)
+        anomaly_map, score = model.raw_scores(images)
+    assert anomaly_map.shape == (1, 1, 256, 256) and score.shape == (1,)
+    assert float(anomaly_map.min()) >= 0 and float(anomaly_map.max()) <= 1
+
+
+def test_separable_downsampling_follows_the_spec():
+    fusion = MultiScaleFusion([64, 128, 256])
+    depthwise, pointwise = fusion.paths["0to2"]  # 1 -> 3: k5 s4 p2, depthwise on 64 then 1x1 to 256
+    assert (depthwise.kernel_size, depthwise.stride, depthwise.padding, depthwise.groups) == (
+        (5, 5),
+        (4, 4),
+        (2, 2),
+        64,
+    )
+    assert (pointwise.in_channels, pointwise.out_channels, pointwise.kernel_size) == (64, 256, (1, 1))
+    assert sum(p.numel() for p in fusion.paths["0to1"].parameters()) == 64 * 9 + 64 + 64 * 128 + 128
+    grouped = MultiScaleFusion([64, 128, 256], "grouped").paths["0to1"]
+    assert (grouped.groups, grouped.out_channels, grouped.stride) == (64, 128, (2, 2))
+
+
+def test_prototype_count():
+    assert num_prototypes(209, 0.1) == 20  # MVTec bottle (spec §2.3)
+    assert num_prototypes(630, 0.1) == 63
+    assert num_prototypes(5, 0.1) == 1
+    assert num_prototypes(5, 1.0) == 5
+    model = _tiny()
+    normals = (torch.rand(20, 3, 64, 64) * 255).to(torch.uint8)
+    assert fit_prototypes(model, normals, FitContext(quiet=True)) == [2, 2, 2]
+    assert [tuple(p.shape) for p in model.prototypes()] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
+
+
+@pytest.mark.parametrize("residual", ["abs", "sq"])
+def test_residual_is_the_difference_to_the_nearest_whole_map_prototype(residual):
+    model = _tiny(residual=residual)
+    shapes = [(64, 16, 16), (128, 8, 8), (256, 4, 4)]
+    prototypes = [torch.randn(4, *s) for s in shapes]
+    model.set_prototypes(prototypes)
+    features = [torch.randn(3, *s) for s in shapes]
+    for f, p, d in zip(features, prototypes, model.residuals(features), strict=True):
+        for i in range(3):
+            nearest = min(range(4), key=lambda k: float(torch.linalg.vector_norm(f[i] - p[k])))
+            diff = f[i] - p[nearest]
+            expected = diff.abs() if residual == "abs" else diff**2
+            torch.testing.assert_close(d[i], expected)
+
+
+def _direct_head(q, k, v, patch, scale):
+    """Eq. 3 by loops: tokens are the flattened (C, p, p) patches; softmax(QK^T * scale) V; back to the map."""
+    _, c, h, w = q.shape
+    grid = [(r, s) for r in range(0, h, patch) for s in range(0, w, patch)]
+    tokens = [torch.stack([t[0, :, r : r + patch, s : s + patch].reshape(-1) for r, s in grid]) for t in (q, k, v)]
+    out_tokens = torch.softmax(tokens[0] @ tokens[1].T * scale, dim=-1) @ tokens[2]
+    out = torch.zeros_like(q)
+    for (r, s), token in zip(grid, out_tokens, strict=True):
+        out[0, :, r : r + patch, s : s + patch] = token.reshape(c, patch, patch)
+    return out
+
+
+@pytest.mark.parametrize(("qkv", "attn_scale"), [("conv1x1", "1/d"), ("conv1x1", "1/sqrt(d)"), ("diag", "1/d")])
+def test_attention_matches_a_direct_computation(qkv, attn_scale):
+    torch.manual_seed(0)
+    block = MultiSizeAttention(2, 4, (1, 2, 4), qkv, attn_scale).eval()
+    if qkv == "diag":
+        for weight, bias in zip(block.weight, block.bias, strict=True):
+            torch.nn.init.normal_(weight)
+            torch.nn.init.normal_(bias)
+    x = torch.randn(1, 2, 4, 4) * 3
+    assert block.patches == [4, 2, 1]
+    if qkv == "conv1x1":
+        projected = torch.nn.functional.conv2d(x, block.projection.weight, block.projection.bias).chunk(9, dim=1)
+        qkvs = [projected[3 * s : 3 * s + 3] for s in range(3)]
+    else:
+        qkvs = []
+        for weight, bias, p in zip(block.weight, block.bias, block.patches, strict=True):
+            g = 4 // p
+            qkvs.append([x * weight[i].repeat(1, g, g) + bias[i].repeat(1, g, g) for i in range(3)])
+    heads = []
+    for (q, k, v), patch in zip(qkvs, block.patches, strict=True):
+        d = 2 * patch * patch
+        scale = 1 / d if attn_scale == "1/d" else 1 / math.sqrt(d)
+        heads.append(_direct_head(q, k, v, patch, scale))
+    torch.testing.assert_close(heads[0], qkvs[0][2])  # one token: softmax is 1, the head returns V
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), block.block(torch.cat(heads, dim=1)))
+
+
+def test_attention_pads_maps_that_patches_do_not_divide():
+    block = MultiSizeAttention(4, 7, (1, 2, 4, 8))
+    assert block.patches == [7, 4, 2, 1]
+    assert block(torch.randn(2, 4, 7, 7)).shape == (2, 4, 7, 7)
+
+
+def test_losses_on_hand_made_tensors():
+    logits = torch.tensor([[[[2.0, -1.0], [0.0, 3.0]]]])
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    p = torch.sigmoid(logits)
+    p_t = torch.where(target > 0, p, 1 - p)
+    expected = (-0.5 * (1 - p_t) ** 4 * torch.log(p_t)).mean()
+    torch.testing.assert_close(focal_loss(logits, target, 0.5, 4.0), expected)
+    alpha_t = torch.where(target > 0, 0.25, 0.75)
+    torch.testing.assert_close(focal_loss(logits, target, 0.25, 2.0), (-alpha_t * (1 - p_t) ** 2 * p_t.log()).mean())
+    cfg = PRNConfig()
+    smooth = 0.5 * ((p - target) ** 2).mean()  # |x| < 1 everywhere: smooth L1 = 0.5 MSE
+    torch.testing.assert_close(prn_loss(logits, target, cfg), smooth + 5 * expected)
+
+
+def test_image_score_is_the_mean_of_the_top_k_pixels():
+    model = _tiny(image_score_topk=100)
+    logits = torch.randn(2, 1, 64, 64)
+    model.segment_logits = lambda images: logits
+    anomaly_map, score = model.raw_scores(torch.rand(2, 3, 64, 64))
+    expected = torch.sigmoid(logits).flatten(1).sort(dim=1, descending=True).values[:, :100].mean(1)
+    torch.testing.assert_close(score, expected)
+    torch.testing.assert_close(anomaly_map, torch.sigmoid(logits))
+
+
+def _defects(counts):
+    return [Sample(f"/d/{t}/{i}.png", 1, t, f"/m/{t}/{i}.png") for t, n in counts.items() for i in range(n)]
+
+
+def test_seen_split_is_stratified_and_reproducible():
+    samples = [Sample(f"/g/{i}.png") for i in range(5)] + _defects({"a": 20, "b": 3, "c": 9, "d": 1, "e": 30})
+    chosen = select_seen_anomalies(samples, 10, seed=0)
+    counts = {t: sum(s.defect_type == t for s in chosen) for t in "abcde"}
+    assert len(chosen) == 10 and counts["d"] == 1 and all(counts[t] >= 2 for t in "abce")
+    assert chosen == select_seen_anomalies(samples, 10, seed=0)
+    assert chosen != select_seen_anomalies(samples, 10, seed=1)
+    assert all(s.label == 1 for s in chosen)
+    assert len(select_seen_anomalies(samples, 100, seed=0)) == 63
+    assert select_seen_anomalies(samples, 0) == []
+    few = select_seen_anomalies(_defects({"a": 2, "b": 2, "c": 2}), 4, seed=0)
+    assert sorted(sum(s.defect_type == t for s in few) for t in "abc") == [1, 1, 2]
+    with pytest.raises(ConfigError):
+        select_seen_anomalies(samples, -1)
+
+
+def test_fit_uses_seen_anomalies(tiny_dataset):
+    split = load_dataset(tiny_dataset)
+    quick = {"backbone": "efficientnet_lite0", "num_epochs": 1, "steps_per_epoch": 1, "msa_depth": 1}
+    model = _tiny(**quick, batch_normal=1, batch_extended=1, batch_simulated=1)
+    seen = select_seen_anomalies(split.test, 2, seed=0)
+    ctx = FitContext(quiet=True, seen_anomalies=seen)
+    report = fit(model, split.train, ctx)
+    assert report["num_seen_anomalies"] == 2 and report["batch"] == [1, 1, 1]
+    assert report["num_prototypes"] == [1, 1, 1] and bool(model.fitted)
+    no_seen = fit(
+        _tiny(**quick, batch_normal=1, batch_extended=2, batch_simulated=1), split.train, FitContext(quiet=True)
+    )
+    assert no_seen["batch"] == [1, 0, 3]  # EA slots become simulated anomalies
+
+
+def test_seen_defects_never_appear_in_the_test_set(tiny_dataset, tmp_path):
+    options = {
+        "backbone": "efficientnet_lite0",
+        "image_size": 64,
+        "resize_size": 0,
+        "num_epochs": 1,
+        "steps_per_epoch": 1,
+        "batch_normal": 1,
+        "batch_extended": 1,
+        "batch_simulated": 1,
+        "msa_depth": 1,
+    }
+    run = flawscope.fit("prn", tiny_dataset, tmp_path / "run", options=options, seen_anomalies=3, quiet=True)
+    config = json.loads((run / "config.json").read_text())
+    seen = config["seen_anomalies"]
+    assert len(seen) == 3 and len({p.split("/")[-2] for p in seen}) == 3  # one of each defect type
+    metrics = run_test(run, tiny_dataset, quiet=True, report=False)
+    assert metrics["num_excluded_seen"] == 3 and sorted(metrics["excluded_seen"]) == sorted(seen)
+    with open(run / "per_image.csv") as f:
+        tested = {row["path"] for row in csv.DictReader(f)}
+    assert len(tested) == len(load_dataset(tiny_dataset).test) - 3 and not tested & set(seen)
+    with pytest.warns(UserWarning, match="synthetic defects only"):
+        flawscope.fit("prn", tiny_dataset, tmp_path / "zero", options=options, seen_anomalies=0, quiet=True)
+    with pytest.raises(ConfigError, match="good images only"):
+        flawscope.fit("patchcore", tiny_dataset, tmp_path / "pc", seen_anomalies=3, quiet=True)
+
+
+def test_cli_refuses_seen_anomalies_for_unsupervised_methods(tiny_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from flawscope.cli import main
+
+    args = ["fit", "--model", "patchcore", "--data", str(tiny_dataset), "--out", str(tmp_path / "r"), "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--seen-anomalies", "3"])
+    assert result.exit_code == 2 and "good images only" in result.output

@@ -1,0 +1,191 @@
+"""PRN's synthetic defects: Perlin masks, texture sources, homologous / extended anomalies, target areas."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flawscope.data import load_dataset, read_image, read_mask
+from flawscope.synthesis import (
+    FolderTextures,
+    ProceduralTextures,
+    blend,
+    extended_anomaly,
+    foreground_mask,
+    grid_shuffle,
+    homologous_source,
+    perlin_mask,
+    perlin_noise,
+    simulated_anomaly,
+    target_area,
+    write_synthetic_validation_set,
+)
+
+SIZE = 64
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.2, 0.8, (SIZE, SIZE, 3)).astype(np.float32)
+
+
+def _changed(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    return np.abs(after - before).max(-1) > 0
+
+
+def _object_image() -> tuple[np.ndarray, np.ndarray]:
+    """A bright disc on a dark background, and the disc's mask."""
+    rows, cols = np.mgrid[:SIZE, :SIZE]
+    disc = (rows - 30) ** 2 + (cols - 34) ** 2 < 18**2
+    image = np.where(disc[..., None], 0.8, 0.1).astype(np.float32)
+    return image, disc
+
+
+def _generators():
+    """(name, function(rng, foreground) -> (before, after, mask)) for every generator."""
+    image, other = _image(0), _image(1)
+    defect_mask = np.zeros((SIZE, SIZE), bool)
+    defect_mask[20:40, 25:35] = True
+
+    def hea(rng, foreground):
+        texture = ProceduralTextures()((SIZE, SIZE), rng)
+        return (image, *simulated_anomaly(image, texture, rng, foreground))
+
+    def hoa(rng, foreground):
+        source = homologous_source(other, rng)
+        return (image, *simulated_anomaly(image, source, rng, foreground, num_ops=0))
+
+    def extended(rng, foreground):
+        return (image, *extended_anomaly(image, other, defect_mask, rng, foreground))
+
+    return [("hea", hea), ("hoa", hoa), ("extended", extended)]
+
+
+@pytest.mark.parametrize(("name", "generate"), _generators())
+def test_mask_is_exactly_the_changed_pixels(name, generate):
+    rng = np.random.default_rng(3)
+    non_empty = 0
+    for _ in range(12):
+        before, after, mask = generate(rng, None)
+        assert after.shape == before.shape and after.dtype == np.float32 and mask.dtype == bool
+        np.testing.assert_array_equal(_changed(before, after), mask)
+        non_empty += bool(mask.any())
+    assert non_empty >= 4, f"{name} produced almost only empty masks"
+
+
+@pytest.mark.parametrize(("name", "generate"), _generators())
+def test_generators_are_reproducible_from_their_seed(name, generate):
+    a = generate(np.random.default_rng(11), None)
+    b = generate(np.random.default_rng(11), None)
+    c = generate(np.random.default_rng(12), None)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[2], b[2])
+    assert not np.array_equal(a[1], c[1]) or not np.array_equal(a[2], c[2])
+
+
+@pytest.mark.parametrize(("name", "generate"), _generators())
+def test_generators_respect_the_foreground(name, generate):
+    foreground = np.zeros((SIZE, SIZE), bool)
+    foreground[8:40, 10:50] = True
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(12):
+        before, after, mask = generate(rng, foreground)
+        assert not (mask & ~foreground).any()
+        assert not _changed(before, after)[~foreground].any()
+        hits += bool(mask.any())
+    assert hits >= 3
+
+
+def test_blend_formula_and_forced_change():
+    image = np.full((4, 4, 3), 0.5, np.float32)
+    source = np.full((4, 4, 3), 0.9, np.float32)
+    source[0, 0] = 0.5  # equal to the good pixel: must still change
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    out = blend(image, source, mask, beta=0.25)
+    np.testing.assert_allclose(out[1, 1], 0.75 * 0.9 + 0.25 * 0.5, rtol=1e-6)
+    assert np.abs(out[0, 0] - 0.5).max() > 0
+    np.testing.assert_array_equal(out[~mask], image[~mask])
+
+
+def test_perlin_noise_is_zero_on_the_lattice_and_masks_are_reproducible():
+    rng = np.random.default_rng(0)
+    noise = perlin_noise((64, 64), (4, 4), rng)
+    assert noise.shape == (64, 64)
+    np.testing.assert_allclose(noise[::16, ::16], 0.0, atol=1e-12)
+    assert noise.std() > 0.05
+    assert perlin_noise((50, 70), (8, 2), rng).shape == (50, 70)
+    a = perlin_mask((64, 64), np.random.default_rng(1))
+    b = perlin_mask((64, 64), np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_grid_shuffle_permutes_whole_cells():
+    image = np.arange(64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3)
+    shuffled = grid_shuffle(image, np.random.default_rng(0), grid=8)
+    assert not np.array_equal(shuffled, image)
+    cells = {image[r : r + 8, c : c + 8].tobytes() for r in range(0, 64, 8) for c in range(0, 64, 8)}
+    moved = {shuffled[r : r + 8, c : c + 8].tobytes() for r in range(0, 64, 8) for c in range(0, 64, 8)}
+    assert cells == moved
+
+
+@pytest.mark.parametrize("kind", ["circle", "rectangle", "polygon"])
+def test_target_area_is_centred_on_the_foreground(kind):
+    foreground = np.zeros((SIZE, SIZE), bool)
+    foreground[50:54, 5:9] = True
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        area = target_area((SIZE, SIZE), rng, foreground, kind)
+        assert area.any() and (area & foreground).any()
+
+
+def test_foreground_mask_finds_an_object_on_a_plain_background():
+    image, disc = _object_image()
+    found = foreground_mask(image + np.random.default_rng(0).normal(0, 0.02, image.shape).astype(np.float32))
+    iou = (found & disc).sum() / (found | disc).sum()
+    assert iou > 0.9
+    assert foreground_mask(np.full((SIZE, SIZE, 3), 0.5, np.float32)).all()
+
+
+def test_texture_sources(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    rng = np.random.default_rng(0)
+    texture = FolderTextures(tmp_path)((SIZE, 48), rng)
+    assert texture.shape == (SIZE, 48, 3) and texture.dtype == np.float32 and 0 <= texture.min() <= texture.max() <= 1
+    procedural = ProceduralTextures()((SIZE, SIZE), rng)
+    assert procedural.shape == (SIZE, SIZE, 3) and procedural.max() == pytest.approx(1.0) and procedural.std() > 0.02
+
+
+def test_synthetic_validation_set_layout_and_exact_masks(tmp_path):
+    sources = tmp_path / "good"
+    sources.mkdir()
+    for i in range(6):
+        Image.fromarray((_image(i) * 255).astype(np.uint8)).save(sources / f"{i}.png")
+    out = tmp_path / "val"
+    summary = write_synthetic_validation_set(sorted(sources.iterdir()), out, image_size=SIZE, resize_size=0, seed=0)
+    assert summary["num_defects"] == 3 and summary["num_good"] == 3
+    split = load_dataset(out)
+    assert sum(s.label for s in split.test) == 3 and len(split.test) == 6
+    for sample in (s for s in split.test if s.label):
+        clean = read_image(out / "train" / "good" / sample.path.name).astype(int)
+        defective = read_image(sample.path).astype(int)
+        mask = read_mask(sample.mask_path)
+        assert mask.any()
+        np.testing.assert_array_equal(np.abs(defective - clean).max(-1) > 0, mask)
+    with pytest.raises(Exception, match="not empty"):
+        write_synthetic_validation_set(sorted(sources.iterdir()), out, image_size=SIZE)
+
+
+def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from flawscope.cli import main
+
+    out = tmp_path / "synth"
+    args = ["synth", "--data", str(tiny_dataset), "--out", str(out), "--image-size", "64", "--num-defects", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    split = load_dataset(out)
+    assert sum(s.label for s in split.test) == 4 and len(split.test) == len(load_dataset(tiny_dataset).train)
