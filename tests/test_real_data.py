@@ -67,9 +67,10 @@ def test_mlff_short_schedule_on_mtd_subset():
 
 
 def test_prn_short_schedule_on_mtd_subset():
-    # A cheap guard, not the documented benchmark (docs/benchmarks.md): 128 px, 70 good training images (K = 7
-    # prototypes), 10 seen defects (stratified, seed 0), 12 steps of 4 good + 2 extended + 2 simulated anomalies;
-    # scored on every 4th good and every 6th defective test image that is not a seen defect.
+    # A cheap guard (about 1.5 min on 2 idle cores), not the documented benchmark (docs/benchmarks.md): 128 px,
+    # 70 good training images (K = 7 prototypes), 10 seen defects (stratified, seed 0), 12 steps of 4 good + 2
+    # extended + 2 simulated anomalies; scored on every 4th good and every 6th defective test image that is not a
+    # seen defect.
     import numpy as np
     import torch
 
@@ -93,7 +94,10 @@ def test_prn_short_schedule_on_mtd_subset():
     labels = np.array([s.label for s in subset])
     image_auroc = auroc(scored.raw_scores, labels)
     pixel = pixel_metrics(scored.maps, scored.masks)
-    print(image_auroc, pixel)
-    assert image_auroc >= 0.0
-    assert pixel["pixel_auroc"] >= 0.0
-    assert pixel["pixel_aupro"] >= 0.0
+    # Measured 0.61 / 0.52 / 0.22 (image AUROC / pixel AUROC / AUPRO): 96 generated training images are far too few
+    # for PRN to localise (the 60-step benchmark row is in docs/benchmarks.md, the floors are 0.95 / 0.85 /
+    # 0.80). These bounds only catch a run that breaks (NaN maps, constant scores, inverted labels).
+    assert image_auroc >= 0.55
+    assert pixel["pixel_auroc"] >= 0.45
+    assert pixel["pixel_aupro"] >= 0.15
+    assert np.isfinite(scored.maps).all()
