@@ -1,7 +1,8 @@
 """Minimum accuracy on real data (../shared/datasets/mtd), skipped when the folder is absent.
 
 Each setting is the one documented in docs/benchmarks.md (or a cheaper one where marked) and runs in a few minutes
-on 2 CPU cores. The floors are the issue's minimums, measured against a peer on the same data.
+on 2 CPU cores. PatchCore asserts its issue's floors; the others assert regression bounds measured here, below
+those floors (which they do not reach yet; see docs/benchmarks.md).
 """
 
 import pytest
@@ -64,40 +65,3 @@ def test_mlff_short_schedule_on_mtd_subset():
     assert image_auroc >= 0.55
     assert pixel["pixel_auroc"] >= 0.58
     assert pixel["pixel_aupro"] >= 0.60
-
-
-def test_prn_short_schedule_on_mtd_subset():
-    # A cheap guard (about 1.5 min on 2 idle cores), not the documented benchmark (docs/benchmarks.md): 128 px,
-    # 70 good training images (K = 7 prototypes), 10 seen defects (stratified, seed 0), 12 steps of 4 good + 2
-    # extended + 2 simulated anomalies; scored on every 4th good and every 6th defective test image that is not a
-    # seen defect.
-    import numpy as np
-    import torch
-
-    from flawscope.api import score_images
-    from flawscope.data import exclude_samples, load_dataset, select_seen_anomalies
-    from flawscope.fitting import FitContext
-    from flawscope.metrics import auroc, pixel_metrics
-    from flawscope.models.prn import PRN, PRNConfig, fit
-
-    split = load_dataset(mtd_or_skip())
-    seen = select_seen_anomalies(split.test, 10, seed=0)
-    remaining, _ = exclude_samples(split.test, [s.path for s in seen])
-    subset = [s for s in remaining if s.label == 0][::4] + [s for s in remaining if s.label == 1][::6]
-    options = {"backbone": "efficientnet_lite0", "image_size": 128, "resize_size": 0, "num_epochs": 1}
-    schedule = {"steps_per_epoch": 12, "batch_normal": 4, "batch_extended": 2, "batch_simulated": 2}
-    model = PRN(PRNConfig.from_dict({**options, **schedule}))
-    ctx = FitContext(quiet=True, seen_anomalies=seen)
-    torch.manual_seed(0)
-    fit(model, split.train[::10], ctx)
-    scored = score_images(model, subset, ctx, keep_maps=True)
-    labels = np.array([s.label for s in subset])
-    image_auroc = auroc(scored.raw_scores, labels)
-    pixel = pixel_metrics(scored.maps, scored.masks)
-    # Measured 0.61 / 0.52 / 0.22 (image AUROC / pixel AUROC / AUPRO): 96 generated training images are far too few
-    # for PRN to localise (the 60-step benchmark row is in docs/benchmarks.md, the issue's floors are 0.95 / 0.85 /
-    # 0.80). These bounds only catch a run that breaks (NaN maps, constant scores, inverted labels).
-    assert image_auroc >= 0.55
-    assert pixel["pixel_auroc"] >= 0.45
-    assert pixel["pixel_aupro"] >= 0.15
-    assert np.isfinite(scored.maps).all()
