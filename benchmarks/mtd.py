@@ -108,7 +108,8 @@ def render(rows: list[dict], data: Path) -> str:
         f"- Software: Python {platform.python_version()}, torch {torch.__version__}.",
         "- Times are wall-clock for the whole CLI step (fit: feature extraction, training, calibration, saving; "
         "test: inference, metrics, report). Images/s is inference alone over the 644 test images, batch 8. "
-        "Peak memory is the resident set of that process.",
+        "Peak memory is the resident set of that process. The prn, prn-0seen and mlff* rows ran while other jobs "
+        "shared the 2 cores (load average 7-11), so their times are upper bounds, not idle-machine timings.",
         "",
         "| model | image AUROC | image AP | pixel AUROC | AUPRO | fit (s) | test (s) | images/s "
         "| peak MiB fit / test |",
