@@ -9,7 +9,7 @@ polygon of 3-8 vertices inside such a rectangle.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, spatial
 from skimage import draw
 from skimage.filters import threshold_otsu
 
@@ -80,32 +80,9 @@ def target_area(
     elif kind == "polygon":
         half = rng.uniform(0.1, 0.5, 2) * side / 2
         points = centre + rng.uniform(-1, 1, (int(rng.integers(3, 9)), 2)) * half
-        hull = _convex_hull(points)
+        hull = points[spatial.ConvexHull(points).vertices]  # 2-D vertices come in counter-clockwise order
         mask[draw.polygon(hull[:, 0], hull[:, 1], shape)] = True
     else:
         raise ValueError(f"Unknown target shape {kind!r}; use one of {TARGET_SHAPES}.")
     mask[int(centre[0]), int(centre[1])] = True
     return mask
-
-
-def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
-    """z of (a - o) x (b - o): > 0 for a counter-clockwise turn o -> a -> b."""
-    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-
-def _convex_hull(points: np.ndarray) -> np.ndarray:
-    """Andrew's monotone chain: (N, 2) -> hull vertices in order."""
-    pts = sorted(map(tuple, points))
-    if len(pts) < 3:
-        return np.array(pts)
-
-    def half(seq):
-        out: list[tuple[float, float]] = []
-        for p in seq:
-            while len(out) >= 2 and _cross(out[-2], out[-1], p) <= 0:
-                out.pop()
-            out.append(p)
-        return out
-
-    lower, upper = half(pts), half(reversed(pts))
-    return np.array(lower[:-1] + upper[:-1])
