@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from flawscope.runs import _cpu_model
@@ -34,3 +36,13 @@ def write_section(path: Path, heading: str, section: str) -> None:
         text = "".join(lines[:start]) + section + ("\n" if end < len(lines) else "") + "".join(lines[end:])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def run(args: list[str]) -> tuple[float, float]:
+    """Runs a command; returns (wall seconds, peak resident MiB of that process)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(args)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(args)}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024

@@ -13,14 +13,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from _common import REPO, cpu_model, write_section
+from _common import REPO, cpu_model, run, write_section
 
 SECTION = "## MTD: accuracy and speed"
 
@@ -62,16 +60,6 @@ MLFF_ABLATION = {
     "mlff-t4-sc-stl": "+ SC + texture branch, feature constraint only, score = distance A",
     "mlff-t4-full": "+ score constraint + consistency (all losses), score = head eta",
 }
-
-
-def run(args: list[str]) -> tuple[float, float]:
-    """Runs a command; returns (wall seconds, peak resident MiB of that process)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(args)
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(args)}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def bench(name: str, data: Path, runs: Path) -> dict:

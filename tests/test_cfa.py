@@ -241,9 +241,21 @@ def test_positional_mean_bank_is_the_per_location_mean():
 def test_bank_size_does_not_depend_on_the_number_of_images(tiny_dataset, memory_init):
     model = _small_model(gamma_c=4, memory_init=memory_init, kmeans_max_iter=20)
     train = load_dataset(tiny_dataset).train
-    sizes = {n: build_memory_bank(model, train[:n], FitContext(quiet=True)).shape for n in (2, 5, 12)}
+    sizes = {n: build_memory_bank(model, train[:n], FitContext(quiet=True))[0].shape for n in (2, 5, 12)}
     # 64 px at stride 4: a 16 x 16 grid, 256 // gamma_c = 64 items of D' = 448 // 8 = 56 values, for every n.
     assert set(sizes.values()) == {torch.Size([64, 56])}
+
+
+def test_bank_pass_caches_the_patch_features_of_every_image(tiny_dataset):
+    model = _small_model(gamma_c=4, kmeans_max_iter=20)
+    train = load_dataset(tiny_dataset).train[:5]
+    ctx = FitContext(quiet=True)
+    bank, cache = build_memory_bank(model, train, ctx, max_cache_bytes=1 << 30)
+    images = torch.cat([batch["image"] for batch in ctx.loader(train, model.config, batch_size=5)])
+    assert cache.dtype == torch.float16 and cache.shape == (5, 448, 16, 16)
+    torch.testing.assert_close(cache.float(), model.patch_features(images), rtol=1e-3, atol=1e-3)
+    assert build_memory_bank(model, train, ctx, max_cache_bytes=100)[1] is None  # too large: nothing cached
+    torch.testing.assert_close(build_memory_bank(model, train, ctx)[0], bank)
 
 
 # --- scoring (Eqs. 4-5, spec 2.7) -----------------------------------------------------------------------------------
@@ -337,7 +349,7 @@ def test_optimizer_and_train_step_update_descriptor_only(learn_radius):
 
     before = copy.deepcopy(model)
     images = torch.rand(2, 3, 64, 64)
-    terms = train_step(model, images, radius, optimizer)
+    terms = train_step(model, model.patch_features(images), radius, optimizer)
     assert terms.repulsion.item() == 0 and terms.attraction.item() > 0
     for name, param in model.named_parameters():
         changed = not torch.equal(param, dict(before.named_parameters())[name])

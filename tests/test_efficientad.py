@@ -333,6 +333,20 @@ def test_distillation_writes_metadata_and_resumes_exactly(tiny_dataset, tmp_path
         distill_teacher("efficientnet_lite0", images, images / "t.safetensors", SETTINGS, **run)
 
 
+def test_cached_targets_equal_targets_on_the_fly(tiny_dataset, tmp_path):
+    """The target cache (float16) changes only rounding: same grayscale decisions, same statistics, same steps."""
+    images = tiny_dataset / "train"
+    settings = DistillSettings(**{**SETTINGS.__dict__, "gray_prob": 0.5, "steps": 3})
+    run = dict(pretrained_backbone=False, quiet=True)
+    cached = distill_teacher("efficientnet_lite0", images, tmp_path / "c" / "t.safetensors", settings, **run)
+    direct = distill_teacher(
+        "efficientnet_lite0", images, tmp_path / "d" / "t.safetensors", settings, max_cache_bytes=0, **run
+    )
+    assert cached["final_loss"] == pytest.approx(direct["final_loss"], rel=1e-2)
+    a, b = (load_file(str(tmp_path / name / "t.safetensors")) for name in ("c", "d"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-2, atol=1e-4) for k in a)
+
+
 def test_cli_distill_then_fit_test_save_load(tiny_dataset, tmp_path):
     teacher = tmp_path / "teacher.safetensors"
     result = CliRunner().invoke(main, [

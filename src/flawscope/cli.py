@@ -309,6 +309,13 @@ def info(method, as_json) -> None:
 @click.option("--restart", is_flag=True, help="ignore an existing checkpoint and start from step 0")
 @click.option("--num-workers", type=int, default=4, show_default=True, help="image decoding processes")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="explicit backbone weights file")
+@click.option(
+    "--cache-gib",
+    type=float,
+    default=8.0,
+    show_default=True,
+    help="keep the backbone's targets of every image (colour and grayscale) in memory when they fit; 0 = never",
+)
 @DEVICE
 @QUIET
 def distill(
@@ -328,6 +335,7 @@ def distill(
     restart,
     num_workers,
     weights,
+    cache_gib,
     device,
     quiet,
 ) -> None:
@@ -360,6 +368,7 @@ def distill(
         num_workers=num_workers,
         checkpoint_every=max(1, checkpoint_every),
         restart=restart,
+        max_cache_bytes=int(cache_gib * (1 << 30)),
         quiet=quiet,
     )
     click.echo(

@@ -9,12 +9,14 @@
    - ``positional_mean`` (public code): the mean over all images of phi_0 at each of the h*w locations; K-means
      compresses those h*w vectors to M only when gamma_c > 1.
 2. Training: AdamW (amsgrad) on the descriptor (and r when learned), Eqs. 1-3 on every location of every image.
+   The backbone is frozen and there is no augmentation, so the bank's pass also keeps every image's pooled patch
+   features p (float16, when they fit in ``MAX_CACHE_BYTES``) and the epochs train on them without the backbone.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,6 +31,7 @@ from .model import CFA, CFAConfig
 
 # Candidates looked up per memory item before the greedy matching falls back to a full row.
 MATCH_CANDIDATES = 32
+MAX_CACHE_BYTES = 4 << 30
 
 
 class HypersphereLoss(NamedTuple):
@@ -155,24 +158,37 @@ class PositionalMeanBank:
         return kmeans(mean, self.num_items, self.kmeans_max_iter, generator=self.generator).centers
 
 
-def build_memory_bank(model: CFA, samples: Sequence[Sample], ctx: FitContext) -> Tensor:
-    """Runs the untrained descriptor over ``samples`` in their given order and returns the bank (M, D')."""
+def build_memory_bank(
+    model: CFA, samples: Sequence[Sample], ctx: FitContext, max_cache_bytes: int = 0
+) -> tuple[Tensor, Tensor | None]:
+    """Runs the untrained descriptor over ``samples`` in their given order.
+
+    Returns:
+        The bank (M, D'), and the patch features p of every image (N, D, h, w) float16 when they fit in
+        ``max_cache_bytes`` (else None).
+    """
     cfg = model.config
     builder: KMeansEMABank | PositionalMeanBank | None = None
+    cache: Tensor | None = None
     loader = ctx.loader(samples, cfg, batch_size=cfg.batch_size)
     with torch.no_grad():
         for batch in ctx.progress(loader, "memory bank", len(loader)):
-            features = model.describe(batch["image"].to(ctx.device))  # (B, D', h, w)
+            patches = model.patch_features(batch["image"].to(ctx.device))  # (B, D, h, w)
+            features = model.descriptor.project(patches)  # (B, D', h, w)
             if builder is None:
                 num_items = features.shape[2] * features.shape[3] // cfg.gamma_c
                 if cfg.memory_init == "kmeans_ema":
                     builder = KMeansEMABank(num_items, cfg.ema_beta, cfg.kmeans_max_iter, ctx.generator(1))
                 else:
                     builder = PositionalMeanBank(num_items, cfg.kmeans_max_iter, ctx.generator(1))
+                if len(samples) * patches[0].numel() * 2 <= max_cache_bytes:
+                    cache = torch.empty(len(samples), *patches.shape[1:], dtype=torch.float16)
+            if cache is not None:
+                cache[batch["index"]] = patches.half().cpu()
             for image_features in features.flatten(2).transpose(1, 2):  # (h*w, D') per image
                 builder.update(image_features)
     assert builder is not None, "no training image"
-    return builder.finish()
+    return builder.finish(), cache
 
 
 def make_optimizer(model: CFA, radius: Tensor) -> torch.optim.Optimizer:
@@ -182,10 +198,11 @@ def make_optimizer(model: CFA, radius: Tensor) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
 
 
-def train_step(model: CFA, images: Tensor, radius: Tensor, optimizer: torch.optim.Optimizer) -> HypersphereLoss:
-    """One update of the descriptor (and r) on a batch of images (B, 3, H, W); returns the detached terms."""
+def train_step(model: CFA, patches: Tensor, radius: Tensor, optimizer: torch.optim.Optimizer) -> HypersphereLoss:
+    """One update of the descriptor (and r) on a batch of patch features p (B, D, h, w); returns the detached
+    terms."""
     cfg = model.config
-    features = model.describe(images)  # (B, D', h, w)
+    features = model.descriptor.project(patches)  # (B, D', h, w)
     terms = coupled_hypersphere_loss(
         features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1]),
         model.memory_bank,
@@ -201,17 +218,34 @@ def train_step(model: CFA, images: Tensor, radius: Tensor, optimizer: torch.opti
     return HypersphereLoss(*(t.detach() for t in terms))
 
 
-def train(model: CFA, samples: Sequence[Sample], radius: Tensor, ctx: FitContext) -> None:
-    """``num_epochs`` passes over ``samples`` in seeded random order, logging each epoch's mean loss terms."""
+def _patch_batches(
+    model: CFA, samples: Sequence[Sample], cache: Tensor | None, generator: torch.Generator, ctx: FitContext
+) -> Iterator[Tensor]:
+    """One epoch of shuffled batches of patch features p (B, D, h, w): from the cache, or through the backbone."""
+    cfg = model.config
+    if cache is None:
+        for batch in ctx.loader(samples, cfg, batch_size=cfg.batch_size, shuffle=True):
+            yield model.patch_features(batch["image"].to(ctx.device))
+        return
+    order = torch.randperm(len(cache), generator=generator)
+    for first in range(0, len(order), cfg.batch_size):
+        yield cache[order[first : first + cfg.batch_size]].to(ctx.device, torch.float32)
+
+
+def train(model: CFA, samples: Sequence[Sample], radius: Tensor, ctx: FitContext, cache: Tensor | None = None) -> None:
+    """``num_epochs`` passes over ``samples`` in seeded random order, logging each epoch's mean loss terms.
+
+    ``cache``: the patch features of ``samples`` (N, D, h, w), as ``build_memory_bank`` returns them, or None.
+    """
     cfg = model.config
     optimizer = make_optimizer(model, radius)
-    loader = ctx.loader(samples, cfg, batch_size=cfg.batch_size, shuffle=True)
+    generator = ctx.generator(2)
     model.descriptor.train()
     epochs = ctx.progress(range(cfg.num_epochs), "training", cfg.num_epochs)
     for epoch in epochs:
         totals, steps = np.zeros(4), 0
-        for batch in loader:
-            terms = train_step(model, batch["image"].to(ctx.device), radius, optimizer)
+        for patches in _patch_batches(model, samples, cache, generator, ctx):
+            terms = train_step(model, patches, radius, optimizer)
             totals += [float(t) for t in terms]
             steps += 1
         loss, attraction, repulsion, active = (float(v) for v in totals / steps)
@@ -239,13 +273,13 @@ def fit(model: CFA, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
         raise DataError("CFA needs at least one good training image to build its memory bank; got none.")
     model.to(ctx.device).eval()
     start = time.perf_counter()
-    bank = build_memory_bank(model, samples, ctx)
+    bank, cache = build_memory_bank(model, samples, ctx, MAX_CACHE_BYTES)
     model.memory_bank = bank.to(ctx.device)
     built = time.perf_counter()
     radius = torch.tensor(cfg.radius, device=ctx.device)
     if cfg.learn_radius:
         radius = torch.nn.Parameter(radius)
-    train(model, samples, radius, ctx)
+    train(model, samples, radius, ctx, cache)
     model.fitted.fill_(True)
     return {
         "num_images": len(samples),
@@ -255,6 +289,7 @@ def fit(model: CFA, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
         "final_loss": ctx.log[-1]["loss"] if ctx.log else None,
         "final_repulsion_active": ctx.log[-1]["repulsion_active"] if ctx.log else None,
         "radius": float(radius.detach()),
+        "cached_patch_features": cache is not None,
         "bank_seconds": round(built - start, 2),
         "train_seconds": round(time.perf_counter() - built, 2),
     }

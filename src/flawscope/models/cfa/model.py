@@ -138,9 +138,13 @@ class PatchDescriptor(nn.Module):
             pooled.append(stage)
         return torch.cat(pooled, dim=1)
 
+    def project(self, patch_features: Tensor) -> Tensor:
+        """F (B, D, H, W) -> (B, D', H, W): the learned CoordConv."""
+        return self.projection(self.add_coords(patch_features))
+
     def forward(self, stages: list[Tensor]) -> Tensor:
         """Stages [(B, C_i, H_i, W_i)] -> (B, D', H_0, W_0)."""
-        return self.projection(self.add_coords(self.patch_features(stages)))
+        return self.project(self.patch_features(stages))
 
 
 class CFA(AnomalyModel):
@@ -173,11 +177,14 @@ class CFA(AnomalyModel):
         """D', the length of the descriptor's features and of the memory items."""
         return self.descriptor.projection.out_channels
 
+    @torch.no_grad()
+    def patch_features(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) -> p (B, D, h, w): the frozen part of the graph (training caches it)."""
+        return self.descriptor.patch_features(self.backbone(images))
+
     def describe(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> phi(p) (B, D', h, w); gradients flow into the descriptor only."""
-        with torch.no_grad():
-            stages = self.backbone(images)
-        return self.descriptor(stages)
+        return self.descriptor.project(self.patch_features(images))
 
     def raw_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
         features = self.describe(images)  # (B, D', h, w)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from ...backbones import create_backbone
@@ -36,10 +37,10 @@ from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
 from ...data import find_images, preprocess, read_image
 from ...errors import ConfigError
 from ...layers import LocalFeatureAggregator
-from .fit import random_grayscale
 from .model import PDN, TEACHER_METADATA_KEY
 
 CHECKPOINT_KEY = "flawscope_distill"
+DEFAULT_CACHE_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -92,18 +93,79 @@ class PatchCoreTarget(nn.Module):
         return self.aggregator(self.backbone(images))
 
 
-class _TwoViews(Dataset):
-    """An image resized whole to 2s (Psi's view) and to s (the PDN's view), both (3, ., .) in [0, 1]."""
+class _Views(Dataset):
+    """An image resized whole to each of ``sizes`` (2s: Psi's view, s: the PDN's view), each (3, ., .) in [0, 1]."""
 
-    def __init__(self, paths: Sequence[Path], image_size: int) -> None:
-        self.paths, self.image_size = list(paths), image_size
+    def __init__(self, paths: Sequence[Path], sizes: Sequence[int]) -> None:
+        self.paths, self.sizes = list(paths), tuple(sizes)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         image = read_image(self.paths[index])
-        return preprocess(image, 2 * self.image_size, 0), preprocess(image, self.image_size, 0)
+        return tuple(preprocess(image, size, 0) for size in self.sizes)
+
+
+class PsiTargets:
+    """Psi's features of the images, by index and grayscale decision: on the fly, or from a cache.
+
+    The distillation's only augmentation is the grayscale decision, so on a small image folder (the 500 BSDS500
+    photographs here, not ImageNet) Psi's output of every image in colour and in grayscale can be computed once and
+    kept (float16, ``max_cache_bytes`` at most); each step then costs only the PDN's forward and backward pass.
+    """
+
+    def __init__(
+        self,
+        psi: PatchCoreTarget,
+        paths: Sequence[Path],
+        image_size: int,
+        device: torch.device,
+        num_workers: int,
+        max_cache_bytes: int,
+        quiet: bool,
+    ) -> None:
+        self.psi, self.paths, self.image_size, self.device = psi, list(paths), image_size, device
+        self.num_workers = num_workers
+        side = image_size // 4
+        cache_bytes = len(self.paths) * 2 * psi.aggregator.target_dim * side * side * 2
+        self.cache = self._build_cache(quiet) if cache_bytes <= max_cache_bytes else None
+
+    @torch.no_grad()
+    def _build_cache(self, quiet: bool) -> Tensor:
+        """(N, 2, C, s/4, s/4) float16: Psi of each image in colour (0) and grayscale (1)."""
+        side = self.image_size // 4
+        cache = torch.empty(len(self.paths), 2, self.psi.aggregator.target_dim, side, side, dtype=torch.float16)
+        loader = DataLoader(_Views(self.paths, [2 * self.image_size]), batch_size=8, num_workers=self.num_workers)
+        first = 0
+        for (big,) in tqdm(loader, "Psi targets (cached)", disable=quiet, leave=False, dynamic_ncols=True):
+            views = torch.stack([big, TF.rgb_to_grayscale(big, 3)], dim=1).to(self.device)  # (B, 2, 3, 2s, 2s)
+            cache[first : first + len(big)] = self.psi(views.flatten(0, 1)).unflatten(0, (len(big), 2)).half().cpu()
+            first += len(big)
+        return cache
+
+    def loader(self, batches: Sequence[Sequence[int]], small: bool) -> Iterator[tuple[Tensor, ...]]:
+        """Per batch of indices: (Psi's view (B, 3, 2s, 2s) unless cached, then the PDN's view if ``small``)."""
+        sizes = ([] if self.cache is not None else [2 * self.image_size]) + ([self.image_size] if small else [])
+        if not sizes:
+            return iter([()] * len(batches))
+        return iter(DataLoader(_Views(self.paths, sizes), batch_sampler=batches, num_workers=self.num_workers))
+
+    @torch.no_grad()
+    def __call__(self, indices: Sequence[int], gray: Tensor, big: Tensor | None = None) -> Tensor:
+        """Psi of the images ``indices``, grayscale where ``gray`` (B,) is True: (B, C, s/4, s/4) float32.
+
+        ``big`` holds the images at Psi's size (B, 3, 2s, 2s); it is needed only when nothing is cached.
+        """
+        if self.cache is not None:
+            return self.cache[torch.as_tensor(indices), gray.long()].float().to(self.device)
+        big = big.to(self.device)
+        return self.psi(torch.where(gray.to(self.device)[:, None, None, None], TF.rgb_to_grayscale(big, 3), big))
+
+
+def grayscale_decisions(count: int, prob: float, generator: torch.Generator) -> Tensor:
+    """(count,) bool: which images become grayscale, drawn as ``random_grayscale`` draws them."""
+    return torch.rand(count, generator=generator) < prob
 
 
 class _StepBatches(Sampler[list[int]]):
@@ -132,31 +194,22 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def feature_statistics(
-    psi: PatchCoreTarget,
-    paths: Sequence[Path],
-    settings: DistillSettings,
-    device: torch.device,
-    num_workers: int,
-    quiet: bool,
-) -> tuple[Tensor, Tensor, int]:
+def feature_statistics(targets: PsiTargets, settings: DistillSettings, quiet: bool) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and population std of Psi over ``stats_images`` images (at most all), grayscale p=0.1.
 
     Returns:
         mean (C,), std (C,), number of images used.
     """
-    count = min(settings.stats_images, len(paths))
-    chosen = torch.randperm(len(paths), generator=torch.Generator().manual_seed(settings.seed - 1))[:count]
-    loader = DataLoader(
-        _TwoViews([paths[i] for i in chosen], settings.image_size),
-        batch_size=settings.batch_size,
-        num_workers=num_workers,
-    )
+    count = min(settings.stats_images, len(targets.paths))
+    chosen = torch.randperm(len(targets.paths), generator=torch.Generator().manual_seed(settings.seed - 1))[:count]
     generator = torch.Generator().manual_seed(settings.seed - 2)
     total = total_sq = 0.0
     positions = 0
-    for big, _ in tqdm(loader, "feature statistics", disable=quiet, leave=False, dynamic_ncols=True):
-        features = psi(random_grayscale(big, settings.gray_prob, generator).to(device)).double()
+    batches = [b.tolist() for b in chosen.split(settings.batch_size)]
+    views = zip(batches, targets.loader(batches, small=False), strict=True)
+    for indices, big in tqdm(views, "feature statistics", len(batches), disable=quiet, leave=False, dynamic_ncols=True):
+        gray = grayscale_decisions(len(indices), settings.gray_prob, generator)
+        features = targets(indices, gray, *big).double()
         total = total + features.sum(dim=(0, 2, 3))
         total_sq = total_sq + features.pow(2).sum(dim=(0, 2, 3))
         positions += features.numel() // features.shape[1]
@@ -212,6 +265,7 @@ def distill_teacher(
     num_workers: int = 0,
     checkpoint_every: int = 1000,
     restart: bool = False,
+    max_cache_bytes: int = DEFAULT_CACHE_BYTES,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Distils a PDN teacher from ``backbone`` on the images under ``images`` and writes ``out`` (.safetensors).
@@ -225,6 +279,8 @@ def distill_teacher(
         pretrained_backbone: False uses random backbone weights (tests only).
         checkpoint_every: steps between checkpoints.
         restart: ignore an existing checkpoint and start from step 0.
+        max_cache_bytes: Psi's targets of every image (colour and grayscale) are computed once and kept when they
+            fit in this many bytes (float16; 500 images at s = 256 need 2.9 GiB); 0 never caches.
 
     Returns:
         A summary: steps done in this call, total steps, final loss, seconds, paths.
@@ -245,6 +301,7 @@ def distill_teacher(
     psi = PatchCoreTarget(backbone, pretrained_backbone, weights_path, settings.pretrain_dim, settings.out_channels)
     psi.to(device)
     teacher = PDN(settings.size, settings.out_channels, padded=True).to(device)
+    targets = PsiTargets(psi, paths, settings.image_size, device, num_workers, max_cache_bytes, quiet)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     digest = _image_list_digest(paths, root)
     start_step, seconds_before = 0, 0.0
@@ -266,7 +323,7 @@ def distill_teacher(
             )
         mean, std = stats["psi_mean"].to(device), stats["psi_std"].to(device)
     else:
-        mean, std, stats_count = feature_statistics(psi, paths, settings, device, num_workers, quiet)
+        mean, std, stats_count = feature_statistics(targets, settings, quiet)
     image_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     image_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     mean_map, std_map = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
@@ -285,20 +342,15 @@ def distill_teacher(
         }
 
     sampler = _StepBatches(len(paths), settings.batch_size, settings.seed, start_step, settings.steps)
-    loader = DataLoader(
-        _TwoViews(paths, settings.image_size),
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    views = targets.loader(sampler, small=True)
     teacher.train()
     loss_value = None
     bar = tqdm(total=settings.steps, initial=start_step, desc="distilling", disable=quiet, dynamic_ncols=True)
-    for step, (big, small) in zip(range(start_step, settings.steps), loader, strict=True):
+    for step, indices, (*big, small) in zip(range(start_step, settings.steps), sampler, views, strict=True):
         # One grayscale decision per image for both views, drawn from (seed, step) so a resumed run repeats it.
-        big = random_grayscale(big, settings.gray_prob, _step_generator(settings.seed, step)).to(device)
-        small = random_grayscale(small, settings.gray_prob, _step_generator(settings.seed, step)).to(device)
-        target = (psi(big) - mean_map) / std_map
+        gray = grayscale_decisions(len(indices), settings.gray_prob, _step_generator(settings.seed, step))
+        small = torch.where(gray[:, None, None, None], TF.rgb_to_grayscale(small, 3), small).to(device)
+        target = (targets(indices, gray, *big) - mean_map) / std_map
         prediction = teacher((small - image_mean) / image_std)
         loss = (prediction - target).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
