@@ -37,6 +37,7 @@ from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
 from ...data import find_images, preprocess, read_image
 from ...errors import ConfigError
 from ...layers import LocalFeatureAggregator
+from .fit import grayscale_decisions
 from .model import PDN, TEACHER_METADATA_KEY
 
 CHECKPOINT_KEY = "flawscope_distill"
@@ -161,11 +162,6 @@ class PsiTargets:
             return self.cache[torch.as_tensor(indices), gray.long()].float().to(self.device)
         big = big.to(self.device)
         return self.psi(torch.where(gray.to(self.device)[:, None, None, None], TF.rgb_to_grayscale(big, 3), big))
-
-
-def grayscale_decisions(count: int, prob: float, generator: torch.Generator) -> Tensor:
-    """(count,) bool: which images become grayscale, drawn as ``random_grayscale`` draws them."""
-    return torch.rand(count, generator=generator) < prob
 
 
 class _StepBatches(Sampler[list[int]]):

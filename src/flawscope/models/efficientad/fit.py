@@ -62,9 +62,14 @@ def mean_squared_difference(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).mean()
 
 
+def grayscale_decisions(count: int, prob: float, generator: torch.Generator) -> Tensor:
+    """(count,) bool: which of ``count`` images become grayscale, each with probability ``prob``."""
+    return torch.rand(count, generator=generator) < prob
+
+
 def random_grayscale(images: Tensor, prob: float, generator: torch.Generator) -> Tensor:
     """Converts each image of (B, 3, H, W) to 3-channel grayscale with probability ``prob``."""
-    chosen = (torch.rand(images.shape[0], generator=generator) < prob).to(images.device)
+    chosen = grayscale_decisions(images.shape[0], prob, generator).to(images.device)
     return torch.where(chosen[:, None, None, None], TF.rgb_to_grayscale(images, 3), images)
 
 
