@@ -52,8 +52,8 @@ def main() -> None:
         "",
         f"Command: `{command()}`",
         "",
-        f"Model: PatchCore, EfficientNet-Lite0, 64 px (fitted on {args.data.name}); `flawscope predict RUN FOLDER --out "
-        "DIR --no-overlays --threads 1 --quiet`, one process per row; the folder holds N links cycling over the "
+        f"Model: PatchCore, EfficientNet-Lite0, 64 px (fitted on {args.data.name}); `flawscope predict RUN FOLDER "
+        "--out DIR --no-overlays --threads 1 --quiet`, one process per row; the folder holds N links cycling over the "
         f"{len(sources)} test images (each one decoded). Peak memory: resident set of the predict process "
         f"(os.wait4). Hardware: {cpu_model()}, {os.cpu_count()} cores.",
         "",
