@@ -51,7 +51,7 @@ def _reference_patchcore_embedding(features, patch_size, pretrain_dim, target_di
 def test_local_features_match_the_public_code_recipe():
     torch.manual_seed(0)
     features = [torch.randn(2, 8, 6, 6), torch.randn(2, 16, 3, 3)]
-    got = LocalFeatureAggregator(3, 24, 20)(features)  # (B, D, h, w)
+    got = LocalFeatureAggregator([8, 16], 3, 24, 20)(features)  # (B, D, h, w)
     expected = _reference_patchcore_embedding(features, 3, 24, 20)  # (B*h*w, D)
     assert got.shape == (2, 20, 6, 6)
     torch.testing.assert_close(got.permute(0, 2, 3, 1).reshape(-1, 20), expected)
@@ -60,6 +60,6 @@ def test_local_features_match_the_public_code_recipe():
 def test_local_features_of_a_constant_map_are_the_neighbourhood_mean():
     # With zero padding, an interior location of a constant map averages to the constant; a corner sees 4 of 9.
     features = [torch.ones(1, 1, 5, 5)]
-    got = LocalFeatureAggregator(3, 3, 3)(features)  # pretrain_dim 3 = one value per kernel row
+    got = LocalFeatureAggregator([1], 3, 3, 3)(features)  # pretrain_dim 3 = one value per kernel row
     assert torch.allclose(got[0, :, 2, 2], torch.ones(3))
     assert torch.allclose(got[0, :, 0, 0], torch.tensor([0.0, 2 / 3, 2 / 3]))

@@ -215,7 +215,15 @@ def run_bench(
         else:
             row = bench_setting(*args)
         achieved = row["gflop_per_image"] * row["torch"]["images_per_second"]
-        rows.append({**row, "achieved_gflops": achieved, "peak_fraction": achieved / peak})
+        rows.append(
+            {
+                **row,
+                "threads": threads,
+                "matmul_peak_gflops": peak,
+                "achieved_gflops": achieved,
+                "peak_fraction": achieved / peak,
+            }
+        )
     env = environment()
     env.update({"threads": threads, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__})
     result = {
@@ -239,14 +247,26 @@ def _pct(value: float | None) -> str:
 def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope bench") -> str:
     """The bench table with the hardware and software it was measured on."""
     env = result["environment"]
+    # Rows kept from earlier runs (benchmarks/bench_mtd.py --only ...) carry their own thread count and peak.
+    threads = {r.get("threads", env["threads"]) for r in result["rows"]}
+    if len(threads) == 1:
+        hardware = (
+            f"{env['threads']} threads for torch and ONNX Runtime; GPU: {env.get('cuda') or 'none used'}. Peak fp32 "
+            f"matrix product ({env['threads']} threads, 2048x2048, best of 10): {result['matmul_peak_gflops']:.1f} "
+            "GFLOP/s."
+        )
+    else:
+        hardware = (
+            f"threads for torch and ONNX Runtime as in the threads column (rows from separate runs); GPU: "
+            f"{env.get('cuda') or 'none used'}. Peak fp32 matrix product measured in each run with its thread count "
+            "(2048x2048, best of 10); each row's % of peak uses its own run's peak."
+        )
     lines = [
         heading,
         "",
         f"Data: `{result['data']}`. Command: `{env.get('command', '')}`.",
         "",
-        f"- Hardware: {env['cpu']}, {env['cpu_count']} logical CPUs, {env['threads']} threads for torch and ONNX "
-        f"Runtime; GPU: {env.get('cuda') or 'none used'}. Peak fp32 matrix product ({env['threads']} threads, "
-        f"2048x2048, best of 10): {result['matmul_peak_gflops']:.1f} GFLOP/s.",
+        f"- Hardware: {env['cpu']}, {env['cpu_count']} logical CPUs, {hardware}",
         f"- Software: flawscope {env['flawscope']}, Python {env['python']}, torch {env['torch']}, onnxruntime "
         f"{env['onnxruntime']}, onnx {env['onnx']}, timm {env['timm']}, numpy {env['numpy']}.",
         f"- Latency: median of {result['repeats']} calls at batch 1. Throughput: batch {result['throughput_batch']}, "
@@ -255,15 +275,16 @@ def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope benc
         "peak. Peak MiB: resident set of the process that fitted, tested, exported and timed the model.",
         "",
         "| model | image AUROC | pixel AUROC | AUPRO | fit (s) | torch b1 (ms) | torch b16 (img/s) "
-        "| ORT b1 (ms) | ORT b16 (img/s) | GFLOP/img | % of peak | peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ORT b1 (ms) | ORT b16 (img/s) | GFLOP/img | % of peak | peak MiB | threads |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['name']} | {_pct(r['image_auroc'])} | {_pct(r['pixel_auroc'])} | {_pct(r['pixel_aupro'])} "
             f"| {r['fit_seconds']:.1f} | {r['torch']['latency_ms']:.1f} | {r['torch']['images_per_second']:.1f} "
             f"| {r['onnxruntime']['latency_ms']:.1f} | {r['onnxruntime']['images_per_second']:.1f} "
-            f"| {r['gflop_per_image']:.2f} | {100 * r['peak_fraction']:.0f} | {r['peak_mib']:.0f} |"
+            f"| {r['gflop_per_image']:.2f} | {100 * r['peak_fraction']:.0f} | {r['peak_mib']:.0f} "
+            f"| {r.get('threads', env['threads'])} |"
         )
     lines += ["", "Settings:", ""]
     lines += [f"- {s['name']}: `{s['method']}` {json.dumps(s['options'], sort_keys=True)}" for s in result["settings"]]

@@ -15,6 +15,8 @@ poolings over C * p * p values at every location of the finest grid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,41 +24,56 @@ from torch import Tensor, nn
 
 def _pooling_matrix(in_length: int, out_length: int) -> Tensor:
     """(in_length, out_length) float64 matrix M with x @ M == F.adaptive_avg_pool1d(x, out_length)."""
-    eye = torch.eye(in_length, dtype=torch.float64)[:, None, :]
-    return F.adaptive_avg_pool1d(eye, out_length)[:, 0, :]
+    # Output i averages inputs floor(i * L / O) .. ceil((i + 1) * L / O) - 1, as torch's adaptive pooling does.
+    out = torch.arange(out_length)
+    start, end = out * in_length // out_length, ((out + 1) * in_length + out_length - 1) // out_length
+    rows = torch.arange(in_length)[:, None]
+    return ((rows >= start) & (rows < end)).double() / (end - start).double()
 
 
 class LocalFeatureAggregator(nn.Module):
     """Turns backbone stages into one feature vector per location of the finest stage.
 
     Args:
+        channels: channels of each stage, the finest first (the backbone's ``feature_info.channels``).
         patch_size: side of the neighbourhood aggregated at each location (3 in PatchCore and SimpleNet).
         pretrain_dim: length each stage's neighbourhood is pooled to.
         target_dim: length of the final feature.
     """
 
-    def __init__(self, patch_size: int = 3, pretrain_dim: int = 1024, target_dim: int = 1024) -> None:
+    def __init__(
+        self, channels: Sequence[int], patch_size: int = 3, pretrain_dim: int = 1024, target_dim: int = 1024
+    ) -> None:
         super().__init__()
+        self.channels = tuple(channels)
         self.patch_size = patch_size
         self.pretrain_dim = pretrain_dim
         self.target_dim = target_dim
-        self._projections: dict[tuple, list[Tensor]] = {}
+        # Steps 3 and 4 are fixed averages, so their composition is one (C_i * p * p, target_dim) matrix per stage.
+        # Buffers, not parameters: never trained, not saved (rebuilt from the configuration), constants in exports.
+        final = _pooling_matrix(len(self.channels) * pretrain_dim, target_dim)  # (L * pretrain_dim, target_dim)
+        for index, (c, stage) in enumerate(zip(self.channels, final.split(pretrain_dim), strict=True)):
+            projection = (_pooling_matrix(c * patch_size * patch_size, pretrain_dim) @ stage).float()
+            self.register_buffer(f"projection{index}", projection, persistent=False)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         """Aggregates stages into local features.
 
         Args:
-            features: stage maps, the finest first, each (B, C_i, H_i, W_i).
+            features: stage maps, the finest first, each (B, C_i, H_i, W_i) with C_i = ``channels[i]``.
 
         Returns:
             (B, target_dim, H_0, W_0) local features on the finest grid.
         """
+        channels = tuple(f.shape[1] for f in features)
+        if channels != self.channels:
+            raise ValueError(f"LocalFeatureAggregator was built for stage channels {self.channels}; got {channels}.")
         height, width = features[0].shape[2:]
-        projections = self.projections([f.shape[1] for f in features], features[0].dtype, features[0].device)
         out = 0
-        for feature, projection in zip(features, projections, strict=True):
+        for index, feature in enumerate(features):
+            projection = getattr(self, f"projection{index}")
             patches = F.unfold(feature, self.patch_size, padding=self.patch_size // 2)  # (B, C*p*p, h*w)
-            reduced = (patches.transpose(1, 2) @ projection).transpose(1, 2)  # (B, target_dim, h*w)
+            reduced = (patches.transpose(1, 2) @ projection.to(feature.dtype)).transpose(1, 2)  # (B, target, h*w)
             reduced = reduced.unflatten(2, feature.shape[2:])
             if reduced.shape[2:] != (height, width):
                 # Bilinear resizing and the channel pooling are both linear, so resizing after the pooling equals
@@ -65,23 +82,8 @@ class LocalFeatureAggregator(nn.Module):
             out = out + reduced
         return out
 
-    def projections(self, channels: list[int], dtype: torch.dtype, device: torch.device) -> list[Tensor]:
-        """The two adaptive average poolings of each stage as one matrix: (C_i * p * p, target_dim) per stage.
-
-        Step 3 pools each stage's neighbourhood to ``pretrain_dim`` and step 4 pools the concatenation of the
-        stages to ``target_dim``; both are fixed averages, so their composition is one matrix per stage and the
-        aggregation is one matrix product (the same values as the two poolings, up to float rounding).
-        """
-        key = (tuple(channels), dtype, device)
-        if key not in self._projections:
-            area = self.patch_size * self.patch_size
-            final = _pooling_matrix(len(channels) * self.pretrain_dim, self.target_dim)  # (L * pretrain, target)
-            stages = final.split(self.pretrain_dim)
-            self._projections[key] = [
-                (_pooling_matrix(c * area, self.pretrain_dim) @ stage).to(dtype=dtype, device=device)
-                for c, stage in zip(channels, stages, strict=True)
-            ]
-        return self._projections[key]
-
     def extra_repr(self) -> str:
-        return f"patch_size={self.patch_size}, pretrain_dim={self.pretrain_dim}, target_dim={self.target_dim}"
+        return (
+            f"channels={self.channels}, patch_size={self.patch_size}, pretrain_dim={self.pretrain_dim}, "
+            f"target_dim={self.target_dim}"
+        )

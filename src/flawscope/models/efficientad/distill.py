@@ -87,7 +87,7 @@ class PatchCoreTarget(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(backbone, (8, 16), pretrained=pretrained, weights_path=weights_path)
-        self.aggregator = LocalFeatureAggregator(3, pretrain_dim, out_channels)
+        self.aggregator = LocalFeatureAggregator(self.backbone.feature_info.channels, 3, pretrain_dim, out_channels)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

@@ -54,7 +54,9 @@ class PatchCore(AnomalyModel):
         self.backbone = create_backbone(
             config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
         )
-        self.aggregator = LocalFeatureAggregator(config.patch_size, config.pretrain_embed_dim, config.target_embed_dim)
+        self.aggregator = LocalFeatureAggregator(
+            self.backbone.feature_info.channels, config.patch_size, config.pretrain_embed_dim, config.target_embed_dim
+        )
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         self.register_buffer("memory_bank", torch.zeros(0, config.target_embed_dim))
         self.register_buffer("bank_neighbors", torch.zeros(0, config.num_neighbors, dtype=torch.long))

@@ -96,7 +96,9 @@ class SimpleNet(AnomalyModel):
         self.backbone = create_backbone(
             config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
         )
-        self.aggregator = LocalFeatureAggregator(config.patch_size, config.embed_dim, config.embed_dim)
+        self.aggregator = LocalFeatureAggregator(
+            self.backbone.feature_info.channels, config.patch_size, config.embed_dim, config.embed_dim
+        )
         self.adaptor = nn.Linear(config.embed_dim, config.embed_dim, bias=config.adaptor_bias)
         nn.init.xavier_normal_(self.adaptor.weight)
         self.discriminator = Discriminator(config.embed_dim, config.discriminator_hidden)
