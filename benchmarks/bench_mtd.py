@@ -1,11 +1,12 @@
 """`flawscope bench` on MTD for every model; writes its table into docs/benchmarks.md (and docs/bench_mtd.json).
 
-Every setting uses EfficientNet-Lite0 (the ImageNet weights reachable offline here) on whole images resized to
-224 px, as benchmarks/mtd.py does. EfficientAD needs a distilled teacher (`flawscope distill`), given with
+The backbone settings use EfficientNet-Lite0 (the ImageNet weights reachable offline here) on whole images resized
+to 224 px, as benchmarks/mtd.py does (MLFF and EfficientAD at their papers' 256 px). EfficientAD needs a distilled teacher (`flawscope distill`), given with
 ``--teacher``; without one it is left out. Usage:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mtd.py --threads 1                 # every setting
     OMP_NUM_THREADS=1 python benchmarks/bench_mtd.py --only patchcore --threads 1
+    python benchmarks/bench_mtd.py --render-only       # the docs table again from docs/bench_mtd.json
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--docs", type=Path, default=REPO / "docs/benchmarks.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the docs table from bench_mtd.json")
     args = parser.parse_args()
+    store = args.docs.with_name("bench_mtd.json")
+    if args.render_only:
+        write_section(args.docs, SECTION, render_markdown(json.loads(store.read_text()), SECTION))
+        return
     if not (args.data / "train" / "good").is_dir():
         sys.exit(f"MTD not found at {args.data}")
     names = args.only or [n for n in SETTINGS if n in available_methods() and (n != "efficientad" or args.teacher)]
@@ -70,7 +76,6 @@ def main() -> None:
     ]
     result = run_bench(args.data.resolve(), settings, args.out, threads=args.threads, repeats=args.repeats)
     # Rows of earlier runs (other --only selections) are kept, so the table can be built one model at a time.
-    store = args.docs.with_name("bench_mtd.json")
     previous = json.loads(store.read_text()) if store.exists() else {"rows": [], "settings": []}
     kept = [r for r in previous["rows"] if r["name"] not in names]
     kept_settings = [s for s in previous["settings"] if s["name"] not in names]
