@@ -1,8 +1,8 @@
 """`flawscope bench` on MTD for every model; writes its table into docs/benchmarks.md (and docs/bench_mtd.json).
 
 The backbone settings use EfficientNet-Lite0 (the ImageNet weights reachable offline here) on whole images resized
-to 224 px, as benchmarks/mtd.py does (MLFF and EfficientAD at their papers' 256 px). EfficientAD needs a distilled teacher (`flawscope distill`), given with
-``--teacher``; without one it is left out. Usage:
+to 224 px, as benchmarks/mtd.py does (MLFF and EfficientAD at their papers' 256 px). EfficientAD needs a distilled
+teacher (`flawscope distill`), given with ``--teacher``; without one it is left out. Usage:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mtd.py --threads 1                 # every setting
     OMP_NUM_THREADS=1 python benchmarks/bench_mtd.py --only patchcore --threads 1
