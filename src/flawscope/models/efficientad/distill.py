@@ -37,7 +37,7 @@ from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
 from ...data import find_images, preprocess, read_image
 from ...errors import ConfigError
 from ...layers import LocalFeatureAggregator
-from .fit import grayscale_decisions
+from .fit import grayscale_decisions, grayscale_where
 from .model import PDN, TEACHER_METADATA_KEY
 
 CHECKPOINT_KEY = "flawscope_distill"
@@ -160,8 +160,7 @@ class PsiTargets:
         """
         if self.cache is not None:
             return self.cache[torch.as_tensor(indices), gray.long()].float().to(self.device)
-        big = big.to(self.device)
-        return self.psi(torch.where(gray.to(self.device)[:, None, None, None], TF.rgb_to_grayscale(big, 3), big))
+        return self.psi(grayscale_where(big.to(self.device), gray.to(self.device)))
 
 
 class _StepBatches(Sampler[list[int]]):
@@ -297,12 +296,12 @@ def distill_teacher(
     psi = PatchCoreTarget(backbone, pretrained_backbone, weights_path, settings.pretrain_dim, settings.out_channels)
     psi.to(device)
     teacher = PDN(settings.size, settings.out_channels, padded=True).to(device)
-    targets = PsiTargets(psi, paths, settings.image_size, device, num_workers, max_cache_bytes, quiet)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     digest = _image_list_digest(paths, root)
     start_step, seconds_before = 0, 0.0
     started = time.perf_counter()
-    if checkpoint.is_file() and not restart:
+    resumed = checkpoint.is_file() and not restart
+    if resumed:
         state, stats = _load_checkpoint(checkpoint, teacher, optimizer)
         saved = {**state["settings"], "steps": settings.steps}
         if saved != dataclasses.asdict(settings) or state["images_digest"] != digest:
@@ -318,7 +317,9 @@ def distill_teacher(
                 "Ask for at least as many steps, or --restart."
             )
         mean, std = stats["psi_mean"].to(device), stats["psi_std"].to(device)
-    else:
+    # Only after the checkpoint checks: filling the target cache can take minutes.
+    targets = PsiTargets(psi, paths, settings.image_size, device, num_workers, max_cache_bytes, quiet)
+    if not resumed:
         mean, std, stats_count = feature_statistics(targets, settings, quiet)
     image_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     image_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
@@ -345,7 +346,7 @@ def distill_teacher(
     for step, indices, (*big, small) in zip(range(start_step, settings.steps), sampler, views, strict=True):
         # One grayscale decision per image for both views, drawn from (seed, step) so a resumed run repeats it.
         gray = grayscale_decisions(len(indices), settings.gray_prob, _step_generator(settings.seed, step))
-        small = torch.where(gray[:, None, None, None], TF.rgb_to_grayscale(small, 3), small).to(device)
+        small = grayscale_where(small, gray).to(device)
         target = (targets(indices, gray, *big) - mean_map) / std_map
         prediction = teacher((small - image_mean) / image_std)
         loss = (prediction - target).pow(2).mean()

@@ -67,10 +67,14 @@ def grayscale_decisions(count: int, prob: float, generator: torch.Generator) -> 
     return torch.rand(count, generator=generator) < prob
 
 
+def grayscale_where(images: Tensor, chosen: Tensor) -> Tensor:
+    """(B, 3, H, W) with the images where ``chosen`` (B,) is True converted to 3-channel grayscale."""
+    return torch.where(chosen[:, None, None, None], TF.rgb_to_grayscale(images, 3), images)
+
+
 def random_grayscale(images: Tensor, prob: float, generator: torch.Generator) -> Tensor:
     """Converts each image of (B, 3, H, W) to 3-channel grayscale with probability ``prob``."""
-    chosen = grayscale_decisions(images.shape[0], prob, generator).to(images.device)
-    return torch.where(chosen[:, None, None, None], TF.rgb_to_grayscale(images, 3), images)
+    return grayscale_where(images, grayscale_decisions(images.shape[0], prob, generator).to(images.device))
 
 
 def color_augment(images: Tensor, strength: float, generator: torch.Generator) -> Tensor:
