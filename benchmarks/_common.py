@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -19,9 +20,9 @@ def cpu_model() -> str:
 
 
 def command() -> str:
-    """The command line of this run, with the thread-count variable when it was set."""
+    """The command line of this run, quoted so it can be pasted, with the thread-count variable when it was set."""
     threads = os.environ.get("OMP_NUM_THREADS")
-    return " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python", *sys.argv])
+    return " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python", shlex.join(sys.argv)])
 
 
 def write_section(path: Path, heading: str, section: str) -> None:
