@@ -27,7 +27,7 @@ LITE0 = {"backbone": "efficientnet_lite0", "image_size": 224, "resize_size": 0}
 SETTINGS = {
     "patchcore": {**LITE0, "coreset_ratio": 0.01},
     "simplenet": {**LITE0, "embed_dim": 384, "num_epochs": 8},
-    "cfa": {**LITE0, "gamma_c": 4, "num_epochs": 8},
+    "cfa": {**LITE0, "gamma_c": 1, "num_epochs": 1, "score_mode": "nearest"},  # as benchmarks/mtd.py
     # EfficientAD-S at the paper's 256 px with a CPU schedule (the paper: 70,000 steps); + teacher_path (--teacher).
     "efficientad": {"num_steps": 500},
     # PRN and MLFF at CPU schedules (their paper schedules take days here). bench gives PRN no seen defects, so
