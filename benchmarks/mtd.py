@@ -55,6 +55,9 @@ SETTINGS = {
     # (480 images) instead of 700 epochs; BSDS500 photographs stand in for DTD as the texture source.
     "prn": f"--model prn {WHOLE_224} {PRN_SCHEDULE} --seen-anomalies 10".split(),
     "prn-0seen": f"--model prn {WHOLE_224} {PRN_SCHEDULE} --seen-anomalies 0".split(),
+    # Twice the steps: what 30 minutes hold on one thread of a less loaded machine (the 60-step fits ran at load 7-11).
+    "prn-120steps": f"--model prn {WHOLE_224} {PRN_SCHEDULE.replace('steps_per_epoch=60', 'steps_per_epoch=120')} "
+    "--seen-anomalies 10".split(),
     # MLFF at the paper's 256 px. CPU schedule (docs/methods.md): frozen backbone, batch 8, one epoch over the
     # training set (instead of 200 epochs x 10 repeats) at the paper's SGD settings. The "-t4" rows are the
     # Table-4 ablation at 2 repeats: plain fusion + feature loss; + SC + texture branch; all losses.
