@@ -14,42 +14,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from _common import REPO, write_section
 from flawscope.bench import BenchSetting, render_markdown, run_bench
-from flawscope.registry import available_methods
+from flawscope.config import parse_overrides
+from flawscope.registry import available_methods, get_method
+from mtd import SETTINGS as MTD_SETTINGS
 
 SECTION = "## MTD: flawscope bench (accuracy, speed in torch and ONNX Runtime, memory)"
-LITE0 = {"backbone": "efficientnet_lite0", "image_size": 224, "resize_size": 0}
-SETTINGS = {
-    "patchcore": {**LITE0, "coreset_ratio": 0.01},
-    "simplenet": {**LITE0, "embed_dim": 384, "num_epochs": 8},
-    "cfa": {**LITE0, "gamma_c": 1, "num_epochs": 1, "score_mode": "nearest"},  # as benchmarks/mtd.py
-    # EfficientAD-S at the paper's 256 px with a CPU schedule (the paper: 70,000 steps); + teacher_path (--teacher).
-    "efficientad": {"num_steps": 500},
-    # PRN and MLFF at CPU schedules (their paper schedules take days here). bench gives PRN no seen defects, so
-    # this row is benchmarks/mtd.py's prn-0seen setting; MLFF runs one pass over the training set (mtd.py: 4).
-    "prn": {
-        **LITE0,
-        "num_epochs": 1,
-        "steps_per_epoch": 60,
-        "batch_normal": 4,
-        "batch_extended": 2,
-        "batch_simulated": 2,
-        "texture_dir": str((REPO / "../shared/datasets/bsds500").resolve()),
-    },
-    "mlff": {
-        **LITE0,
-        "image_size": 256,
-        "freeze_backbone": True,
-        "batch_size": 8,
-        "num_epochs": 1,
-        "repeat_factor": 1,
-    },
-}
+# The same settings as benchmarks/mtd.py, read from its fit arguments (one definition of each): bench gives PRN no
+# seen defects, so its row is mtd.py's prn-0seen setting. EfficientAD-S runs at the paper's 256 px with a CPU
+# schedule (the paper: 70,000 steps), plus teacher_path from --teacher.
+FROM_MTD = {"patchcore": "patchcore", "simplenet": "simplenet", "cfa": "cfa", "prn": "prn-0seen", "mlff": "mlff"}
+FLAGS = {"--backbone": "backbone", "--image-size": "image_size", "--resize-size": "resize_size"}
+
+
+def options_of(fit_args: list[str]) -> dict[str, Any]:
+    """`flawscope fit` arguments -> the model options they set, typed by the method's config."""
+    method = fit_args[fit_args.index("--model") + 1]
+    pairs = [f"{FLAGS[flag]}={value}" for flag, value in pairwise(fit_args) if flag in FLAGS]
+    pairs += [value for flag, value in pairwise(fit_args) if flag == "--set"]
+    given = parse_overrides(pairs)
+    typed = get_method(method).config_class.from_dict(given).to_dict()
+    return {key: typed[key] for key in given}
+
+
+SETTINGS = {name: options_of(MTD_SETTINGS[mtd_name]) for name, mtd_name in FROM_MTD.items()}
+SETTINGS["efficientad"] = {"num_steps": 500}
 
 
 def main() -> None:

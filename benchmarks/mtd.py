@@ -27,10 +27,16 @@ SECTION = "## MTD: accuracy and speed"
 # whole images resized to 224 px (MTD tiles are up to 2.5:1, so a centre crop would cut defects off).
 WHOLE_224 = "--backbone efficientnet_lite0 --image-size 224 --resize-size 0"
 TEXTURES = (REPO / "../shared/datasets/bsds500").resolve()
-PRN_SCHEDULE = (
-    "--set num_epochs=1 --set steps_per_epoch=60 --set batch_normal=4 --set batch_extended=2 "
-    f"--set batch_simulated=2 --set texture_dir={TEXTURES}"
-)
+
+
+def prn_schedule(steps: int) -> str:
+    """PRN's CPU schedule: one epoch of ``steps`` batches of 4 good + 2 extended + 2 simulated images."""
+    return (
+        f"--set num_epochs=1 --set steps_per_epoch={steps} --set batch_normal=4 --set batch_extended=2 "
+        f"--set batch_simulated=2 --set texture_dir={TEXTURES}"
+    )
+
+
 MLFF_BASE = (
     "--backbone efficientnet_lite0 --image-size 256 --resize-size 0 --set freeze_backbone=true --set batch_size=8 "
     "--set num_epochs=1"
@@ -53,11 +59,10 @@ SETTINGS = {
     # PRN, few-shot: 10 seen defects drawn from test/ (stratified, seed 0) and excluded from its test numbers.
     # Schedule scaled to ~30 min on 2 shared cores: the paper's 2:1:1 batch (32/16/16) at 1/8 size, 60 steps
     # (480 images) instead of 700 epochs; BSDS500 photographs stand in for DTD as the texture source.
-    "prn": f"--model prn {WHOLE_224} {PRN_SCHEDULE} --seen-anomalies 10".split(),
-    "prn-0seen": f"--model prn {WHOLE_224} {PRN_SCHEDULE} --seen-anomalies 0".split(),
+    "prn": f"--model prn {WHOLE_224} {prn_schedule(60)} --seen-anomalies 10".split(),
+    "prn-0seen": f"--model prn {WHOLE_224} {prn_schedule(60)} --seen-anomalies 0".split(),
     # Twice the steps: what 30 minutes hold on one thread of a less loaded machine (the 60-step fits ran at load 7-11).
-    "prn-120steps": f"--model prn {WHOLE_224} {PRN_SCHEDULE.replace('steps_per_epoch=60', 'steps_per_epoch=120')} "
-    "--seen-anomalies 10".split(),
+    "prn-120steps": f"--model prn {WHOLE_224} {prn_schedule(120)} --seen-anomalies 10".split(),
     # MLFF at the paper's 256 px. CPU schedule (docs/methods.md): frozen backbone, batch 8, one epoch over the
     # training set (instead of 200 epochs x 10 repeats) at the paper's SGD settings. The "-t4" rows are the
     # Table-4 ablation at 2 repeats: plain fusion + feature loss; + SC + texture branch; all losses.
@@ -88,8 +93,10 @@ def bench(name: str, data: Path, runs: Path) -> dict:
         "test_seconds": test_seconds,
         "fit_mib": fit_mib,
         "test_mib": test_mib,
-        "threads": torch.get_num_threads(),  # the CLI steps inherit OMP_NUM_THREADS, so they run with as many
-        "load_average": round(os.getloadavg()[0], 1),  # 1-minute load when the row finished: other jobs show here
+        # The CLI steps inherit OMP_NUM_THREADS, so they run with this process's thread count; the 1-minute load
+        # when the row finished shows whether other jobs shared the cores.
+        "threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[0], 1),
     }
 
 
