@@ -17,7 +17,9 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from _common import REPO, cpu_model, run, write_section
 
@@ -100,6 +102,16 @@ def bench(name: str, data: Path, runs: Path) -> dict:
     }
 
 
+def retest(name: str, row: dict, data: Path, runs: Path) -> dict:
+    """Re-runs only `flawscope test` on the kept run of ``row`` and takes its new accuracy fields (e.g. per-type
+    ones); the row's timings stay those of its original run, which its threads and load columns describe."""
+    out = runs / f"mtd-{name}"
+    run(["flawscope", "test", str(out), "--data", str(data), "--quiet"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    timing = {k: row["metrics"][k] for k in ("inference_seconds", "images_per_second", "metrics_seconds")}
+    return {**row, "metrics": {**metrics, **timing}, "retested": True}
+
+
 def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -136,6 +148,49 @@ def render(rows: list[dict], data: Path) -> str:
         )
     lines += ["", "Settings (fit arguments):", ""]
     lines += [f"- {r['name']}: `{r['fit']}`" for r in rows]
+    lines.append("")
+    return "\n".join(lines)
+
+
+PER_TYPE_SECTION = "## MTD: results per defect type"
+
+
+def defect_area_share(data: Path) -> dict[str, float]:
+    """Defect type -> mean fraction of an image's pixels that its mask marks (masks at their own size)."""
+    root = data / "ground_truth"
+    folders = sorted(f for f in root.iterdir() if f.is_dir()) if root.is_dir() else []
+    return {
+        f.name: float(np.mean([(np.asarray(Image.open(m)) > 127).mean() for m in sorted(f.iterdir())])) for f in folders
+    }
+
+
+def render_per_type(rows: list[dict], data: Path) -> str | None:
+    """Image AUROC, pixel AUROC and AUPRO of each defect type (its images with the 252 good ones), per row."""
+    rows = [r for r in rows if all("pixel_auroc" in t for t in r["metrics"]["per_type"].values())]
+    if not rows:
+        return None
+    counts = rows[0]["metrics"]["per_type"]
+    types = list(counts)
+    share = defect_area_share(data)
+    defect_share = ", ".join(f"{t} {100 * share[t]:.1f} %" for t in types if t in share) or "n/a (no data)"
+    lines = [
+        PER_TYPE_SECTION,
+        "",
+        "From the `per_type` block of each row's metrics.json: the rows of the table above tested since it was "
+        "added (`python benchmarks/mtd.py --retest --only NAME` re-tests a kept run). Each cell: image AUROC / "
+        "pixel AUROC / AUPRO of that type's images together with the 252 good test images. Images per type: "
+        + ", ".join(f"{t} {counts[t]['count']}" for t in types)
+        + f". Mean share of an image's pixels that its mask marks: {defect_share}.",
+        "",
+        "| model | " + " | ".join(types) + " |",
+        "|---|" + "---|" * len(types),
+    ]
+    for r in rows:
+        per_type = r["metrics"]["per_type"]
+        cells = [
+            " / ".join(percent(per_type[t][k]) for k in ("image_auroc", "pixel_auroc", "pixel_aupro")) for t in types
+        ]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -245,6 +300,7 @@ def main() -> None:
     parser.add_argument(
         "--same-split", action="store_true", help="re-test the unsupervised runs without PRN's seen defects"
     )
+    parser.add_argument("--retest", action="store_true", help="re-run only `flawscope test` on the kept runs")
     parser.add_argument("--render-only", action="store_true", help="rewrite the docs tables from mtd_results.json")
     args = parser.parse_args()
     store = args.docs.with_name("mtd_results.json")
@@ -254,6 +310,8 @@ def main() -> None:
     for name in [] if args.render_only else args.only:
         if args.same_split and name == "prn" and (args.runs / "mtd-prn" / "model").is_dir():
             row = {**results[name], "same_split": same_split(name, args.data.resolve(), args.runs)}
+        elif args.retest:
+            row = retest(name, results[name], args.data.resolve(), args.runs)
         else:
             row = bench(name, args.data.resolve(), args.runs)
         # Re-read: another setting may have been written by a concurrent run of this script meanwhile.
@@ -266,6 +324,9 @@ def main() -> None:
     comparison = render_same_split(results)
     if comparison:
         write_section(args.docs, SAME_SPLIT_SECTION, comparison)
+    per_type = render_per_type([results[name] for name in sorted(results)], args.data)
+    if per_type:
+        write_section(args.docs, PER_TYPE_SECTION, per_type)
     ablation = render_mlff_ablation(results)
     if ablation:
         write_section(args.docs, MLFF_ABLATION_SECTION, ablation)

@@ -139,6 +139,7 @@ def test_test_writes_metrics(run):
         assert metrics[key] >= 0
     assert set(metrics["per_type"]) == {"scratch", "blob", "stain"}
     assert all(row["count"] == 2 for row in metrics["per_type"].values())
+    assert all(0 <= row["pixel_auroc"] <= 1 and 0 <= row["pixel_aupro"] <= 1 for row in metrics["per_type"].values())
 
 
 def test_per_image_csv(run, tiny_dataset):

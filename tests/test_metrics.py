@@ -237,3 +237,25 @@ def test_pixel_shape_errors():
 def test_max_fpr_out_of_range(max_fpr):
     with pytest.raises(ConfigError, match="max_fpr"):
         fm.aupro(np.zeros((1, 2, 2)), np.eye(2, dtype=bool)[None], max_fpr=max_fpr)
+
+
+def test_per_type_metrics_pair_each_type_with_the_good_images():
+    from pathlib import Path
+
+    from flawscope.api import ScoredImages
+    from flawscope.data import Sample
+    from flawscope.evaluation import per_type_metrics
+
+    samples = [Sample(Path("g.png")), Sample(Path("a.png"), 1, "blob"), Sample(Path("b.png"), 1, "crack")]
+    maps = np.array([[[0.0, 0.4]], [[0.9, 0.1]], [[0.2, 0.3]]], np.float32)  # (3, 1, 2)
+    masks = np.array([[[0, 0]], [[1, 0]], [[1, 0]]], bool)
+    scored = ScoredImages(samples, np.array([0.4, 0.9, 0.3]), np.zeros(3), maps, masks, 0.0)
+    table = per_type_metrics(scored)
+    assert table["blob"] == {"count": 1, "image_auroc": 1.0, "pixel_auroc": 1.0, "pixel_aupro": 1.0}
+    # crack: its defect pixel (0.2) is above one of the three normal pixels (0.0, 0.4, 0.3); at FPR <= 0.3 it is
+    # never found.
+    assert table["crack"]["image_auroc"] == 0.0
+    assert table["crack"]["pixel_auroc"] == pytest.approx(1 / 3)
+    assert table["crack"]["pixel_aupro"] == 0.0
+    no_maps = per_type_metrics(ScoredImages(samples, scored.raw_scores, np.zeros(3), None, None, 0.0))
+    assert no_maps["blob"] == {"count": 1, "image_auroc": 1.0}

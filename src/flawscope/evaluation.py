@@ -59,19 +59,19 @@ def compute_metrics(scored: ScoredImages) -> tuple[dict[str, Any], list[Curve]]:
     return result, curves
 
 
-def per_type_auroc(scored: ScoredImages) -> dict[str, dict[str, Any]]:
-    """Image AUROC of each defect type against the good images."""
+def per_type_metrics(scored: ScoredImages) -> dict[str, dict[str, Any]]:
+    """Each defect type's images together with the good images: image AUROC, and with maps pixel AUROC and AUPRO."""
     types = sorted({s.defect_type for s in scored.samples if s.label == 1})
     good = np.array([s.label == 0 for s in scored.samples])
     table = {}
     for defect_type in types:
         chosen = np.array([s.defect_type == defect_type for s in scored.samples])
         keep = chosen | good
-        labels = chosen[keep]
-        table[defect_type] = {
-            "count": int(chosen.sum()),
-            "image_auroc": _defined(M.auroc, scored.raw_scores[keep], labels),
-        }
+        row = {"count": int(chosen.sum()), "image_auroc": _defined(M.auroc, scored.raw_scores[keep], chosen[keep])}
+        if scored.maps is not None and scored.masks[chosen].any():
+            row["pixel_auroc"] = _defined(M.auroc, scored.maps[keep], scored.masks[keep])
+            row["pixel_aupro"] = _defined(M.aupro, scored.maps[keep], scored.masks[keep])
+        table[defect_type] = row
     return table
 
 
@@ -174,7 +174,7 @@ def test(
             "inference_seconds": round(scored.seconds, 3),
             "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
             "metrics_seconds": round(metric_seconds, 3),
-            "per_type": per_type_auroc(scored),
+            "per_type": per_type_metrics(scored),
             "method": info["method"],
             "data": str(dataset.root),
             "num_excluded_seen": len(excluded),

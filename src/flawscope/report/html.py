@@ -90,7 +90,8 @@ def write_report(
         title: page heading.
         info: header key/values such as model, backbone, data, threshold and image counts.
         metrics: `<level>_<metric>` keys (image_auroc, ..., pixel_aupro) to fractions in [0, 1]; None shows "n/a".
-        per_type: defect type -> {"count": number of images, "image_auroc": that type against the good images}.
+        per_type: defect type -> {"count": number of images, "image_auroc": that type against the good images,
+            and optionally "pixel_auroc" and "pixel_aupro" on that type's and the good images' maps}.
         curves: curves to plot, one SVG each.
         gallery: section title -> pictures, e.g. "Highest-scored good images".
         reasons: metric key -> why that metric is None; a reason by level (image/pixel) is shown otherwise.
