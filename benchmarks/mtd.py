@@ -51,6 +51,10 @@ MLFF_FEATURE_LOSS_ONLY = "--set loss_weights=1,0,0 --set score_source=distance"
 SETTINGS = {
     "patchcore": f"--model patchcore {WHOLE_224} --set coreset_ratio=0.01".split(),
     "simplenet": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8".split(),
+    # The stride-32 stage added for context (the receptive field of WRN-50's layer3): better image AUROC on the
+    # development set (84.8 against 82.0), worse AUPRO.
+    "simplenet-s32": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 "
+    "--set strides=8,16,32".split(),
     # The public code's adaptor and batch (bias, AdamW with its weight decay, batch 8): better on the development set.
     "simplenet-code": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 --set adaptor_bias=true "
     "--set adaptor_optimizer=adamw --set batch_size=8".split(),
