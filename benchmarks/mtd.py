@@ -69,6 +69,8 @@ SETTINGS = {
     "prn-0seen": f"--model prn {WHOLE_224} {prn_schedule(60)} --seen-anomalies 0".split(),
     # Twice the steps: what 30 minutes hold on one thread of a less loaded machine (the 60-step fits ran at load 7-11).
     "prn-120steps": f"--model prn {WHOLE_224} {prn_schedule(120)} --seen-anomalies 10".split(),
+    # 200 steps: what 30 minutes should hold on the idle machine with 2 threads (120 took 1,120 s on one thread).
+    "prn-200steps": f"--model prn {WHOLE_224} {prn_schedule(200)} --seen-anomalies 10".split(),
     # MLFF at the paper's 256 px. CPU schedule (docs/methods.md): frozen backbone, batch 8, one epoch over the
     # training set (instead of 200 epochs x 10 repeats) at the paper's SGD settings. The "-t4" rows are the
     # Table-4 ablation at 2 repeats: plain fusion + feature loss; + SC + texture branch; all losses.
