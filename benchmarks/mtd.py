@@ -87,12 +87,17 @@ MLFF_ABLATION = {
 }
 
 
+def test_run(out: Path, data: Path) -> tuple[float, float, dict]:
+    """`flawscope test` on the run in ``out``: its wall seconds, peak MiB and metrics.json."""
+    seconds, mib = run(["flawscope", "test", str(out), "--data", str(data), "--quiet"])
+    return seconds, mib, json.loads((out / "metrics.json").read_text())
+
+
 def bench(name: str, data: Path, runs: Path) -> dict:
     out = runs / f"mtd-{name}"
     fit_args = ["flawscope", "fit", *SETTINGS[name], "--data", str(data), "--out", str(out), "--quiet"]
     fit_seconds, fit_mib = run(fit_args)
-    test_seconds, test_mib = run(["flawscope", "test", str(out), "--data", str(data), "--quiet"])
-    metrics = json.loads((out / "metrics.json").read_text())
+    test_seconds, test_mib, metrics = test_run(out, data)
     return {
         "name": name,
         "fit": " ".join(fit_args[:2] + SETTINGS[name]),
@@ -111,9 +116,7 @@ def bench(name: str, data: Path, runs: Path) -> dict:
 def retest(name: str, row: dict, data: Path, runs: Path) -> dict:
     """Re-runs only `flawscope test` on the kept run of ``row`` and takes its new accuracy fields (e.g. per-type
     ones); the row's timings stay those of its original run, which its threads and load columns describe."""
-    out = runs / f"mtd-{name}"
-    run(["flawscope", "test", str(out), "--data", str(data), "--quiet"])
-    metrics = json.loads((out / "metrics.json").read_text())
+    *_, metrics = test_run(runs / f"mtd-{name}", data)
     timing = {k: row["metrics"][k] for k in ("inference_seconds", "images_per_second", "metrics_seconds")}
     return {**row, "metrics": {**metrics, **timing}, "retested": True}
 

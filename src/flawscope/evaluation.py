@@ -69,8 +69,8 @@ def per_type_metrics(scored: ScoredImages) -> dict[str, dict[str, Any]]:
         keep = chosen | good
         row = {"count": int(chosen.sum()), "image_auroc": _defined(M.auroc, scored.raw_scores[keep], chosen[keep])}
         if scored.maps is not None and scored.masks[chosen].any():
-            row["pixel_auroc"] = _defined(M.auroc, scored.maps[keep], scored.masks[keep])
-            row["pixel_aupro"] = _defined(M.aupro, scored.maps[keep], scored.masks[keep])
+            pixel = _defined(M.pixel_metrics, scored.maps[keep], scored.masks[keep]) or {}  # one shared sort
+            row.update({key: pixel.get(key) for key in ("pixel_auroc", "pixel_aupro")})
         table[defect_type] = row
     return table
 
