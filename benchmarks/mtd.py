@@ -71,6 +71,10 @@ SETTINGS = {
     "prn-120steps": f"--model prn {WHOLE_224} {prn_schedule(120)} --seen-anomalies 10".split(),
     # 200 steps: what 30 minutes should hold on the idle machine with 2 threads (120 took 1,120 s on one thread).
     "prn-200steps": f"--model prn {WHOLE_224} {prn_schedule(200)} --seen-anomalies 10".split(),
+    # 200 steps with half of the good images making only the prototypes (residuals of images the k-means never saw,
+    # as at test time) and the BatchNorm statistics re-estimated after training (precise_bn_batches, default 32).
+    "prn-200steps-holdout": f"--model prn {WHOLE_224} {prn_schedule(200)} --seen-anomalies 10 "
+    "--set prototype_holdout=0.5".split(),
     # MLFF at the paper's 256 px. CPU schedule (docs/methods.md): frozen backbone, batch 8, one epoch over the
     # training set (instead of 200 epochs x 10 repeats) at the paper's SGD settings. The "-t4" rows are the
     # Table-4 ablation at 2 repeats: plain fusion + feature loss; + SC + texture branch; all losses.

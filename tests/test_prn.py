@@ -5,6 +5,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,10 +13,17 @@ import flawscope
 from flawscope.data import Sample, load_dataset, select_seen_anomalies
 from flawscope.errors import ConfigError
 from flawscope.evaluation import test as run_test
-from flawscope.fitting import FitContext
+from flawscope.fitting import FitContext, recalibrate_batchnorm
 from flawscope.models.prn import PRN, PRNConfig
 from flawscope.models.prn.blocks import MultiScaleFusion, MultiSizeAttention
-from flawscope.models.prn.fit import fit, fit_prototypes, focal_loss, num_prototypes, prn_loss
+from flawscope.models.prn.fit import (
+    fit,
+    fit_prototypes,
+    focal_loss,
+    num_prototypes,
+    prn_loss,
+    split_prototype_images,
+)
 
 TINY = {"backbone": "resnet18", "image_size": 64, "resize_size": 0}
 
@@ -201,6 +209,46 @@ def test_fit_uses_seen_anomalies(tiny_dataset):
         _tiny(**quick, batch_normal=1, batch_extended=2, batch_simulated=1), split.train, FitContext(quiet=True)
     )
     assert no_seen["batch"] == [1, 0, 3]  # EA slots become simulated anomalies
+
+
+def test_recalibrated_batchnorm_holds_the_exact_statistics_of_the_batches():
+    torch.manual_seed(0)
+    frozen = torch.nn.BatchNorm1d(2).requires_grad_(False)
+    model = torch.nn.Sequential(frozen, torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    batches = [torch.randn(5, 2) * 3 + 1 for _ in range(4)]
+    assert recalibrate_batchnorm(model, batches, model) == 1
+    hidden = model[1](torch.cat(batches)).detach()  # frozen BN in eval mode with default statistics = identity
+    norm = model[2]
+    torch.testing.assert_close(norm.running_mean, hidden.mean(0))
+    # BatchNorm stores unbiased per-batch variances; their average over the equal-size batches:
+    expected_var = torch.stack([model[1](b).detach().var(0) for b in batches]).mean(0)
+    torch.testing.assert_close(norm.running_var, expected_var, rtol=1e-4, atol=1e-5)
+    assert not model.training and norm.momentum == 0.1
+    assert torch.equal(frozen.running_mean, torch.zeros(2)) and torch.equal(frozen.running_var, torch.ones(2))
+
+
+def test_prototype_holdout_splits_the_good_images_disjointly():
+    normals = np.arange(10)[:, None] * np.ones((1, 4), np.uint8)
+    both, same = split_prototype_images(normals, 0.0, seed=0)
+    assert both is normals and same is normals
+    protos, hosts = split_prototype_images(normals, 0.3, seed=0)
+    assert len(protos) == 3 and len(hosts) == 7
+    assert sorted({*protos[:, 0], *hosts[:, 0]}) == list(range(10))
+    again, _ = split_prototype_images(normals, 0.3, seed=0)
+    assert np.array_equal(protos, again)
+    assert len(split_prototype_images(normals[:2], 0.9, seed=0)[1]) == 1  # at least one training image
+    with pytest.raises(ConfigError, match="prototype_holdout"):
+        split_prototype_images(normals[:1], 0.5, seed=0)
+
+
+def test_fit_with_prototype_holdout_reports_the_split(tiny_dataset):
+    split = load_dataset(tiny_dataset)
+    quick = {"backbone": "efficientnet_lite0", "num_epochs": 1, "steps_per_epoch": 1, "msa_depth": 1}
+    model = _tiny(**quick, batch_normal=1, batch_extended=0, batch_simulated=1, prototype_holdout=0.5)
+    report = fit(model, split.train, FitContext(quiet=True))
+    assert report["num_prototype_images"] + report["num_training_hosts"] == len(split.train)
+    assert report["num_prototype_images"] == round(0.5 * len(split.train))
+    assert not model.training
 
 
 def test_seen_defects_never_appear_in_the_test_set(tiny_dataset, tmp_path):

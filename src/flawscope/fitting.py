@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -57,3 +58,40 @@ class FitContext:
     def generator(self, offset: int = 0) -> torch.Generator:
         """A torch RNG seeded from the run's seed (``offset`` separates independent streams)."""
         return torch.Generator().manual_seed(self.seed + offset)
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[Tensor], object]) -> int:
+    """Replaces the running statistics of every trainable BatchNorm layer by exact averages over ``batches``.
+
+    PyTorch's running statistics are an exponential average (momentum 0.1) of per-batch statistics taken while the
+    weights were still moving, so after a short schedule with weight decay they can lag far behind the final
+    weights ("precise BN": Wu & Johnson, Rethinking "Batch" in BatchNorm, 2021). This pass keeps the weights and
+    recomputes the statistics with them: cumulative means (``momentum=None``) of the batch statistics, as the layer
+    normalised with in training. Frozen BatchNorm layers (a frozen backbone's) are left as they are.
+
+    Args:
+        model: the trained module; left in eval mode.
+        batches: training-like inputs (B, ...), drawn as in training.
+        forward: runs ``model``'s training-time forward pass on one batch (its output is discarded).
+
+    Returns:
+        The number of BatchNorm layers recalibrated.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.weight is None or m.weight.requires_grad)
+    ]
+    momenta = [m.momentum for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for batch in batches:
+            forward(batch)
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+        m.eval()
+    return len(layers)

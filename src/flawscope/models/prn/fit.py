@@ -1,12 +1,15 @@
 """PRN training: prototypes by k-means, then batches of normal, extended and simulated anomalies (spec §2.7-2.9).
 
-1. The frozen encoder runs over every good training image; per scale, K = max(1, floor(0.1 N)) prototypes are
-   found by k-means over the flattened whole maps (random-sample initialisation, 300 iterations; paper §4.1).
+1. The frozen encoder runs over every good training image (or only a held-out share, ``prototype_holdout``); per
+   scale, K = max(1, floor(0.1 N)) prototypes are found by k-means over the flattened whole maps (random-sample
+   initialisation, 300 iterations; paper §4.1).
 2. Every step draws ``batch_normal`` good images, ``batch_extended`` extended anomalies (EA: augmented seen
    defects pasted into a target area) and ``batch_simulated`` simulated anomalies (SA: Perlin-masked blends with a
    texture, HEA, or a grid-shuffled good image, HOA, each with p = 0.5). With no seen defects the EA slots become
    SA slots (spec proposal). One epoch is ceil(N_normal / batch_normal) steps (spec P17).
 3. Loss: smooth-L1(M_o, M) + lambda * focal(M_o, M; alpha, gamma); Adam with constant lr and L2 weight decay.
+4. With the final weights, the decoder's BatchNorm statistics are re-estimated exactly over ``precise_bn_batches``
+   fresh batches of the same composition (not in the paper; ``recalibrate_batchnorm`` says why).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...data import ImageDataset, Sample
-from ...fitting import FitContext
+from ...errors import ConfigError
+from ...fitting import FitContext, recalibrate_batchnorm
 from ...layers import kmeans
 from ...synthesis.anomalies import extended_anomaly, homologous_source, simulated_anomaly
 from ...synthesis.perlin import texture_source
@@ -91,6 +95,22 @@ def fit_prototypes(model: PRN, normals: Tensor, ctx: FitContext) -> list[int]:
         prototypes.append(result.centers.reshape(k, *features.shape[1:]))
     model.set_prototypes(prototypes)
     return [k] * len(prototypes)
+
+
+def split_prototype_images(normals: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits good images (N, ...) into (prototype images, training images); holdout 0 gives both all of them.
+
+    With ``holdout`` > 0, a seeded random ``round(holdout x N)`` images (at least 1) make only the prototypes and
+    the rest (at least 1) are the only good images training batches draw, so training sees residuals of images
+    that took no part in the k-means, as every test image is.
+    """
+    if holdout <= 0:
+        return normals, normals
+    if len(normals) < 2:
+        raise ConfigError(f"prototype_holdout={holdout} needs at least 2 good training images; set it to 0.")
+    order = np.random.default_rng(seed).permutation(len(normals))
+    cut = min(len(normals) - 1, max(1, round(holdout * len(normals))))
+    return normals[np.sort(order[:cut])], normals[np.sort(order[cut:])]
 
 
 class AnomalyBatches:
@@ -168,9 +188,10 @@ def fit(model: PRN, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
     normals, _ = _as_arrays(samples, cfg)
     seen = list(ctx.seen_anomalies)
     seen_arrays = _as_arrays(seen, cfg) if seen else (np.zeros((0, *normals.shape[1:]), np.uint8), np.zeros(0))
-    prototype_counts = fit_prototypes(model, torch.from_numpy(normals).permute(0, 3, 1, 2), ctx)
+    prototype_images, hosts = split_prototype_images(normals, cfg.prototype_holdout, ctx.seed + 5)
+    prototype_counts = fit_prototypes(model, torch.from_numpy(prototype_images).permute(0, 3, 1, 2), ctx)
     prototype_seconds = time.perf_counter() - start
-    batches = AnomalyBatches(cfg, normals, seen_arrays, ctx.seed + 7)
+    batches = AnomalyBatches(cfg, hosts, seen_arrays, ctx.seed + 7)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(normals) / max(cfg.batch_normal, 1))
@@ -188,10 +209,15 @@ def fit(model: PRN, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
             ctx.log.append({"epoch": (step + 1) // steps_per_epoch, "loss": total / count})
             bar.set_postfix(loss=f"{total / count:.4f}")
             total, count = 0.0, 0
-    model.eval()
+    fresh = (batches()[0].to(ctx.device) for _ in range(cfg.precise_bn_batches))
+    recalibrate_batchnorm(
+        model, ctx.progress(fresh, "BatchNorm statistics", cfg.precise_bn_batches), model.segment_logits
+    )
     model.fitted.fill_(True)
     return {
         "num_images": len(samples),
+        "num_prototype_images": len(prototype_images),
+        "num_training_hosts": len(hosts),
         "num_seen_anomalies": len(seen),
         "seen_anomalies": [str(s.path) for s in seen],
         "num_prototypes": prototype_counts,

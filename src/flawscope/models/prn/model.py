@@ -33,6 +33,14 @@ class PRNConfig(ModelConfig):
     strides: tuple[int, ...] = option((4, 8, 16), "encoder stages for prototypes/fusion/attention (layer1-3)", low=2)
     decoder_stride: int = option(32, "encoder stage that starts the decoder (layer4)", low=4)
     prototype_ratio: float = option(0.1, "K = max(1, floor(ratio x normal images)) prototypes per scale", low=0)
+    prototype_holdout: float = option(
+        0.0,
+        "share of the good images that only make prototypes and never enter a training batch; 0 = all do both "
+        "(paper). Images inside a cluster sit closer to its prototype than unseen ones, so with 0 the decoder "
+        "learns residuals smaller than a test image's (Table 6's 100 % row is the extreme)",
+        low=0,
+        high=0.9,
+    )
     kmeans_init: str = option(
         "random", "random: K sampled maps (paper); k-means++ (xcyao00 via sklearn)", choices=("random", "k-means++")
     )
@@ -71,6 +79,9 @@ class PRNConfig(ModelConfig):
     focal_alpha: float = option(0.5, "focal loss alpha (0.5 = both classes weighted equally)", low=0, high=1)
     focal_gamma: float = option(4.0, "focal loss gamma (paper: 4)", low=0)
     smooth_l1_beta: float = option(1.0, "smooth-L1 beta", low=0, low_open=True)
+    precise_bn_batches: int = option(
+        32, "after training, BatchNorm statistics re-estimated over this many batches (0 = running averages)", low=0
+    )
     hea_prob: float = option(
         0.5, "share of simulated anomalies blended with textures (HEA); the rest HOA", low=0, high=1
     )
