@@ -225,6 +225,9 @@ def test_recalibrated_batchnorm_holds_the_exact_statistics_of_the_batches():
     torch.testing.assert_close(norm.running_var, expected_var, rtol=1e-4, atol=1e-5)
     assert not model.training and norm.momentum == 0.1
     assert torch.equal(frozen.running_mean, torch.zeros(2)) and torch.equal(frozen.running_var, torch.ones(2))
+    with pytest.raises(ValueError, match="at least one batch"):
+        recalibrate_batchnorm(model, [], model)
+    torch.testing.assert_close(norm.running_mean, hidden.mean(0))  # left as it was
 
 
 def test_prototype_holdout_splits_the_good_images_disjointly():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -82,6 +83,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], forward: 
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.weight is None or m.weight.requires_grad)
     ]
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("recalibrate_batchnorm needs at least one batch; with none the statistics would be lost.")
     momenta = [m.momentum for m in layers]
     model.eval()
     for m in layers:
@@ -89,7 +94,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], forward: 
         m.momentum = None
         m.train()
     with torch.no_grad():
-        for batch in batches:
+        for batch in itertools.chain([first], batches):
             forward(batch)
     for m, momentum in zip(layers, momenta, strict=True):
         m.momentum = momentum

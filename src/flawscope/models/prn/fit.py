@@ -194,7 +194,7 @@ def fit(model: PRN, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
     batches = AnomalyBatches(cfg, hosts, seen_arrays, ctx.seed + 7)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(normals) / max(cfg.batch_normal, 1))
+    steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(hosts) / max(cfg.batch_normal, 1))
     model.train()
     bar = ctx.progress(range(cfg.num_epochs * steps_per_epoch), "training", cfg.num_epochs * steps_per_epoch)
     total, count = 0.0, 0
@@ -209,10 +209,12 @@ def fit(model: PRN, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
             ctx.log.append({"epoch": (step + 1) // steps_per_epoch, "loss": total / count})
             bar.set_postfix(loss=f"{total / count:.4f}")
             total, count = 0.0, 0
-    fresh = (batches()[0].to(ctx.device) for _ in range(cfg.precise_bn_batches))
-    recalibrate_batchnorm(
-        model, ctx.progress(fresh, "BatchNorm statistics", cfg.precise_bn_batches), model.segment_logits
-    )
+    if cfg.precise_bn_batches:
+        fresh = (batches()[0].to(ctx.device) for _ in range(cfg.precise_bn_batches))
+        recalibrate_batchnorm(
+            model, ctx.progress(fresh, "BatchNorm statistics", cfg.precise_bn_batches), model.segment_logits
+        )
+    model.eval()
     model.fitted.fill_(True)
     return {
         "num_images": len(samples),
