@@ -73,6 +73,7 @@ SETTINGS = {
     "prn-200steps": f"--model prn {WHOLE_224} {prn_schedule(200)} --seen-anomalies 10".split(),
     # What 30 minutes hold on the idle machine with 2 threads (4.3 s a step at 200 steps), BatchNorm re-estimated.
     "prn-350steps": f"--model prn {WHOLE_224} {prn_schedule(350)} --seen-anomalies 10".split(),
+    "prn-350steps-0seen": f"--model prn {WHOLE_224} {prn_schedule(350)} --seen-anomalies 0".split(),
     # 200 steps with half of the good images making only the prototypes (residuals of images the k-means never saw,
     # as at test time) and the BatchNorm statistics re-estimated after training (precise_bn_batches, default 32).
     "prn-200steps-holdout": f"--model prn {WHOLE_224} {prn_schedule(200)} --seen-anomalies 10 "

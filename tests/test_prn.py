@@ -247,11 +247,18 @@ def test_prototype_holdout_splits_the_good_images_disjointly():
 def test_fit_with_prototype_holdout_reports_the_split(tiny_dataset):
     split = load_dataset(tiny_dataset)
     quick = {"backbone": "efficientnet_lite0", "num_epochs": 1, "steps_per_epoch": 1, "msa_depth": 1}
-    model = _tiny(**quick, batch_normal=1, batch_extended=0, batch_simulated=1, prototype_holdout=0.5)
+    model = _tiny(
+        **quick, batch_normal=1, batch_extended=0, batch_simulated=1, prototype_holdout=0.5, precise_bn_batches=3
+    )
     report = fit(model, split.train, FitContext(quiet=True))
     assert report["num_prototype_images"] + report["num_training_hosts"] == len(split.train)
     assert report["num_prototype_images"] == round(0.5 * len(split.train))
     assert not model.training
+    # The decoder's statistics come from the 3 re-estimation batches alone (counter reset, then one per batch);
+    # the frozen encoder's are untouched.
+    decoder_norms = [m for m in model.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert decoder_norms and all(int(m.num_batches_tracked) == 3 for m in decoder_norms)
+    assert all(int(m.num_batches_tracked) == 0 for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_seen_defects_never_appear_in_the_test_set(tiny_dataset, tmp_path):
