@@ -94,6 +94,11 @@ def test_save_load_round_trip_gives_identical_outputs(fitted, tmp_path):
 def test_anomalous_test_images_score_higher_on_average(fitted):
     # A sanity check that fitting learned something, even with random backbone weights.
     model, _, split = fitted
+    if model.method == "prn":
+        # Measured: PRN's decoder is trained from scratch, and 1-30 steps (random ResNet-18 or real Lite0 weights,
+        # 64 px) leave the two means within 0.005 of each other either way, so this would be a coin flip.
+        # tests/test_prn.py::test_training_steps_fit_a_fixed_batch checks instead that PRN's training learns.
+        pytest.skip("a few PRN steps do not separate test images; see test_prn.py")
     from flawscope.api import score_images
 
     scored = score_images(model, split.test, FitContext(quiet=True))

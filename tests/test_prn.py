@@ -166,6 +166,29 @@ def test_losses_on_hand_made_tensors():
     torch.testing.assert_close(prn_loss(logits, target, cfg), smooth + 5 * expected)
 
 
+def test_training_steps_fit_a_fixed_batch():
+    # PRN's trainable blocks (fusion, attention, decoder) learn: Adam steps on one batch of defects with masks
+    # lower the loss and raise the map inside the masks above the map outside.
+    model = _tiny(msa_depth=1).train()
+    torch.manual_seed(1)
+    images = torch.rand(4, 3, 64, 64)
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[:, :, 16:40, 20:44] = 1
+    images = torch.where(masks > 0, 1 - images * 0.2, images * 0.5)  # a bright square on a darker texture
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(12):
+        loss = prn_loss(model.segment_logits(images), masks, model.config)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model.segment_logits(images))
+    assert probabilities[masks > 0].mean() > probabilities[masks == 0].mean() + 0.2
+
+
 def test_image_score_is_the_mean_of_the_top_k_pixels():
     model = _tiny(image_score_topk=100)
     logits = torch.randn(2, 1, 64, 64)
