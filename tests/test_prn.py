@@ -26,6 +26,8 @@ from flawscope.models.prn.fit import (
 )
 
 TINY = {"backbone": "resnet18", "image_size": 64, "resize_size": 0}
+# One-step fits (EfficientNet-Lite0 with random weights, as _tiny builds every model).
+QUICK_FIT = {"backbone": "efficientnet_lite0", "num_epochs": 1, "steps_per_epoch": 1, "msa_depth": 1}
 
 
 def _tiny(**options) -> PRN:
@@ -221,15 +223,14 @@ def test_seen_split_is_stratified_and_reproducible():
 
 def test_fit_uses_seen_anomalies(tiny_dataset):
     split = load_dataset(tiny_dataset)
-    quick = {"backbone": "efficientnet_lite0", "num_epochs": 1, "steps_per_epoch": 1, "msa_depth": 1}
-    model = _tiny(**quick, batch_normal=1, batch_extended=1, batch_simulated=1)
+    model = _tiny(**QUICK_FIT, batch_normal=1, batch_extended=1, batch_simulated=1)
     seen = select_seen_anomalies(split.test, 2, seed=0)
     ctx = FitContext(quiet=True, seen_anomalies=seen)
     report = fit(model, split.train, ctx)
     assert report["num_seen_anomalies"] == 2 and report["batch"] == [1, 1, 1]
     assert report["num_prototypes"] == [1, 1, 1] and bool(model.fitted)
     no_seen = fit(
-        _tiny(**quick, batch_normal=1, batch_extended=2, batch_simulated=1), split.train, FitContext(quiet=True)
+        _tiny(**QUICK_FIT, batch_normal=1, batch_extended=2, batch_simulated=1), split.train, FitContext(quiet=True)
     )
     assert no_seen["batch"] == [1, 0, 3]  # EA slots become simulated anomalies
 
@@ -269,9 +270,8 @@ def test_prototype_holdout_splits_the_good_images_disjointly():
 
 def test_fit_with_prototype_holdout_reports_the_split(tiny_dataset):
     split = load_dataset(tiny_dataset)
-    quick = {"backbone": "efficientnet_lite0", "num_epochs": 1, "steps_per_epoch": 1, "msa_depth": 1}
     model = _tiny(
-        **quick, batch_normal=1, batch_extended=0, batch_simulated=1, prototype_holdout=0.5, precise_bn_batches=3
+        **QUICK_FIT, batch_normal=1, batch_extended=0, batch_simulated=1, prototype_holdout=0.5, precise_bn_batches=3
     )
     report = fit(model, split.train, FitContext(quiet=True))
     assert report["num_prototype_images"] + report["num_training_hosts"] == len(split.train)
