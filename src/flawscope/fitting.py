@@ -65,10 +65,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], forward: 
     """Replaces the running statistics of every trainable BatchNorm layer by exact averages over ``batches``.
 
     PyTorch's running statistics are an exponential average (momentum 0.1) of per-batch statistics taken while the
-    weights were still moving, so after a short schedule with weight decay they can lag far behind the final
-    weights ("precise BN": Wu & Johnson, Rethinking "Batch" in BatchNorm, 2021). This pass keeps the weights and
-    recomputes the statistics with them: cumulative means (``momentum=None``) of the batch statistics, as the layer
-    normalised with in training. Frozen BatchNorm layers (a frozen backbone's) are left as they are.
+    weights were still moving, so they need not match the final weights (PRN's short schedule is a measured case,
+    docs/benchmarks.md; "precise BN": Wu & Johnson, Rethinking "Batch" in BatchNorm, 2021). This pass keeps the
+    weights and recomputes the statistics with them: cumulative means (``momentum=None``) of the batch statistics,
+    as the layer normalised with in training. Frozen BatchNorm layers (a frozen backbone's) are left as they are.
 
     Args:
         model: the trained module; left in eval mode.
