@@ -74,6 +74,9 @@ SETTINGS = {
     # What 30 minutes hold on the idle machine with 2 threads (4.3 s a step at 200 steps), BatchNorm re-estimated.
     "prn-350steps": f"--model prn {WHOLE_224} {prn_schedule(350)} --seen-anomalies 10".split(),
     "prn-350steps-0seen": f"--model prn {WHOLE_224} {prn_schedule(350)} --seen-anomalies 0".split(),
+    # bfloat16 autocast makes a step about 1.2x cheaper (2.7 against 3.2 s, measured): 420 steps in the same budget.
+    "prn-420steps-bf16": f"--model prn {WHOLE_224} {prn_schedule(420)} --seen-anomalies 10 "
+    "--set train_precision=bfloat16".split(),
     # 200 steps with half of the good images making only the prototypes (residuals of images the k-means never saw,
     # as at test time) and the BatchNorm statistics re-estimated after training (precise_bn_batches, default 32).
     "prn-200steps-holdout": f"--model prn {WHOLE_224} {prn_schedule(200)} --seen-anomalies 10 "

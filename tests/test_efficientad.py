@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from flawscope.cli import main
 from flawscope.data import load_dataset, split_validation
 from flawscope.errors import ConfigError, ModelFormatError, WeightsNotFoundError
-from flawscope.fitting import FitContext
+from flawscope.fitting import FitContext, autocast
 from flawscope.model_io import load_model, save_model
 from flawscope.models.efficientad import PDN, AutoEncoder, EfficientAD, EfficientADConfig, fit
 from flawscope.models.efficientad.distill import DistillSettings, distill_teacher
@@ -194,6 +194,26 @@ def test_training_losses_match_the_pseudocode_and_feed_the_autoencoder_from_stae
     losses["stae"].backward()  # A is not detached in L_STAE (spec 2.8)
     assert model.autoencoder.decoder.deconv8.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_bfloat16_training_agrees_with_float32_and_keeps_float32_weights():
+    model = _tiny(out_channels=8)
+    model.eval()  # dropout off: the two precisions see the same network
+    generator = torch.Generator().manual_seed(0)
+    image, augmented = (torch.rand(1, 3, 64, 64, generator=generator) for _ in range(2))
+    exact = training_losses(model, image, augmented, None)
+    model.config = EfficientADConfig.from_dict({**TINY, "out_channels": 8, "train_precision": "bfloat16"})
+    mixed = training_losses(model, image, augmented, None)
+    for key, value in exact.items():
+        assert mixed[key].dtype == torch.float32
+        assert not torch.equal(mixed[key], value)  # the forward pass did run in bfloat16
+        torch.testing.assert_close(mixed[key], value, rtol=0.05, atol=1e-3)
+    sum(mixed.values()).backward()
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.student.parameters())
+    with pytest.raises(ConfigError, match="train_precision"):
+        EfficientADConfig.from_dict({"train_precision": "float16"})
+    with pytest.raises(ValueError, match="train_precision"):
+        autocast("float16", torch.device("cpu"))
 
 
 def test_augmentations():

@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import flawscope
 from flawscope.data import Sample, load_dataset, select_seen_anomalies
 from flawscope.errors import ConfigError
 from flawscope.evaluation import test as run_test
-from flawscope.fitting import FitContext, recalibrate_batchnorm
+from flawscope.fitting import FitContext, autocast, recalibrate_batchnorm
 from flawscope.models.prn import PRN, PRNConfig
 from flawscope.models.prn.blocks import MultiScaleFusion, MultiSizeAttention
 from flawscope.models.prn.fit import (
@@ -168,9 +169,10 @@ def test_losses_on_hand_made_tensors():
     torch.testing.assert_close(prn_loss(logits, target, cfg), smooth + 5 * expected)
 
 
-def test_training_steps_fit_a_fixed_batch():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_steps_fit_a_fixed_batch(precision):
     # PRN's trainable blocks (fusion, attention, decoder) learn: Adam steps on one batch of defects with masks
-    # lower the loss and raise the map inside the masks above the map outside.
+    # lower the loss and raise the map inside the masks above the map outside, in either training precision.
     model = _tiny(msa_depth=1).train()
     torch.manual_seed(1)
     images = torch.rand(4, 3, 64, 64)
@@ -180,7 +182,9 @@ def test_training_steps_fit_a_fixed_batch():
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(12):
-        loss = prn_loss(model.segment_logits(images), masks, model.config)
+        with autocast(precision, images.device):
+            logits = model.segment_logits(images)
+        loss = prn_loss(logits.float(), masks, model.config)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -233,6 +237,23 @@ def test_fit_uses_seen_anomalies(tiny_dataset):
         _tiny(**QUICK_FIT, batch_normal=1, batch_extended=2, batch_simulated=1), split.train, FitContext(quiet=True)
     )
     assert no_seen["batch"] == [1, 0, 3]  # EA slots become simulated anomalies
+
+
+def test_fit_in_bfloat16_trains_float32_weights_differently(tiny_dataset):
+    train = load_dataset(tiny_dataset).train
+    options = {**QUICK_FIT, "batch_normal": 1, "batch_extended": 0, "batch_simulated": 1, "precise_bn_batches": 1}
+    start = torch.cat([p.detach().flatten() for p in _tiny(**options).parameters() if p.requires_grad])
+    steps = []
+    for precision in ("float32", "bfloat16"):
+        model = _tiny(**options, train_precision=precision)  # same seed, same initial weights
+        fit(model, train, FitContext(quiet=True))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in trained)
+        steps.append(torch.cat([p.detach().flatten() for p in trained]) - start)
+    exact, mixed = steps
+    assert not torch.equal(exact, mixed)  # same seed and data: only the precision differs
+    # Adam's first step is lr * sign(gradient); bfloat16 rounding flips the signs of only the smallest gradients.
+    assert F.cosine_similarity(exact, mixed, dim=0) > 0.5
 
 
 def test_recalibrated_batchnorm_holds_the_exact_statistics_of_the_batches():

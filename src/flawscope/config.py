@@ -36,6 +36,19 @@ def option(
     return field(default=default, metadata=meta)
 
 
+TRAIN_PRECISIONS = ("float32", "bfloat16")
+
+
+def train_precision_option() -> Any:
+    """The ``train_precision`` option of the models that train a network (see ``fitting.autocast``)."""
+    return option(
+        "float32",
+        "number format of the training forward pass: float32, or bfloat16 autocast (weights, optimiser and losses "
+        "stay float32; about 2x faster on CPUs with AMX or AVX512-BF16, see docs/benchmarks.md)",
+        choices=TRAIN_PRECISIONS,
+    )
+
+
 def _describe_range(meta: Mapping[str, Any]) -> str:
     if meta.get("choices") is not None:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import ModelConfig
+from .config import TRAIN_PRECISIONS, ModelConfig
 from .data import Sample, make_loader
 
 T = TypeVar("T")
@@ -59,6 +60,21 @@ class FitContext:
     def generator(self, offset: int = 0) -> torch.Generator:
         """A torch RNG seeded from the run's seed (``offset`` separates independent streams)."""
         return torch.Generator().manual_seed(self.seed + offset)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The number format of a training forward pass (the ``train_precision`` option).
+
+    "float32" changes nothing. "bfloat16" runs convolutions and matrix products under ``torch.autocast`` in
+    bfloat16; the weights, their gradients and the optimiser state stay float32, and callers compute their
+    losses on ``.float()`` outputs. Inference and the saved model are float32 either way.
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"train_precision must be one of {', '.join(TRAIN_PRECISIONS)}; got {precision!r}.")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[Tensor], object]) -> int:

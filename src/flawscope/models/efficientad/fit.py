@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ...data import Sample, find_images, preprocess, read_image, split_validation
-from ...fitting import FitContext
+from ...fitting import FitContext, autocast
 from .model import EfficientAD, EfficientADConfig
 
 # Training images are decoded once and kept as float32 when they fit in this budget (no augmentation touches the
@@ -179,6 +179,8 @@ def teacher_channel_stats(model: EfficientAD, batches: Iterator[Tensor], device:
 def training_losses(model: EfficientAD, images: Tensor, augmented: Tensor, penalty: Tensor | None) -> dict[str, Tensor]:
     """The loss terms of one step (spec 2.8). All three student inputs go through one batched forward pass.
 
+    The forward passes run in ``train_precision``; the losses are computed in float32.
+
     Args:
         images: (B, 3, s, s) training images in [0, 1] (student-teacher branch, not augmented).
         augmented: (B, 3, s, s) the same images colour-augmented (autoencoder branch: T, A and S' see them).
@@ -186,11 +188,13 @@ def training_losses(model: EfficientAD, images: Tensor, augmented: Tensor, penal
     """
     cfg = model.config
     channels, batch = cfg.out_channels, images.shape[0]
-    with torch.no_grad():
-        teacher = model.teacher_features(model.normalize_images(torch.cat([images, augmented])))
-    inputs = [images, augmented] + ([penalty] if penalty is not None else [])
-    student = model.student(model.normalize_images(torch.cat(inputs)))
-    autoencoder = model.autoencoder(model.normalize_images(augmented))
+    with autocast(cfg.train_precision, images.device):
+        with torch.no_grad():
+            teacher = model.teacher_features(model.normalize_images(torch.cat([images, augmented])))
+        inputs = [images, augmented] + ([penalty] if penalty is not None else [])
+        student = model.student(model.normalize_images(torch.cat(inputs)))
+        autoencoder = model.autoencoder(model.normalize_images(augmented))
+    teacher, student, autoencoder = teacher.float(), student.float(), autoencoder.float()
     losses = {
         "hard": hard_feature_loss(teacher[:batch], student[:batch, :channels], cfg.hard_quantile),
         "ae": mean_squared_difference(teacher[batch:], autoencoder),

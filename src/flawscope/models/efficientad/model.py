@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
-from ...config import ModelConfig, option
+from ...config import ModelConfig, option, train_precision_option
 from ...errors import ConfigError, ModelFormatError, WeightsNotFoundError
 from ..base import AnomalyModel
 
@@ -61,6 +61,7 @@ class EfficientADConfig(ModelConfig):
     batch_size: int = option(1, "training images per iteration", low=1)
     lr: float = option(1e-4, "Adam learning rate (student and autoencoder)", low=0, low_open=True)
     weight_decay: float = option(1e-5, "Adam weight decay", low=0)
+    train_precision: str = train_precision_option()
     lr_drop_ratio: float = option(
         0.95, "the learning rate is multiplied by 0.1 after this share of the steps", low=0, high=1, low_open=True
     )

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...data import ImageDataset, Sample
 from ...errors import ConfigError
-from ...fitting import FitContext, recalibrate_batchnorm
+from ...fitting import FitContext, autocast, recalibrate_batchnorm
 from ...layers import kmeans
 from ...synthesis.anomalies import extended_anomaly, homologous_source, simulated_anomaly
 from ...synthesis.perlin import texture_source
@@ -200,7 +200,9 @@ def fit(model: PRN, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
     total, count = 0.0, 0
     for step in bar:
         images, masks = batches()
-        loss = prn_loss(model.segment_logits(images.to(ctx.device)), masks.to(ctx.device), cfg)
+        with autocast(cfg.train_precision, ctx.device):
+            logits = model.segment_logits(images.to(ctx.device))
+        loss = prn_loss(logits.float(), masks.to(ctx.device), cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

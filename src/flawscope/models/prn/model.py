@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ...backbones import create_backbone
-from ...config import ModelConfig, option
+from ...config import ModelConfig, option, train_precision_option
 from ...layers import pairwise_squared_distances
 from ..base import AnomalyModel
 from .blocks import MultiScaleFusion, MultiSizeAttention, UNetDecoder
@@ -79,6 +79,7 @@ class PRNConfig(ModelConfig):
     focal_alpha: float = option(0.5, "focal loss alpha (0.5 = both classes weighted equally)", low=0, high=1)
     focal_gamma: float = option(4.0, "focal loss gamma (paper: 4)", low=0)
     smooth_l1_beta: float = option(1.0, "smooth-L1 beta", low=0, low_open=True)
+    train_precision: str = train_precision_option()
     precise_bn_batches: int = option(
         32, "after training, BatchNorm statistics re-estimated over this many batches (0 = running averages)", low=0
     )
