@@ -53,6 +53,8 @@ SETTINGS["efficientad"] = {"num_steps": 500}
 SETTINGS["efficientad-128"] = {"image_size": 128, "num_steps": 2000}
 # bfloat16 autocast halves the step (0.41 against 0.74 s at 128 px, measured): 3,600 steps in the same 30 minutes.
 SETTINGS["efficientad-128-bf16"] = {"image_size": 128, "num_steps": 3600, "train_precision": "bfloat16"}
+# The same with a longer-distilled teacher (--teacher names it; docs/benchmarks.md says which steps).
+SETTINGS["efficientad-128-bf16-t1500"] = SETTINGS["efficientad-128-bf16"]
 
 
 def main() -> None:

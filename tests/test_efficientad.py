@@ -1,6 +1,7 @@
 """EfficientAD: layer tables and parameter counts of the spec, the losses, the map normalisation, the inference
 graph against a direct transcription of the spec's pseudocode, teacher files, distillation and a short fit."""
 
+import json
 import math
 
 import numpy as np
@@ -351,6 +352,21 @@ def test_distillation_writes_metadata_and_resumes_exactly(tiny_dataset, tmp_path
         distill_teacher("efficientnet_lite0", images, tmp_path / "a" / "t.safetensors", changed, **run)
     with pytest.raises(ConfigError, match="never writes"):
         distill_teacher("efficientnet_lite0", images, images / "t.safetensors", SETTINGS, **run)
+
+
+def test_distillation_resumes_in_bfloat16_and_counts_the_steps_of_each_precision(tiny_dataset, tmp_path):
+    images, out = tiny_dataset / "train", tmp_path / "t.safetensors"
+    run = dict(pretrained_backbone=False, quiet=True)
+    half = DistillSettings(**{**SETTINGS.__dict__, "steps": 1})
+    distill_teacher("efficientnet_lite0", images, out, half, checkpoint_every=1, **run)
+    report = distill_teacher("efficientnet_lite0", images, out, SETTINGS, precision="bfloat16", **run)
+    assert report["steps_this_run"] == 1 and math.isfinite(report["final_loss"])
+    with safe_open(str(out), "pt") as handle:
+        meta = json.loads(handle.metadata()["flawscope_teacher"])
+    assert all(weight.dtype == torch.float32 for weight in load_file(str(out)).values())
+    assert meta["precision_steps"] == {"float32": 1, "bfloat16": 1} and meta["steps"] == 2
+    with pytest.raises(ConfigError, match="--precision"):
+        distill_teacher("efficientnet_lite0", images, tmp_path / "u.safetensors", SETTINGS, precision="half", **run)
 
 
 def test_cached_targets_equal_targets_on_the_fly(tiny_dataset, tmp_path):

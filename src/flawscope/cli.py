@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .calibration import DEFAULT_TARGET_FPR
-from .config import parse_overrides
+from .config import TRAIN_PRECISIONS, parse_overrides
 from .errors import FlawscopeError
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
@@ -316,6 +316,13 @@ def info(method, as_json) -> None:
     show_default=True,
     help="keep the backbone's targets of every image (colour and grayscale) in memory when they fit; 0 = never",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(TRAIN_PRECISIONS),
+    default="float32",
+    show_default=True,
+    help="the PDN's forward pass; bfloat16 autocast is about 2x faster on CPUs with AMX or AVX512-BF16",
+)
 @DEVICE
 @QUIET
 def distill(
@@ -336,6 +343,7 @@ def distill(
     num_workers,
     weights,
     cache_gib,
+    precision,
     device,
     quiet,
 ) -> None:
@@ -369,6 +377,7 @@ def distill(
         checkpoint_every=max(1, checkpoint_every),
         restart=restart,
         max_cache_bytes=int(cache_gib * (1 << 30)),
+        precision=precision,
         quiet=quiet,
     )
     click.echo(

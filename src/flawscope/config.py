@@ -44,7 +44,7 @@ def train_precision_option() -> Any:
     return option(
         "float32",
         "number format of the training forward pass: float32, or bfloat16 autocast (weights, optimiser and losses "
-        "stay float32; about 2x faster on CPUs with AMX or AVX512-BF16, see docs/benchmarks.md)",
+        "stay float32; faster on CPUs with AMX or AVX512-BF16: a step 1.8x for EfficientAD, 1.2x for PRN here)",
         choices=TRAIN_PRECISIONS,
     )
 

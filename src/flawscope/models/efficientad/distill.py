@@ -34,8 +34,10 @@ from tqdm.auto import tqdm
 
 from ...backbones import create_backbone
 from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
+from ...config import TRAIN_PRECISIONS
 from ...data import find_images, preprocess, read_image
 from ...errors import ConfigError
+from ...fitting import autocast
 from ...layers import LocalFeatureAggregator
 from .fit import grayscale_decisions, grayscale_where
 from .model import PDN, TEACHER_METADATA_KEY
@@ -261,6 +263,7 @@ def distill_teacher(
     checkpoint_every: int = 1000,
     restart: bool = False,
     max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    precision: str = "float32",
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Distils a PDN teacher from ``backbone`` on the images under ``images`` and writes ``out`` (.safetensors).
@@ -276,11 +279,16 @@ def distill_teacher(
         restart: ignore an existing checkpoint and start from step 0.
         max_cache_bytes: Psi's targets of every image (colour and grayscale) are computed once and kept when they
             fit in this many bytes (float16; 500 images at s = 256 need 2.9 GiB); 0 never caches.
+        precision: the PDN's forward pass in "float32" or under "bfloat16" autocast (weights, Adam state and the
+            loss stay float32; see ``fitting.autocast``). Not a setting: a run may be resumed in the other
+            precision, and the teacher's metadata counts the steps done in each (``precision_steps``).
 
     Returns:
         A summary: steps done in this call, total steps, final loss, seconds, paths.
     """
     settings = dataclasses.replace(settings or DistillSettings(), backbone=backbone)
+    if precision not in TRAIN_PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(TRAIN_PRECISIONS)}; got {precision!r}.")
     out, root = Path(out), Path(images)
     if out.suffix != ".safetensors":
         raise ConfigError(f"The teacher file must end in .safetensors; got {out}.")
@@ -298,7 +306,7 @@ def distill_teacher(
     teacher = PDN(settings.size, settings.out_channels, padded=True).to(device)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     digest = _image_list_digest(paths, root)
-    start_step, seconds_before = 0, 0.0
+    start_step, seconds_before, steps_before = 0, 0.0, {}
     started = time.perf_counter()
     resumed = checkpoint.is_file() and not restart
     if resumed:
@@ -311,6 +319,7 @@ def distill_teacher(
                 "--restart to start over."
             )
         start_step, seconds_before, stats_count = state["step"], state["seconds"], state["stats_images_used"]
+        steps_before = state.get("precision_steps", {"float32": start_step})  # older checkpoints: all float32
         if start_step > settings.steps:
             raise ConfigError(
                 f"The checkpoint {checkpoint} is already at step {start_step}, beyond --steps {settings.steps}. "
@@ -326,6 +335,9 @@ def distill_teacher(
     mean_map, std_map = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
     stats = {"psi_mean": mean, "psi_std": std}
 
+    def done(step: int) -> int:  # steps in ``precision`` so far, over every run of this checkpoint
+        return steps_before.get(precision, 0) + step - start_step
+
     def state_now(step: int, loss: float | None) -> dict[str, Any]:
         return {
             "settings": dataclasses.asdict(settings),
@@ -336,20 +348,22 @@ def distill_teacher(
             "stats_images_used": stats_count,
             "loss": loss,
             "seconds": round(seconds_before + time.perf_counter() - started, 2),
+            "precision_steps": {k: v for k, v in {**steps_before, precision: done(step)}.items() if v},
         }
 
     sampler = _StepBatches(len(paths), settings.batch_size, settings.seed, start_step, settings.steps)
     views = targets.loader(sampler, small=True)
     teacher.train()
-    loss_value = None
+    loss_value = state["loss"] if resumed else None  # a resumed run that has no step left keeps its last loss
     bar = tqdm(total=settings.steps, initial=start_step, desc="distilling", disable=quiet, dynamic_ncols=True)
     for step, indices, (*big, small) in zip(range(start_step, settings.steps), sampler, views, strict=True):
         # One grayscale decision per image for both views, drawn from (seed, step) so a resumed run repeats it.
         gray = grayscale_decisions(len(indices), settings.gray_prob, _step_generator(settings.seed, step))
         small = grayscale_where(small, gray).to(device)
         target = (targets(indices, gray, *big) - mean_map) / std_map
-        prediction = teacher((small - image_mean) / image_std)
-        loss = (prediction - target).pow(2).mean()
+        with autocast(precision, device):
+            prediction = teacher((small - image_mean) / image_std)
+        loss = (prediction.float() - target).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -397,6 +411,7 @@ def _write_teacher(out: Path, teacher: PDN, settings: DistillSettings, state: di
         "stats_images": state["stats_images_used"],
         "final_loss": state["loss"],
         "seconds": state["seconds"],
+        "precision_steps": state["precision_steps"],
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
     partial = out.with_name(out.name + ".partial")

@@ -211,7 +211,7 @@ def fit(model: PRN, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
             ctx.log.append({"epoch": (step + 1) // steps_per_epoch, "loss": total / count})
             bar.set_postfix(loss=f"{total / count:.4f}")
             total, count = 0.0, 0
-    if cfg.precise_bn_batches:
+    if cfg.precise_bn_batches:  # in float32 whatever train_precision was: the statistics serve float32 inference
         fresh = (batches()[0].to(ctx.device) for _ in range(cfg.precise_bn_batches))
         recalibrate_batchnorm(
             model, ctx.progress(fresh, "BatchNorm statistics", cfg.precise_bn_batches), model.segment_logits
