@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import TRAIN_PRECISIONS, ModelConfig
 from .data import Sample, make_loader
+from .errors import ConfigError
 
 T = TypeVar("T")
 
@@ -62,6 +63,13 @@ class FitContext:
         return torch.Generator().manual_seed(self.seed + offset)
 
 
+def check_precision(precision: str, option: str = "train_precision") -> str:
+    """Returns ``precision`` if it is one of ``TRAIN_PRECISIONS``; otherwise raises ConfigError naming ``option``."""
+    if precision not in TRAIN_PRECISIONS:
+        raise ConfigError(f"{option} must be one of {', '.join(TRAIN_PRECISIONS)}; got {precision!r}.")
+    return precision
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The number format of a training forward pass (the ``train_precision`` option).
 
@@ -70,11 +78,10 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     losses on ``.float()`` outputs. Inference and the saved model are float32 either way.
 
     Raises:
-        ValueError: for any other name.
+        ConfigError (a ValueError): for any other name.
     """
-    if precision not in TRAIN_PRECISIONS:
-        raise ValueError(f"train_precision must be one of {', '.join(TRAIN_PRECISIONS)}; got {precision!r}.")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    enabled = check_precision(precision) == "bfloat16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], forward: Callable[[Tensor], object]) -> int:

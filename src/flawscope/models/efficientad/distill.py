@@ -34,10 +34,9 @@ from tqdm.auto import tqdm
 
 from ...backbones import create_backbone
 from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
-from ...config import TRAIN_PRECISIONS
 from ...data import find_images, preprocess, read_image
 from ...errors import ConfigError
-from ...fitting import autocast
+from ...fitting import autocast, check_precision
 from ...layers import LocalFeatureAggregator
 from .fit import grayscale_decisions, grayscale_where
 from .model import PDN, TEACHER_METADATA_KEY
@@ -287,8 +286,7 @@ def distill_teacher(
         A summary: steps done in this call, total steps, final loss, seconds, paths.
     """
     settings = dataclasses.replace(settings or DistillSettings(), backbone=backbone)
-    if precision not in TRAIN_PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(TRAIN_PRECISIONS)}; got {precision!r}.")
+    check_precision(precision, "--precision")  # before the minutes of target caching
     out, root = Path(out), Path(images)
     if out.suffix != ".safetensors":
         raise ConfigError(f"The teacher file must end in .safetensors; got {out}.")
