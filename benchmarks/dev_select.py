@@ -8,6 +8,8 @@ The development folder (MVTec layout) is built once:
                          grid-shuffled other good image; made grey when the images are), exact masks
     test/drawn/          the same images, each with one drawn scratch, blob or stain at ``--strength``
                          contrast (grey likewise)
+    test/band/           with ``--bands``: the same images, each with a band of another good image across its top
+                         or bottom (a region ground differently, like MTD's "uneven" defects)
 
 The defects are drawn once at the reference size, so every candidate sees the same defects at the same physical
 size whatever input size it resizes them to: a fair comparison of input sizes too. Each candidate is then a
@@ -52,13 +54,46 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2)
 
 
+def band_defect(image: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A band of another good image across the top or bottom of ``image``, like a region ground differently.
+
+    The band spans the full width, covers 15-45 % of the height, and ends in a slightly tilted, wavy border. Its
+    pixels are ``other``'s at the same place, shifted to ``image``'s mean brightness there plus 2-8 % brighter or
+    darker, so the band differs in striation and a little in level, and has no edge but its border.
+
+    Args:
+        image, other: (S, S, 3) float32 good images in [0, 1].
+
+    Returns:
+        (S, S, 3) float32 defective image and its (S, S) bool mask.
+    """
+    size = image.shape[0]
+    columns = np.arange(size) / size
+    wave = np.interp(columns, np.linspace(0, 1, 6), rng.normal(0, 0.015, 6))
+    border = rng.uniform(0.15, 0.45) + rng.uniform(-0.06, 0.06) * (columns - 0.5) + wave  # (S,) fraction of S
+    rows = np.arange(size)[:, None] / size
+    mask = rows < border[None] if rng.random() < 0.5 else rows > 1 - border[None]
+    band = other[mask] - other[mask].mean() + image[mask].mean() + rng.choice([-1, 1]) * rng.uniform(0.02, 0.08)
+    defective = image.copy()
+    defective[mask] = np.clip(band, 0, 1)
+    return defective, mask
+
+
 def build_development_set(
-    data: Path, out: Path, reference_size: int, strength: float, textures: Path | None, seed: int = 0
+    data: Path,
+    out: Path,
+    reference_size: int,
+    strength: float,
+    textures: Path | None,
+    seed: int = 0,
+    bands: bool = False,
 ) -> dict:
     """Writes the development folder described in the module docstring; returns its summary (also saved)."""
     summary_path = out / "development.json"
     settings = {"data": str(data.resolve()), "reference_size": reference_size, "strength": strength}
     settings |= {"textures": str(textures) if textures else None, "seed": seed}
+    if bands:  # only when asked, so development sets written before this kind existed stay valid
+        settings["bands"] = True
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary["settings"] != settings:
@@ -72,6 +107,7 @@ def build_development_set(
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(Path(sample.path).resolve())
     rng = np.random.default_rng(seed)
+    band_rng = np.random.default_rng([seed, 1])  # its own stream: the other kinds stay as they were without bands
     source = texture_source(textures)
     images = [preprocess(read_image(s.path), reference_size, 0).permute(1, 2, 0).numpy() for s in val]
     grayscale = all(np.ptp(image, axis=2).max() < 1e-6 for image in images)
@@ -90,6 +126,11 @@ def build_development_set(
         painted = (_grey(painted) if grayscale else painted).round().astype(np.uint8)
         _save(painted, out / "test" / "drawn" / f"{stem}.png")
         _save(mask, out / "ground_truth" / "drawn" / f"{stem}_mask.png")
+        if bands:
+            other = images[(n + 1 + int(band_rng.integers(len(images) - 1))) % len(images)]
+            defective, mask = band_defect(image, other, band_rng)
+            _save(_grey(defective) if grayscale else defective, out / "test" / "band" / f"{stem}.png")
+            _save(mask, out / "ground_truth" / "band" / f"{stem}_mask.png")
     summary = {"settings": settings, "num_train": len(train), "num_val": len(val)}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -101,13 +142,14 @@ def evaluate(name: str, fit_args: list[str], dev: Path, runs: Path) -> dict:
     fit_seconds, _ = run(["flawscope", "fit", *fit_args, "--data", str(dev), "--out", str(out), "--quiet"])
     run(["flawscope", "test", str(out), "--data", str(dev), "--quiet"])
     metrics = json.loads((out / "metrics.json").read_text())
-    per_type = {kind: v["image_auroc"] for kind, v in metrics.get("per_type", {}).items()}
+    per_type = metrics.get("per_type", {})
     return {"name": name, "fit": " ".join(fit_args), "metrics": metrics, "per_type": per_type, "fit_s": fit_seconds}
 
 
 def render(title: str, rows: list[dict], summary: dict) -> str:
     s = summary["settings"]
     textures = Path(s["textures"]).name if s["textures"] else "procedural"
+    bands = s.get("bands", False)
     lines = [
         SECTION.format(title=title),
         "",
@@ -116,18 +158,25 @@ def render(title: str, rows: list[dict], summary: dict) -> str:
         f"Development set (benchmarks/dev_select.py; no test image is read): {summary['num_train']} training images "
         f"of `{Path(s['data']).name}` train/good; {summary['num_val']} held-out good images at {s['reference_size']} "
         f"px, each also with one Perlin-mask defect (textures: {textures} or"
-        f" a shuffled good image) and one drawn scratch, blob or stain at strength {s['strength']:g}. "
-        f"Hardware: {cpu_model()}, {os.cpu_count()} cores. Fit time is the whole `flawscope fit` step.",
+        f" a shuffled good image) and one drawn scratch, blob or stain at strength {s['strength']:g}"
+        + ("; and one band of another good image across the top or bottom (`band`). " if bands else ". ")
+        + f"Hardware: {cpu_model()}, {os.cpu_count()} cores. Fit time is the whole `flawscope fit` step.",
         "",
-        "| candidate | image AUROC | pixel AUROC | AUPRO | texture / drawn image AUROC | fit (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| candidate | image AUROC | pixel AUROC | AUPRO | texture / drawn image AUROC"
+        + (" | band image / pixel AUROC" if bands else "")
+        + " | fit (s) |",
+        "|---|---:|---:|---:|---:|" + ("---:|" if bands else "") + "---:|",
     ]
+    nan = {"image_auroc": float("nan"), "pixel_auroc": float("nan")}
     for r in rows:
         m, t = r["metrics"], r["per_type"]
+        band = t.get("band", nan)
         lines.append(
             f"| {r['name']} | {100 * m['image_auroc']:.1f} | {100 * m['pixel_auroc']:.1f} "
-            f"| {100 * m['pixel_aupro']:.1f} | {100 * t.get('texture', float('nan')):.1f} / "
-            f"{100 * t.get('drawn', float('nan')):.1f} | {r['fit_s']:.0f} |"
+            f"| {100 * m['pixel_aupro']:.1f} | {100 * t.get('texture', nan)['image_auroc']:.1f} / "
+            f"{100 * t.get('drawn', nan)['image_auroc']:.1f} | "
+            + (f"{100 * band['image_auroc']:.1f} / {100 * band['pixel_auroc']:.1f} | " if bands else "")
+            + f"{r['fit_s']:.0f} |"
         )
     lines += ["", "Fit arguments:", ""]
     lines += [f"- {r['name']}: `flawscope fit {r['fit']}`" for r in rows]
@@ -143,13 +192,16 @@ def main() -> None:
     parser.add_argument("--reference-size", type=int, default=320)
     parser.add_argument("--strength", type=float, default=0.5, help="contrast of the drawn defects, 1 = as drawn")
     parser.add_argument("--textures", type=Path, default=REPO / "../shared/datasets/bsds500")
+    parser.add_argument("--bands", action="store_true", help="also a test/band kind (a differently ground band)")
     parser.add_argument("--candidate", action="append", required=True, help="NAME=fit arguments")
     parser.add_argument("--title", required=True, help="section title in docs/benchmarks.md")
     parser.add_argument("--docs", type=Path, default=REPO / "docs/benchmarks.md")
     args = parser.parse_args()
 
     textures = args.textures.resolve() if args.textures and args.textures.exists() else None
-    summary = build_development_set(args.data, args.dev, args.reference_size, args.strength, textures)
+    summary = build_development_set(
+        args.data, args.dev, args.reference_size, args.strength, textures, bands=args.bands
+    )
     rows = []
     for item in args.candidate:
         name, fit_args = item.split("=", 1)

@@ -55,6 +55,11 @@ SETTINGS = {
     # development set (84.8 against 82.0), worse AUPRO.
     "simplenet-s32": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 "
     "--set strides=8,16,32".split(),
+    # flawscope's image context (not in the papers): each location's feature followed by its image's mean feature,
+    # for region defects such as the uneven bands; weight 3 chosen on the development set's band defects.
+    "patchcore-context": f"--model patchcore {WHOLE_224} --set coreset_ratio=0.01 --set context_weight=3".split(),
+    "simplenet-context": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 "
+    "--set context_weight=1".split(),
     # The public code's adaptor and batch (bias, AdamW with its weight decay, batch 8): better on the development set.
     "simplenet-code": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 --set adaptor_bias=true "
     "--set adaptor_optimizer=adamw --set batch_size=8".split(),

@@ -63,3 +63,18 @@ def test_local_features_of_a_constant_map_are_the_neighbourhood_mean():
     got = LocalFeatureAggregator([1], 3, 3, 3)(features)  # pretrain_dim 3 = one value per kernel row
     assert torch.allclose(got[0, :, 2, 2], torch.ones(3))
     assert torch.allclose(got[0, :, 0, 0], torch.tensor([0.0, 2 / 3, 2 / 3]))
+
+
+def test_image_context_appends_the_weighted_image_mean_to_every_location():
+    torch.manual_seed(0)
+    features = [torch.randn(2, 8, 6, 6), torch.randn(2, 16, 3, 3)]
+    plain = LocalFeatureAggregator([8, 16], 3, 24, 20)(features)  # (2, 20, 6, 6)
+    aggregator = LocalFeatureAggregator([8, 16], 3, 24, 20, context_weight=3.0)
+    got = aggregator(features)
+    assert aggregator.out_dim == 40 and got.shape == (2, 40, 6, 6)
+    torch.testing.assert_close(got[:, :20], plain)
+    for image in range(2):  # each image's own mean, the same at every location
+        expected = 3.0 * plain[image].reshape(20, -1).mean(dim=1)
+        torch.testing.assert_close(got[image, 20:], expected[:, None, None].expand(20, 6, 6))
+    with pytest.raises(ValueError, match="context_weight must be >= 0"):
+        LocalFeatureAggregator([8], 3, 4, 4, context_weight=-1.0)

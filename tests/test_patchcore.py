@@ -174,3 +174,13 @@ def test_one_feature_bank_scores_by_distance(train_samples):
         queries = model.local_features(images).permute(0, 2, 3, 1).reshape(2, -1, 64)
     expected = torch.cdist(queries, model.memory_bank[None].expand(2, -1, -1)).amin(2).amax(1)
     torch.testing.assert_close(score, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_image_context_bank_holds_local_and_image_features(train_samples, all_features):
+    model = _model(coreset_ratio=1.0, context_weight=2.0)
+    fit(model, train_samples, FitContext(quiet=True))
+    bank = model.memory_bank  # (768, 128): 12 images x 64 locations, each [local, 2 x its image's mean]
+    assert bank.shape == (768, 128)
+    torch.testing.assert_close(bank[:, :64], all_features.float())
+    image_means = all_features.float().reshape(12, 64, 64).mean(dim=1)  # (12, 64)
+    torch.testing.assert_close(bank[:, 64:], 2.0 * image_means.repeat_interleave(64, dim=0), rtol=2e-3, atol=2e-3)

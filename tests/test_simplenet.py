@@ -15,6 +15,7 @@ from flawscope.fitting import FitContext
 from flawscope.models.simplenet import SimpleNet, SimpleNetConfig, fit
 from flawscope.models.simplenet.fit import (
     _optimizers,
+    fit_standardization,
     make_fake_features,
     noise_sigma,
     train_step,
@@ -304,3 +305,30 @@ def test_short_fit_logs_each_epoch_and_marks_fitted(tiny_dataset):
 def test_config_errors_name_the_option_and_valid_values(options, match):
     with pytest.raises(ConfigError, match=match):
         SimpleNetConfig.from_dict(options)
+
+
+def test_image_context_doubles_the_adaptor_and_discriminator_input():
+    model = _small_model(context_weight=1.0).eval()
+    assert model.adaptor.weight.shape == (32, 32) and model.discriminator[0].in_features == 32
+    assert model.feature_mean.shape == (32,)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.local_features(images)  # (2, 8, 8, 32)
+        anomaly_map, score = model.raw_scores(images)
+    torch.testing.assert_close(features[..., 16:], features[..., 16:][:, :1, :1].expand(2, 8, 8, 16))
+    assert anomaly_map.shape == (2, 1, 64, 64) and score.shape == (2,)
+
+
+def test_image_context_is_standardised_with_its_local_channels_statistics():
+    # The context half must come out as w x the image mean of the standardised local half, and sigma must be
+    # relative to the local features' spread only.
+    model = _small_model(context_weight=2.0, feature_norm="channel", noise_mode="relative", noise_std_relative=0.5)
+    torch.manual_seed(1)
+    local = torch.randn(6, 10, 16) * torch.linspace(0.5, 3, 16) + 4  # (images, locations, D)
+    cache = torch.cat([local, 2.0 * local.mean(1, keepdim=True).expand_as(local)], 2).half().numpy()
+    fit_standardization(model, cache)
+    standardized = model.standardize(torch.from_numpy(cache).float())
+    expected = 2.0 * standardized[..., :16].mean(1, keepdim=True).expand(6, 10, 16)
+    torch.testing.assert_close(standardized[..., 16:], expected, atol=1e-2, rtol=0)  # the cache is float16
+    sigma, feature_std = noise_sigma(model.config, cache, model)
+    assert feature_std == pytest.approx(1.0, abs=1e-3) and sigma == pytest.approx(0.5, abs=1e-3)

@@ -8,6 +8,11 @@ The recipe is the public PatchCore/SimpleNet code's (see ``shared/specs/simplene
    1-D adaptive average pooling;
 4. stack the stages and pool the concatenation once more to ``target_dim``.
 
+Optionally (``context_weight`` > 0, not in PatchCore or SimpleNet), each location's feature is followed by the image's
+mean feature times ``context_weight``: then a feature says both what a location looks like and what the image it
+sits in looks like, so a region that is normal somewhere but not in this image (a band of a tile ground
+differently) can be told apart. The output has ``2 * target_dim`` channels then.
+
 Steps 3 and 4 are fixed averages, so they run as one precomputed matrix per stage, applied before the resizing of
 step 2 (both are linear, so the order does not change the result): one matrix product instead of two adaptive
 poolings over C * p * p values at every location of the finest grid.
@@ -39,12 +44,22 @@ class LocalFeatureAggregator(nn.Module):
         patch_size: side of the neighbourhood aggregated at each location (3 in PatchCore and SimpleNet).
         pretrain_dim: length each stage's neighbourhood is pooled to.
         target_dim: length of the final feature.
+        context_weight: weight of the image's mean feature appended to every location's; 0 = none (the papers).
     """
 
     def __init__(
-        self, channels: Sequence[int], patch_size: int = 3, pretrain_dim: int = 1024, target_dim: int = 1024
+        self,
+        channels: Sequence[int],
+        patch_size: int = 3,
+        pretrain_dim: int = 1024,
+        target_dim: int = 1024,
+        context_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if context_weight < 0:
+            raise ValueError(f"context_weight must be >= 0; got {context_weight}.")
+        self.context_weight = float(context_weight)
+        self.out_dim = target_dim * (2 if context_weight else 1)
         self.channels = tuple(channels)
         self.patch_size = patch_size
         self.pretrain_dim = pretrain_dim
@@ -63,7 +78,8 @@ class LocalFeatureAggregator(nn.Module):
             features: stage maps, the finest first, each (B, C_i, H_i, W_i) with C_i = ``channels[i]``.
 
         Returns:
-            (B, target_dim, H_0, W_0) local features on the finest grid.
+            (B, out_dim, H_0, W_0) local features on the finest grid; ``out_dim`` is ``target_dim``, or twice
+            that with the image context appended (channels ``target_dim:``, the same at every location).
         """
         channels = tuple(f.shape[1] for f in features)
         if channels != self.channels:
@@ -80,10 +96,13 @@ class LocalFeatureAggregator(nn.Module):
                 # the public code's resizing of the raw neighbourhoods first, on target_dim channels, not C*p*p.
                 reduced = F.interpolate(reduced, size=(height, width), mode="bilinear", align_corners=False)
             out = out + reduced
+        if self.context_weight:
+            context = out.mean(dim=(2, 3), keepdim=True) * self.context_weight  # (B, target_dim, 1, 1)
+            out = torch.cat([out, context.expand_as(out)], dim=1)
         return out
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, patch_size={self.patch_size}, pretrain_dim={self.pretrain_dim}, "
-            f"target_dim={self.target_dim}"
+            f"target_dim={self.target_dim}, context_weight={self.context_weight:g}"
         )

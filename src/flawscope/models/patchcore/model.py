@@ -23,6 +23,9 @@ class PatchCoreConfig(ModelConfig):
         (8, 16), "backbone stages used, by stride (layer2 and layer3 of a ResNet)", low=4, high=32
     )
     patch_size: int = option(3, "neighbourhood aggregated at each location", low=1, high=9)
+    context_weight: float = option(
+        0.0, "append the image's mean feature x this weight to every location's (not in the paper); 0 = off", low=0
+    )
     pretrain_embed_dim: int = option(1024, "per-stage feature length after pooling", low=1)
     target_embed_dim: int = option(1024, "memory bank feature length", low=1)
     coreset_ratio: float = option(
@@ -41,7 +44,7 @@ class PatchCore(AnomalyModel):
     """Scores each location by its distance to the nearest memory-bank feature.
 
     Buffers:
-        memory_bank: (M, D) coreset of training features.
+        memory_bank: (M, D) coreset of training features (D = target_embed_dim, twice that with context_weight).
         bank_neighbors: (M, b) indices of each bank feature's b nearest bank features (itself first),
             precomputed at fit time for the reweighting of Eq. 7.
     """
@@ -55,10 +58,14 @@ class PatchCore(AnomalyModel):
             config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
         )
         self.aggregator = LocalFeatureAggregator(
-            self.backbone.feature_info.channels, config.patch_size, config.pretrain_embed_dim, config.target_embed_dim
+            self.backbone.feature_info.channels,
+            config.patch_size,
+            config.pretrain_embed_dim,
+            config.target_embed_dim,
+            config.context_weight,
         )
         self.blur = GaussianBlur2d(config.smoothing_sigma)
-        self.register_buffer("memory_bank", torch.zeros(0, config.target_embed_dim))
+        self.register_buffer("memory_bank", torch.zeros(0, self.aggregator.out_dim))
         self.register_buffer("bank_neighbors", torch.zeros(0, config.num_neighbors, dtype=torch.long))
 
     def local_features(self, images: Tensor) -> Tensor:

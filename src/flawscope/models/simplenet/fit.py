@@ -62,12 +62,22 @@ def build_feature_cache(
 
 
 def fit_standardization(model: SimpleNet, cache: np.ndarray) -> None:
-    """With feature_norm 'channel', sets the per-channel mean and std of the cached training features."""
-    if model.config.resolved_feature_norm() != "channel":
+    """With feature_norm 'channel', sets the per-channel mean and std of the cached training features.
+
+    With ``context_weight`` w, the appended image means are standardised with their local channels' statistics
+    (mean w·mu, scale sigma): they become w x the image mean of the standardised local features, so w keeps its
+    meaning instead of being divided out by statistics of their own.
+    """
+    cfg = model.config
+    if cfg.resolved_feature_norm() != "channel":
         return
     sample = torch.from_numpy(cache[:: max(1, len(cache) // 64)].astype(np.float32)).flatten(0, 1)  # (N, D)
-    model.feature_mean.copy_(sample.mean(0))
-    model.feature_scale.copy_(sample.std(0, correction=0).clamp_min(1e-6))
+    local = sample[:, : cfg.embed_dim]
+    mean, scale = local.mean(0), local.std(0, correction=0).clamp_min(1e-6)
+    if cfg.context_weight:
+        mean, scale = torch.cat([mean, cfg.context_weight * mean]), torch.cat([scale, scale])
+    model.feature_mean.copy_(mean)
+    model.feature_scale.copy_(scale)
 
 
 def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray, model: SimpleNet | None = None) -> tuple[float, float]:
@@ -75,7 +85,7 @@ def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray, model: SimpleNet | None
     sample = torch.from_numpy(cache[:: max(1, len(cache) // 64)].astype(np.float32))
     if model is not None:
         sample = model.standardize(sample.to(model.feature_mean.device))
-    feature_std = float(sample.std(correction=0))
+    feature_std = float(sample[..., : cfg.embed_dim].std(correction=0))  # the local features, not the image context
     if cfg.resolved_noise_mode() == "absolute":
         return cfg.noise_std, feature_std
     return cfg.noise_std_relative * feature_std, feature_std

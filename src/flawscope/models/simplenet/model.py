@@ -29,6 +29,9 @@ class SimpleNetConfig(ModelConfig):
 
     strides: tuple[int, ...] = option((8, 16), "backbone stages used, by stride (layer2+layer3)", low=4, high=32)
     patch_size: int = option(3, "neighbourhood aggregated at each location", low=1, high=9)
+    context_weight: float = option(
+        0.0, "append the image's mean feature x this weight to every location's (not in the paper); 0 = off", low=0
+    )
     embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1)
     adaptor_bias: bool = option(False, "bias in the adaptor (paper: none; public code: bias)")
     discriminator_hidden: int = option(1024, "hidden width of the discriminator (public code)", low=1)
@@ -97,15 +100,20 @@ class SimpleNet(AnomalyModel):
             config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
         )
         self.aggregator = LocalFeatureAggregator(
-            self.backbone.feature_info.channels, config.patch_size, config.embed_dim, config.embed_dim
+            self.backbone.feature_info.channels,
+            config.patch_size,
+            config.embed_dim,
+            config.embed_dim,
+            config.context_weight,
         )
-        self.adaptor = nn.Linear(config.embed_dim, config.embed_dim, bias=config.adaptor_bias)
+        dim = self.aggregator.out_dim  # embed_dim, or twice that with the image context appended
+        self.adaptor = nn.Linear(dim, dim, bias=config.adaptor_bias)
         nn.init.xavier_normal_(self.adaptor.weight)
-        self.discriminator = Discriminator(config.embed_dim, config.discriminator_hidden)
+        self.discriminator = Discriminator(dim, config.discriminator_hidden)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         # Set by fit when feature_norm resolves to "channel"; the identity keeps the paper's graph otherwise.
-        self.register_buffer("feature_mean", torch.zeros(config.embed_dim))
-        self.register_buffer("feature_scale", torch.ones(config.embed_dim))
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_scale", torch.ones(dim))
 
     def local_features(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> (B, h, w, D) frozen local features (the training cache stores these)."""
