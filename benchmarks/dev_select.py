@@ -199,9 +199,7 @@ def main() -> None:
     args = parser.parse_args()
 
     textures = args.textures.resolve() if args.textures and args.textures.exists() else None
-    summary = build_development_set(
-        args.data, args.dev, args.reference_size, args.strength, textures, bands=args.bands
-    )
+    summary = build_development_set(args.data, args.dev, args.reference_size, args.strength, textures, bands=args.bands)
     rows = []
     for item in args.candidate:
         name, fit_args = item.split("=", 1)

@@ -56,7 +56,8 @@ SETTINGS = {
     "simplenet-s32": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 "
     "--set strides=8,16,32".split(),
     # flawscope's image context (not in the papers): each location's feature followed by its image's mean feature,
-    # for region defects such as the uneven bands; weight 3 chosen on the development set's band defects.
+    # for region defects such as the uneven bands; the weights (PatchCore 3, SimpleNet 1; SimpleNet with 3 was worse
+    # on every kind) chosen on the development set's band defects (dev_select.py --bands).
     "patchcore-context": f"--model patchcore {WHOLE_224} --set coreset_ratio=0.01 --set context_weight=3".split(),
     "simplenet-context": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 "
     "--set context_weight=1".split(),
