@@ -37,10 +37,10 @@ ATOL = 1e-4
 EXPORT_OPTIONS = {"mlff": {"image_size": 128, "repeat_factor": 1}}
 
 
-def _fit(name: str, tiny_dataset):
+def _fit(name: str, tiny_dataset, **changes):
     torch.manual_seed(0)
     method = get_method(name)
-    options = {**BASE_OPTIONS, **QUICK_OPTIONS.get(name, {}), **EXPORT_OPTIONS.get(name, {})}
+    options = {**BASE_OPTIONS, **QUICK_OPTIONS.get(name, {}), **EXPORT_OPTIONS.get(name, {}), **changes}
     config = method.config_class.from_dict(options)
     model = method.model_class(config, pretrained=False)
     split = load_dataset(tiny_dataset)
@@ -55,10 +55,7 @@ def _test_images(split, size: int = 64, count: int = 5) -> torch.Tensor:
     return batch["image"]
 
 
-@pytest.fixture(scope="module", params=available_methods())
-def exported(request, tiny_dataset, tmp_path_factory):
-    model, split = _fit(request.param, tiny_dataset)
-    images = _test_images(split, model.config.image_size)
+def _calibrate(model, images: torch.Tensor) -> None:
     with torch.inference_mode():
         out = model(images)
     raw = np.sort(out.pred_score.double().numpy())
@@ -68,6 +65,13 @@ def exported(request, tiny_dataset, tmp_path_factory):
     # within 1e-4 (PRN: 0.50684-0.50689), and a scale that narrow would blow float32 rounding up past 1e-4.
     threshold = float(raw[-3] + raw[-2]) / 2
     model.set_calibration(threshold=threshold, score_low=threshold - max(threshold - float(raw[0]), spread))
+
+
+@pytest.fixture(scope="module", params=available_methods())
+def exported(request, tiny_dataset, tmp_path_factory):
+    model, split = _fit(request.param, tiny_dataset)
+    images = _test_images(split, model.config.image_size)
+    _calibrate(model, images)
     folder = tmp_path_factory.mktemp(request.param)
     paths = {fmt: export_model(model, folder / f"model.{fmt}", fmt) for fmt in ("onnx", "torchscript")}
     return model, images, paths
@@ -142,6 +146,16 @@ def test_fixed_batch_and_half_precision(tiny_dataset, tmp_path):
         path = export_model(model, tmp_path / f"half.{fmt}", fmt, half=True)
         report = check_parity(model, path, images)  # float16 tolerance, documented in docs/deploy.md
         assert report["atol"] > ATOL and report["decisions_equal"]
+
+
+@pytest.mark.parametrize("name", ["patchcore", "simplenet"])
+def test_image_context_exports_with_parity(name, tiny_dataset, tmp_path):
+    # w = 1 on this random-weight model; the MTD PatchCore with w = 3 exported at 5.8e-6 of its map's range.
+    model, split = _fit(name, tiny_dataset, context_weight=1.0)
+    images = _test_images(split)
+    _calibrate(model, images)
+    for fmt in ("onnx", "torchscript"):
+        assert check_parity(model, export_model(model, tmp_path / f"context.{fmt}", fmt), images)["ok"]
 
 
 def test_unfitted_model_is_not_exported(tmp_path):
