@@ -21,6 +21,26 @@ def _fit_and_test(method, options, tmp_path):
     return flawscope.test(run, data, quiet=True, report=False)
 
 
+def _fit_subset_and_score(model, fit, train_every: int, test_every: tuple[int, int]) -> dict:
+    """Fits ``model`` on every ``train_every``-th MTD training image and scores every (n_good, n_defective)-th
+    good and defective test image; returns image AUROC, pixel AUROC and AUPRO."""
+    import numpy as np
+
+    from flawscope.api import score_images
+    from flawscope.data import load_dataset
+    from flawscope.fitting import FitContext
+    from flawscope.metrics import auroc, pixel_metrics
+
+    split = load_dataset(mtd_or_skip())
+    good = [s for s in split.test if s.label == 0][:: test_every[0]]
+    defective = [s for s in split.test if s.label == 1][:: test_every[1]]
+    ctx = FitContext(quiet=True)
+    fit(model, split.train[::train_every], ctx)
+    scored = score_images(model, good + defective, ctx, keep_maps=True)
+    labels = np.array([s.label for s in good + defective])
+    return {"image_auroc": auroc(scored.raw_scores, labels), **pixel_metrics(scored.maps, scored.masks)}
+
+
 def test_patchcore_on_mtd(tmp_path):
     metrics = _fit_and_test("patchcore", {**WHOLE_IMAGE_224, "coreset_ratio": 0.01}, tmp_path)
     assert metrics["image_auroc"] >= 0.90
@@ -28,24 +48,28 @@ def test_patchcore_on_mtd(tmp_path):
     assert metrics["pixel_aupro"] >= 0.70
 
 
-def test_simplenet_on_mtd(tmp_path):
-    # The documented MTD setting (docs/benchmarks.md, 8 epochs). It measured 88.3 / 76.1 / 63.4 and, re-run,
-    # 89.0 / 77.3 / 63.8 here, below the issue's floors of 93 / 80 / 75 (see docs/methods.md); these bounds guard
-    # against regressions from there.
-    options = {**WHOLE_IMAGE_224, "embed_dim": 384, "num_epochs": 8}
+def test_simplenet_on_mtd_short_schedule(tmp_path):
+    # The documented MTD setting (docs/benchmarks.md) at 4 epochs instead of 8, to keep the suite short: it
+    # measured 80.2 / 74.2 / 62.9 here (training 92 s against 164 s); 8 epochs measured 89.0 / 77.3 / 63.8, below
+    # the issue's floors of 93 / 80 / 75 (see docs/methods.md). These bounds guard against regressions.
+    options = {**WHOLE_IMAGE_224, "embed_dim": 384, "num_epochs": 4}
     metrics = _fit_and_test("simplenet", options, tmp_path)
-    assert metrics["image_auroc"] >= 0.85
-    assert metrics["pixel_auroc"] >= 0.72
+    assert metrics["image_auroc"] >= 0.76
+    assert metrics["pixel_auroc"] >= 0.70
     assert metrics["pixel_aupro"] >= 0.58
 
 
-def test_cfa_on_mtd(tmp_path):
+def test_cfa_on_mtd_half_training_set():
     # The documented MTD setting (docs/benchmarks.md: gamma_c = 1, one epoch, Eq. 4 nearest-distance score, chosen
-    # on the training-image development set). It measured 81.0 / 75.4 / 71.3 here, below the issue's floors of
-    # 93 / 80 / 75; these bounds guard against regressions from there.
+    # on the training-image development set), trained on every 2nd training image to keep the suite short. The full
+    # setting measured 81.0 / 75.4 / 71.3 here, below the issue's floors of 93 / 80 / 75; these bounds guard
+    # against regressions of the cheaper run.
+    from flawscope.models.cfa import CFA, CFAConfig, fit
+
     options = {**WHOLE_IMAGE_224, "gamma_c": 1, "num_epochs": 1, "score_mode": "nearest"}
-    metrics = _fit_and_test("cfa", options, tmp_path)
-    assert metrics["image_auroc"] >= 0.78
+    metrics = _fit_subset_and_score(CFA(CFAConfig.from_dict(options)), fit, train_every=2, test_every=(1, 1))
+    # Measured 0.797 / 0.762 / 0.718 (image AUROC / pixel AUROC / AUPRO) in 186 s, against about 365 s in full.
+    assert metrics["image_auroc"] >= 0.76
     assert metrics["pixel_auroc"] >= 0.72
     assert metrics["pixel_aupro"] >= 0.67
 
@@ -53,27 +77,13 @@ def test_cfa_on_mtd(tmp_path):
 def test_mlff_short_schedule_on_mtd_subset():
     # A cheap guard, not the documented benchmark (about 25 min): 140 training images seen once with the
     # documented CPU settings, scored on 100 test images (every 4th good, every 6th defective image).
-    import numpy as np
-
-    from flawscope.api import score_images
-    from flawscope.data import load_dataset
-    from flawscope.fitting import FitContext
-    from flawscope.metrics import auroc, pixel_metrics
     from flawscope.models.mlff import MLFF, MLFFConfig, fit
 
-    split = load_dataset(mtd_or_skip())
-    good = [s for s in split.test if s.label == 0][::4]
-    defective = [s for s in split.test if s.label == 1][::6]
     options = {"backbone": "efficientnet_lite0", "image_size": 256, "resize_size": 0, "freeze_backbone": True}
     model = MLFF(MLFFConfig.from_dict({**options, "batch_size": 8, "num_epochs": 1, "repeat_factor": 1}))
-    ctx = FitContext(quiet=True)
-    fit(model, split.train[::5], ctx)
-    scored = score_images(model, good + defective, ctx, keep_maps=True)
-    labels = np.array([s.label for s in good + defective])
-    image_auroc = auroc(scored.raw_scores, labels)
-    pixel = pixel_metrics(scored.maps, scored.masks)
+    metrics = _fit_subset_and_score(model, fit, train_every=5, test_every=(4, 6))
     # Measured 0.61 / 0.65 / 0.67 (image AUROC / pixel AUROC / AUPRO), well below the full schedule's numbers in
     # docs/benchmarks.md; the bounds catch a model that no longer learns (random scores give about 0.5).
-    assert image_auroc >= 0.55
-    assert pixel["pixel_auroc"] >= 0.58
-    assert pixel["pixel_aupro"] >= 0.60
+    assert metrics["image_auroc"] >= 0.55
+    assert metrics["pixel_auroc"] >= 0.58
+    assert metrics["pixel_aupro"] >= 0.60
