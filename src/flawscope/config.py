@@ -44,8 +44,15 @@ def train_precision_option() -> Any:
     return option(
         "float32",
         "number format of the training forward pass: float32, or bfloat16 autocast (weights, optimiser and losses "
-        "stay float32; faster on CPUs with AMX or AVX512-BF16: a step 1.8x for EfficientAD, 1.2x for PRN here)",
+        "stay float32; faster on CPUs with AMX or AVX512-BF16: a step 1.8x for EfficientAD, 1.1x for PRN here)",
         choices=TRAIN_PRECISIONS,
+    )
+
+
+def context_weight_option() -> Any:
+    """The ``context_weight`` option of the models built on ``layers.LocalFeatureAggregator`` (PatchCore, SimpleNet)."""
+    return option(
+        0.0, "append the image's mean feature x this weight to every location's (not in the paper); 0 = off", low=0
     )
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...backbones import create_backbone
-from ...config import ModelConfig, option
+from ...config import ModelConfig, context_weight_option, option
 from ...layers import GaussianBlur2d, LocalFeatureAggregator, pairwise_squared_distances
 from ..base import AnomalyModel
 
@@ -23,9 +23,7 @@ class PatchCoreConfig(ModelConfig):
         (8, 16), "backbone stages used, by stride (layer2 and layer3 of a ResNet)", low=4, high=32
     )
     patch_size: int = option(3, "neighbourhood aggregated at each location", low=1, high=9)
-    context_weight: float = option(
-        0.0, "append the image's mean feature x this weight to every location's (not in the paper); 0 = off", low=0
-    )
+    context_weight: float = context_weight_option()
     pretrain_embed_dim: int = option(1024, "per-stage feature length after pooling", low=1)
     target_embed_dim: int = option(1024, "memory bank feature length", low=1)
     coreset_ratio: float = option(

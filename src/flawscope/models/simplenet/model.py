@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...backbones import create_backbone
-from ...config import ModelConfig, option
+from ...config import ModelConfig, context_weight_option, option
 from ...layers import GaussianBlur2d, LocalFeatureAggregator
 from ..base import AnomalyModel
 
@@ -29,9 +29,7 @@ class SimpleNetConfig(ModelConfig):
 
     strides: tuple[int, ...] = option((8, 16), "backbone stages used, by stride (layer2+layer3)", low=4, high=32)
     patch_size: int = option(3, "neighbourhood aggregated at each location", low=1, high=9)
-    context_weight: float = option(
-        0.0, "append the image's mean feature x this weight to every location's (not in the paper); 0 = off", low=0
-    )
+    context_weight: float = context_weight_option()
     embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1)
     adaptor_bias: bool = option(False, "bias in the adaptor (paper: none; public code: bias)")
     discriminator_hidden: int = option(1024, "hidden width of the discriminator (public code)", low=1)
