@@ -61,6 +61,10 @@ SETTINGS = {
     "patchcore-context": f"--model patchcore {WHOLE_224} --set coreset_ratio=0.01 --set context_weight=3".split(),
     "simplenet-context": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 "
     "--set context_weight=1".split(),
+    # flawscope's per-position whitening (PaDiM's per-position Gaussian in front of SimpleNet's adaptor), for aligned
+    # parts; chosen on the development set (dev_select.py --bands: 93.9 / 80.0 / 66.8 against 87.7 / 76.1 / 54.2).
+    "simplenet-position": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 "
+    "--set feature_norm=position".split(),
     # The public code's adaptor and batch (bias, AdamW with its weight decay, batch 8): better on the development set.
     "simplenet-code": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8 --set adaptor_bias=true "
     "--set adaptor_optimizer=adamw --set batch_size=8".split(),

@@ -208,7 +208,7 @@ def test_train_step_matches_a_direct_computation():
     features = torch.randn(12, 16)
     sigma = 0.5
     loss, real_mean, fake_mean = train_step(
-        model, features, sigma, _optimizers(model), torch.Generator().manual_seed(7)
+        model, features.view(3, 4, 16), sigma, _optimizers(model), torch.Generator().manual_seed(7)
     )
 
     # Direct computation with the same noise on the pre-step weights.
@@ -245,7 +245,7 @@ def test_train_step_updates_adaptor_and_discriminator_only():
     model.adaptor.train()
     model.discriminator.train()
     before = copy.deepcopy(model)
-    train_step(model, torch.randn(8, 16), 0.1, _optimizers(model), torch.Generator().manual_seed(0))
+    train_step(model, torch.randn(2, 4, 16), 0.1, _optimizers(model), torch.Generator().manual_seed(0))
     for name, param in model.named_parameters():
         old = dict(before.named_parameters())[name]
         if name.startswith(("adaptor.", "discriminator.")):
@@ -332,3 +332,65 @@ def test_image_context_is_standardised_with_its_local_channels_statistics():
     torch.testing.assert_close(standardized[..., 16:], expected, atol=1e-2, rtol=0)  # the cache is float16
     sigma, feature_std = noise_sigma(model.config, cache, model)
     assert feature_std == pytest.approx(1.0, abs=1e-3) and sigma == pytest.approx(0.5, abs=1e-3)
+
+
+# --- per-position whitening (feature_norm=position) -----------------------------------------------------------------
+
+
+def _position_cache(images: int = 40, positions: int = 3, dim: int = 16) -> np.ndarray:
+    """Features whose mean and covariance differ from grid position to grid position: (images, positions, dim)."""
+    generator = torch.Generator().manual_seed(3)
+    mixing = torch.randn(positions, dim, dim, generator=generator) * torch.linspace(0.2, 2, positions)[:, None, None]
+    offsets = torch.randn(positions, dim, generator=generator) * 5
+    noise = torch.randn(images, positions, dim, generator=generator)
+    return (torch.einsum("npd,ped->npe", noise, mixing) + offsets).half().numpy()
+
+
+def test_position_whitening_gives_each_position_identity_covariance_and_the_mahalanobis_length():
+    model = _small_model(feature_norm="position", position_shrinkage=0.01)
+    cache = _position_cache()
+    fit_standardization(model, cache)
+    assert model.position_mean.shape == (3, 16) and model.position_whitening.shape == (3, 16, 16)
+
+    # Direct computation in float64: channel standardisation, then each position's Gaussian.
+    raw = torch.from_numpy(cache).double()
+    flat = raw.flatten(0, 1)
+    channel = (raw - flat.mean(0)) / flat.std(0, correction=0)
+    mean = channel.mean(0)
+    centred = channel - mean
+    cov = torch.einsum("npd,npe->pde", centred, centred) / (len(cache) - 1) + 0.01 * torch.eye(16)
+    whitened = model.standardize(torch.from_numpy(cache).float()).double()
+    torch.testing.assert_close(whitened.mean(0), torch.zeros(3, 16, dtype=torch.float64), atol=1e-4, rtol=0)
+    # W (Sigma + eps I) W^T = I at every position.
+    w = model.position_whitening.double()
+    torch.testing.assert_close(w @ cov @ w.transpose(1, 2), torch.eye(16).expand(3, 16, 16).double(), atol=2e-3, rtol=0)
+    # The whitened length of a new feature is its Mahalanobis distance to the position's Gaussian.
+    new = torch.randn(2, 3, 16, dtype=torch.float64) * 3
+    new_channel = (new - flat.mean(0)) / flat.std(0, correction=0)
+    diff = new_channel - mean
+    expected = torch.einsum("npd,pde,npe->np", diff, torch.linalg.inv(cov), diff).sqrt()
+    got = model.standardize(new.float()).double().norm(dim=-1)
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=0)
+    # On whitened features the auto noise is relative, even on a paper backbone (resnet18 here).
+    sigma, feature_std = noise_sigma(model.config, cache, model)
+    assert model.config.resolved_noise_mode() == "relative" and sigma == pytest.approx(0.25 * feature_std)
+
+
+def test_position_whitening_survives_save_and_load_and_checks_the_grid(tmp_path, tiny_dataset):
+    from flawscope.model_io import load_model, save_model
+
+    model = _small_model(feature_norm="position", num_epochs=1)
+    fit(model, load_dataset(tiny_dataset).train, FitContext(quiet=True, seed=0))
+    assert model.position_whitening.shape == (64, 16, 16)  # 8 x 8 grid positions at 64 px
+    images = torch.rand(2, 3, 64, 64)
+    loaded = load_model(save_model(model, tmp_path / "run"))
+    with torch.no_grad():
+        for a, b in zip(model.raw_scores(images), loaded.raw_scores(images), strict=True):
+            torch.testing.assert_close(a, b)
+        with pytest.raises(ConfigError, match="whitens 64 grid positions.*image_size 64"):
+            model.raw_scores(torch.rand(1, 3, 96, 96))
+
+
+def test_position_whitening_and_image_context_are_exclusive():
+    with pytest.raises(ConfigError, match="one of context_weight and feature_norm=position"):
+        SimpleNetConfig.from_dict({**SMALL, "feature_norm": "position", "context_weight": 1.0})

@@ -62,14 +62,16 @@ def build_feature_cache(
 
 
 def fit_standardization(model: SimpleNet, cache: np.ndarray) -> None:
-    """With feature_norm 'channel', sets the per-channel mean and std of the cached training features.
+    """With feature_norm 'channel' or 'position', sets the per-channel mean and std of the cached training features.
+
+    With 'position' it then fits each grid position's Gaussian (``fit_position_whitening``).
 
     With ``context_weight`` w, the appended image means are standardised with their local channels' statistics
     (mean w·mu, scale sigma): they become w x the image mean of the standardised local features, so w keeps its
     meaning instead of being divided out by statistics of their own.
     """
     cfg = model.config
-    if cfg.resolved_feature_norm() != "channel":
+    if cfg.resolved_feature_norm() == "none":
         return
     sample = torch.from_numpy(cache[:: max(1, len(cache) // 64)].astype(np.float32)).flatten(0, 1)  # (N, D)
     local = sample[:, : cfg.embed_dim]
@@ -78,11 +80,37 @@ def fit_standardization(model: SimpleNet, cache: np.ndarray) -> None:
         mean, scale = torch.cat([mean, cfg.context_weight * mean]), torch.cat([scale, scale])
     model.feature_mean.copy_(mean)
     model.feature_scale.copy_(scale)
+    if cfg.resolved_feature_norm() == "position":
+        fit_position_whitening(model, cache)
+
+
+def fit_position_whitening(model: SimpleNet, cache: np.ndarray, chunk: int = 16) -> None:
+    """Sets each grid position's mean mu_p (P, D) and whitening W_p = L_p^-1 (P, D, D) of the standardised features.
+
+    Sigma_p + eps I = L_p L_p^T (Cholesky), eps = ``position_shrinkage``, so W_p Sigma_p W_p^T is about I: PaDiM's
+    per-position Gaussian, whose Mahalanobis distance is the length of the whitened feature. Two passes over the
+    cache (mean, then centred outer products) in float64, ``chunk`` images at a time.
+    """
+    cfg = model.config
+    model.position_mean = torch.zeros(0, device=model.feature_mean.device)  # so standardize() is per channel only
+
+    def chunks():
+        for first in range(0, len(cache), chunk):
+            raw = torch.from_numpy(np.asarray(cache[first : first + chunk], np.float32))
+            yield model.standardize(raw.to(model.feature_mean.device)).double()  # (b, P, D)
+
+    mean = sum(c.sum(0) for c in chunks()) / len(cache)  # (P, D)
+    cov = sum(torch.einsum("bpd,bpe->pde", c - mean, c - mean) for c in chunks()) / max(1, len(cache) - 1)
+    cov += cfg.position_shrinkage * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
+    whitening = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
+    model.position_mean = mean.float()
+    model.position_whitening = whitening.float()
 
 
 def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray, model: SimpleNet | None = None) -> tuple[float, float]:
     """The absolute noise sigma used in training, and the std of the (standardised) features it may be relative to."""
-    sample = torch.from_numpy(cache[:: max(1, len(cache) // 64)].astype(np.float32))
+    sample = torch.from_numpy(cache[:: max(1, len(cache) // 64)].astype(np.float32))  # (n, P, D)
     if model is not None:
         sample = model.standardize(sample.to(model.feature_mean.device))
     feature_std = float(sample[..., : cfg.embed_dim].std(correction=0))  # the local features, not the image context
@@ -110,8 +138,8 @@ def train_step(
     optimizers: list[torch.optim.Optimizer],
     generator: torch.Generator | None = None,
 ) -> tuple[float, float, float]:
-    """One update on a batch of cached features (N, D). Returns (loss, mean real score, mean fake score)."""
-    adapted = model.adaptor(model.standardize(features))
+    """One update on a batch of cached features (B, P, D). Returns (loss, mean real score, mean fake score)."""
+    adapted = model.adaptor(model.standardize(features).flatten(0, 1))
     fake = make_fake_features(adapted, sigma, generator)
     # BatchNorm sees real and fake features together, as in the public code.
     scores = model.discriminator(torch.cat([adapted, fake]))[:, 0]
@@ -139,7 +167,7 @@ def train_on_cache(model: SimpleNet, cache: np.ndarray, sigma: float, ctx: FitCo
         totals, steps = np.zeros(3), 0
         for first in range(0, len(order), cfg.batch_size):
             index = np.sort(order[first : first + cfg.batch_size])
-            batch = torch.from_numpy(np.asarray(cache[index], np.float32)).to(ctx.device).flatten(0, 1)
+            batch = torch.from_numpy(np.asarray(cache[index], np.float32)).to(ctx.device)
             totals += train_step(model, batch, sigma, optimizers, noise_generator)
             steps += 1
         loss, real, fake = totals / steps

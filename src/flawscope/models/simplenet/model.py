@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ...backbones import create_backbone
 from ...config import ModelConfig, context_weight_option, option
+from ...errors import ConfigError
 from ...layers import GaussianBlur2d, LocalFeatureAggregator
 from ..base import AnomalyModel
 
@@ -48,8 +49,13 @@ class SimpleNetConfig(ModelConfig):
     feature_norm: str = option(
         "auto",
         "none: raw local features (paper); channel: standardise each feature channel with training statistics "
-        "before the adaptor; auto: none for the paper's ResNet backbones, else channel",
-        choices=("auto", "none", "channel"),
+        "before the adaptor; position: channel, then whiten each grid position with its training mean and "
+        "covariance (PaDiM's Gaussian; flawscope's option for aligned parts); auto: none for the paper's ResNet "
+        "backbones, else channel",
+        choices=("auto", "none", "channel", "position"),
+    )
+    position_shrinkage: float = option(
+        0.01, "epsilon of the per-position covariance + epsilon I (feature_norm=position; PaDiM: 0.01)", low=0
     )
     margin: float = option(0.5, "th+ = margin, th- = -margin of the truncated L1 loss", low=0)
     lr_adaptor: float = option(1e-4, "adaptor learning rate", low=0, low_open=True)
@@ -62,17 +68,25 @@ class SimpleNetConfig(ModelConfig):
     batch_size: int = option(4, "images per training step (public code: 8)", low=1)
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feature_norm == "position" and self.context_weight:
+            raise ConfigError(
+                "feature_norm=position whitens each location's whole feature, and the image context would make "
+                "that twice as long (four times the memory); use one of context_weight and feature_norm=position."
+            )
+
     def resolved_feature_norm(self) -> str:
-        """'none' or 'channel', with 'auto' resolved from the backbone."""
+        """'none', 'channel' or 'position', with 'auto' resolved from the backbone."""
         if self.feature_norm != "auto":
             return self.feature_norm
         return "none" if self.backbone in PAPER_BACKBONES else "channel"
 
     def resolved_noise_mode(self) -> str:
-        """'absolute' or 'relative', with 'auto' resolved from the backbone."""
+        """'absolute' or 'relative', with 'auto' resolved: absolute only for the paper backbones' raw features."""
         if self.noise_mode != "auto":
             return self.noise_mode
-        return "absolute" if self.backbone in PAPER_BACKBONES else "relative"
+        return "absolute" if self.resolved_feature_norm() == "none" else "relative"
 
 
 class Discriminator(nn.Sequential):
@@ -109,21 +123,37 @@ class SimpleNet(AnomalyModel):
         nn.init.xavier_normal_(self.adaptor.weight)
         self.discriminator = Discriminator(dim, config.discriminator_hidden)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
-        # Set by fit when feature_norm resolves to "channel"; the identity keeps the paper's graph otherwise.
+        # Set by fit when feature_norm resolves to "channel" or "position"; the identity keeps the paper's graph
+        # otherwise. With "position", fit also sets the (P, D) means and (P, D, D) whitening matrices of the P grid
+        # positions; they stay empty otherwise.
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_scale", torch.ones(dim))
+        self.register_buffer("position_mean", torch.zeros(0, dim))
+        self.register_buffer("position_whitening", torch.zeros(0, dim, dim))
 
     def local_features(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> (B, h, w, D) frozen local features (the training cache stores these)."""
         return self.aggregator(self.backbone(images)).permute(0, 2, 3, 1)
 
     def standardize(self, features: Tensor) -> Tensor:
-        """(..., D) -> (..., D): per-channel standardisation fitted on the training features (identity by default)."""
-        return (features - self.feature_mean) / self.feature_scale
+        """(B, P, D) -> (B, P, D), P = h*w grid positions: the feature_norm fitted on the training features.
+
+        Per-channel standardisation (identity by default), then with feature_norm=position the whitening of
+        position p: z = W_p (x - mu_p), so the training features of every position have mean 0 and covariance I.
+        """
+        standardized = (features - self.feature_mean) / self.feature_scale
+        if not len(self.position_mean):
+            return standardized
+        if features.shape[1] != len(self.position_mean):
+            raise ConfigError(
+                f"This model whitens {len(self.position_mean)} grid positions (fitted at image_size "
+                f"{self.config.image_size}); got features with {features.shape[1]}. Use the model's input size."
+            )
+        return torch.einsum("bpd,ped->bpe", standardized - self.position_mean, self.position_whitening)
 
     def score_features(self, features: Tensor) -> Tensor:
-        """(..., D) local features -> (...) anomaly scores -D(G(o))."""
-        flat = self.standardize(features.reshape(-1, features.shape[-1]))
+        """(B, h, w, D) local features -> (B, h, w) anomaly scores -D(G(o))."""
+        flat = self.standardize(features.flatten(1, 2)).flatten(0, 1)
         return -self.discriminator(self.adaptor(flat)).reshape(features.shape[:-1])
 
     def raw_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
