@@ -350,7 +350,7 @@ def test_position_whitening_gives_each_position_identity_covariance_and_the_maha
     model = _small_model(feature_norm="position", position_shrinkage=0.01)
     cache = _position_cache()
     fit_standardization(model, cache)
-    assert model.position_mean.shape == (3, 16) and model.position_whitening.shape == (3, 16, 16)
+    assert model.whitening.mean.shape == (3, 16) and model.whitening.matrix.shape == (3, 16, 16)
 
     # Direct computation in float64: channel standardisation, then each position's Gaussian.
     raw = torch.from_numpy(cache).double()
@@ -362,7 +362,7 @@ def test_position_whitening_gives_each_position_identity_covariance_and_the_maha
     whitened = model.standardize(torch.from_numpy(cache).float()).double()
     torch.testing.assert_close(whitened.mean(0), torch.zeros(3, 16, dtype=torch.float64), atol=1e-4, rtol=0)
     # W (Sigma + eps I) W^T = I at every position.
-    w = model.position_whitening.double()
+    w = model.whitening.matrix.double()
     torch.testing.assert_close(w @ cov @ w.transpose(1, 2), torch.eye(16).expand(3, 16, 16).double(), atol=2e-3, rtol=0)
     # The whitened length of a new feature is its Mahalanobis distance to the position's Gaussian.
     new = torch.randn(2, 3, 16, dtype=torch.float64) * 3
@@ -381,13 +381,13 @@ def test_position_whitening_survives_save_and_load_and_checks_the_grid(tmp_path,
 
     model = _small_model(feature_norm="position", num_epochs=1)
     fit(model, load_dataset(tiny_dataset).train, FitContext(quiet=True, seed=0))
-    assert model.position_whitening.shape == (64, 16, 16)  # 8 x 8 grid positions at 64 px
+    assert model.whitening.matrix.shape == (64, 16, 16)  # 8 x 8 grid positions at 64 px
     images = torch.rand(2, 3, 64, 64)
     loaded = load_model(save_model(model, tmp_path / "run"))
     with torch.no_grad():
         for a, b in zip(model.raw_scores(images), loaded.raw_scores(images), strict=True):
             torch.testing.assert_close(a, b)
-        with pytest.raises(ConfigError, match="whitens 64 grid positions.*image_size 64"):
+        with pytest.raises(ConfigError, match="whitens 64 grid positions.*got features with 144"):
             model.raw_scores(torch.rand(1, 3, 96, 96))
 
 

@@ -85,27 +85,14 @@ def fit_standardization(model: SimpleNet, cache: np.ndarray) -> None:
 
 
 def fit_position_whitening(model: SimpleNet, cache: np.ndarray, chunk: int = 16) -> None:
-    """Sets each grid position's mean mu_p (P, D) and whitening W_p = L_p^-1 (P, D, D) of the standardised features.
-
-    Sigma_p + eps I = L_p L_p^T (Cholesky), eps = ``position_shrinkage``, so W_p Sigma_p W_p^T is about I: PaDiM's
-    per-position Gaussian, whose Mahalanobis distance is the length of the whitened feature. Two passes over the
-    cache (mean, then centred outer products) in float64, ``chunk`` images at a time.
-    """
-    cfg = model.config
-    model.position_mean = torch.zeros(0, device=model.feature_mean.device)  # so standardize() is per channel only
+    """Fits each grid position's Gaussian to the channel-standardised cached features, ``chunk`` images at a time."""
 
     def chunks():
         for first in range(0, len(cache), chunk):
-            raw = torch.from_numpy(np.asarray(cache[first : first + chunk], np.float32))
-            yield model.standardize(raw.to(model.feature_mean.device)).double()  # (b, P, D)
+            raw = torch.from_numpy(np.asarray(cache[first : first + chunk], np.float32)).to(model.feature_mean.device)
+            yield (raw - model.feature_mean) / model.feature_scale
 
-    mean = sum(c.sum(0) for c in chunks()) / len(cache)  # (P, D)
-    cov = sum(torch.einsum("bpd,bpe->pde", c - mean, c - mean) for c in chunks()) / max(1, len(cache) - 1)
-    cov += cfg.position_shrinkage * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
-    whitening = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
-    model.position_mean = mean.float()
-    model.position_whitening = whitening.float()
+    model.whitening.fit(chunks)
 
 
 def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray, model: SimpleNet | None = None) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ...backbones import create_backbone
 from ...config import ModelConfig, context_weight_option, option
 from ...errors import ConfigError
-from ...layers import GaussianBlur2d, LocalFeatureAggregator
+from ...layers import GaussianBlur2d, LocalFeatureAggregator, PositionWhitening
 from ..base import AnomalyModel
 
 # The backbones of the paper's Table 4, for which the absolute noise sigma of 0.015 was tuned.
@@ -124,12 +124,10 @@ class SimpleNet(AnomalyModel):
         self.discriminator = Discriminator(dim, config.discriminator_hidden)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         # Set by fit when feature_norm resolves to "channel" or "position"; the identity keeps the paper's graph
-        # otherwise. With "position", fit also sets the (P, D) means and (P, D, D) whitening matrices of the P grid
-        # positions; they stay empty otherwise.
+        # otherwise.
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_scale", torch.ones(dim))
-        self.register_buffer("position_mean", torch.zeros(0, dim))
-        self.register_buffer("position_whitening", torch.zeros(0, dim, dim))
+        self.whitening = PositionWhitening(dim, config.position_shrinkage)  # fitted only with feature_norm=position
 
     def local_features(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> (B, h, w, D) frozen local features (the training cache stores these)."""
@@ -138,18 +136,10 @@ class SimpleNet(AnomalyModel):
     def standardize(self, features: Tensor) -> Tensor:
         """(B, P, D) -> (B, P, D), P = h*w grid positions: the feature_norm fitted on the training features.
 
-        Per-channel standardisation (identity by default), then with feature_norm=position the whitening of
-        position p: z = W_p (x - mu_p), so the training features of every position have mean 0 and covariance I.
+        Per-channel standardisation (identity by default), then with feature_norm=position each position's
+        whitening z = W_p (x - mu_p), so the training features of every position have mean 0 and covariance ~I.
         """
-        standardized = (features - self.feature_mean) / self.feature_scale
-        if not len(self.position_mean):
-            return standardized
-        if features.shape[1] != len(self.position_mean):
-            raise ConfigError(
-                f"This model whitens {len(self.position_mean)} grid positions (fitted at image_size "
-                f"{self.config.image_size}); got features with {features.shape[1]}. Use the model's input size."
-            )
-        return torch.einsum("bpd,ped->bpe", standardized - self.position_mean, self.position_whitening)
+        return self.whitening((features - self.feature_mean) / self.feature_scale)
 
     def score_features(self, features: Tensor) -> Tensor:
         """(B, h, w, D) local features -> (B, h, w) anomaly scores -D(G(o))."""

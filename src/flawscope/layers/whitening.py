@@ -1,0 +1,80 @@
+"""Per-position whitening: PaDiM's per-position Gaussian as a feature normalisation, for aligned parts.
+
+When every image shows the part in the same place (tiles, boards, labels), the normal feature at grid position p
+follows its own Gaussian N(mu_p, Sigma_p) (Defard et al., PaDiM, 2020). Whitening each position with it,
+z = W_p (x - mu_p) with Sigma_p + eps I = L_p L_p^T and W_p = L_p^-1, makes the training features of every position
+zero-mean with about unit covariance, so what is normal no longer depends on where it is; the length of z is PaDiM's
+Mahalanobis distance. A model that sits on top (SimpleNet's adaptor and discriminator) then only has to learn one
+boundary for all positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+
+class PositionWhitening(nn.Module):
+    """Whitens each of P grid positions with its training Gaussian; the identity until fitted.
+
+    Buffers:
+        mean: (P, D) per-position mean of the training features; (0, D) when not fitted.
+        matrix: (P, D, D) per-position whitening W_p = L_p^-1 (lower triangular); (0, D, D) when not fitted.
+
+    Args:
+        dim: feature length D.
+        shrinkage: eps of Sigma_p + eps I (PaDiM: 0.01), which keeps W_p finite when there are fewer training
+            images than feature channels.
+    """
+
+    def __init__(self, dim: int, shrinkage: float = 0.01) -> None:
+        super().__init__()
+        self.shrinkage = float(shrinkage)
+        self.register_buffer("mean", torch.zeros(0, dim))
+        self.register_buffer("matrix", torch.zeros(0, dim, dim))
+
+    @property
+    def fitted(self) -> bool:
+        return len(self.mean) > 0
+
+    @torch.no_grad()
+    def fit(self, chunks: Callable[[], Iterable[Tensor]]) -> None:
+        """Sets mean and matrix from the training features, in two passes (mean, then centred outer products).
+
+        Args:
+            chunks: called twice; each call yields the training features as (b, P, D) tensors, a few images at a
+                time, so the features never have to be in memory together. Accumulated in float64.
+        """
+        count, total = 0, 0.0
+        for chunk in chunks():
+            count, total = count + len(chunk), total + chunk.double().sum(0)
+        if count < 2:
+            raise ConfigError(f"Per-position whitening needs at least 2 training images; got {count}.")
+        mean = total / count  # (P, D)
+        cov = 0.0
+        for chunk in chunks():
+            centred = chunk.double() - mean
+            cov = cov + torch.einsum("bpd,bpe->pde", centred, centred)
+        eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
+        cov = cov / (count - 1) + self.shrinkage * eye
+        matrix = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye.expand_as(cov), upper=False)
+        self.mean, self.matrix = mean.to(self.mean.dtype), matrix.to(self.matrix.dtype)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, P, D) -> (B, P, D) whitened features; unchanged when not fitted.
+
+        Raises:
+            ConfigError: the features have another number of grid positions than the training features had.
+        """
+        if not self.fitted:
+            return features
+        if features.shape[1] != len(self.mean):
+            raise ConfigError(
+                f"This model whitens {len(self.mean)} grid positions, fitted at its training input size; got "
+                f"features with {features.shape[1]}. Feed images of the model's image_size."
+            )
+        return torch.einsum("bpd,ped->bpe", features - self.mean, self.matrix)
