@@ -9,7 +9,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from flawscope.data import load_dataset
+from flawscope.data import ImageDataset, load_dataset
 from flawscope.errors import ConfigError, DataError
 from flawscope.fitting import FitContext
 from flawscope.layers import kmeans, pairwise_squared_distances
@@ -404,3 +404,25 @@ def test_gamma_d_larger_than_the_feature_length_is_rejected():
 def test_fit_without_images_says_so():
     with pytest.raises(DataError, match=r"at least one good training image"):
         fit(_small_model(), [], FitContext(quiet=True))
+
+
+def test_position_whitening_centres_every_position_of_the_training_features_and_is_saved(tiny_dataset, tmp_path):
+    from flawscope.model_io import load_model, save_model
+
+    model = _small_model(num_epochs=1, gamma_c=4, kmeans_max_iter=20, feature_norm="position")
+    train = load_dataset(tiny_dataset).train
+    fit(model, train, FitContext(quiet=True, seed=0))
+    assert model.whitening.mean.shape == (256, 448) and model.whitening.matrix.shape == (256, 448, 448)
+    images = torch.stack([ImageDataset(train, 64, 0)[i]["image"] for i in range(len(train))])
+    with torch.no_grad():
+        raw = model.descriptor.patch_features(model.backbone(images)).flatten(2).transpose(1, 2)  # (12, 256, 448)
+        whitened = model.patch_features(images).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(raw.double().mean(0), model.whitening.mean.double(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whitened.mean(0), torch.zeros(256, 448), atol=1e-3, rtol=0)
+    # 12 images in 448 dimensions: the eps I term bounds each whitened length, |z| <= |x - mu| / sqrt(eps).
+    bound = (raw - model.whitening.mean).norm(dim=-1) / 0.01**0.5
+    assert bool((whitened.norm(dim=-1) <= bound * (1 + 1e-4) + 1e-4).all())
+    loaded = load_model(save_model(model, tmp_path / "run"))
+    with torch.no_grad():
+        for a, b in zip(model.raw_scores(images[:2]), loaded.raw_scores(images[:2]), strict=True):
+            torch.testing.assert_close(a, b)

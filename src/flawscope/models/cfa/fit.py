@@ -191,6 +191,20 @@ def build_memory_bank(
     return builder.finish(), cache
 
 
+def fit_position_whitening(model: CFA, samples: Sequence[Sample], ctx: FitContext) -> None:
+    """Fits each grid position's Gaussian to the patch features of ``samples`` (two passes through the backbone)."""
+    cfg = model.config
+    loader = ctx.loader(samples, cfg, batch_size=cfg.batch_size)
+
+    def chunks():
+        with torch.no_grad():
+            for batch in ctx.progress(loader, "whitening", len(loader)):
+                patches = model.descriptor.patch_features(model.backbone(batch["image"].to(ctx.device)))
+                yield patches.flatten(2).transpose(1, 2)  # (B, h*w, D)
+
+    model.whitening.fit(chunks)
+
+
 def make_optimizer(model: CFA, radius: Tensor) -> torch.optim.Optimizer:
     """AdamW with amsgrad (paper and code); r joins the descriptor's group, weight decay included, when learned."""
     cfg = model.config
@@ -273,6 +287,8 @@ def fit(model: CFA, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any
         raise DataError("CFA needs at least one good training image to build its memory bank; got none.")
     model.to(ctx.device).eval()
     start = time.perf_counter()
+    if cfg.feature_norm == "position":
+        fit_position_whitening(model, samples, ctx)
     bank, cache = build_memory_bank(model, samples, ctx, MAX_CACHE_BYTES)
     model.memory_bank = bank.to(ctx.device)
     built = time.perf_counter()

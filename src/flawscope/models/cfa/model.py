@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ...backbones import create_backbone
 from ...config import ModelConfig, option
 from ...errors import ConfigError
-from ...layers import GaussianBlur2d, pairwise_squared_distances
+from ...layers import GaussianBlur2d, PositionWhitening, pairwise_squared_distances
 from ..base import AnomalyModel
 
 
@@ -69,6 +69,15 @@ class CFAConfig(ModelConfig):
         choices=("softmin", "nearest"),
     )
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
+    feature_norm: str = option(
+        "none",
+        "none: the backbone's patch features (paper); position: whiten each grid position with its training mean "
+        "and covariance before the descriptor (PaDiM's Gaussian; flawscope's option for aligned parts)",
+        choices=("none", "position"),
+    )
+    position_shrinkage: float = option(
+        0.01, "epsilon of the per-position covariance + epsilon I (feature_norm=position; PaDiM: 0.01)", low=0
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,6 +180,7 @@ class CFA(AnomalyModel):
         self.descriptor = PatchDescriptor(in_channels, in_channels // config.gamma_d, config.descriptor_init)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         self.register_buffer("memory_bank", torch.zeros(0, in_channels // config.gamma_d))
+        self.whitening = PositionWhitening(in_channels, config.position_shrinkage)  # fitted with feature_norm=position
 
     @property
     def descriptor_dim(self) -> int:
@@ -179,8 +189,15 @@ class CFA(AnomalyModel):
 
     @torch.no_grad()
     def patch_features(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) -> p (B, D, h, w): the frozen part of the graph (training caches it)."""
-        return self.descriptor.patch_features(self.backbone(images))
+        """images (B, 3, H, W) -> p (B, D, h, w): the frozen part of the graph (training caches it).
+
+        With feature_norm=position each location's p is whitened with its grid position's training Gaussian.
+        """
+        patches = self.descriptor.patch_features(self.backbone(images))
+        if not self.whitening.fitted:
+            return patches
+        whitened = self.whitening(patches.flatten(2).transpose(1, 2))  # (B, h*w, D)
+        return whitened.transpose(1, 2).reshape(patches.shape)
 
     def describe(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> phi(p) (B, D', h, w); gradients flow into the descriptor only."""
