@@ -56,6 +56,13 @@ def context_weight_option() -> Any:
     )
 
 
+def position_shrinkage_option() -> Any:
+    """The ``position_shrinkage`` option of the models with ``feature_norm=position`` (SimpleNet, CFA)."""
+    return option(
+        0.01, "epsilon of the per-position covariance + epsilon I (feature_norm=position; PaDiM: 0.01)", low=0
+    )
+
+
 def _describe_range(meta: Mapping[str, Any]) -> str:
     if meta.get("choices") is not None:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])

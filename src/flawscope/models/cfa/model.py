@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...backbones import create_backbone
-from ...config import ModelConfig, option
+from ...config import ModelConfig, option, position_shrinkage_option
 from ...errors import ConfigError
 from ...layers import GaussianBlur2d, PositionWhitening, pairwise_squared_distances
 from ..base import AnomalyModel
@@ -75,9 +75,7 @@ class CFAConfig(ModelConfig):
         "and covariance before the descriptor (PaDiM's Gaussian; flawscope's option for aligned parts)",
         choices=("none", "position"),
     )
-    position_shrinkage: float = option(
-        0.01, "epsilon of the per-position covariance + epsilon I (feature_norm=position; PaDiM: 0.01)", low=0
-    )
+    position_shrinkage: float = position_shrinkage_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()

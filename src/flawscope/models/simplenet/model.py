@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...backbones import create_backbone
-from ...config import ModelConfig, context_weight_option, option
+from ...config import ModelConfig, context_weight_option, option, position_shrinkage_option
 from ...errors import ConfigError
 from ...layers import GaussianBlur2d, LocalFeatureAggregator, PositionWhitening
 from ..base import AnomalyModel
@@ -54,9 +54,7 @@ class SimpleNetConfig(ModelConfig):
         "backbones, else channel",
         choices=("auto", "none", "channel", "position"),
     )
-    position_shrinkage: float = option(
-        0.01, "epsilon of the per-position covariance + epsilon I (feature_norm=position; PaDiM: 0.01)", low=0
-    )
+    position_shrinkage: float = position_shrinkage_option()
     margin: float = option(0.5, "th+ = margin, th- = -margin of the truncated L1 loss", low=0)
     lr_adaptor: float = option(1e-4, "adaptor learning rate", low=0, low_open=True)
     lr_discriminator: float = option(2e-4, "discriminator learning rate", low=0, low_open=True)
