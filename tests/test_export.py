@@ -158,6 +158,17 @@ def test_image_context_exports_with_parity(name, tiny_dataset, tmp_path):
         assert check_parity(model, export_model(model, tmp_path / f"context.{fmt}", fmt), images)["ok"]
 
 
+@pytest.mark.parametrize("name", ["simplenet", "cfa"])
+def test_position_whitening_exports_with_parity(name, tiny_dataset, tmp_path):
+    # The MTD CFA with feature_norm=position exported to ONNX at 6.5e-6 of its map's range.
+    model, split = _fit(name, tiny_dataset, feature_norm="position")
+    assert model.whitening.fitted
+    images = _test_images(split)
+    _calibrate(model, images)
+    for fmt in ("onnx", "torchscript"):
+        assert check_parity(model, export_model(model, tmp_path / f"position.{fmt}", fmt), images)["ok"]
+
+
 def test_unfitted_model_is_not_exported(tmp_path):
     method = get_method("patchcore")
     model = method.model_class(method.config_class.from_dict({**BASE_OPTIONS, **QUICK_OPTIONS["patchcore"]}), False)
