@@ -78,3 +78,19 @@ def test_image_context_appends_the_weighted_image_mean_to_every_location():
         torch.testing.assert_close(got[image, 20:], expected[:, None, None].expand(20, 6, 6))
     with pytest.raises(ValueError, match="context_weight must be >= 0"):
         LocalFeatureAggregator([8], 3, 4, 4, context_weight=-1.0)
+
+
+def test_position_whitening_without_shrinkage_on_too_few_images_says_what_to_do():
+    from flawscope.errors import ConfigError
+    from flawscope.layers import PositionWhitening
+
+    whitening = PositionWhitening(8, shrinkage=0.0)
+    features = torch.randn(3, 2, 8)  # 3 images, 2 positions, 8 channels: rank-deficient covariances
+    with pytest.raises(ConfigError, match="singular.*3 training images for 8 feature channels.*position_shrinkage"):
+        whitening.fit(lambda: iter([features]))
+    assert not whitening.fitted
+    with pytest.raises(ConfigError, match="at least 2 training images"):
+        whitening.fit(lambda: iter([features[:1]]))
+    whitening = PositionWhitening(8, shrinkage=0.01)
+    whitening.fit(lambda: iter([features]))
+    assert whitening.fitted and whitening(features).shape == (3, 2, 8)

@@ -61,7 +61,13 @@ class PositionWhitening(nn.Module):
             cov = cov + torch.einsum("bpd,bpe->pde", centred, centred)
         eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
         cov = cov / (count - 1) + self.shrinkage * eye
-        matrix = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye.expand_as(cov), upper=False)
+        factor, info = torch.linalg.cholesky_ex(cov)
+        if bool((info != 0).any()):
+            raise ConfigError(
+                f"A per-position covariance is singular ({count} training images for {mean.shape[-1]} feature "
+                f"channels, shrinkage {self.shrinkage}). Set position_shrinkage > 0 (PaDiM uses 0.01) or add images."
+            )
+        matrix = torch.linalg.solve_triangular(factor, eye.expand_as(cov), upper=False)
         self.mean, self.matrix = mean.to(self.mean.dtype), matrix.to(self.matrix.dtype)
 
     def forward(self, features: Tensor) -> Tensor:
