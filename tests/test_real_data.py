@@ -49,28 +49,30 @@ def test_patchcore_on_mtd(tmp_path):
 
 
 def test_simplenet_on_mtd_short_schedule(tmp_path):
-    # The documented MTD setting (docs/benchmarks.md: per-position whitening, chosen on the training-image
-    # development set) at 4 epochs instead of 8, to keep the suite short. These bounds guard against regressions.
+    # Per-position whitening (docs/methods.md, "Aligned parts"; chosen on the training-image development set) at
+    # 4 epochs and sigma 0.25 x std, cheaper than the documented MTD setting (8 epochs, sigma 0.12: 97.2 / 81.6 /
+    # 67.9, below the AUPRO floor of 75). It measured 97.4 / 79.7 / 64.5 here; these bounds guard against
+    # regressions.
     options = {**WHOLE_IMAGE_224, "embed_dim": 384, "num_epochs": 4, "feature_norm": "position"}
     metrics = _fit_and_test("simplenet", options, tmp_path)
-    print("MEASURED simplenet", metrics["image_auroc"], metrics["pixel_auroc"], metrics["pixel_aupro"])
-    assert metrics["image_auroc"] >= 0.5
-    assert metrics["pixel_auroc"] >= 0.5
-    assert metrics["pixel_aupro"] >= 0.5
+    assert metrics["image_auroc"] >= 0.94
+    assert metrics["pixel_auroc"] >= 0.76
+    assert metrics["pixel_aupro"] >= 0.61
 
 
 def test_cfa_on_mtd_half_training_set():
-    # The documented MTD setting (docs/benchmarks.md: gamma_c = 1, one epoch, Eq. 4 nearest-distance score and
-    # per-position whitening, chosen on the training-image development set), trained on every 2nd training image to
-    # keep the suite short. These bounds guard against regressions of the cheaper run.
+    # CFA without the whitening (gamma_c = 1, one epoch, Eq. 4 nearest-distance score, chosen on the training-image
+    # development set), trained on every 2nd training image to keep the suite short. The full setting measured
+    # 81.0 / 75.4 / 71.3 here (96.1 / 82.2 / 70.1 with the whitening, the documented MTD setting); these bounds guard
+    # against regressions of the cheaper run.
     from flawscope.models.cfa import CFA, CFAConfig, fit
 
-    options = {**WHOLE_IMAGE_224, "gamma_c": 1, "num_epochs": 1, "score_mode": "nearest", "feature_norm": "position"}
+    options = {**WHOLE_IMAGE_224, "gamma_c": 1, "num_epochs": 1, "score_mode": "nearest"}
     metrics = _fit_subset_and_score(CFA(CFAConfig.from_dict(options)), fit, train_every=2, test_every=(1, 1))
-    print("MEASURED cfa", metrics["image_auroc"], metrics["pixel_auroc"], metrics["pixel_aupro"])
-    assert metrics["image_auroc"] >= 0.5
-    assert metrics["pixel_auroc"] >= 0.5
-    assert metrics["pixel_aupro"] >= 0.5
+    # Measured 0.797 / 0.762 / 0.718 (image AUROC / pixel AUROC / AUPRO) in 186 s, against about 365 s in full.
+    assert metrics["image_auroc"] >= 0.76
+    assert metrics["pixel_auroc"] >= 0.72
+    assert metrics["pixel_aupro"] >= 0.67
 
 
 def test_mlff_short_schedule_on_mtd_subset():
