@@ -87,10 +87,10 @@ def test_position_whitening_without_shrinkage_on_too_few_images_says_what_to_do(
     whitening = PositionWhitening(8, shrinkage=0.0)
     features = torch.randn(3, 2, 8)  # 3 images, 2 positions, 8 channels: rank-deficient covariances
     with pytest.raises(ConfigError, match="singular.*3 training images for 8 feature channels.*position_shrinkage"):
-        whitening.fit(lambda: iter([features]))
+        whitening.fit([features])
     assert not whitening.fitted
     with pytest.raises(ConfigError, match="at least 2 training images"):
-        whitening.fit(lambda: iter([features[:1]]))
+        whitening.fit([features[:1]])
     whitening = PositionWhitening(8, shrinkage=0.01)
-    whitening.fit(lambda: iter([features]))
+    whitening.fit([features])
     assert whitening.fitted and whitening(features).shape == (3, 2, 8)

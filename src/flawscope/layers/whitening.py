@@ -10,7 +10,7 @@ boundary for all positions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -42,25 +42,24 @@ class PositionWhitening(nn.Module):
         return len(self.mean) > 0
 
     @torch.no_grad()
-    def fit(self, chunks: Callable[[], Iterable[Tensor]]) -> None:
-        """Sets mean and matrix from the training features, in two passes (mean, then centred outer products).
+    def fit(self, chunks: Iterable[Tensor]) -> None:
+        """Sets mean and matrix from the training features in one pass (sums and outer products, float64).
 
         Args:
-            chunks: called twice; each call yields the training features as (b, P, D) tensors, a few images at a
-                time, so the features never have to be in memory together. Accumulated in float64.
+            chunks: the training features as (b, P, D) tensors, a few images at a time, so the features never have
+                to be in memory together.
         """
-        count, total = 0, 0.0
-        for chunk in chunks():
-            count, total = count + len(chunk), total + chunk.double().sum(0)
+        count, total, outer = 0, 0.0, 0.0
+        for chunk in chunks:
+            chunk = chunk.double()
+            count, total = count + len(chunk), total + chunk.sum(0)
+            outer = outer + torch.einsum("bpd,bpe->pde", chunk, chunk)
         if count < 2:
             raise ConfigError(f"Per-position whitening needs at least 2 training images; got {count}.")
         mean = total / count  # (P, D)
-        cov = 0.0
-        for chunk in chunks():
-            centred = chunk.double() - mean
-            cov = cov + torch.einsum("bpd,bpe->pde", centred, centred)
+        cov = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1)
         eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
-        cov = cov / (count - 1) + self.shrinkage * eye
+        cov = cov + self.shrinkage * eye
         factor, info = torch.linalg.cholesky_ex(cov)
         if bool((info != 0).any()):
             raise ConfigError(

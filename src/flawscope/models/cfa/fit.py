@@ -192,17 +192,14 @@ def build_memory_bank(
 
 
 def fit_position_whitening(model: CFA, samples: Sequence[Sample], ctx: FitContext) -> None:
-    """Fits each grid position's Gaussian to the patch features of ``samples`` (two passes through the backbone)."""
+    """Fits each grid position's Gaussian to the patch features of ``samples`` (one pass through the backbone)."""
     cfg = model.config
     loader = ctx.loader(samples, cfg, batch_size=cfg.batch_size)
-
-    def chunks():
-        with torch.no_grad():
-            for batch in ctx.progress(loader, "whitening", len(loader)):
-                patches = model.descriptor.patch_features(model.backbone(batch["image"].to(ctx.device)))
-                yield patches.flatten(2).transpose(1, 2)  # (B, h*w, D)
-
-    model.whitening.fit(chunks)
+    with torch.no_grad():
+        model.whitening.fit(
+            model.descriptor.patch_features(model.backbone(batch["image"].to(ctx.device))).flatten(2).transpose(1, 2)
+            for batch in ctx.progress(loader, "whitening", len(loader))
+        )  # (B, h*w, D) per batch
 
 
 def make_optimizer(model: CFA, radius: Tensor) -> torch.optim.Optimizer:

@@ -86,13 +86,11 @@ def fit_standardization(model: SimpleNet, cache: np.ndarray) -> None:
 
 def fit_position_whitening(model: SimpleNet, cache: np.ndarray, chunk: int = 16) -> None:
     """Fits each grid position's Gaussian to the channel-standardised cached features, ``chunk`` images at a time."""
-
-    def chunks():
-        for first in range(0, len(cache), chunk):
-            raw = torch.from_numpy(np.asarray(cache[first : first + chunk], np.float32)).to(model.feature_mean.device)
-            yield (raw - model.feature_mean) / model.feature_scale
-
-    model.whitening.fit(chunks)
+    device = model.feature_mean.device
+    raw = (
+        torch.from_numpy(np.asarray(cache[i : i + chunk], np.float32)).to(device) for i in range(0, len(cache), chunk)
+    )
+    model.whitening.fit((c - model.feature_mean) / model.feature_scale for c in raw)
 
 
 def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray, model: SimpleNet | None = None) -> tuple[float, float]:
