@@ -1,24 +1,17 @@
 """Minimum accuracy on real data (../shared/datasets/mtd), skipped when the folder is absent.
 
-Each setting is the one documented in docs/benchmarks.md (or a cheaper one where marked) and runs in a few minutes
-on 2 CPU cores. PatchCore asserts its issue's floors; the others assert regression bounds measured here, below
-those floors (which they do not reach yet; see docs/benchmarks.md).
+Each setting is the one documented in docs/benchmarks.md or a cheaper run of it (fewer training images or epochs,
+as marked), so that the whole suite stays within CI's 20 minutes on 2 CPU cores. The tests assert regression
+bounds measured here on those cheaper runs; the issues' floors apply to the documented settings, whose numbers are
+in docs/benchmarks.md.
 """
 
 import pytest
 from conftest import mtd_or_skip
 
-import flawscope
-
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
 WHOLE_IMAGE_224 = {"backbone": "efficientnet_lite0", "image_size": 224, "resize_size": 0}
-
-
-def _fit_and_test(method, options, tmp_path):
-    data = mtd_or_skip()
-    run = flawscope.fit(method, data, tmp_path / method, options=options, quiet=True)
-    return flawscope.test(run, data, quiet=True, report=False)
 
 
 def _fit_subset_and_score(model, fit, train_every: int, test_every: tuple[int, int]) -> dict:
@@ -41,35 +34,51 @@ def _fit_subset_and_score(model, fit, train_every: int, test_every: tuple[int, i
     return {"image_auroc": auroc(scored.raw_scores, labels), **pixel_metrics(scored.maps, scored.masks)}
 
 
-def test_patchcore_on_mtd(tmp_path):
-    metrics = _fit_and_test("patchcore", {**WHOLE_IMAGE_224, "coreset_ratio": 0.01}, tmp_path)
-    assert metrics["image_auroc"] >= 0.90
-    assert metrics["pixel_auroc"] >= 0.75
-    assert metrics["pixel_aupro"] >= 0.70
+def test_patchcore_on_mtd_half_training_set():
+    # The baseline's documented setting (coreset 1 %), trained on every 2nd training image and scored on every 2nd
+    # test image to keep the suite short (the greedy coreset's time grows with the square of the training features).
+    # The full setting measured 90.5 / 76.0 / 71.9 (docs/benchmarks.md); these bounds guard against regressions of
+    # the cheaper run.
+    from flawscope.models.patchcore import PatchCore, PatchCoreConfig, fit
+
+    model = PatchCore(PatchCoreConfig.from_dict({**WHOLE_IMAGE_224, "coreset_ratio": 0.01}))
+    metrics = _fit_subset_and_score(model, fit, train_every=2, test_every=(2, 2))
+    # Measured 0.877 / 0.772 / 0.713 (image AUROC / pixel AUROC / AUPRO) here on every 2nd good and defective test
+    # image.
+    assert metrics["image_auroc"] >= 0.85
+    assert metrics["pixel_auroc"] >= 0.74
+    assert metrics["pixel_aupro"] >= 0.68
 
 
-def test_simplenet_on_mtd_short_schedule(tmp_path):
+def test_simplenet_on_mtd_half_training_set():
     # Per-position whitening (docs/methods.md, "Aligned parts"; chosen on the training-image development set) at
-    # 4 epochs and sigma 0.25 x std, cheaper than the documented MTD setting (8 epochs, sigma 0.12: 97.2 / 81.6 /
-    # 67.9, below the issue's AUPRO floor of 75). It measured 97.4 / 79.7 / 64.5 here; these bounds guard against
-    # regressions.
+    # 4 epochs and sigma 0.25 x std on every 2nd training image, cheaper than the documented MTD setting (8 epochs,
+    # sigma 0.12, every image: 97.2 / 81.6 / 67.9, below the issue's AUPRO floor of 75). These bounds guard against
+    # regressions of the cheaper run.
+    from flawscope.models.simplenet import SimpleNet, SimpleNetConfig, fit
+
     options = {**WHOLE_IMAGE_224, "embed_dim": 384, "num_epochs": 4, "feature_norm": "position"}
-    metrics = _fit_and_test("simplenet", options, tmp_path)
-    assert metrics["image_auroc"] >= 0.94
-    assert metrics["pixel_auroc"] >= 0.76
-    assert metrics["pixel_aupro"] >= 0.61
+    metrics = _fit_subset_and_score(
+        SimpleNet(SimpleNetConfig.from_dict(options)), fit, train_every=2, test_every=(1, 1)
+    )
+    # Measured 0.959 / 0.799 / 0.655 (image AUROC / pixel AUROC / AUPRO) here, against 0.974 / 0.797 / 0.645 for the
+    # same schedule on every training image.
+    assert metrics["image_auroc"] >= 0.93
+    assert metrics["pixel_auroc"] >= 0.77
+    assert metrics["pixel_aupro"] >= 0.62
 
 
 def test_cfa_on_mtd_half_training_set():
     # CFA without the whitening (gamma_c = 1, one epoch, Eq. 4 nearest-distance score, chosen on the training-image
-    # development set), trained on every 2nd training image to keep the suite short. The full setting measured
-    # 81.0 / 75.4 / 71.3 here (96.1 / 82.2 / 70.1 with the whitening, the documented MTD setting); these bounds guard
-    # against regressions of the cheaper run.
+    # development set), trained on every 2nd training image and scored on every 2nd test image to keep the suite
+    # short. The full setting measured 81.0 / 75.4 / 71.3 (96.1 / 82.2 / 70.1 with the whitening, the documented
+    # MTD setting); these bounds guard against regressions of the cheaper run.
     from flawscope.models.cfa import CFA, CFAConfig, fit
 
     options = {**WHOLE_IMAGE_224, "gamma_c": 1, "num_epochs": 1, "score_mode": "nearest"}
-    metrics = _fit_subset_and_score(CFA(CFAConfig.from_dict(options)), fit, train_every=2, test_every=(1, 1))
-    # Measured 0.797 / 0.762 / 0.718 (image AUROC / pixel AUROC / AUPRO) in 186 s, against about 365 s in full.
+    metrics = _fit_subset_and_score(CFA(CFAConfig.from_dict(options)), fit, train_every=2, test_every=(2, 2))
+    # Measured 0.810 / 0.762 / 0.709 (image AUROC / pixel AUROC / AUPRO) in 136 s on a 2-core AMD EPYC; 0.797 /
+    # 0.762 / 0.718 on every test image.
     assert metrics["image_auroc"] >= 0.76
     assert metrics["pixel_auroc"] >= 0.72
     assert metrics["pixel_aupro"] >= 0.67
