@@ -24,6 +24,7 @@ from PIL import Image
 from _common import REPO, cpu_model, run, write_section
 
 SECTION = "## MTD: accuracy and speed"
+EARLIER_CPU = "Intel(R) Xeon(R) Processor"  # the rows measured before the CPU was kept per row
 
 # name -> fit arguments. Every setting uses EfficientNet-Lite0 (the ImageNet weights reachable offline here) on
 # whole images resized to 224 px (MTD tiles are up to 2.5:1, so a centre crop would cut defects off).
@@ -138,6 +139,7 @@ def bench(name: str, data: Path, runs: Path) -> dict:
         # when the row finished shows whether other jobs shared the cores.
         "threads": torch.get_num_threads(),
         "load_average": round(os.getloadavg()[0], 1),
+        "cpu": cpu_model(),
     }
 
 
@@ -153,6 +155,18 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def hardware_line(rows: list[dict]) -> str:
+    """Which CPU each row ran on: rows from before the CPU was kept per row ran on EARLIER_CPU."""
+    by_cpu: dict[str, list[str]] = {}
+    for r in rows:
+        by_cpu.setdefault(r.get("cpu", EARLIER_CPU), []).append(r["name"])
+    if len(by_cpu) == 1:
+        return f"{next(iter(by_cpu))}, {os.cpu_count()} cores"
+    main = max(by_cpu, key=lambda cpu: len(by_cpu[cpu]))
+    others = "; ".join(f"{', '.join(names)} on {cpu}" for cpu, names in by_cpu.items() if cpu != main)
+    return f"{main}, {os.cpu_count()} cores (every row but {others}, {os.cpu_count()} cores too)"
+
+
 def render(rows: list[dict], data: Path) -> str:
     lines = [
         SECTION,
@@ -162,7 +176,7 @@ def render(rows: list[dict], data: Path) -> str:
         "test: 252 good, 392 defective). The `prn` row is tested on the 634 images left after removing the 10 "
         "defects it trained on (listed in its config.json; see the same-split table below); `prn-0seen` saw none.",
         "",
-        f"- Hardware: {cpu_model()}, {os.cpu_count()} cores, CPU only; torch threads per row in the threads column; "
+        f"- Hardware: {hardware_line(rows)}, CPU only; torch threads per row in the threads column; "
         "load is the 1-minute load average when the row finished (n/a: not recorded; those rows are older).",
         f"- Software: Python {platform.python_version()}, torch {torch.__version__}.",
         "- Times are wall-clock for the whole CLI step (fit: feature extraction, training, calibration, saving; "
