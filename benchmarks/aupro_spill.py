@@ -14,10 +14,10 @@ script scores a labelled folder with a fitted run and measures that effect:
 It reads only the folder it is given; run it on the development set of `dev_select.py` (training images only)
 to study a setting, or on a test set to explain a result already measured, never to choose a setting.
 
-With ``--reach``, on a development set (whose defective images are good test images with a defect added, under
-the same file name), it also measures how far each backbone stage responds to a defect: the change of the stage's
-features between an image and its defective twin, in units of the good image's per-channel spread, by distance
-from the defect.
+With ``--per-type``, each defect type's images with the good ones get a row of their own. With ``--reach``, on a
+development set (whose defective images are good test images with a defect added, under the same file name), it
+also measures how far each backbone stage responds to a defect: the change of the stage's features between an
+image and its defective twin, in units of the good image's per-channel spread, by distance from the defect.
 
     python benchmarks/aupro_spill.py RUN [RUN ...] --data /tmp/flawscope-dev/mtd-band --label "development set" \
         --reach efficientnet_lite0
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--label", default="development set", help="what --data is, for the section's title")
     parser.add_argument("--reach", metavar="BACKBONE", help="also measure each stage's reach (development sets)")
     parser.add_argument("--reach-size", type=int, default=224, help="input size of --reach")
+    parser.add_argument("--per-type", action="store_true", help="also a row per defect type (with the good images)")
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
 
@@ -163,6 +164,10 @@ def main() -> None:
         scored = score_images(load_model(run), samples, FitContext(quiet=True), keep_maps=True)
         rows[run.name] = spill_table(scored.maps, scored.masks)
         print(run.name, {k: round(v, 4) for k, v in rows[run.name].items()}, flush=True)
+        types = np.array([sample.defect_type for sample in samples])
+        for kind in sorted(set(types[[sample.label == 1 for sample in samples]])) if args.per_type else ():
+            keep = (types == kind) | (types == "good")
+            rows[f"{run.name}: {kind}"] = spill_table(scored.maps[keep], scored.masks[keep])
     section = render(args.label, rows)
     if args.reach:
         reach = feature_reach(args.reach, args.data, args.reach_size, (8, 16))
