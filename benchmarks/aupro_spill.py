@@ -48,6 +48,10 @@ def _band_key(lo: int, hi: int | None) -> str:
     return f"fp_{lo}_{hi or ''}"
 
 
+def _band_labels() -> str:
+    return " | ".join(f"{lo}–{hi} px" if hi else f"≥ {lo} px" for lo, hi in BANDS)
+
+
 SECTION = "## Where AUPRO is lost: false positives around defects ({label})"
 
 
@@ -70,10 +74,10 @@ def spill_table(maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     for reach in (16, 32):
         row[f"aupro_without_{reach}"] = M.aupro(np.where((distance > 0) & (distance <= reach), floor, maps), masks)
     threshold = np.quantile(maps[~defective], 0.99)
-    normal = distance[defective] > 0
+    scores, distance = maps[defective], distance[defective]  # the defective images' pixels only
     for lo, hi in BANDS:
-        band = normal & (distance[defective] >= lo) & (distance[defective] < (hi or np.inf))
-        row[_band_key(lo, hi)] = float((maps[defective][band] > threshold).mean())
+        band = (distance > 0) & (distance >= lo) & (distance < (hi or np.inf))
+        row[_band_key(lo, hi)] = float((scores[band] > threshold).mean())
     return row
 
 
@@ -116,7 +120,7 @@ def render_reach(backbone: str, image_size: int, table: dict[int, list[float]]) 
         "defective images and their good twins): median change of a stage's features, |f_defective − f_good| / "
         "σ over the channels, by distance of the grid cell's centre from the defect.",
         "",
-        "| stage | " + " | ".join(f"{lo}–{hi} px" if hi else f"≥ {lo} px" for lo, hi in BANDS) + " |",
+        f"| stage | {_band_labels()} |",
         "|---|" + "---:|" * len(BANDS),
     ]
     lines += [f"| stride {s} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for s, row in table.items()]
@@ -124,7 +128,7 @@ def render_reach(backbone: str, image_size: int, table: dict[int, list[float]]) 
 
 
 def render(label: str, rows: dict[str, dict[str, float]]) -> str:
-    bands = " | ".join(f"{lo}–{hi} px" if hi else f"≥ {lo} px" for lo, hi in BANDS)
+    bands = _band_labels()
     lines = [
         SECTION.format(label=label),
         "",
