@@ -232,3 +232,36 @@ def test_pseudo_anomalies_are_applied_only_to_planned_images_and_are_seeded():
     # Same (seed, pass, index) -> same defect, whatever the batch composition.
     again, again_masks = add_pseudo_anomalies(images[2:3], torch.tensor([2]), plan, cfg, seed=0, repetition=3)
     assert torch.equal(again[0], out[2]) and torch.equal(again_masks[0], masks[2])
+
+
+# --- per-position whitening (flawscope's option, docs/methods.md "Aligned parts") -------------------------------------
+
+
+def test_position_whitening_needs_a_frozen_backbone():
+    with pytest.raises(ConfigError, match="freeze_backbone"):
+        MLFFConfig.from_dict({**SMALL, "feature_norm": "position"})
+
+
+def test_position_whitening_centres_every_stage_at_every_position_and_is_saved(tiny_dataset, tmp_path):
+    from flawscope.data import ImageDataset, load_dataset
+    from flawscope.fitting import FitContext
+    from flawscope.model_io import load_model, save_model
+    from flawscope.models.mlff import fit
+
+    options = {**SMALL, "freeze_backbone": True, "feature_norm": "position", "batch_size": 4}
+    model = MLFF(MLFFConfig.from_dict({**options, "num_epochs": 1, "repeat_factor": 1}), pretrained=False)
+    train = load_dataset(tiny_dataset).train
+    fit(model, train, FitContext(quiet=True, seed=0))
+    images = torch.stack([ImageDataset(train, 64, 0)[i]["image"] for i in range(len(train))])
+    with torch.no_grad():
+        raw, whitened = model.backbone(images), model.stages(images)
+    # ResNet-18 at 64 px: stages of 64, 128, 256 channels on 16x16, 8x8, 4x4 grids.
+    shapes = ((64, 16), (128, 8), (256, 4))
+    for stage, white, whitening, (c, side) in zip(raw, whitened, model.whitening, shapes, strict=True):
+        assert whitening.mean.shape == (side * side, c) and whitening.matrix.shape == (side * side, c, c)
+        torch.testing.assert_close(stage.flatten(2).mean(0).T, whitening.mean, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(white.mean(0), torch.zeros(c, side, side), atol=1e-3, rtol=0)
+    loaded = load_model(save_model(model, tmp_path / "run"))
+    with torch.no_grad():
+        for a, b in zip(model.raw_scores(images[:2]), loaded.raw_scores(images[:2]), strict=True):
+            torch.testing.assert_close(a, b)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...backbones import create_backbone
-from ...config import ModelConfig, option
+from ...config import ModelConfig, option, position_shrinkage_option
+from ...layers import PositionWhitening
 from ..base import AnomalyModel
 from .texture import PyramidTexture, TextureEnhancement, conv_bn_act
 
@@ -35,6 +36,14 @@ class MLFFConfig(ModelConfig):
     image_size: int = option(256, "side of the square model input, pixels", low=32, high=4096)
     resize_size: int = option(256, "shorter side before the centre crop; 0 = resize the whole image", low=0)
     freeze_backbone: bool = option(False, "keep the backbone's ImageNet weights fixed (paper: fine-tuned, M6)")
+    feature_norm: str = option(
+        "none",
+        "none: the backbone's stages (paper); position: whiten each stage's grid positions with their training mean "
+        "and covariance before the branches (PaDiM's Gaussian; flawscope's option for aligned parts; needs "
+        "freeze_backbone)",
+        choices=("none", "position"),
+    )
+    position_shrinkage: float = position_shrinkage_option()
     texture_branch: bool = option(True, "STLNet texture branch on stages 1+2 (False: plain fusion, Table 4 baseline)")
     sc_branch: bool = option(True, "self-calibrated convolution on stage 3 (False: stage 3 as is)")
     texture_dim: int = option(256, "width of X0, T1 and T2 in the texture branch [proposal, M3]", low=1)
@@ -95,6 +104,11 @@ class MLFFConfig(ModelConfig):
             raise ConfigError(f"pseudo_kinds must be a non-empty subset of {PSEUDO_KINDS}; got {self.pseudo_kinds}.")
         if len(self.loss_weights) != 3:
             raise ConfigError(f"loss_weights needs three values (alpha, beta, xi); got {self.loss_weights}.")
+        if self.feature_norm == "position" and not self.freeze_backbone:
+            raise ConfigError(
+                "feature_norm=position whitens the backbone's stages with statistics fitted once before training, "
+                "so the backbone must stay fixed: add freeze_backbone=true."
+            )
         if self.score_source == "head" and self.loss_weights[1] == 0:
             raise ConfigError("score_source='head' needs a score loss (beta > 0) to train the head; use 'distance'.")
 
@@ -147,6 +161,8 @@ class MLFF(AnomalyModel):
         # its batch-norm statistics stay the ImageNet ones.
         self.backbone.body.requires_grad_(not config.freeze_backbone)
         c1, c2, c3 = self.backbone.feature_info.channels
+        # Fitted by fit() with feature_norm=position; the identity otherwise, which keeps the paper's graph.
+        self.whitening = nn.ModuleList(PositionWhitening(c, config.position_shrinkage) for c in (c1, c2, c3))
         self.texture = TextureBranch(c1 + c2, config) if config.texture_branch else nn.Identity()
         low_ch = 3 * config.texture_dim if config.texture_branch else c1 + c2
         high = [nn.Conv2d(c3, config.sc_reduce, 1)] if config.sc_reduce else []
@@ -159,12 +175,21 @@ class MLFF(AnomalyModel):
 
     def features(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> psi (B, C, H/8, W/8)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
-            stage1, stage2, stage3 = self.backbone(images)
+        stage1, stage2, stage3 = self.stages(images)
         size = stage2.shape[-2:]
         low = self.texture(torch.cat([F.adaptive_avg_pool2d(stage1, size), stage2], dim=1))
         high = F.interpolate(self.high(stage3), size=size, mode="bilinear", align_corners=False)
         return self.fuse(torch.cat([low, high], dim=1))
+
+    def stages(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) -> the three backbone stages (B, C_i, H_i, W_i), each whitened per grid position when
+        ``feature_norm=position`` has been fitted (unchanged otherwise)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+            stages = self.backbone(images)
+        return [
+            whitening(stage.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(stage.shape)
+            for whitening, stage in zip(self.whitening, stages, strict=True)
+        ]
 
     def score_map(self, psi: Tensor) -> Tensor:
         """psi (B, C, h, w) -> (B, 1, h, w) anomaly scores on the feature grid (eta, or the distance A)."""
