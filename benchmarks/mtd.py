@@ -104,6 +104,9 @@ SETTINGS = {
     # training set (instead of 200 epochs x 10 repeats) at the paper's SGD settings. The "-t4" rows are the
     # Table-4 ablation at 2 repeats: plain fusion + feature loss; + SC + texture branch; all losses.
     "mlff": f"--model mlff {MLFF_CPU}".split(),
+    # MLFF on per-position whitened backbone stages (flawscope's option for aligned parts), the `mlff` setting
+    # otherwise; compared with it on the development set (docs/benchmarks.md, "MLFF per-position whitening").
+    "mlff-position": f"--model mlff {MLFF_CPU} --set feature_norm=position".split(),
     "mlff-t4-baseline": f"--model mlff {MLFF_ABLATION_CPU} {MLFF_FEATURE_LOSS_ONLY} --set texture_branch=false "
     "--set sc_branch=false".split(),
     "mlff-t4-sc-stl": f"--model mlff {MLFF_ABLATION_CPU} {MLFF_FEATURE_LOSS_ONLY}".split(),
