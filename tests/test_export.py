@@ -158,12 +158,15 @@ def test_image_context_exports_with_parity(name, tiny_dataset, tmp_path):
         assert check_parity(model, export_model(model, tmp_path / f"context.{fmt}", fmt), images)["ok"]
 
 
-@pytest.mark.parametrize("name", ["simplenet", "cfa"])
+@pytest.mark.parametrize("name", ["simplenet", "cfa", "mlff"])
 def test_position_whitening_exports_with_parity(name, tiny_dataset, tmp_path):
     # The MTD CFA with feature_norm=position exported to ONNX at 6.5e-6 of its map's range.
+    from flawscope.layers import PositionWhitening
+
     model, split = _fit(name, tiny_dataset, feature_norm="position")
-    assert model.whitening.fitted
-    images = _test_images(split)
+    whitenings = [m for m in model.modules() if isinstance(m, PositionWhitening)]
+    assert whitenings and all(m.fitted for m in whitenings)
+    images = _test_images(split, model.config.image_size)
     _calibrate(model, images)
     for fmt in ("onnx", "torchscript"):
         assert check_parity(model, export_model(model, tmp_path / f"position.{fmt}", fmt), images)["ok"]

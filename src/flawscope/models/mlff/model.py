@@ -186,6 +186,8 @@ class MLFF(AnomalyModel):
         ``feature_norm=position`` has been fitted (unchanged otherwise)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
             stages = self.backbone(images)
+        if not self.whitening[0].fitted:  # the paper's graph: no reshaping either
+            return stages
         return [
             whitening(stage.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(stage.shape)
             for whitening, stage in zip(self.whitening, stages, strict=True)
