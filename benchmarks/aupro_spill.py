@@ -14,7 +14,9 @@ script scores a labelled folder with a fitted run and measures that effect:
 It reads only the folder it is given; run it on the development set of `dev_select.py` (training images only)
 to study a setting, or on a test set to explain a result already measured, never to choose a setting.
 
-With ``--per-type``, each defect type's images with the good ones get a row of their own. With ``--reach``, on a
+With ``--per-type``, each defect type's images with the good ones get a row of their own. With ``--padim``, PaDiM
+(``padim_check.py``: per-position Gaussians, 256 px, strides 4/8/16, fitted on the folder's train/good) gets rows
+too, as the reference the issues quote. With ``--reach``, on a
 development set (whose defective images are good test images with a defect added, under the same file name), it
 also measures how far each backbone stage responds to a defect: the change of the stage's features between an
 image and its defective twin, in units of the good image's per-channel spread, by distance from the defect.
@@ -30,6 +32,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import padim_check
 import torch
 from scipy import ndimage
 
@@ -159,19 +162,32 @@ def main() -> None:
     parser.add_argument("--reach", metavar="BACKBONE", help="also measure each stage's reach (development sets)")
     parser.add_argument("--reach-size", type=int, default=224, help="input size of --reach")
     parser.add_argument("--per-type", action="store_true", help="also a row per defect type (with the good images)")
+    parser.add_argument("--padim", action="store_true", help="also rows for PaDiM (padim_check.py), the peer")
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
 
-    samples = load_dataset(args.data).test
+    split = load_dataset(args.data)
+    samples = split.test
+    types = np.array([sample.defect_type for sample in samples])
+    kinds = sorted(set(types[[sample.label == 1 for sample in samples]])) if args.per_type else []
     rows = {}
+
+    def add_rows(name: str, maps: np.ndarray, masks: np.ndarray) -> None:
+        rows[name] = spill_table(maps, masks)
+        print(name, {k: round(v, 4) for k, v in rows[name].items()}, flush=True)
+        for kind in kinds:
+            keep = (types == kind) | (types == "good")
+            rows[f"{name}: {kind}"] = spill_table(maps[keep], masks[keep])
+
     for run in args.runs:
         scored = score_images(load_model(run), samples, FitContext(quiet=True), keep_maps=True)
-        rows[run.name] = spill_table(scored.maps, scored.masks)
-        print(run.name, {k: round(v, 4) for k, v in rows[run.name].items()}, flush=True)
-        types = np.array([sample.defect_type for sample in samples])
-        for kind in sorted(set(types[[sample.label == 1 for sample in samples]])) if args.per_type else ():
-            keep = (types == kind) | (types == "good")
-            rows[f"{run.name}: {kind}"] = spill_table(scored.maps[keep], scored.masks[keep])
+        add_rows(run.name, scored.maps, scored.masks)
+    if args.padim:
+        backbone = create_backbone("efficientnet_lite0", (4, 8, 16)).eval()
+        with torch.inference_mode():
+            gaussians = {"per-position": padim_check.fit_gaussians(backbone, split.train, 256, 16)["per-position"]}
+            _, maps, masks = padim_check.score(backbone, samples, gaussians, 256, 16)
+        add_rows("PaDiM (reference, 256 px)", maps["per-position"], masks)
     section = render(args.label, rows)
     if args.reach:
         reach = feature_reach(args.reach, args.data, args.reach_size, (8, 16))
