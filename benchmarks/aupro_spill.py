@@ -185,7 +185,7 @@ def main() -> None:
     if args.padim:
         backbone = create_backbone("efficientnet_lite0", (4, 8, 16)).eval()
         with torch.inference_mode():
-            gaussians = {"per-position": padim_check.fit_gaussians(backbone, split.train, 256, 16)["per-position"]}
+            gaussians = padim_check.fit_gaussians(backbone, split.train, 256, 16, variants=("per-position",))
             _, maps, masks = padim_check.score(backbone, samples, gaussians, 256, 16)
         add_rows("PaDiM (reference, 256 px)", maps["per-position"], masks)
     section = render(args.label, rows)

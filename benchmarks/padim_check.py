@@ -47,8 +47,10 @@ def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return feats.flatten(2).permute(2, 0, 1)
 
 
-def fit_gaussians(backbone, samples, image_size: int, batch_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Mean (P or 1, C) and inverse covariance (P or 1, C, C) of the training features, for each of VARIANTS."""
+def fit_gaussians(
+    backbone, samples, image_size: int, batch_size: int, variants: tuple[str, ...] = VARIANTS
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean (P or 1, C) and inverse covariance (P or 1, C, C) of the training features, for each of ``variants``."""
     total, outer, count = 0.0, 0.0, 0
     for batch in make_loader(samples, image_size, 0, batch_size=batch_size):
         feats = embed(backbone, batch["image"])  # (P, B, C)
@@ -64,7 +66,7 @@ def fit_gaussians(backbone, samples, image_size: int, batch_size: int) -> dict[s
     mean, cov = gaussians["per-position"]
     gaussians["diagonal"] = (mean, torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1)))
     eye = 0.01 * torch.eye(mean.shape[-1], dtype=mean.dtype)
-    return {name: (mean, torch.linalg.inv(cov + eye)) for name, (mean, cov) in gaussians.items()}
+    return {name: (mean, torch.linalg.inv(cov + eye)) for name, (mean, cov) in gaussians.items() if name in variants}
 
 
 def score(backbone, samples, gaussians, image_size: int, batch_size: int):
