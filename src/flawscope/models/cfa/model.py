@@ -69,6 +69,12 @@ class CFAConfig(ModelConfig):
         choices=("softmin", "nearest"),
     )
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
+    pool_size: int = option(
+        3,
+        "kernel of the average pooling of every stage before upsampling (public code: 3; the paper does not pool; "
+        "1 = no pooling, as PaDiM)",
+        low=1,
+    )
     feature_norm: str = option(
         "none",
         "none: the backbone's patch features (paper); position: whiten each grid position with its training mean "
@@ -80,6 +86,8 @@ class CFAConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         grid = self.image_size // self.strides[0]
+        if self.pool_size % 2 == 0:
+            raise ConfigError(f"pool_size must be odd so that the pooled map keeps its grid; got {self.pool_size}.")
         if grid * grid // self.gamma_c < self.num_neighbors + self.num_hard_negatives:
             raise ConfigError(
                 f"CFA's memory bank would hold {grid * grid // self.gamma_c} items ({grid}x{grid} locations // "
@@ -115,31 +123,33 @@ class AddCoords(nn.Module):
 class PatchDescriptor(nn.Module):
     """phi: backbone stages -> target-oriented patch features on the finest grid.
 
-    Each stage is 3x3 average pooled (stride 1, zero padding counted, as in the public code), the coarser ones are
-    upsampled bilinearly to the finest stage's grid, everything is concatenated (p_t, D channels), and a 1x1
-    CoordConv maps it to D' channels.
+    Each stage is average pooled over pool_size x pool_size (stride 1, zero padding counted; 3 as in the public
+    code, 1 = no pooling), the coarser ones are upsampled bilinearly to the finest stage's grid, everything is
+    concatenated (p_t, D channels), and a 1x1 CoordConv maps it to D' channels.
 
     Args:
         in_channels: D, the summed channels of the stages.
         out_channels: D'.
         init: "he" (Kaiming normal weights, zero bias; the paper) or "pytorch" (Conv2d's default; the public code).
+        pool_size: odd kernel of the per-stage average pooling.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, init: str = "he") -> None:
+    def __init__(self, in_channels: int, out_channels: int, init: str = "he", pool_size: int = 3) -> None:
         super().__init__()
+        self.pool_size = pool_size
         self.add_coords = AddCoords()
         self.projection = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1, bias=True)
         if init == "he":
             nn.init.kaiming_normal_(self.projection.weight, nonlinearity="relu")
             nn.init.zeros_(self.projection.bias)
 
-    @staticmethod
-    def patch_features(stages: list[Tensor]) -> Tensor:
+    def patch_features(self, stages: list[Tensor]) -> Tensor:
         """Stages [(B, C_i, H_i, W_i)], finest first -> F (B, D, H_0, W_0), the paper's p_t at every location."""
         size = stages[0].shape[-2:]
         pooled = []
         for stage in stages:
-            stage = F.avg_pool2d(stage, kernel_size=3, stride=1, padding=1)
+            if self.pool_size > 1:
+                stage = F.avg_pool2d(stage, kernel_size=self.pool_size, stride=1, padding=self.pool_size // 2)
             if stage.shape[-2:] != size:
                 stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
             pooled.append(stage)
@@ -175,7 +185,9 @@ class CFA(AnomalyModel):
                 f"gamma_d={config.gamma_d} leaves no descriptor channel: backbone {config.backbone!r} gives "
                 f"D = {in_channels} channels at strides {config.strides}. Set gamma_d <= {in_channels}."
             )
-        self.descriptor = PatchDescriptor(in_channels, in_channels // config.gamma_d, config.descriptor_init)
+        self.descriptor = PatchDescriptor(
+            in_channels, in_channels // config.gamma_d, config.descriptor_init, config.pool_size
+        )
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         self.register_buffer("memory_bank", torch.zeros(0, in_channels // config.gamma_d))
         self.whitening = PositionWhitening(in_channels, config.position_shrinkage)  # fitted with feature_norm=position
