@@ -98,6 +98,8 @@ def test_patch_features_pool_upsample_concat_and_coordinates():
     unpooled = PatchDescriptor(8, 8, pool_size=1).patch_features(stages)  # pool_size=1: no pooling (as PaDiM)
     upsampled = F.interpolate(stages[1], size=(8, 8), mode="bilinear", align_corners=False)
     torch.testing.assert_close(unpooled, torch.cat([stages[0], upsampled], 1))
+    per_stage = PatchDescriptor(8, 8, pool_size=(3, 1)).patch_features(stages)  # one kernel per stage
+    torch.testing.assert_close(per_stage, torch.cat([fine, upsampled], 1))
     with_coords = AddCoords()(torch.zeros(1, 1, 4, 5))
     n_rows, n_cols = torch.arange(4.0) / 3 * 2 - 1, torch.arange(5.0) / 4 * 2 - 1  # public code's formula
     torch.testing.assert_close(with_coords[0, 1], n_rows[:, None].expand(4, 5))
@@ -391,7 +393,8 @@ def test_short_fit_logs_each_epoch_and_is_seeded(tiny_dataset):
         ({"gamma_c": 0}, r"'gamma_c'.*got 0"),
         ({"image_size": 32, "gamma_c": 16}, r"memory bank would hold 4 items.*Lower gamma_c"),
         ({"score_mode": "max"}, r"'score_mode'.*one of 'softmin', 'nearest'"),
-        ({"pool_size": 2}, r"pool_size must be odd.*got 2"),
+        ({"pool_size": 2}, r"pool_size must be one odd kernel.*got \(2,\)"),
+        ({"pool_size": "3,1"}, r"pool_size must be one odd kernel.*one per stage \(3 strides\)"),
         ({"radius_init": 1.0}, r"Unknown option\(s\) 'radius_init'.*Valid options:.*radius"),
     ],
 )

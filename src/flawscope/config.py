@@ -100,6 +100,8 @@ def _coerce(value: Any, annotation: Any, name: str, owner: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one number is a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"The {name!r} parameter of {owner} must be a list; got {value!r}.")
         item_type = args[0] if args else str

@@ -69,10 +69,10 @@ class CFAConfig(ModelConfig):
         choices=("softmin", "nearest"),
     )
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
-    pool_size: int = option(
-        3,
-        "kernel of the average pooling of every stage before upsampling (public code: 3; the paper does not pool; "
-        "1 = no pooling, as PaDiM)",
+    pool_size: tuple[int, ...] = option(
+        (3,),
+        "kernel of the average pooling of each stage before upsampling: one value for every stage or one per stage, "
+        "finest first (public code: 3; the paper does not pool; 1 = no pooling, as PaDiM)",
         low=1,
     )
     feature_norm: str = option(
@@ -86,8 +86,11 @@ class CFAConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         grid = self.image_size // self.strides[0]
-        if self.pool_size % 2 == 0:
-            raise ConfigError(f"pool_size must be odd so that the pooled map keeps its grid; got {self.pool_size}.")
+        if any(size % 2 == 0 for size in self.pool_size) or len(self.pool_size) not in (1, len(self.strides)):
+            raise ConfigError(
+                f"pool_size must be one odd kernel for every stage or one per stage ({len(self.strides)} strides), "
+                f"so that each pooled map keeps its grid; got {self.pool_size}."
+            )
         if grid * grid // self.gamma_c < self.num_neighbors + self.num_hard_negatives:
             raise ConfigError(
                 f"CFA's memory bank would hold {grid * grid // self.gamma_c} items ({grid}x{grid} locations // "
@@ -123,20 +126,22 @@ class AddCoords(nn.Module):
 class PatchDescriptor(nn.Module):
     """phi: backbone stages -> target-oriented patch features on the finest grid.
 
-    Each stage is average pooled over pool_size x pool_size (stride 1, zero padding counted; 3 as in the public
-    code, 1 = no pooling), the coarser ones are upsampled bilinearly to the finest stage's grid, everything is
-    concatenated (p_t, D channels), and a 1x1 CoordConv maps it to D' channels.
+    Each stage is average pooled over k x k (stride 1, zero padding counted; k = 3 as in the public code, 1 = no
+    pooling), the coarser ones are upsampled bilinearly to the finest stage's grid, everything is concatenated
+    (p_t, D channels), and a 1x1 CoordConv maps it to D' channels.
 
     Args:
         in_channels: D, the summed channels of the stages.
         out_channels: D'.
         init: "he" (Kaiming normal weights, zero bias; the paper) or "pytorch" (Conv2d's default; the public code).
-        pool_size: odd kernel of the per-stage average pooling.
+        pool_size: odd kernel k of the average pooling: one for every stage, or one per stage, finest first.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, init: str = "he", pool_size: int = 3) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, init: str = "he", pool_size: int | tuple[int, ...] = 3
+    ) -> None:
         super().__init__()
-        self.pool_size = pool_size
+        self.pool_size = (pool_size,) if isinstance(pool_size, int) else tuple(pool_size)
         self.add_coords = AddCoords()
         self.projection = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1, bias=True)
         if init == "he":
@@ -147,9 +152,10 @@ class PatchDescriptor(nn.Module):
         """Stages [(B, C_i, H_i, W_i)], finest first -> F (B, D, H_0, W_0), the paper's p_t at every location."""
         size = stages[0].shape[-2:]
         pooled = []
-        for stage in stages:
-            if self.pool_size > 1:
-                stage = F.avg_pool2d(stage, kernel_size=self.pool_size, stride=1, padding=self.pool_size // 2)
+        sizes = self.pool_size * len(stages) if len(self.pool_size) == 1 else self.pool_size
+        for stage, kernel in zip(stages, sizes, strict=True):
+            if kernel > 1:
+                stage = F.avg_pool2d(stage, kernel_size=kernel, stride=1, padding=kernel // 2)
             if stage.shape[-2:] != size:
                 stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
             pooled.append(stage)
