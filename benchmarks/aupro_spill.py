@@ -183,11 +183,12 @@ def main() -> None:
         scored = score_images(load_model(run), samples, FitContext(quiet=True), keep_maps=True)
         add_rows(run.name, scored.maps, scored.masks)
     if args.padim:
-        backbone = create_backbone("efficientnet_lite0", (4, 8, 16)).eval()
+        size, batch = padim_check.IMAGE_SIZE, padim_check.BATCH_SIZE
+        backbone = create_backbone(padim_check.BACKBONE, padim_check.STRIDES).eval()
         with torch.inference_mode():
-            gaussians = padim_check.fit_gaussians(backbone, split.train, 256, 16, variants=("per-position",))
-            _, maps, masks = padim_check.score(backbone, samples, gaussians, 256, 16)
-        add_rows("PaDiM (reference, 256 px)", maps["per-position"], masks)
+            gaussians = padim_check.fit_gaussians(backbone, split.train, size, batch, variants=("per-position",))
+            _, maps, masks = padim_check.score(backbone, samples, gaussians, size, batch)
+        add_rows(f"PaDiM (reference, {size} px)", maps["per-position"], masks)
     section = render(args.label, rows)
     if args.reach:
         reach = feature_reach(args.reach, args.data, args.reach_size, (8, 16))

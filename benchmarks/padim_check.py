@@ -37,6 +37,8 @@ from flawscope.data import load_dataset, make_loader
 from flawscope.layers import GaussianBlur2d
 
 VARIANTS = ("per-position", "pooled", "diagonal")
+# The reference setting (the paper's stages on the issues' backbone); aupro_spill.py --padim uses it too.
+BACKBONE, IMAGE_SIZE, STRIDES, BATCH_SIZE = "efficientnet_lite0", 256, (4, 8, 16), 16
 
 
 def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -95,10 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO / ".." / "shared" / "datasets" / "mtd"))
     parser.add_argument("--label", default="MTD test set", help="what --data is, for the docs section's title")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--strides", default="4,8,16")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--backbone", default=BACKBONE)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    parser.add_argument("--strides", default=",".join(map(str, STRIDES)))
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"))
     args = parser.parse_args()
 
