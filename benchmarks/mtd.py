@@ -89,6 +89,9 @@ SETTINGS = {
     # PaDiM): development set 94.6 / 79.8 / 71.9 against 94.1 / 83.5 / 69.0, a narrower halo for less band context.
     "cfa-position-p1": f"--model cfa {WHOLE_224} --set gamma_c=1 --set num_epochs=1 --set score_mode=nearest "
     "--set feature_norm=position --set pool_size=1".split(),
+    # The same on EfficientNet-Lite2: development set 95.1 / 80.6 / 71.8 against 94.6 / 79.8 / 71.9 on Lite0.
+    "cfa-position-p1-l2": f"--model cfa {WHOLE_224.replace('lite0', 'lite2')} --set gamma_c=1 --set num_epochs=1 "
+    "--set score_mode=nearest --set feature_norm=position --set pool_size=1".split(),
     # PRN, few-shot: 10 seen defects drawn from test/ (stratified, seed 0) and excluded from its test numbers.
     # Schedule scaled to ~30 min on 2 shared cores: the paper's 2:1:1 batch (32/16/16) at 1/8 size, 60 steps
     # (480 images) instead of 700 epochs; BSDS500 photographs stand in for DTD as the texture source.
@@ -115,6 +118,8 @@ SETTINGS = {
     # MLFF on per-position whitened backbone stages (flawscope's option for aligned parts), the `mlff` setting
     # otherwise; compared with it on the development set (docs/benchmarks.md, "MLFF per-position whitening").
     "mlff-position": f"--model mlff {MLFF_CPU} --set feature_norm=position".split(),
+    # The same on EfficientNet-Lite2: development set 93.1 / 83.5 / 70.8 against 93.4 / 83.4 / 68.8 on Lite0.
+    "mlff-position-l2": f"--model mlff {MLFF_CPU.replace('lite0', 'lite2')} --set feature_norm=position".split(),
     "mlff-t4-baseline": f"--model mlff {MLFF_ABLATION_CPU} {MLFF_FEATURE_LOSS_ONLY} --set texture_branch=false "
     "--set sc_branch=false".split(),
     "mlff-t4-sc-stl": f"--model mlff {MLFF_ABLATION_CPU} {MLFF_FEATURE_LOSS_ONLY}".split(),
