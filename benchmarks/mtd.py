@@ -92,8 +92,8 @@ SETTINGS = {
     # The same on EfficientNet-Lite2: development set 95.1 / 80.6 / 71.8 against 94.6 / 79.8 / 71.9 on Lite0.
     "cfa-position-p1-l2": f"--model cfa {WHOLE_224.replace('lite0', 'lite2')} --set gamma_c=1 --set num_epochs=1 "
     "--set score_mode=nearest --set feature_norm=position --set pool_size=1".split(),
-    # The same setting with another seed (k-means++ seeding, descriptor initialisation, batch order, the held-out
-    # good images): how far a row moves by chance, measured for the setting nearest the floors, not a new choice.
+    # The same setting with another seed (descriptor initialisation, batch order, the held-out good images): how far
+    # a row moves by chance, measured for the setting nearest the floors, not a new choice.
     "cfa-position-p1-l2-seed1": f"--model cfa {WHOLE_224.replace('lite0', 'lite2')} --set gamma_c=1 --set num_epochs=1 "
     "--set score_mode=nearest --set feature_norm=position --set pool_size=1 --seed 1".split(),
     # PRN, few-shot: 10 seen defects drawn from test/ (stratified, seed 0) and excluded from its test numbers.
