@@ -51,11 +51,12 @@ MLFF_CPU = f"{MLFF_BASE} --set repeat_factor=1"
 # The Table-4 ablation ran at 2 repeats, before the development set showed that fewer are better.
 MLFF_ABLATION_CPU = f"{MLFF_BASE} --set repeat_factor=2"
 MLFF_FEATURE_LOSS_ONLY = "--set loss_weights=1,0,0 --set score_source=distance"
-# Whitened CFA without pooling on Lite2 (docs/methods.md, CFA, "On EfficientNet-Lite2").
-CFA_POSITION_P1_L2 = (
-    f"--model cfa {WHOLE_224_L2} --set gamma_c=1 --set num_epochs=1 --set score_mode=nearest "
-    "--set feature_norm=position --set pool_size=1"
+# Whitened CFA without pooling (`cfa-position-p1`), after the backbone arguments; on Lite2 see docs/methods.md, CFA,
+# "On EfficientNet-Lite2".
+CFA_POSITION_P1 = (
+    "--set gamma_c=1 --set num_epochs=1 --set score_mode=nearest --set feature_norm=position --set pool_size=1"
 )
+CFA_POSITION_P1_L2 = f"--model cfa {WHOLE_224_L2} {CFA_POSITION_P1}"
 SETTINGS = {
     "patchcore": f"--model patchcore {WHOLE_224} --set coreset_ratio=0.01".split(),
     "simplenet": f"--model simplenet {WHOLE_224} --set embed_dim=384 --set num_epochs=8".split(),
@@ -94,8 +95,7 @@ SETTINGS = {
     "--set feature_norm=position".split(),
     # `cfa-position` without the public code's 3x3 pooling of each stage (the paper interpolates and concatenates as
     # PaDiM): development set 94.6 / 79.8 / 71.9 against 94.1 / 83.5 / 69.0, a narrower halo for less band context.
-    "cfa-position-p1": f"--model cfa {WHOLE_224} --set gamma_c=1 --set num_epochs=1 --set score_mode=nearest "
-    "--set feature_norm=position --set pool_size=1".split(),
+    "cfa-position-p1": f"--model cfa {WHOLE_224} {CFA_POSITION_P1}".split(),
     # The same on EfficientNet-Lite2: development set 95.1 / 80.6 / 71.8 against 94.6 / 79.8 / 71.9 on Lite0.
     "cfa-position-p1-l2": CFA_POSITION_P1_L2.split(),
     # The same setting with another seed (descriptor initialisation, batch order, the held-out good images): how far
