@@ -1,5 +1,6 @@
 """Backbones: declared metadata vs real outputs, real EfficientNet-Lite weights, offline-first weight resolution."""
 
+import re
 from pathlib import Path
 from urllib.error import URLError
 
@@ -125,6 +126,48 @@ def test_resnet18_features_equal_torchvision_layers():
         actual = backbone(images)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e)
+
+
+def test_several_blocks_per_stage_equal_torchvision_block_outputs():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18().eval()
+    backbone = create_backbone("resnet18", strides=(4, 8, 16), pretrained=False, blocks=(2, 2, 1))
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith(("layer4", "fc"))}
+    backbone.body.load_state_dict(state, strict=True)  # the same parameter names as without blocks
+    assert backbone.feature_info == FeatureInfo(channels=(128, 256, 256), strides=(4, 8, 16))
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        x = reference.maxpool(reference.relu(reference.bn1(reference.conv1((images - backbone.mean) / backbone.std))))
+        expected = []
+        for layer in (reference.layer1, reference.layer2):
+            first = layer[0](x)
+            x = layer[1](first)
+            expected.append(torch.cat([first, x], dim=1))  # the earliest block first
+        expected.append(reference.layer3(x))
+        actual = backbone(images)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_one_block_count_applies_to_every_stage():
+    backbone = create_backbone("efficientnet_lite2", strides=(4, 8), pretrained=False, blocks=3)
+    assert backbone.feature_info.channels == (3 * 24, 3 * 48)  # Lite2's stride-4 and stride-8 stages: 3 blocks each
+    outputs = backbone(torch.rand(1, 3, 32, 32))
+    assert [f.shape[1] for f in outputs] == [72, 144]
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks", "message"),
+    [
+        ("efficientnet_lite2", (5, 3, 1), "has 3 block(s) in its stage at stride 4"),
+        ("resnet18", (1, 0, 1), "one positive count"),
+        ("resnet18", (1, 2), "one per stride"),
+        ("timm:resnet18", 2, "named backbones only"),
+    ],
+)
+def test_bad_block_counts_are_config_errors(name, blocks, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        create_backbone(name, strides=(4, 8, 16), pretrained=False, blocks=blocks)
 
 
 @pytest.mark.parametrize("variant", [0, 1, 2])

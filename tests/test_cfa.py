@@ -77,6 +77,22 @@ def test_gamma_d_reduces_descriptor_channels():
     assert model.memory_bank.shape == (0, 112)
 
 
+def test_several_blocks_per_stage_widen_the_descriptor(tmp_path):
+    # resnet18's layer1 and layer2 have two blocks each: D = 2 * 64 + 2 * 128 + 256 = 640 instead of 448.
+    from flawscope.model_io import load_model, save_model
+
+    model = _small_model(backbone_blocks="2,2,1")
+    assert model.backbone.feature_info.channels == (128, 256, 256)
+    assert model.descriptor_dim == 640 // 8 and model.descriptor.projection.in_channels == 640 + 2
+    model.memory_bank = torch.randn(16, 80)  # as fitted: M items of D' channels
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model.patch_features(images).shape == (2, 640, 16, 16)
+        loaded = load_model(save_model(model, tmp_path / "run"))
+        assert loaded.config.backbone_blocks == (2, 2, 1)
+        torch.testing.assert_close(model.raw_scores(images)[0], loaded.raw_scores(images)[0])
+
+
 def test_he_init_and_pytorch_variant():
     torch.manual_seed(0)
     he = PatchDescriptor(1792, 1792, init="he").projection
@@ -395,6 +411,8 @@ def test_short_fit_logs_each_epoch_and_is_seeded(tiny_dataset):
         ({"score_mode": "max"}, r"'score_mode'.*one of 'softmin', 'nearest'"),
         ({"pool_size": 2}, r"pool_size must be one odd kernel.*got \(2,\)"),
         ({"pool_size": "3,1"}, r"pool_size must be one odd kernel.*one per stage \(3 strides\)"),
+        ({"backbone_blocks": "2,1"}, r"backbone_blocks must be one count.*one per stage \(3 strides\)"),
+        ({"backbone_blocks": 0}, r"'backbone_blocks'.*got \(0,\)"),
         ({"radius_init": 1.0}, r"Unknown option\(s\) 'radius_init'.*Valid options:.*radius"),
     ],
 )

@@ -1,8 +1,9 @@
 """Frozen feature extractors that return the stages asked for by stride, truncated after the deepest one.
 
 Every backbone is a timm model. Named backbones are built whole, filled with their weight file (strictly: a key
-that does not match is an error), then wrapped in timm's ``FeatureListNet``, which keeps only the modules up to the
-deepest requested stage. Other timm models go through timm's own ``features_only`` path with ``out_indices``.
+that does not match is an error), then wrapped in ``StageBlocksNet`` (timm's ``FeatureListNet``, which keeps only
+the modules up to the deepest requested stage, able to return several block outputs of a stage). Other timm models
+go through timm's own ``features_only`` path with ``out_indices``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,45 @@ class FeatureInfo:
 
     channels: tuple[int, ...]
     strides: tuple[int, ...]
+
+
+class StageBlocksNet(FeatureListNet):
+    """timm's ``FeatureListNet`` that can return, for a stage, the outputs of its last n blocks concatenated.
+
+    A stage here is a ``Sequential`` of blocks (a ResNet layer, an EfficientNet stage); every block of a stage has
+    the stage's output channels C, so the stage's returned map has n * C channels, the earliest block first. This
+    is the CFA code's EfficientNet descriptor ("several feature maps for each scale", ``shared/specs/cfa.md`` A14).
+
+    Args:
+        model: the whole timm network, weights already loaded.
+        out_indices: timm feature indices of the returned stages, increasing.
+        flatten_sequential: as ``FeatureListNet`` (needed when a stage sits one Sequential deep, 'blocks.2').
+        blocks: n of each returned stage, in the order of ``out_indices``; 1 = the stage's output only.
+    """
+
+    def __init__(
+        self, model: nn.Module, out_indices: tuple[int, ...], flatten_sequential: bool, blocks: tuple[int, ...]
+    ) -> None:
+        super().__init__(model, out_indices=out_indices, flatten_sequential=flatten_sequential)
+        self.block_counts = dict(zip(self.return_layers, blocks, strict=True))  # module name -> n
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x (B, 3, H, W), normalised -> one map per returned stage, (B, n_i * C_i, H / s_i, W / s_i)."""
+        out = []
+        for name, module in self.items():
+            count = self.block_counts.get(name, 0)
+            if count <= 1:
+                x = module(x)
+                if count:
+                    out.append(x)
+                continue
+            kept = []
+            for index, block in enumerate(module):
+                x = block(x)
+                if index >= len(module) - count:
+                    kept.append(x)
+            out.append(torch.cat(kept, dim=1))
+        return out
 
 
 class Backbone(nn.Module):
@@ -91,6 +131,7 @@ def create_backbone(
     strides: Sequence[int] = (8, 16),
     pretrained: bool = True,
     weights_path: str | Path | None = None,
+    blocks: int | Sequence[int] = 1,
 ) -> Backbone:
     """Builds a frozen backbone that computes nothing deeper than its deepest requested stride.
 
@@ -100,15 +141,24 @@ def create_backbone(
         pretrained: load ImageNet weights (found offline first, see ``flawscope.backbones.weights``).
             False gives random weights, as used before ``load_state_dict`` of a saved model.
         weights_path: an explicit weight file (.safetensors or a torch state dict); used when ``pretrained``.
+        blocks: how many of the last blocks of each returned stage to concatenate: one count for every stride, or
+            one per stride. 1 = each stage's output (the usual); more only for named backbones. The CFA code's
+            EfficientNet-B5 descriptor is (5, 3, 1) at strides (4, 8, 16).
 
     Raises:
-        ConfigError: unknown name, or a stride the network does not have.
+        ConfigError: unknown name, a stride the network does not have, or a block count a stage does not have.
         WeightsNotFoundError: ``pretrained`` and the weight file is not available.
         ModelFormatError: the weight file does not fit the architecture.
     """
     strides = _checked_strides(strides)
+    counts = _checked_blocks(blocks, strides)
     if name in NAMED_BACKBONES:
-        return _create_named(name, NAMED_BACKBONES[name], strides, pretrained, weights_path)
+        return _create_named(name, NAMED_BACKBONES[name], strides, pretrained, weights_path, counts)
+    if any(count > 1 for count in counts):
+        raise ConfigError(
+            f"Several blocks per stage ('blocks' = {counts}) work with the named backbones only "
+            f"({', '.join(available_backbones())}), not with {name!r}. Use blocks=1."
+        )
     return _create_timm(name, _timm_arch(name), strides, pretrained, weights_path)
 
 
@@ -139,6 +189,18 @@ def _checked_strides(strides: Sequence[int]) -> tuple[int, ...]:
     return strides
 
 
+def _checked_blocks(blocks: int | Sequence[int], strides: tuple[int, ...]) -> tuple[int, ...]:
+    counts = (blocks,) if isinstance(blocks, int) else tuple(blocks)
+    if len(counts) == 1:
+        counts = counts * len(strides)
+    if len(counts) != len(strides) or not all(isinstance(n, int) and n >= 1 for n in counts):
+        raise ConfigError(
+            f"The 'blocks' of a backbone must be one positive count for every stride or one per stride "
+            f"({len(strides)} strides: {strides}); got {blocks!r}."
+        )
+    return counts
+
+
 def _timm_arch(name: str) -> str:
     arch = name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(arch):
@@ -166,15 +228,29 @@ def _load_named_weights(model: nn.Module, name: str, spec: NamedBackbone, weight
 
 
 def _create_named(
-    name: str, spec: NamedBackbone, strides: tuple[int, ...], pretrained: bool, weights_path: str | Path | None
+    name: str,
+    spec: NamedBackbone,
+    strides: tuple[int, ...],
+    pretrained: bool,
+    weights_path: str | Path | None,
+    blocks: tuple[int, ...],
 ) -> Backbone:
     model = timm.create_model(spec.timm_arch, pretrained=False)
     stages = TimmFeatureInfo(model.feature_info, tuple(range(len(model.feature_info))))
     indices, channels = _select_stages(name, stages, strides)  # before looking for weights: fail fast
+    for index, stride, count in zip(indices, strides, blocks, strict=True):
+        stage = model.get_submodule(model.feature_info[index]["module"])
+        available = len(stage) if isinstance(stage, nn.Sequential) else 1
+        if count > available:
+            raise ConfigError(
+                f"Backbone {name!r} has {available} block(s) in its stage at stride {stride}; 'blocks' (a model's "
+                f"'backbone_blocks') asks for the last {count}. Use at most {available} there."
+            )
     weights_file = _load_named_weights(model, name, spec, weights_path) if pretrained else None
     # Stages one Sequential deep ('blocks.2') are only reachable once the first level of Sequentials is flattened.
     flatten = any("." in model.feature_info[i]["module"] for i in indices)
-    body = FeatureListNet(model, out_indices=indices, flatten_sequential=flatten)
+    body = StageBlocksNet(model, indices, flatten, blocks)
+    channels = tuple(count * c for count, c in zip(blocks, channels, strict=True))
     return Backbone(name, body, FeatureInfo(channels, strides), spec.mean, spec.std, weights_file)
 
 

@@ -1,11 +1,12 @@
 """CFA (Lee, Lee, Song, IEEE Access 2022): a patch descriptor adapted with a coupled-hypersphere loss.
 
-Inference graph: frozen backbone stages at strides 4, 8, 16 -> per stage 3x3 average pooling -> bilinear
-upsampling to the stride-4 grid -> concatenation (D channels) -> patch descriptor (CoordConv: two coordinate
-channels, then a 1x1 convolution to D' = D / gamma_d) -> Euclidean distances to the memory bank by one matrix
-product -> soft-boundary score of Eq. 5 over the K nearest memory items -> bilinear upsampling, Gaussian sigma 4 px;
-the image score is the maximum of the smoothed map. The memory bank is built and the descriptor trained in
-``fit.py``; see ``shared/specs/cfa.md`` and ``docs/methods.md`` for where the paper and the public code differ.
+Inference graph: frozen backbone stages at strides 4, 8, 16 (each optionally the concatenated outputs of its last
+few blocks) -> per stage 3x3 average pooling -> bilinear upsampling to the stride-4 grid -> concatenation (D
+channels) -> patch descriptor (CoordConv: two coordinate channels, then a 1x1 convolution to D' = D / gamma_d) ->
+Euclidean distances to the memory bank by one matrix product -> soft-boundary score of Eq. 5 over the K nearest
+memory items -> bilinear upsampling, Gaussian sigma 4 px; the image score is the maximum of the smoothed map. The
+memory bank is built and the descriptor trained in ``fit.py``; see ``shared/specs/cfa.md`` and ``docs/methods.md``
+for where the paper and the public code differ.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class CFAConfig(ModelConfig):
 
     strides: tuple[int, ...] = option(
         (4, 8, 16), "backbone stages used, by stride (C2, C3, C4 = ResNet layer1-3)", low=1, high=64
+    )
+    backbone_blocks: tuple[int, ...] = option(
+        (1,),
+        "how many of the last blocks of each stage to concatenate: one count for every stage or one per stride "
+        "(1 = the stage's output, paper's ResNets; the CFA code's EfficientNet-B5 takes 5, 3, 1)",
+        low=1,
     )
     gamma_d: int = option(1, "descriptor channel reduction: D' = D // gamma_d (Table 6)", low=1)
     gamma_c: int = option(1, "memory compression: bank items = h*w // gamma_c (Table 6)", low=1)
@@ -90,6 +97,11 @@ class CFAConfig(ModelConfig):
             raise ConfigError(
                 f"pool_size must be one odd kernel for every stage or one per stage ({len(self.strides)} strides), "
                 f"so that each pooled map keeps its grid; got {self.pool_size}."
+            )
+        if len(self.backbone_blocks) not in (1, len(self.strides)):
+            raise ConfigError(
+                f"backbone_blocks must be one count for every stage or one per stage ({len(self.strides)} strides); "
+                f"got {self.backbone_blocks}."
             )
         if grid * grid // self.gamma_c < self.num_neighbors + self.num_hard_negatives:
             raise ConfigError(
@@ -183,7 +195,7 @@ class CFA(AnomalyModel):
     def __init__(self, config: CFAConfig, pretrained: bool = True, weights_path: str | Path | None = None):
         super().__init__(config)
         self.backbone = create_backbone(
-            config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
+            config.backbone, config.strides, pretrained, weights_path, blocks=config.backbone_blocks
         )
         in_channels = sum(self.backbone.feature_info.channels)
         if in_channels // config.gamma_d < 1:
