@@ -94,3 +94,28 @@ def test_position_whitening_without_shrinkage_on_too_few_images_says_what_to_do(
     whitening = PositionWhitening(8, shrinkage=0.01)
     whitening.fit([features])
     assert whitening.fitted and whitening(features).shape == (3, 2, 8)
+
+
+@pytest.mark.parametrize("values_per_step", [1, 2 * 6 * 6, 2**24])  # one position, two, all at a time
+def test_position_whitening_equals_numpy_per_position_whatever_the_chunking(monkeypatch, values_per_step):
+    from flawscope.layers import PositionWhitening, whitening
+
+    monkeypatch.setattr(whitening, "VALUES_PER_STEP", values_per_step)
+    generator = torch.Generator().manual_seed(0)
+    # 23 images, 5 positions, 6 channels, each position with its own mean and correlated channels.
+    mixing = torch.randn(5, 6, 6, generator=generator)
+    features = (
+        torch.einsum("npd,ped->npe", torch.randn(23, 5, 6, generator=generator), mixing) + torch.arange(5.0)[:, None]
+    )
+    layer = PositionWhitening(6, shrinkage=1e-6)
+    layer.fit(features.split(4))  # streamed in uneven chunks: 4, 4, 4, 4, 4, 3
+    x = features.double().numpy()
+    for p in range(5):
+        mean = x[:, p].mean(0)
+        cov = np.cov(x[:, p], rowvar=False) + 1e-6 * np.eye(6)
+        expected = np.linalg.inv(np.linalg.cholesky(cov))
+        np.testing.assert_allclose(layer.mean[p].numpy(), mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(layer.matrix[p].numpy(), expected, rtol=1e-4, atol=1e-4)
+    whitened = layer(features).double()  # training features: zero mean, identity covariance
+    np.testing.assert_allclose(whitened.mean(0).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(whitened[:, 2].numpy(), rowvar=False), np.eye(6), atol=1e-3)

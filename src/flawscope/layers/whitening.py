@@ -17,6 +17,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
+# Values (positions x D x D) of the covariances finished at once: 2**24 float64 values = 128 MiB a temporary.
+VALUES_PER_STEP = 2**24
+
 
 class PositionWhitening(nn.Module):
     """Whitens each of P grid positions with its training Gaussian; the identity until fitted.
@@ -45,29 +48,43 @@ class PositionWhitening(nn.Module):
     def fit(self, chunks: Iterable[Tensor]) -> None:
         """Sets mean and matrix from the training features in one pass (sums and outer products, float64).
 
+        Memory: the float64 sums of outer products (P, D, D), accumulated in place, and the float32 result; the
+        covariances are finished a few positions at a time (about ``VALUES_PER_STEP`` values), never all
+        together.
+
         Args:
             chunks: the training features as (b, P, D) tensors, a few images at a time, so the features never have
                 to be in memory together.
         """
-        count, total, outer = 0, 0.0, 0.0
+        count, total, outer = 0, None, None
         for chunk in chunks:
-            chunk = chunk.double()
-            count, total = count + len(chunk), total + chunk.sum(0)
-            outer = outer + torch.einsum("bpd,bpe->pde", chunk, chunk)
+            chunk = chunk.double().transpose(0, 1)  # (P, b, D)
+            if outer is None:
+                total = chunk.new_zeros(chunk.shape[0], chunk.shape[2])
+                outer = chunk.new_zeros(chunk.shape[0], chunk.shape[2], chunk.shape[2])
+            count += chunk.shape[1]
+            total += chunk.sum(1)
+            outer.baddbmm_(chunk.transpose(1, 2), chunk)  # += sum over images of x x^T, per position
         if count < 2:
             raise ConfigError(f"Per-position whitening needs at least 2 training images; got {count}.")
         mean = total / count  # (P, D)
-        cov = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1)
-        eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
-        cov = cov + self.shrinkage * eye
-        factor, info = torch.linalg.cholesky_ex(cov)
-        if bool((info != 0).any()):
-            raise ConfigError(
-                f"A per-position covariance is singular ({count} training images for {mean.shape[-1]} feature "
-                f"channels, shrinkage {self.shrinkage}). Set position_shrinkage > 0 (PaDiM uses 0.01) or add images."
-            )
-        matrix = torch.linalg.solve_triangular(factor, eye.expand_as(cov), upper=False)
-        self.mean, self.matrix = mean.to(self.mean.dtype), matrix.to(self.matrix.dtype)
+        dim = mean.shape[-1]
+        eye = torch.eye(dim, dtype=mean.dtype, device=mean.device)
+        matrix = torch.empty(outer.shape, dtype=self.matrix.dtype, device=mean.device)
+        step = max(1, VALUES_PER_STEP // (dim * dim))
+        for start in range(0, len(mean), step):
+            part = slice(start, start + step)
+            centred = outer[part] - count * mean[part, :, None] * mean[part, None, :]
+            cov = centred / (count - 1) + self.shrinkage * eye
+            factor, info = torch.linalg.cholesky_ex(cov)
+            if bool((info != 0).any()):
+                raise ConfigError(
+                    f"A per-position covariance is singular ({count} training images for {dim} feature "
+                    f"channels, shrinkage {self.shrinkage}). Set position_shrinkage > 0 (PaDiM uses 0.01) or add "
+                    "images."
+                )
+            matrix[part] = torch.linalg.solve_triangular(factor, eye.expand_as(cov), upper=False)
+        self.mean, self.matrix = mean.to(self.mean.dtype), matrix
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, P, D) -> (B, P, D) whitened features; unchanged when not fitted.
