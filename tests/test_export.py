@@ -172,6 +172,16 @@ def test_position_whitening_exports_with_parity(name, tiny_dataset, tmp_path):
         assert check_parity(model, export_model(model, tmp_path / f"position.{fmt}", fmt), images)["ok"]
 
 
+def test_several_blocks_per_stage_export_with_parity(tiny_dataset, tmp_path):
+    # CFA's backbone_blocks: the concatenated block outputs of a stage are traced like any other feature map.
+    model, split = _fit("cfa", tiny_dataset, backbone_blocks=(2, 2, 1))
+    assert model.backbone.feature_info.channels[:2] == (128, 256)  # resnet18's layer1 and layer2, two blocks each
+    images = _test_images(split, model.config.image_size)
+    _calibrate(model, images)
+    for fmt in ("onnx", "torchscript"):
+        assert check_parity(model, export_model(model, tmp_path / f"blocks.{fmt}", fmt), images)["ok"]
+
+
 def test_unfitted_model_is_not_exported(tmp_path):
     method = get_method("patchcore")
     model = method.model_class(method.config_class.from_dict({**BASE_OPTIONS, **QUICK_OPTIONS["patchcore"]}), False)
