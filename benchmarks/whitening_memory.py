@@ -1,10 +1,10 @@
 """Peak memory and time of fitting the per-position whitening (``feature_norm=position``) at the sizes used on MTD.
 
 Each row fits ``flawscope.layers.PositionWhitening`` in its own process on random features (P grid positions, D
-channels, N images streamed 8 at a time) and reads the peak resident memory of that process with os.wait4; the
-process's memory before the fit (torch imported, one chunk made) is subtracted, so a row is what the fit itself
-adds. Memory does not depend on N (the features are streamed), only time does. The table goes into
-docs/benchmarks.md.
+channels; one random chunk of 8 images streamed N / 8 times, so the cost is that of N images without the time of
+drawing them) and reads the peak resident memory of that process with os.wait4; the process's peak before the fit
+(torch imported, the chunk made) is subtracted, so a row is what the fit itself adds. Memory does not depend on N
+(the features are streamed), only time does. The table goes into docs/benchmarks.md.
 
     python benchmarks/whitening_memory.py
 """
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--child", type=int, nargs=2, metavar=("P", "D"), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.images < 16 or args.images % 8:
+        parser.error(f"--images must be a multiple of 8, at least 16; got {args.images}")
     if args.child:
         child(*args.child, args.images, args.child_out)
         return
@@ -74,7 +76,8 @@ def main() -> None:
         f"Command: `{command()}`",
         "",
         f"Each row: `PositionWhitening(D).fit` on {args.images} random images of P x D features streamed 8 at a time, "
-        "in its own process; peak resident memory (os.wait4) minus the process's memory before the fit. "
+        "(one random chunk of 8 streamed repeatedly), in its own process; peak resident memory (os.wait4) minus the "
+        "process's peak before the fit. "
         "P · D² · 8 bytes is the float64 accumulator of the sums of outer products, which the fit must hold; the "
         f"fitted float32 matrix is half that. Hardware: {cpu_model()}, {os.cpu_count()} cores, "
         f"{os.environ.get('OMP_NUM_THREADS', 'default')} threads.",

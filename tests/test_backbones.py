@@ -78,12 +78,23 @@ def random_resnet18_file(path: Path, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def _stage_lengths(name: str, strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Blocks in the deepest stage at each stride of a named backbone."""
+    with torch.device("meta"):
+        model = build_named_model(name, pretrained=False)
+    deepest = {info["reduction"]: info["module"] for info in model.feature_info}
+    return tuple(len(model.get_submodule(deepest[s])) for s in strides)
+
+
+@pytest.mark.parametrize("every_block", [False, True])
 @pytest.mark.parametrize("name", NAMED)
-def test_feature_info_matches_outputs(name):
+def test_feature_info_matches_outputs(name, every_block):
     # wide_resnet101_2 (127M parameters) runs on the meta device: same shape rules, no compute or memory.
+    # every_block: each stage returns the outputs of all its blocks, so declared channels must match every block's.
     device = torch.device("meta" if name == "wide_resnet101_2" else "cpu")
+    blocks = _stage_lengths(name, (4, 8, 16)) if every_block else 1
     with device:
-        backbone = create_backbone(name, strides=(4, 8, 16), pretrained=False)
+        backbone = create_backbone(name, strides=(4, 8, 16), pretrained=False, blocks=blocks)
         with torch.no_grad():
             outputs = backbone(torch.rand(2, 3, 64, 64))
     info = backbone.feature_info

@@ -91,6 +91,9 @@ def test_position_whitening_without_shrinkage_on_too_few_images_says_what_to_do(
     assert not whitening.fitted
     with pytest.raises(ConfigError, match="at least 2 training images"):
         whitening.fit([features[:1]])
+    for chunks in ([features[..., :7]], [features[0]], [features, features[:, :1]]):  # D 7, 2-D, P 2 then 1
+        with pytest.raises(ConfigError, match=r"\(images, positions, 8\) feature chunks.*got"):
+            whitening.fit(chunks)
     whitening = PositionWhitening(8, shrinkage=0.01)
     whitening.fit([features])
     assert whitening.fitted and whitening(features).shape == (3, 2, 8)

@@ -1,7 +1,7 @@
 """Frozen feature extractors that return the stages asked for by stride, truncated after the deepest one.
 
 Every backbone is a timm model. Named backbones are built whole, filled with their weight file (strictly: a key
-that does not match is an error), then wrapped in ``StageBlocksNet`` (timm's ``FeatureListNet``, which keeps only
+that does not match is an error), then wrapped in ``_StageBlocksNet`` (timm's ``FeatureListNet``, which keeps only
 the modules up to the deepest requested stage, able to return several block outputs of a stage). Other timm models
 go through timm's own ``features_only`` path with ``out_indices``.
 """
@@ -39,7 +39,7 @@ class FeatureInfo:
     strides: tuple[int, ...]
 
 
-class StageBlocksNet(FeatureListNet):
+class _StageBlocksNet(FeatureListNet):
     """timm's ``FeatureListNet`` that can return, for a stage, the outputs of its last n blocks concatenated.
 
     A stage here is a ``Sequential`` of blocks (a ResNet layer, an EfficientNet stage); every block of a stage has
@@ -57,7 +57,8 @@ class StageBlocksNet(FeatureListNet):
         self, model: nn.Module, out_indices: tuple[int, ...], flatten_sequential: bool, blocks: tuple[int, ...]
     ) -> None:
         super().__init__(model, out_indices=out_indices, flatten_sequential=flatten_sequential)
-        self.block_counts = dict(zip(self.return_layers, blocks, strict=True))  # module name -> n
+        count_of = dict(zip(out_indices, blocks, strict=True))  # timm feature index -> n
+        self.block_counts = {name: count_of[int(index)] for name, index in self.return_layers.items()}
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x (B, 3, H, W), normalised -> one map per returned stage, (B, n_i * C_i, H / s_i, W / s_i)."""
@@ -157,7 +158,8 @@ def create_backbone(
     if any(count > 1 for count in counts):
         raise ConfigError(
             f"Several blocks per stage ('blocks' = {counts}) work with the named backbones only "
-            f"({', '.join(available_backbones())}), not with {name!r}. Use blocks=1."
+            f"({', '.join(available_backbones())}), not with {name!r}. Set 'blocks' (a model's 'backbone_blocks') to "
+            "1, or use a named backbone."
         )
     return _create_timm(name, _timm_arch(name), strides, pretrained, weights_path)
 
@@ -249,7 +251,7 @@ def _create_named(
     weights_file = _load_named_weights(model, name, spec, weights_path) if pretrained else None
     # Stages one Sequential deep ('blocks.2') are only reachable once the first level of Sequentials is flattened.
     flatten = any("." in model.feature_info[i]["module"] for i in indices)
-    body = StageBlocksNet(model, indices, flatten, blocks)
+    body = _StageBlocksNet(model, indices, flatten, blocks)
     channels = tuple(count * c for count, c in zip(blocks, channels, strict=True))
     return Backbone(name, body, FeatureInfo(channels, strides), spec.mean, spec.std, weights_file)
 

@@ -55,9 +55,18 @@ class PositionWhitening(nn.Module):
         Args:
             chunks: the training features as (b, P, D) tensors, a few images at a time, so the features never have
                 to be in memory together.
+
+        Raises:
+            ConfigError: fewer than 2 images, a chunk of another shape, or a singular covariance.
         """
         count, total, outer = 0, None, None
+        dim = self.mean.shape[1]
         for chunk in chunks:
+            if chunk.ndim != 3 or chunk.shape[2] != dim or (total is not None and chunk.shape[1] != len(total)):
+                raise ConfigError(
+                    f"Per-position whitening takes (images, positions, {dim}) feature chunks, all with the same "
+                    f"positions; got {tuple(chunk.shape)}. Pass features of the layer's dim at one input size."
+                )
             chunk = chunk.double().transpose(0, 1)  # (P, b, D)
             if outer is None:
                 total = chunk.new_zeros(chunk.shape[0], chunk.shape[2])
@@ -68,7 +77,6 @@ class PositionWhitening(nn.Module):
         if count < 2:
             raise ConfigError(f"Per-position whitening needs at least 2 training images; got {count}.")
         mean = total / count  # (P, D)
-        dim = mean.shape[-1]
         eye = torch.eye(dim, dtype=mean.dtype, device=mean.device)
         matrix = torch.empty(outer.shape, dtype=self.matrix.dtype, device=mean.device)
         step = max(1, VALUES_PER_STEP // (dim * dim))

@@ -35,7 +35,7 @@ class CFAConfig(ModelConfig):
     backbone_blocks: tuple[int, ...] = option(
         (1,),
         "how many of the last blocks of each stage to concatenate: one count for every stage or one per stride "
-        "(1 = the stage's output, paper's ResNets; the CFA code's EfficientNet-B5 takes 5, 3, 1)",
+        "(1 = the stage's output, paper's ResNets; the CFA code's EfficientNet-B5 takes 5, 3, 1); named backbones only",
         low=1,
     )
     gamma_d: int = option(1, "descriptor channel reduction: D' = D // gamma_d (Table 6)", low=1)
