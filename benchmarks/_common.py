@@ -39,6 +39,13 @@ def write_section(path: Path, heading: str, section: str) -> None:
     path.write_text(text)
 
 
+def publish(path: Path, heading: str, lines: list[str]) -> None:
+    """Prints a section given as lines (the heading first) and writes it into ``path`` with ``write_section``."""
+    section = "\n".join([*lines, ""])
+    print(section)
+    write_section(path, heading, section)
+
+
 def run(args: list[str]) -> tuple[float, float]:
     """Runs a command; returns (wall seconds, peak resident MiB of that process)."""
     start = time.perf_counter()

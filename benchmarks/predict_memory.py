@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from _common import REPO, command, cpu_model, run, write_section
+from _common import REPO, command, cpu_model, publish, run
 from flawscope.data import find_images
 
 SECTION = "## Memory of batch prediction against the number of images"
@@ -61,10 +61,7 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|",
     ]
     table += [f"| {n:,} | {rows_:,} | {s:.0f} | {n / s:.0f} | {mib:.0f} |" for n, rows_, s, mib in rows]
-    table.append("")
-    section = "\n".join(table)
-    print(section)
-    write_section(args.docs, SECTION, section)
+    publish(args.docs, SECTION, table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import flawscope.metrics as M
-from _common import REPO, command, cpu_model, write_section
+from _common import REPO, command, cpu_model, publish
 from flawscope.data import load_dataset, make_loader, split_validation
 from flawscope.data.demo import DEFECT_TYPES, draw_defect
 from flawscope.fitting import FitContext
@@ -113,10 +113,7 @@ def main() -> None:
             f"| {sigma:g} | {sigma * feature_std:.3f} | {100 * m['image_auroc']:.1f} "
             f"| {100 * m['pixel_auroc']:.1f} | {100 * m['pixel_aupro']:.1f} | {seconds:.0f} |"
         )
-    lines.append("")
-    section = "\n".join(lines)
-    print(section)
-    write_section(args.docs, heading, section)
+    publish(args.docs, heading, lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, command, cpu_model, run, write_section
+from _common import REPO, command, cpu_model, publish, run
 
 SECTION = "## Memory of the per-position whitening fit"
 # (P, D, what uses it): 224 px at stride 4 (56 x 56) or stride 8 (28 x 28) on MTD's settings.
@@ -86,10 +86,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
     table += [f"| {use} | {p} | {d} | {floor:.0f} | {peak:.0f} | {s:.1f} |" for use, p, d, floor, peak, s in rows]
-    table.append("")
-    section = "\n".join(table)
-    print(section)
-    write_section(args.docs, SECTION, section)
+    publish(args.docs, SECTION, table)
 
 
 if __name__ == "__main__":
