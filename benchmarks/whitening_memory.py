@@ -75,7 +75,7 @@ def main() -> None:
         "",
         f"Command: `{command()}`",
         "",
-        f"Each row: `PositionWhitening(D).fit` on {args.images} random images of P x D features streamed 8 at a time, "
+        f"Each row: `PositionWhitening(D).fit` on {args.images} random images of P x D features streamed 8 at a time "
         "(one random chunk of 8 streamed repeatedly), in its own process; peak resident memory (os.wait4) minus the "
         "process's peak before the fit. "
         "P · D² · 8 bytes is the float64 accumulator of the sums of outer products, which the fit must hold; the "
