@@ -77,6 +77,25 @@ def test_gamma_d_reduces_descriptor_channels():
     assert model.memory_bank.shape == (0, 112)
 
 
+def test_descriptor_expansion_doubles_the_descriptor_and_the_bank(tmp_path):
+    # The CFA code's EfficientNet descriptor maps D = 568 channels to 2 * 568 (spec A14); resnet18 has D = 448.
+    from flawscope.model_io import load_model, save_model
+
+    model = _small_model(gamma_d=1, descriptor_expansion=2)
+    assert model.descriptor_dim == 896 and model.descriptor.projection.weight.shape == (896, 450, 1, 1)
+    assert sum(p.numel() for p in model.descriptor.parameters()) == 450 * 896 + 896
+    assert model.memory_bank.shape == (0, 896)
+    reduced = _small_model(gamma_d=8, descriptor_expansion=2)
+    assert reduced.descriptor_dim == 2 * 448 // 8
+    model.memory_bank = torch.randn(16, 896)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model.describe(images).shape == (2, 896, 16, 16)
+        loaded = load_model(save_model(model, tmp_path / "run"))
+        assert loaded.config.descriptor_expansion == 2
+        torch.testing.assert_close(model.raw_scores(images)[0], loaded.raw_scores(images)[0])
+
+
 def test_several_blocks_per_stage_widen_the_descriptor(tmp_path):
     # resnet18's layer1 and layer2 have two blocks each: D = 2 * 64 + 2 * 128 + 256 = 640 instead of 448.
     from flawscope.model_io import load_model, save_model
@@ -413,6 +432,7 @@ def test_short_fit_logs_each_epoch_and_is_seeded(tiny_dataset):
         ({"pool_size": "3,1"}, r"pool_size must be one odd kernel.*one per stage \(3 strides\)"),
         ({"backbone_blocks": "2,1"}, r"backbone_blocks must be one count.*one per stage \(3 strides\)"),
         ({"backbone_blocks": 0}, r"'backbone_blocks'.*got \(0,\)"),
+        ({"descriptor_expansion": 0}, r"'descriptor_expansion'.*got 0"),
         ({"radius_init": 1.0}, r"Unknown option\(s\) 'radius_init'.*Valid options:.*radius"),
     ],
 )

@@ -2,11 +2,11 @@
 
 Inference graph: frozen backbone stages at strides 4, 8, 16 (each optionally the concatenated outputs of its last
 few blocks) -> per stage 3x3 average pooling -> bilinear upsampling to the stride-4 grid -> concatenation (D
-channels) -> patch descriptor (CoordConv: two coordinate channels, then a 1x1 convolution to D' = D / gamma_d) ->
-Euclidean distances to the memory bank by one matrix product -> soft-boundary score of Eq. 5 over the K nearest
-memory items -> bilinear upsampling, Gaussian sigma 4 px; the image score is the maximum of the smoothed map. The
-memory bank is built and the descriptor trained in ``fit.py``; see ``shared/specs/cfa.md`` and ``docs/methods.md``
-for where the paper and the public code differ.
+channels) -> patch descriptor (CoordConv: two coordinate channels, then a 1x1 convolution to D' = D / gamma_d, or
+twice that with the code's EfficientNet width) -> Euclidean distances to the memory bank by one matrix product ->
+soft-boundary score of Eq. 5 over the K nearest memory items -> bilinear upsampling, Gaussian sigma 4 px; the image
+score is the maximum of the smoothed map. The memory bank is built and the descriptor trained in ``fit.py``; see
+``shared/specs/cfa.md`` and ``docs/methods.md`` for where the paper and the public code differ.
 """
 
 from __future__ import annotations
@@ -38,7 +38,13 @@ class CFAConfig(ModelConfig):
         "(1 = the stage's output, paper's ResNets; the CFA code's EfficientNet-B5 takes 5, 3, 1); named backbones only",
         low=1,
     )
-    gamma_d: int = option(1, "descriptor channel reduction: D' = D // gamma_d (Table 6)", low=1)
+    gamma_d: int = option(1, "descriptor channel reduction: D' = descriptor_expansion * D // gamma_d (Table 6)", low=1)
+    descriptor_expansion: int = option(
+        1,
+        "descriptor width factor: D' = descriptor_expansion * D // gamma_d (paper: 1; the CFA code's EfficientNet "
+        "descriptor: 2)",
+        low=1,
+    )
     gamma_c: int = option(1, "memory compression: bank items = h*w // gamma_c (Table 6)", low=1)
     memory_init: str = option(
         "kmeans_ema",
@@ -198,16 +204,16 @@ class CFA(AnomalyModel):
             config.backbone, config.strides, pretrained, weights_path, blocks=config.backbone_blocks
         )
         in_channels = sum(self.backbone.feature_info.channels)
-        if in_channels // config.gamma_d < 1:
+        out_channels = config.descriptor_expansion * in_channels // config.gamma_d
+        if out_channels < 1:
             raise ConfigError(
                 f"gamma_d={config.gamma_d} leaves no descriptor channel: backbone {config.backbone!r} gives "
-                f"D = {in_channels} channels at strides {config.strides}. Set gamma_d <= {in_channels}."
+                f"D = {in_channels} channels at strides {config.strides} (descriptor_expansion="
+                f"{config.descriptor_expansion}). Set gamma_d <= {config.descriptor_expansion * in_channels}."
             )
-        self.descriptor = PatchDescriptor(
-            in_channels, in_channels // config.gamma_d, config.descriptor_init, config.pool_size
-        )
+        self.descriptor = PatchDescriptor(in_channels, out_channels, config.descriptor_init, config.pool_size)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
-        self.register_buffer("memory_bank", torch.zeros(0, in_channels // config.gamma_d))
+        self.register_buffer("memory_bank", torch.zeros(0, out_channels))
         self.whitening = PositionWhitening(in_channels, config.position_shrinkage)  # fitted with feature_norm=position
 
     @property
