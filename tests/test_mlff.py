@@ -82,6 +82,39 @@ def test_ablation_baseline_fuses_the_three_stages_and_scores_by_distance():
     torch.testing.assert_close(anomaly_map, expected)
 
 
+@pytest.mark.parametrize(("texture_stride", "out_stride"), [(8, 8), (4, 8), (8, 4), (4, 4)])
+def test_texture_and_output_strides_follow_m1_and_m2(texture_stride, out_stride):
+    # resnet18 at 64 px: stage 1 on 16x16 (stride 4), stage 2 on 8x8, stage 3 on 4x4.
+    cfg = MLFFConfig.from_dict({**SMALL, "texture_stride": texture_stride, "out_stride": out_stride})
+    torch.manual_seed(0)
+    model = MLFF(cfg, pretrained=False).eval()
+    images = torch.rand(2, 3, 64, 64)
+    low_side, side = 64 // texture_stride, 64 // out_stride
+    with torch.no_grad():
+        stage1, stage2, stage3 = model.stages(images)
+        if texture_stride == 8:  # M1's proposal: stage 1 average-pooled to stage 2's grid
+            fused = torch.cat([F.avg_pool2d(stage1, 2), stage2], dim=1)
+        else:  # M1's alternative: stage 2 upsampled to stage 1's grid
+            fused = torch.cat([stage1, F.interpolate(stage2, scale_factor=2, mode="bilinear")], dim=1)
+        low = model.texture(fused)
+        assert low.shape == (2, 3 * 16, low_side, low_side)
+        if low_side > side:
+            low = F.avg_pool2d(low, 2)
+        elif low_side < side:
+            low = F.interpolate(low, scale_factor=2, mode="bilinear")
+        high = F.interpolate(model.high(stage3), size=(side, side), mode="bilinear")
+        expected = model.fuse(torch.cat([low, high], dim=1))
+        psi = model.features(images)
+        anomaly_map, _ = model.raw_scores(images)
+    assert psi.shape == (2, 8, side, side) and anomaly_map.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(psi, expected)
+
+
+def test_strides_other_than_4_and_8_are_rejected():
+    with pytest.raises(ConfigError, match=r"'out_stride'.*one of 4, 8; got 16"):
+        MLFFConfig.from_dict({**SMALL, "out_stride": 16})
+
+
 def test_score_head_without_score_loss_is_rejected():
     with pytest.raises(ConfigError, match="distance"):
         MLFFConfig(loss_weights=(1, 0, 1))

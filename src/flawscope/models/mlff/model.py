@@ -4,7 +4,9 @@ Inference graph (spec 2.2, shapes for ResNet-50 at 256 px): backbone stages 1-3 
 on the fused stages 1+2 (avg-pool stage 1 to stride 8, concat, 1x1 conv to 256 = X0; TEM -> T1; PTFEM on [T1, X0]
 -> T2; texture = [T2, T1, X0], 768 ch) and self-calibrated convolution on stage 3 (1024 ch, upsampled to stride 8)
 -> concat -> 1x1 conv -> per-pixel features psi (B, 256, 32, 32) -> score head eta (1x1 conv) -> S (B, 1, 32, 32).
-The map is S upsampled bilinearly to the input; the image score is its maximum (spec 2.9).
+The map is S upsampled bilinearly to the input; the image score is its maximum (spec 2.9). ``texture_stride=4``
+runs the texture branch on stage 1's grid (stage 2 upsampled, M1's alternative); ``out_stride=4`` fuses psi there
+(M2's alternative).
 
 Switching ``texture_branch`` and ``sc_branch`` off gives the ablation baseline of Table 4 (stages 1-3 fused directly,
 M23); ``score_source="distance"`` scores with the hypersphere distance A = sqrt(|psi|^2 + 1) - 1 instead of eta.
@@ -48,6 +50,15 @@ class MLFFConfig(ModelConfig):
     sc_branch: bool = option(True, "self-calibrated convolution on stage 3 (False: stage 3 as is)")
     texture_dim: int = option(256, "width of X0, T1 and T2 in the texture branch [proposal, M3]", low=1)
     feat_dim: int = option(256, "channels C of the fused feature psi [proposal, M2]", low=1)
+    texture_stride: int = option(
+        8,
+        "grid of the fused stages 1+2 that the texture branch works on: 8 (stage 1 average-pooled) or 4 (stage 2 "
+        "upsampled) [proposal, M1]",
+        choices=(4, 8),
+    )
+    out_stride: int = option(
+        8, "grid of the fused features psi and the score map: 8 or 4 (the finer stage's) [proposal, M2]", choices=(4, 8)
+    )
     tem_levels: int = option(128, "TEM quantisation levels N [M3]", low=2)
     tem_stat_dim: int = option(128, "TEM statistics width [M3]", low=1)
     ptfem_scales: tuple[int, ...] = option(
@@ -174,12 +185,13 @@ class MLFF(AnomalyModel):
         self.score_head = nn.Conv2d(config.feat_dim, 1, 1)
 
     def features(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) in [0, 1] -> psi (B, C, H/8, W/8)."""
+        """images (B, 3, H, W) in [0, 1] -> psi (B, C, H/s, W/s), s = ``out_stride`` (8 by default)."""
         stage1, stage2, stage3 = self.stages(images)
-        size = stage2.shape[-2:]
-        low = self.texture(torch.cat([F.adaptive_avg_pool2d(stage1, size), stage2], dim=1))
+        grids = {4: stage1.shape[-2:], 8: stage2.shape[-2:]}
+        low_size, size = grids[self.config.texture_stride], grids[self.config.out_stride]
+        low = self.texture(torch.cat([_resize(stage1, low_size), _resize(stage2, low_size)], dim=1))
         high = F.interpolate(self.high(stage3), size=size, mode="bilinear", align_corners=False)
-        return self.fuse(torch.cat([low, high], dim=1))
+        return self.fuse(torch.cat([_resize(low, size), high], dim=1))
 
     def stages(self, images: Tensor) -> list[Tensor]:
         """images (B, 3, H, W) -> the three backbone stages (B, C_i, H_i, W_i), each whitened per grid position when
@@ -203,6 +215,15 @@ class MLFF(AnomalyModel):
         scores = self.score_map(self.features(images))
         anomaly_map = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return anomaly_map, anomaly_map.flatten(1).amax(dim=1)
+
+
+def _resize(x: Tensor, size: torch.Size) -> Tensor:
+    """(B, C, h, w) -> (B, C, *size): average pooling to a coarser grid, bilinear upsampling to a finer one."""
+    if x.shape[-2:] == size:
+        return x
+    if x.shape[-1] > size[-1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def hypersphere_distance(psi: Tensor) -> Tensor:
