@@ -182,6 +182,17 @@ def test_several_blocks_per_stage_export_with_parity(tiny_dataset, tmp_path):
         assert check_parity(model, export_model(model, tmp_path / f"blocks.{fmt}", fmt), images)["ok"]
 
 
+def test_mlff_on_the_stride_4_grid_exports_with_parity(tiny_dataset, tmp_path):
+    # texture_stride=4, out_stride=4: stage 2 upsampled for the texture branch, psi on stage 1's grid.
+    model, split = _fit("mlff", tiny_dataset, texture_stride=4, out_stride=4)
+    images = _test_images(split, model.config.image_size)
+    with torch.no_grad():
+        assert model.features(images[:1]).shape[-1] == model.config.image_size // 4
+    _calibrate(model, images)
+    for fmt in ("onnx", "torchscript"):
+        assert check_parity(model, export_model(model, tmp_path / f"stride4.{fmt}", fmt), images)["ok"]
+
+
 def test_unfitted_model_is_not_exported(tmp_path):
     method = get_method("patchcore")
     model = method.model_class(method.config_class.from_dict({**BASE_OPTIONS, **QUICK_OPTIONS["patchcore"]}), False)
