@@ -158,7 +158,7 @@ def test_image_context_exports_with_parity(name, tiny_dataset, tmp_path):
         assert check_parity(model, export_model(model, tmp_path / f"context.{fmt}", fmt), images)["ok"]
 
 
-@pytest.mark.parametrize("name", ["simplenet", "cfa", "mlff"])
+@pytest.mark.parametrize("name", ["simplenet", "cfa", "mlff", "prn"])
 def test_position_whitening_exports_with_parity(name, tiny_dataset, tmp_path):
     # The MTD CFA with feature_norm=position exported to ONNX at 6.5e-6 of its map's range.
     from flawscope.layers import PositionWhitening

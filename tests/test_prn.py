@@ -94,6 +94,41 @@ def test_prototype_count():
     assert [tuple(p.shape) for p in model.prototypes()] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
 
 
+def test_position_whitening_fits_every_stage_and_prototypes_live_in_the_whitened_space(tmp_path):
+    from flawscope.model_io import load_model, save_model
+
+    model = _tiny(feature_norm="position", prototype_ratio=0.05)
+    normals = (torch.rand(20, 3, 64, 64) * 255).to(torch.uint8)
+    assert fit_prototypes(model, normals, FitContext(quiet=True)) == [1, 1, 1]
+    images = normals.float() / 255
+    with torch.no_grad():
+        raw, whitened = model.backbone(images), model.stages(images)
+    # ResNet-18 at 64 px: layer1-4 at 16x16, 8x8, 4x4 and 2x2 (the decoder's stage is whitened too).
+    for stage, white, whitening in zip(raw, whitened, model.whitening, strict=True):
+        c, side = stage.shape[1], stage.shape[-1]
+        assert whitening.mean.shape == (side * side, c) and whitening.matrix.shape == (side * side, c, c)
+        torch.testing.assert_close(stage.flatten(2).mean(0).T, whitening.mean, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(white.mean(0), torch.zeros(c, side, side), atol=1e-3, rtol=0)
+    # One prototype per scale: the k-means centre of the whitened maps is their mean, zero.
+    for p in model.prototypes():
+        torch.testing.assert_close(p, torch.zeros_like(p), atol=1e-3, rtol=0)
+    model.fitted.fill_(True)
+    loaded = load_model(save_model(model, tmp_path / "run"))
+    with torch.no_grad():
+        for a, b in zip(model.raw_scores(images[:2]), loaded.raw_scores(images[:2]), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_without_position_whitening_the_stages_are_the_encoders():
+    model = _tiny()
+    images = torch.rand(2, 3, 64, 64)
+    fit_prototypes(model, (images * 255).to(torch.uint8), FitContext(quiet=True))
+    assert not any(w.fitted for w in model.whitening)
+    with torch.no_grad():
+        for a, b in zip(model.backbone(images), model.stages(images), strict=True):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("residual", ["abs", "sq"])
 def test_residual_is_the_difference_to_the_nearest_whole_map_prototype(residual):
     model = _tiny(residual=residual)

@@ -57,7 +57,7 @@ def context_weight_option() -> Any:
 
 
 def position_shrinkage_option() -> Any:
-    """The ``position_shrinkage`` option of the models with ``feature_norm=position`` (SimpleNet, CFA)."""
+    """The ``position_shrinkage`` option of the models with ``feature_norm=position`` (SimpleNet, CFA, MLFF, PRN)."""
     return option(
         0.01, "epsilon of the per-position covariance + epsilon I (feature_norm=position; PaDiM: 0.01)", low=0
     )

@@ -94,6 +94,17 @@ class PositionWhitening(nn.Module):
             matrix[part] = torch.linalg.solve_triangular(factor, eye.expand_as(cov), upper=False)
         self.mean, self.matrix = mean.to(self.mean.dtype), matrix
 
+    def fit_maps(self, maps: Iterable[Tensor]) -> None:
+        """``fit`` on feature maps: (b, D, h, w) chunks, each grid cell a position."""
+        self.fit(m.flatten(2).transpose(1, 2) for m in maps)
+
+    def whiten_map(self, feature_map: Tensor) -> Tensor:
+        """(B, D, h, w) -> (B, D, h, w), each grid cell whitened with its position's Gaussian; unchanged when not
+        fitted."""
+        if not self.fitted:
+            return feature_map
+        return self(feature_map.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(feature_map.shape)
+
     def forward(self, features: Tensor) -> Tensor:
         """(B, P, D) -> (B, P, D) whitened features; unchanged when not fitted.
 

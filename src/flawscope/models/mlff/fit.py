@@ -124,9 +124,9 @@ def fit_position_whitening(model: MLFF, samples: Sequence[Sample], ctx: FitConte
     with torch.no_grad():
         for batch in ctx.progress(loader, "whitening", len(loader)):
             for kept, stage in zip(stages, model.backbone(batch["image"].to(ctx.device)), strict=True):
-                kept.append(stage.flatten(2).transpose(1, 2))  # (B, h_i*w_i, C_i)
+                kept.append(stage)  # (B, C_i, h_i, w_i)
         for whitening, kept in zip(model.whitening, stages, strict=True):
-            whitening.fit(kept)
+            whitening.fit_maps(kept)
 
 
 def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any]:

@@ -198,12 +198,7 @@ class MLFF(AnomalyModel):
         ``feature_norm=position`` has been fitted (unchanged otherwise)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
             stages = self.backbone(images)
-        if not self.whitening[0].fitted:  # the paper's graph: no reshaping either
-            return stages
-        return [
-            whitening(stage.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(stage.shape)
-            for whitening, stage in zip(self.whitening, stages, strict=True)
-        ]
+        return [whitening.whiten_map(stage) for whitening, stage in zip(self.whitening, stages, strict=True)]
 
     def score_map(self, psi: Tensor) -> Tensor:
         """psi (B, C, h, w) -> (B, 1, h, w) anomaly scores on the feature grid (eta, or the distance A)."""

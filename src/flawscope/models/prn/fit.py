@@ -1,6 +1,7 @@
 """PRN training: prototypes by k-means, then batches of normal, extended and simulated anomalies (spec §2.7-2.9).
 
-1. The frozen encoder runs over every good training image (or only a held-out share, ``prototype_holdout``); per
+1. The frozen encoder runs over every good training image (or only a held-out share, ``prototype_holdout``); with
+   ``feature_norm=position`` each stage's per-position Gaussian is fitted to those images and whitens it; per
    scale, K = max(1, floor(0.1 N)) prototypes are found by k-means over the flattened whole maps (random-sample
    initialisation, 300 iterations; paper §4.1).
 2. Every step draws ``batch_normal`` good images, ``batch_extended`` extended anomalies (EA: augmented seen
@@ -73,18 +74,27 @@ def _as_arrays(samples: Sequence[Sample], cfg: PRNConfig) -> tuple[np.ndarray, n
 
 
 def fit_prototypes(model: PRN, normals: Tensor, ctx: FitContext) -> list[int]:
-    """Runs the encoder over good images (N, 3, S, S) and sets K k-means prototypes per scale; returns K."""
+    """Runs the encoder over good images (N, 3, S, S) and sets K k-means prototypes per scale; returns K.
+
+    With ``feature_norm=position`` every stage's per-position whitening is fitted to the same images first, and the
+    prototypes are k-means centres of the whitened maps.
+    """
     cfg = model.config
-    maps: list[list[Tensor]] = [[] for _ in cfg.strides]
+    maps: list[list[Tensor]] = [[] for _ in model.whitening]
     with torch.no_grad():
         batches = normals.split(16)
         for batch in ctx.progress(batches, "prototype features", len(batches)):
-            for j, f in enumerate(model.backbone(batch.float().div(255).to(ctx.device))[: len(cfg.strides)]):
+            for j, f in enumerate(model.backbone(batch.float().div(255).to(ctx.device))):
                 maps[j].append(f.cpu())
+    stages = [torch.cat(parts) for parts in maps]  # [(N, c_j, h_j, w_j)], the decoder's stage last
+    if cfg.feature_norm == "position":
+        for whitening, stage in zip(model.whitening, stages, strict=True):
+            whitening.fit_maps(stage.split(64))
+        with torch.no_grad():
+            stages = [whitening.whiten_map(stage) for whitening, stage in zip(model.whitening, stages, strict=True)]
     k = num_prototypes(len(normals), cfg.prototype_ratio)
     prototypes = []
-    for j, parts in enumerate(maps):
-        features = torch.cat(parts)  # (N, c, h, w)
+    for j, features in enumerate(stages[: len(cfg.strides)]):
         result = kmeans(
             features.flatten(1).to(ctx.device),
             k,

@@ -1,7 +1,8 @@
 """PRN (Zhang et al., CVPR 2023): prototypical residual network for few-shot supervised anomaly segmentation.
 
 Inference graph (spec §2): frozen encoder stages at strides 4/8/16 (F_1..F_3, ResNet-18 layer1-3) and 32 (F_4,
-layer4, the decoder's start); per scale the residual D_j = |F_j - P_j*| to the nearest of K fixed prototypes
+layer4, the decoder's start), each whitened per grid position with ``feature_norm=position`` (flawscope's option);
+per scale the residual D_j = |F_j - P_j*| to the nearest of K fixed prototypes
 (whole-map L2); multi-scale fusion (MF) of the features and, separately, of the residuals; C_j = [F*_j, D*_j];
 N = 3 stacked multi-size self-attention blocks (MSA, 4 patch sizes) per scale; a second MF; a U-Net decoder; a
 sigmoid. The anomaly map is the sigmoid output; the image score is the mean of its top-100 pixels.
@@ -17,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ...backbones import create_backbone
-from ...config import ModelConfig, option, train_precision_option
-from ...layers import pairwise_squared_distances
+from ...config import ModelConfig, option, position_shrinkage_option, train_precision_option
+from ...layers import PositionWhitening, pairwise_squared_distances
 from ..base import AnomalyModel
 from .blocks import MultiScaleFusion, MultiSizeAttention, UNetDecoder
 
@@ -32,6 +33,14 @@ class PRNConfig(ModelConfig):
     resize_size: int = option(256, "shorter side before the centre crop; 0 = resize whole image", low=0, high=8192)
     strides: tuple[int, ...] = option((4, 8, 16), "encoder stages for prototypes/fusion/attention (layer1-3)", low=2)
     decoder_stride: int = option(32, "encoder stage that starts the decoder (layer4)", low=4)
+    feature_norm: str = option(
+        "none",
+        "none: the encoder's stages (paper); position: whiten every stage's grid positions with their mean and "
+        "covariance over the prototype images, before prototypes, residuals and decoder (PaDiM's Gaussian; "
+        "flawscope's option for aligned parts)",
+        choices=("none", "position"),
+    )
+    position_shrinkage: float = position_shrinkage_option()
     prototype_ratio: float = option(0.1, "K = max(1, floor(ratio x normal images)) prototypes per scale", low=0)
     prototype_holdout: float = option(
         0.0,
@@ -114,6 +123,10 @@ class PRN(AnomalyModel):
         strides = (*config.strides, config.decoder_stride)
         self.backbone = create_backbone(config.backbone, strides, pretrained=pretrained, weights_path=weights_path)
         *channels, deep_channels = self.backbone.feature_info.channels
+        # Fitted with the prototypes when feature_norm=position; the identity otherwise (the paper's graph).
+        self.whitening = nn.ModuleList(
+            PositionWhitening(c, config.position_shrinkage) for c in self.backbone.feature_info.channels
+        )
         sizes = [math.ceil(config.image_size / s) for s in config.strides]
         self.feature_fusion = MultiScaleFusion(channels, config.mf_downsample)
         self.residual_fusion = (
@@ -143,6 +156,11 @@ class PRN(AnomalyModel):
         for j, p in enumerate(prototypes):
             self.register_buffer(f"prototypes{j}", p.detach().to(self.prototypes0.device).contiguous())
 
+    def stages(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) in [0, 1] -> the encoder stages [(B, c_j, h_j, w_j)] at ``strides`` and
+        ``decoder_stride``, each whitened per grid position once ``feature_norm=position`` has been fitted."""
+        return [whitening.whiten_map(f) for whitening, f in zip(self.whitening, self.backbone(images), strict=True)]
+
     def residuals(self, features: list[Tensor]) -> list[Tensor]:
         """Eq. 1: per scale, D_j = D(F_j - P_j*) with P_j* the prototype nearest to the whole map F_j (L2).
 
@@ -161,7 +179,7 @@ class PRN(AnomalyModel):
 
     def segment_logits(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> (B, 1, H, W) logits of the anomaly map (before the sigmoid)."""
-        *features, deep = self.backbone(images)
+        *features, deep = self.stages(images)
         fused = self.feature_fusion(features)
         fused_residuals = self.residual_fusion(self.residuals(features))
         tokens = [
