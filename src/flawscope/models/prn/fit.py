@@ -91,7 +91,8 @@ def fit_prototypes(model: PRN, normals: Tensor, ctx: FitContext) -> list[int]:
         for whitening, stage in zip(model.whitening, stages, strict=True):
             whitening.fit_maps(stage.split(64))
         with torch.no_grad():
-            stages = [whitening.whiten_map(stage) for whitening, stage in zip(model.whitening, stages, strict=True)]
+            # Only the prototype scales: the decoder's stage needs its statistics, not its whitened maps, here.
+            stages = [w.whiten_map(f) for w, f in zip(model.whitening, stages[: len(cfg.strides)], strict=False)]
     k = num_prototypes(len(normals), cfg.prototype_ratio)
     prototypes = []
     for j, features in enumerate(stages[: len(cfg.strides)]):
