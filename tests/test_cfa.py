@@ -112,7 +112,7 @@ def test_several_blocks_per_stage_widen_the_descriptor(tmp_path):
         torch.testing.assert_close(model.raw_scores(images)[0], loaded.raw_scores(images)[0])
 
 
-def test_he_init_and_pytorch_variant():
+def test_he_init_and_the_pytorch_and_orthogonal_variants():
     torch.manual_seed(0)
     he = PatchDescriptor(1792, 1792, init="he").projection
     assert torch.all(he.bias == 0)
@@ -121,6 +121,13 @@ def test_he_init_and_pytorch_variant():
     default = PatchDescriptor(1792, 1792, init="pytorch").projection
     bound = 1 / math.sqrt(1794)  # Conv2d's default: Kaiming uniform (a = sqrt 5) = U(-1/sqrt(fan_in), ...)
     assert default.weight.abs().max().item() <= bound and default.bias.abs().max().item() <= bound
+    orthogonal = PatchDescriptor(62, 40, init="orthogonal").projection  # D + 2 = 64 inputs, D' = 40 rows
+    weight = orthogonal.weight[:, :, 0, 0]
+    torch.testing.assert_close(weight @ weight.T, 2 * torch.eye(40))  # orthonormal rows times He's gain sqrt(2)
+    assert torch.all(orthogonal.bias == 0)
+    points = torch.randn(5, 40) @ weight / 2  # points in the rows' span: their distances are scaled by sqrt 2
+    mapped = points @ weight.T
+    torch.testing.assert_close(torch.cdist(mapped, mapped), math.sqrt(2) * torch.cdist(points, points))
 
 
 def test_patch_features_pool_upsample_concat_and_coordinates():

@@ -70,7 +70,10 @@ class CFAConfig(ModelConfig):
         1000.0, "the loss is multiplied by this (public code: 1/nu = 1000)", low=0, low_open=True
     )
     descriptor_init: str = option(
-        "he", "he: Kaiming normal, zero bias (paper); pytorch: Conv2d default (public code)", choices=("he", "pytorch")
+        "he",
+        "he: Kaiming normal, zero bias (paper); pytorch: Conv2d default (public code); orthogonal: orthonormal rows "
+        "scaled by He's gain sqrt(2), zero bias (flawscope's option: keeps the distances of whitened features)",
+        choices=("he", "pytorch", "orthogonal"),
     )
     lr: float = option(1e-3, "AdamW learning rate (amsgrad, no scheduler)", low=0, low_open=True)
     weight_decay: float = option(5e-4, "AdamW decoupled weight decay", low=0)
@@ -151,7 +154,9 @@ class PatchDescriptor(nn.Module):
     Args:
         in_channels: D, the summed channels of the stages.
         out_channels: D'.
-        init: "he" (Kaiming normal weights, zero bias; the paper) or "pytorch" (Conv2d's default; the public code).
+        init: "he" (Kaiming normal weights, zero bias; the paper), "pytorch" (Conv2d's default; the public code) or
+            "orthogonal" (orthonormal rows times He's gain sqrt(2), zero bias: every distance in the rows' span is
+            scaled by exactly sqrt(2), where He's random matrix stretches some directions and nearly drops others).
         pool_size: odd kernel k of the average pooling: one for every stage, or one per stage, finest first.
     """
 
@@ -164,6 +169,9 @@ class PatchDescriptor(nn.Module):
         self.projection = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1, bias=True)
         if init == "he":
             nn.init.kaiming_normal_(self.projection.weight, nonlinearity="relu")
+            nn.init.zeros_(self.projection.bias)
+        elif init == "orthogonal":
+            nn.init.orthogonal_(self.projection.weight, gain=nn.init.calculate_gain("relu"))
             nn.init.zeros_(self.projection.bias)
 
     def patch_features(self, stages: list[Tensor]) -> Tensor:
