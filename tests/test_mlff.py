@@ -82,6 +82,23 @@ def test_ablation_baseline_fuses_the_three_stages_and_scores_by_distance():
     torch.testing.assert_close(anomaly_map, expected)
 
 
+def test_smoothing_option_blurs_the_upsampled_map_and_scores_its_maximum():
+    torch.manual_seed(0)
+    cfg = MLFFConfig.from_dict({**SMALL, "smoothing_sigma": 4.0})
+    model = MLFF(cfg, pretrained=False).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        anomaly_map, score = model.raw_scores(images)
+        upsampled = F.interpolate(model.score_map(model.features(images)), size=(64, 64), mode="bilinear")
+    # Direct computation: scipy's gaussian_filter (sigma 4, truncate 4, mode "reflect") of each upsampled map.
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    expected = np.stack([scipy_ndimage.gaussian_filter(m[0].double().numpy(), 4.0) for m in upsampled])[:, None]
+    np.testing.assert_allclose(anomaly_map.double().numpy(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(score, anomaly_map.flatten(1).amax(dim=1))
+    assert not torch.allclose(anomaly_map, upsampled)  # the paper's default (sigma 0) leaves it as it is
+    assert MLFF(cfg.replace(smoothing_sigma=0.0), pretrained=False).blur(upsampled) is upsampled
+
+
 @pytest.mark.parametrize(("texture_stride", "out_stride"), [(8, 8), (4, 8), (8, 4), (4, 4)])
 def test_texture_and_output_strides_follow_m1_and_m2(texture_stride, out_stride):
     # resnet18 at 64 px: stage 1 on 16x16 (stride 4), stage 2 on 8x8, stage 3 on 4x4.

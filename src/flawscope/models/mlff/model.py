@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ...backbones import create_backbone
 from ...config import ModelConfig, option, position_shrinkage_option
-from ...layers import PositionWhitening
+from ...layers import GaussianBlur2d, PositionWhitening
 from ..base import AnomalyModel
 from .texture import PyramidTexture, TextureEnhancement, conv_bn_act
 
@@ -76,6 +76,12 @@ class MLFFConfig(ModelConfig):
         "head",
         "map from the score head eta (paper) or the hypersphere distance A (Table 4 baseline)",
         choices=("head", "distance"),
+    )
+    smoothing_sigma: float = option(
+        0.0,
+        "Gaussian smoothing of the upsampled map, pixels (paper: none; 4 = CFA's and SimpleNet's smoothing, "
+        "flawscope's option)",
+        low=0,
     )
     # Losses (spec 2.7).
     loss_weights: tuple[float, ...] = option((1.0, 1.0, 1.0), "alpha, beta, xi: feature, score, consistency", low=0)
@@ -183,6 +189,7 @@ class MLFF(AnomalyModel):
         self.high = nn.Sequential(*high)
         self.fuse = nn.Conv2d(low_ch + high_ch, config.feat_dim, 1)
         self.score_head = nn.Conv2d(config.feat_dim, 1, 1)
+        self.blur = GaussianBlur2d(config.smoothing_sigma)  # the identity at the paper's sigma = 0
 
     def features(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> psi (B, C, H/s, W/s), s = ``out_stride`` (8 by default)."""
@@ -208,7 +215,7 @@ class MLFF(AnomalyModel):
 
     def raw_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
         scores = self.score_map(self.features(images))
-        anomaly_map = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        anomaly_map = self.blur(F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False))
         return anomaly_map, anomaly_map.flatten(1).amax(dim=1)
 
 
