@@ -16,7 +16,14 @@ QUICK_OPTIONS = {
     "simplenet": {"num_epochs": 1, "batch_size": 4, "embed_dim": 64, "discriminator_hidden": 32},
     "efficientad": {"num_steps": 3},
     "cfa": {"num_epochs": 1, "gamma_d": 4, "gamma_c": 4, "kmeans_max_iter": 50},
-    "prn": {"num_epochs": 1, "steps_per_epoch": 1, "batch_normal": 2, "batch_simulated": 2, "msa_depth": 1},
+    "prn": {
+        "num_epochs": 1,
+        "steps_per_epoch": 1,
+        "batch_normal": 2,
+        "batch_simulated": 2,
+        "msa_depth": 1,
+        "precise_bn_batches": 2,
+    },
     "mlff": {
         "num_epochs": 1,
         "repeat_factor": 4,
