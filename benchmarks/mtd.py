@@ -134,6 +134,10 @@ SETTINGS = {
     # MLFF on per-position whitened backbone stages (flawscope's option for aligned parts), the `mlff` setting
     # otherwise; compared with it on the development set (docs/benchmarks.md, "MLFF per-position whitening").
     "mlff-position": f"--model mlff {MLFF_CPU} --set feature_norm=position".split(),
+    # The same with seeds 1 and 2: MLFF moves by about 2 points between seeds on the development set, so its floors
+    # are compared with the three-seed mean. Not a choice.
+    "mlff-position-seed1": f"--model mlff {MLFF_CPU} --set feature_norm=position --seed 1".split(),
+    "mlff-position-seed2": f"--model mlff {MLFF_CPU} --set feature_norm=position --seed 2".split(),
     # The same on EfficientNet-Lite2: development set 93.1 / 83.5 / 70.8 against 93.4 / 83.4 / 68.8 on Lite0.
     "mlff-position-l2": f"--model mlff {MLFF_CPU.replace('lite0', 'lite2')} --set feature_norm=position".split(),
     "mlff-t4-baseline": f"--model mlff {MLFF_ABLATION_CPU} {MLFF_FEATURE_LOSS_ONLY} --set texture_branch=false "
