@@ -317,9 +317,9 @@ def test_soft_boundary_score_on_hand_values():
     torch.testing.assert_close(soft_boundary_score(d), torch.tensor(direct))
 
 
-@pytest.mark.parametrize("score_mode", ["softmin", "nearest"])
-def test_scoring_path_matches_a_direct_computation(score_mode):
-    model = _small_model(score_mode=score_mode)
+@pytest.mark.parametrize(("score_mode", "sigma"), [("softmin", 4.0), ("nearest", 4.0), ("nearest", 0.0)])
+def test_scoring_path_matches_a_direct_computation(score_mode, sigma):
+    model = _small_model(score_mode=score_mode, smoothing_sigma=sigma)
     torch.manual_seed(1)
     model.memory_bank = torch.randn(300, model.descriptor_dim)
     images = torch.rand(2, 3, 64, 64)
@@ -332,7 +332,7 @@ def test_scoring_path_matches_a_direct_computation(score_mode):
     grid = torch.exp(-s) / torch.exp(-dist).sum(1) * s if score_mode == "softmin" else s  # Eq. 5 / Eq. 4
     grid = grid.reshape(2, 1, 16, 16).float()
     up = F.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)
-    expected = np.stack([scipy.ndimage.gaussian_filter(m[0].double().numpy(), sigma=4) for m in up])
+    expected = np.stack([scipy.ndimage.gaussian_filter(m[0].double().numpy(), sigma=sigma) for m in up])
     assert anomaly_map.shape == (2, 1, 64, 64) and score.shape == (2,)
     np.testing.assert_allclose(anomaly_map[:, 0].numpy(), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(score.numpy(), expected.reshape(2, -1).max(1), rtol=1e-4, atol=1e-5)  # max of map
