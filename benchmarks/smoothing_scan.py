@@ -1,9 +1,10 @@
 """Scores a trained development run once and compares Gaussian smoothing sigmas of its upsampled maps.
 
-For CFA and MLFF, whose image score is the maximum of the smoothed map: the run's model scores the development
-test images with its smoothing off, then each sigma smooths those maps with flawscope's ``GaussianBlur2d`` (the
-model's own smoothing) and the image score is taken again as the maximum. Nothing is retrained, so the rows differ
-only in the smoothing. Run ``dev_select.py`` first; no test image of the real data set is read.
+The run's model scores the development test images with its smoothing off, then each sigma smooths those maps with
+flawscope's ``GaussianBlur2d`` (the model's own smoothing). For CFA and MLFF, whose image score is the maximum of the
+smoothed map, the image score is taken again as that maximum; SimpleNet's is the maximum of its raw grid, before
+upsampling and smoothing, so its image score stays the model's own. Nothing is retrained, so the rows differ only in
+the smoothing. Run ``dev_select.py`` first; no test image of the real data set is read.
 
     python benchmarks/smoothing_scan.py --run /tmp/flawscope-dev/runs/dev-cfa-pos-p1-l2-b331 --sigmas 4 0 1 2 3 6 8
 """
@@ -25,14 +26,16 @@ from flawscope.fitting import FitContext
 from flawscope.layers.blur import GaussianBlur2d
 from flawscope.model_io import load_model, read_model_info
 
-MAX_OF_SMOOTHED_MAP = ("cfa", "mlff")
+MAX_OF_SMOOTHED_MAP = ("cfa", "mlff")  # image score: the maximum of the smoothed map
+SCORE_BEFORE_SMOOTHING = ("simplenet",)  # image score: computed before the map is smoothed
 
 
 def scan(run: Path, dev: Path, sigmas: list[float]) -> list[dict]:
     """One row per sigma: image AUROC, pixel AUROC and AUPRO (fractions) of the run's model on ``dev``'s test set."""
     name = read_model_info(run / "model")["method"]
-    if name not in MAX_OF_SMOOTHED_MAP:
-        raise SystemExit(f"{run}: model {name!r}; the scan takes {', '.join(MAX_OF_SMOOTHED_MAP)} only")
+    if name not in MAX_OF_SMOOTHED_MAP + SCORE_BEFORE_SMOOTHING:
+        methods = ", ".join(MAX_OF_SMOOTHED_MAP + SCORE_BEFORE_SMOOTHING)
+        raise SystemExit(f"{run}: model {name!r}; the scan takes {methods} only")
     model = load_model(run / "model")
     model.blur = GaussianBlur2d(0.0)
     scored = score_images(
@@ -43,7 +46,8 @@ def scan(run: Path, dev: Path, sigmas: list[float]) -> list[dict]:
     rows = []
     for sigma in sigmas:
         maps = GaussianBlur2d(sigma)(raw)[:, 0].numpy()
-        image = metrics.image_metrics(maps.reshape(len(maps), -1).max(axis=1), labels)
+        scores = scored.raw_scores if name in SCORE_BEFORE_SMOOTHING else maps.reshape(len(maps), -1).max(axis=1)
+        image = metrics.image_metrics(scores, labels)
         pixel = metrics.pixel_metrics(maps, scored.masks)
         rows.append({"sigma": sigma, **image, **pixel})
     return rows
@@ -64,7 +68,8 @@ def main() -> None:
         f"Command: `{command()}`",
         "",
         f"The run's model scores the development test images once with its smoothing off; each row smooths those maps "
-        f"with a Gaussian of the given sigma (pixels, scipy's kernel) and takes the image score as the map's maximum. "
+        f"with a Gaussian of the given sigma (pixels, scipy's kernel); the image score is the smoothed map's maximum "
+        f"for CFA and MLFF and the model's own score (the raw grid's maximum) for SimpleNet. "
         f"Hardware: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads.",
         "",
         "| sigma (px) | image AUROC | pixel AUROC | AUPRO |",
