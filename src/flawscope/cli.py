@@ -57,7 +57,12 @@ def main() -> None:
 )
 @click.option("--category", default=None, help="category folder inside a multi-category data root")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="explicit backbone weights file")
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="explicit backbone weights file (efficientad: the distilled teacher file, in place of teacher_path)",
+)
 @click.option(
     "--seen-anomalies",
     type=click.IntRange(min=0),
