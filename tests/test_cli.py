@@ -227,6 +227,98 @@ def test_predict_refuses_out_inside_the_image_folder(run, images):
     assert snapshot(images) == before
 
 
+def test_predict_refuses_out_inside_the_folder_of_a_given_file_or_glob(run, images):
+    before = snapshot(images)
+    one = sorted(images.glob("*.png"))[0]
+    for inputs in ([one], [str(images / "*.png")]):
+        result = invoke("predict", run, *inputs, "--out", images / "pred", "--quiet")
+        assert_clean_error(result, "inside the data folder", "--out")
+    assert snapshot(images) == before
+
+
+def test_synth_and_bench_refuse_out_inside_the_data_folder(tiny_dataset, data_snapshot):
+    result = invoke("synth", "--data", tiny_dataset, "--out", tiny_dataset / "synth", "--image-size", "64")
+    assert_clean_error(result, "inside the data folder", "--out")
+    result = invoke("bench", "--data", tiny_dataset, "--models", "patchcore", "--out", tiny_dataset / "bench")
+    assert_clean_error(result, "inside the data folder", "--out")
+    assert snapshot(tiny_dataset) == data_snapshot
+
+
+def test_out_that_is_an_existing_file_is_refused_before_any_work(run, tiny_dataset, images, tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    for args in (
+        fit_args(tiny_dataset, a_file),
+        ["test", run, "--data", tiny_dataset, "--out", a_file, "--quiet"],
+        ["predict", run, images, "--out", a_file, "--quiet"],
+    ):
+        assert_clean_error(invoke(*args), "is an existing file", str(a_file))
+    assert a_file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--format", "onnx", "--out", "model.txt"], "an ONNX export must end in .onnx"),
+        (["--format", "torchscript", "--out", "model.onnx"], "a TorchScript one must not"),
+        (["--out", "."], "is a folder"),
+    ],
+    ids=["onnx-suffix", "torchscript-suffix", "folder"],
+)
+def test_export_checks_its_out_path_before_exporting(run, tmp_path, args, fragment):
+    args = [str(tmp_path / a) if a in ("model.txt", "model.onnx", ".") else a for a in args]
+    assert_clean_error(invoke("export", run, *args), fragment)
+    assert not list(tmp_path.glob("model.*"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["test", "RUN", "--data", "DATA", "--batch-size", "0"],
+        ["predict", "RUN", "IMAGES", "--out", "OUT", "--batch-size", "-1"],
+        ["predict", "RUN", "IMAGES", "--out", "OUT", "--threads", "-1"],
+        ["predict", "RUN", "IMAGES", "--out", "OUT", "--min-area", "-5"],
+        ["bench", "--data", "DATA", "--models", "patchcore", "--out", "OUT", "--repeats", "0"],
+    ],
+    ids=["test-batch", "predict-batch", "threads", "min-area", "repeats"],
+)
+def test_counts_out_of_range_are_usage_errors(run, tiny_dataset, images, tmp_path, args):
+    names = {"RUN": run, "DATA": tiny_dataset, "IMAGES": images, "OUT": tmp_path / "out"}
+    result = invoke(*[names.get(a, a) for a in args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Invalid value for" in result.output and not (tmp_path / "out").exists()
+
+
+def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_dataset, tmp_path):
+    args = fit_args(tiny_dataset, tmp_path / "run")
+    args[args.index("--val-ratio") + 1] = "0"
+    with pytest.warns(UserWarning, match="threshold is not calibrated.*flawscope calibrate"):
+        result = invoke(*args)
+    assert result.exit_code == 0, result.output
+
+
+def test_fit_refuses_a_model_whose_scores_are_not_finite(tiny_dataset, tmp_path, monkeypatch):
+    from flawscope.models.patchcore.model import PatchCore
+
+    def nan_scores(self, images):
+        anomaly_map = torch.full((len(images), 1, *images.shape[-2:]), float("nan"))
+        return anomaly_map, anomaly_map.flatten(1).amax(1)
+
+    monkeypatch.setattr(PatchCore, "raw_scores", nan_scores)
+    assert_clean_error(invoke(*fit_args(tiny_dataset, tmp_path / "run")), "non-finite scores", "held-out good images")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_names_a_settings_file_that_is_not_json(tiny_dataset, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": ')
+    result = invoke("bench", "--data", tiny_dataset, "--settings", bad, "--out", tmp_path / "out")
+    assert_clean_error(result, str(bad), "cannot be read as JSON")
+    bad.write_text('["patchcore"]')
+    result = invoke("bench", "--data", tiny_dataset, "--settings", bad, "--out", tmp_path / "out")
+    assert_clean_error(result, str(bad), "must hold an object")
+
+
 # ------------------------------------------------------------------------------------------------------ bad input
 
 

@@ -22,6 +22,10 @@ def test_unknown_option_lists_valid_names():
         ("coreset_ratio", 0, r"must be in \(0, 1\]"),
         ("image_size", "big", "must be of type int"),
         ("image_size", 2.5, "must be of type int"),
+        # NaN passes every range comparison; neither it nor infinity may reach a model
+        ("context_weight", "nan", "'context_weight' parameter of PatchCoreConfig must be a finite number; got nan"),
+        ("context_weight", "inf", "must be a finite number; got inf"),
+        ("coreset_ratio", float("nan"), "must be a finite number"),
     ],
 )
 def test_out_of_range_values_are_rejected(key, value, message):

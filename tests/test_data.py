@@ -1,6 +1,7 @@
 """Tests of flawscope.data: decoding, layouts, splits and the torch dataset, on tiny fixtures under tmp_path."""
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,20 @@ def test_read_image_truncated_jpeg(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"cut\.jpg.*truncated or corrupt"):
         read_image(tmp_path / "cut.jpg")
+
+
+@pytest.mark.parametrize(("limit", "as_error"), [(500, False), (1000, True)])
+def test_read_image_above_the_decompression_bomb_limit(tmp_path, monkeypatch, limit, as_error):
+    # 40x30 = 1200 pixels: Pillow refuses above 2x its limit (500) and only warns above 1x (1000).
+    Image.new("RGB", (40, 30)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    expected = rf"huge\.png: the image has 1,200 pixels, above Pillow's safety limit of {limit:,} pixels.*Downscale"
+    with warnings.catch_warnings():
+        if as_error:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(DataError, match=expected) as caught:
+            read_image(tmp_path / "huge.png")
+    assert "truncated or corrupt" not in str(caught.value)
 
 
 def test_read_image_not_an_image(tmp_path):
@@ -252,6 +267,17 @@ def test_load_visa_bad_rows(tmp_path):
     csv_path.write_text("object,split,image\ncandle,train,a.png\n")
     with pytest.raises(DataError, match="lacks the column\\(s\\) label, mask"):
         load_dataset(root, layout="visa", category="candle")
+    csv_path.write_text("object,split,label,image,mask\ncandle,train,normal,a.png,\ncandle,train\n")
+    with pytest.raises(DataError, match=r"1cls\.csv, line 3: missing columns label, image;"):
+        load_dataset(root, layout="visa", category="candle")
+
+
+def test_load_visa_csv_not_utf8(tmp_path):
+    root = _make_visa(tmp_path)
+    csv_path = root / "split_csv" / "1cls.csv"
+    csv_path.write_text(csv_path.read_text(), encoding="utf-16")  # with a BOM, as Excel's "Unicode text" writes
+    with pytest.raises(DataError, match=r"1cls\.csv is not UTF-8 text .*save it as UTF-8 CSV"):
+        load_dataset(root, category="candle")
 
 
 def test_loading_never_modifies_the_data_folder(tmp_path):

@@ -49,6 +49,9 @@ def seed_everything(seed: int) -> None:
 
 
 def _check_outside(out: Path, data_root: Path) -> None:
+    """Refuses an output folder that is an existing file or lies inside ``data_root`` (a user's data)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file; give a folder path (new or existing) instead.")
     out, data_root = out.resolve(), data_root.resolve()
     if out == data_root or data_root in out.parents:
         raise ConfigError(
@@ -97,6 +100,13 @@ def calibrate(
 ) -> dict[str, Any]:
     """Sets the model's threshold from held-out good images and returns what was done."""
     scored = score_images(model, normals, ctx)
+    if not np.isfinite(scored.raw_scores).all():
+        bad = int((~np.isfinite(scored.raw_scores)).sum())
+        raise ConfigError(
+            f"The trained {model.method} model gives non-finite scores (NaN or infinity) on {bad} of "
+            f"{len(normals)} held-out good images, so no threshold can be set: training diverged or an option is "
+            "out of its sensible range. Check the --set values (learning rates, weights) and fit again."
+        )
     result = threshold_from_normals(scored.raw_scores, target_fpr)
     model.set_calibration(result["threshold"], result["score_low"])
     return result
@@ -149,7 +159,16 @@ def fit(
     start = time.perf_counter()
     training = spec.fit(model, train, ctx)
     fit_seconds = time.perf_counter() - start
-    calibration = calibrate(model, val, ctx, target_fpr) if val else {"rule": "none (no held-out images)"}
+    if val:
+        calibration = calibrate(model, val, ctx, target_fpr)
+    else:
+        calibration = {"rule": "none (no held-out images)"}
+        warnings.warn(
+            "No good images were held out (val_ratio=0), so the threshold is not calibrated: the decisions and "
+            "normalised scores of this run mean nothing until `flawscope calibrate RUN --data DIR` sets it on a "
+            "labelled validation folder (or fit again with --val-ratio 0.1).",
+            stacklevel=2,
+        )
     out.mkdir(parents=True, exist_ok=True)
     save_model(model.cpu(), out / "model", metadata={"calibration_details": calibration, "training": training})
     write_json(

@@ -44,7 +44,15 @@ def parse_settings(
     a JSON file ``{"name": {"model": "patchcore", "options": {...}}, ...}``."""
     settings: list[BenchSetting] = []
     if settings_file:
-        for name, entry in json.loads(Path(settings_file).read_text()).items():
+        try:
+            entries = json.loads(Path(settings_file).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--settings {settings_file} cannot be read as JSON ({e}).") from e
+        if not isinstance(entries, dict) or not all(isinstance(entry, dict) for entry in entries.values()):
+            raise ConfigError(
+                f'--settings {settings_file} must hold an object {{"name": {{"model": ..., "options": {{...}}}}}}.'
+            )
+        for name, entry in entries.items():
             settings.append(BenchSetting(name, entry.get("model", name), dict(entry.get("options", {}))))
     for method in [m.strip() for m in (models or "").split(",") if m.strip()]:
         settings.append(BenchSetting(method, method, {}))
@@ -199,9 +207,11 @@ def run_bench(
     import onnx
     import onnxruntime
 
+    from .api import _check_outside
     from .runs import environment
 
     out = Path(out)
+    _check_outside(out, Path(data))
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or torch.get_num_threads()
     peak = matmul_peak_gflops(threads)

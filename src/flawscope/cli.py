@@ -129,7 +129,7 @@ def fit(
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="default: the run folder")
 @click.option("--category", default=None)
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--no-report", is_flag=True, help="skip report.html")
 @click.option(
     "--exclude-seen-of",
@@ -171,12 +171,16 @@ def _print_metrics(metrics: dict) -> None:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--no-overlays", is_flag=True, help="no heat-map overlays (CSV and JSON lines only)")
 @click.option("--masks", is_flag=True, help="also write binary defect masks (masks/*.png, 255 = defect)")
-@click.option("--min-area", type=int, default=0, show_default=True, help="drop defect regions under this many pixels")
+@click.option(
+    "--min-area", type=click.IntRange(min=0), default=0, show_default=True, help="drop defect regions under N pixels"
+)
 @click.option("--strict", is_flag=True, help="stop at the first unreadable image instead of skipping it")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch / ONNX Runtime (default: torch's)")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch and ONNX Runtime threads (default: torch's)"
+)
 @DEVICE
 @QUIET
 def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, threads, device, quiet) -> None:
@@ -414,10 +418,13 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
 
     Calibrate a run on it when no real defects exist: flawscope calibrate RUN --data OUT --rule f1
     """
+    from .api import _check_outside
     from .data import load_dataset
     from .synthesis import write_synthetic_validation_set
 
-    images = [sample.path for sample in load_dataset(data, layout=layout, category=category).train]
+    dataset = load_dataset(data, layout=layout, category=category)
+    _check_outside(Path(out), dataset.root)
+    images = [sample.path for sample in dataset.train]
     if run is not None:
         config = json.loads((Path(run) / "config.json").read_text())
         images = [Path(p) for p in config.get("val_images", [])] or images
@@ -490,8 +497,10 @@ def demo(out, texture, epochs, device, quiet) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="[MODEL:]KEY=VALUE", help="option for all or one model")
 @click.option("--settings", type=click.Path(path_type=Path), default=None, help='JSON {"name": {"model", "options"}}')
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for runs, bench.md, bench.json")
-@click.option("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)")
-@click.option("--repeats", type=int, default=20, show_default=True, help="timed calls at batch 1")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch and ONNX Runtime threads (default: torch's)"
+)
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="timed calls at batch 1")
 @click.option("--category", default=None)
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -71,6 +72,12 @@ def _describe_range(meta: Mapping[str, Any]) -> str:
     low = "-inf" if meta["low"] is None else meta["low"]
     high = "inf" if meta["high"] is None else meta["high"]
     return f"in {lo}{low}, {high}{hi}"
+
+
+def _finite(value: Any) -> bool:
+    """False when ``value`` (or an entry of a tuple value) is a float NaN or infinity."""
+    values = value if isinstance(value, tuple) else (value,)
+    return all(math.isfinite(v) for v in values if isinstance(v, float))
 
 
 def _in_range(value: Any, meta: Mapping[str, Any]) -> bool:
@@ -149,6 +156,10 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             value = _coerce(getattr(self, f.name), hints[f.name], f.name, type(self).__name__)
             object.__setattr__(self, f.name, value)
+            if not _finite(value):  # NaN passes every range comparison; no option is meant to be infinite
+                raise ConfigError(
+                    f"The {f.name!r} parameter of {type(self).__name__} must be a finite number; got {value!r}."
+                )
             if f.metadata and not _in_range(value, f.metadata):
                 raise ConfigError(
                     f"The {f.name!r} parameter of {type(self).__name__} must be {_describe_range(f.metadata)}; "

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .errors import ModelFormatError
+from .errors import ConfigError, ModelFormatError
 from .models.base import AnomalyModel
 from .registry import get_method
 
@@ -81,12 +81,23 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
         info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path} is not valid JSON ({e}). The model folder is damaged; fit again.") from e
+    if not isinstance(info, dict):
+        raise ModelFormatError(
+            f"{path} holds {json.dumps(info)[:40]} where a JSON object is expected. The model folder is damaged; "
+            "re-run `flawscope fit` or re-copy the folder."
+        )
     version = info.get("format")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise ModelFormatError(
             f"{path} has model format {version!r}; this flawscope ({__version__}) reads format {FORMAT_VERSION}. "
             "Upgrade flawscope (pip install -U flawscope) to load models written by a newer version."
         )
+    for key, kind, name in (("method", str, "string"), ("config", dict, "object")):
+        if not isinstance(info.get(key), kind):
+            problem = f"lacks the {key!r} key" if key not in info else f"has a {key!r} that is not a JSON {name}"
+            raise ModelFormatError(
+                f"{path} {problem}. The model folder is damaged; re-run `flawscope fit` or re-copy the folder."
+            )
     info["folder"] = str(folder)
     return info
 
@@ -95,8 +106,14 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     """Rebuilds a model from its folder. The backbone is built without downloading and filled from the file."""
     info = read_model_info(folder)
     folder = Path(info["folder"])
-    method = get_method(info["method"])
-    config = method.config_class.from_dict(info["config"])
+    try:
+        method = get_method(info["method"])
+        config = method.config_class.from_dict(info["config"])
+    except ConfigError as e:
+        raise ConfigError(
+            f"{folder / MODEL_JSON}: {e} The model folder is damaged or was written by another flawscope; re-run "
+            "`flawscope fit` or re-copy the folder."
+        ) from e
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFormatError(f"{weights} is missing; a model folder needs both {MODEL_JSON} and {WEIGHTS_FILE}.")

@@ -73,9 +73,10 @@ def predict(
     inferencer = load_inferencer(run, device, threads)
     images = find_images(paths)
     out = Path(out)
-    for folder in (Path(p) for p in paths):
-        if folder.is_dir():  # files written there would be read back as images by the next run
-            _check_outside(out, folder)
+    # Files written into an input folder would be read back as images by the next run: refuse --out inside any
+    # folder given, or holding a given file or glob match.
+    for folder in {*(Path(p) for p in paths if Path(p).is_dir()), *(image.parent for image in images)}:
+        _check_outside(out, folder)
     out.mkdir(parents=True, exist_ok=True)
     samples = [Sample(path) for path in images]
     loader = make_loader(

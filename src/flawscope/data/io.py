@@ -10,6 +10,7 @@ Decoding rules (the same for training, evaluation and prediction, so a model nev
   taken as [0, 1] when their maximum is at most 1 and as 16-bit values otherwise.
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,16 @@ def _open_upright(path: str | Path) -> Image.Image:
             f"another kind of file?). Supported: {', '.join(IMAGE_EXTENSIONS)}. Convert it or remove it from the "
             f"data folder."
         ) from error
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # The warning (above 1x the limit) only arrives here when warnings are errors; Pillow refuses above 2x.
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(found[1]):,} pixels" if found else f"too many pixels ({error})"
+        raise DataError(
+            f"Cannot read {path}: the image has {size}, above Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} "
+            f"pixels (PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs). Downscale the image, or, if "
+            f"the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS in Python before calling flawscope."
+        ) from error
+    except (OSError, ValueError, SyntaxError) as error:
         raise DataError(
             f"Cannot decode {path}: the file is truncated or corrupt ({error}). Re-export or re-copy the file, or "
             f"remove it from the data folder."

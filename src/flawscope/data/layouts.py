@@ -158,15 +158,34 @@ def _load_mvtec(root: Path) -> DatasetSplit:
 
 def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
     """Read the split CSV as (line number, row) pairs; line numbers make error messages point at the row."""
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(
-                f"{csv_path} lacks the column(s) {', '.join(missing)}; got {reader.fieldnames}. The VisA split "
-                f"file needs the columns {', '.join(VISA_COLUMNS)} (as in VisA's split_csv/1cls.csv)."
-            )
-        return [(reader.line_num, row) for row in reader]
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(
+                    f"{csv_path} lacks the column(s) {', '.join(missing)}; got {reader.fieldnames}. The VisA split "
+                    f"file needs the columns {', '.join(VISA_COLUMNS)} (as in VisA's split_csv/1cls.csv)."
+                )
+            rows = []
+            for row in reader:
+                # DictReader fills the columns a short row lacks with None. A normal image's mask is empty, so a
+                # row that stops before it reads as an empty mask; the mask check later asks for it when needed.
+                if row["mask"] is None:
+                    row["mask"] = ""
+                missing = [column for column in VISA_COLUMNS if row[column] is None]
+                if missing:
+                    raise DataError(
+                        f"{csv_path}, line {reader.line_num}: missing columns {', '.join(missing)}; every row needs "
+                        f"{', '.join(VISA_COLUMNS)}. Complete the row or delete it (an empty value still needs its "
+                        f"comma)."
+                    )
+                rows.append((reader.line_num, row))
+            return rows
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{csv_path} is not UTF-8 text ({error}); save it as UTF-8 CSV (in Excel: Save As, 'CSV UTF-8')."
+        ) from error
 
 
 def _existing(root: Path, relative: str, what: str, where: str) -> Path:

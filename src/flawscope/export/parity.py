@@ -28,6 +28,15 @@ def export_model(
 
     if export_format not in FORMATS:
         raise ConfigError(f"Unknown export format {export_format!r}; use {' or '.join(FORMATS)}.")
+    path = Path(path)
+    if path.is_dir():
+        example = path / f"model{FORMATS[export_format]}"
+        raise ConfigError(f"{path} is a folder; give the file to write, e.g. {example}.")
+    if (path.suffix == ".onnx") != (export_format == "onnx"):  # open_exported() reads the format off the suffix
+        raise ConfigError(
+            f"{path}: an ONNX export must end in .onnx and a TorchScript one must not (the file is read back by its "
+            f"suffix); use {path.with_suffix(FORMATS[export_format])} or choose the other --format."
+        )
     exporter = export_onnx if export_format == "onnx" else export_torchscript
     return exporter(model, path, batch=parse_batch(batch), half=half)
 

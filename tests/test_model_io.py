@@ -1,0 +1,62 @@
+"""Tests of flawscope.model_io on damaged model.json files; no weights are needed to reach these errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flawscope.errors import ConfigError, ModelFormatError
+from flawscope.model_io import load_model, read_model_info
+
+GOOD_INFO = {"format": 1, "method": "patchcore", "config": {"backbone": "efficientnet_lite0", "image_size": 64}}
+
+
+def _run_with_model_json(tmp_path: Path, content: str) -> Path:
+    """A run folder whose model/model.json holds ``content`` (and no weights)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.json").write_text(content)
+    return tmp_path
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '"model"', "3"])
+def test_model_json_that_is_not_an_object(tmp_path, content):
+    run = _run_with_model_json(tmp_path, content)
+    for load in (read_model_info, load_model):
+        with pytest.raises(
+            ModelFormatError,
+            match=r"model/model\.json holds .* where a JSON object is expected.*"
+            r"damaged; re-run `flawscope fit` or re-copy",
+        ):
+            load(run)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("config", None, "lacks the 'config' key"),
+        ("method", None, "lacks the 'method' key"),
+        ("config", [1], "has a 'config' that is not a JSON object"),
+        ("method", 7, "has a 'method' that is not a JSON string"),
+    ],
+)
+def test_model_json_without_method_or_config(tmp_path, key, value, problem):
+    info = {k: v for k, v in GOOD_INFO.items() if k != key or value is not None}
+    if value is not None:
+        info[key] = value
+    run = _run_with_model_json(tmp_path, json.dumps(info))
+    for load in (read_model_info, load_model):
+        with pytest.raises(ModelFormatError, match=rf"model/model\.json {problem}\. The model folder is damaged"):
+            load(run)
+
+
+@pytest.mark.parametrize(
+    ("change", "original"),
+    [
+        ({"config": {**GOOD_INFO["config"], "image_size": "abc"}}, "The 'image_size' parameter of PatchCoreConfig"),
+        ({"method": "nosuch"}, "Unknown model 'nosuch'"),
+    ],
+)
+def test_invalid_value_in_model_json_names_the_file(tmp_path, change, original):
+    run = _run_with_model_json(tmp_path, json.dumps({**GOOD_INFO, **change}))
+    with pytest.raises(ConfigError, match=rf"model/model\.json: {original}.*re-run `flawscope fit`"):
+        load_model(run)
