@@ -419,3 +419,41 @@ def test_preprocess_resize_zero_keeps_the_whole_image():
     cropped = preprocess(image, 16, 16)
     assert squashed.shape == cropped.shape == (3, 16, 16)
     assert squashed[:, :, -1].min() > 0.9 and cropped[:, :, -1].max() == 0
+
+
+def _resize_then_crop(tensor: torch.Tensor, size: int, resize: int) -> torch.Tensor:
+    """The resize-and-crop written out directly: the whole image resized, then the centre cut."""
+    height, width = tensor.shape[-2:]
+    shape = (resize, int(resize * width / height)) if height <= width else (int(resize * height / width), resize)
+    resized = torch.nn.functional.interpolate(
+        tensor[None], size=shape, mode="bilinear", align_corners=False, antialias=True
+    )[0]
+    top, left = int(round((shape[0] - size) / 2.0)), int(round((shape[1] - size) / 2.0))
+    return resized[:, top : top + size, left : left + size]
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 320), (3, 320, 20), (3, 64, 1000)])
+def test_resize_crop_up_to_the_aspect_limit_is_the_direct_computation(shape):
+    from flawscope.data.dataset import _resize_crop
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_resize_crop(x, 64, 72), _resize_then_crop(x, 64, 72))
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 4000), (3, 4000, 40)])
+def test_very_elongated_images_keep_their_centre_before_resizing(shape):
+    from flawscope.data.dataset import MAX_CROP_ASPECT, _resize_crop
+
+    # A smooth image: the central trim may shift the sampling grid by a fraction of a pixel, nothing more.
+    ramp = torch.linspace(0, 1, max(shape[1:]))
+    x = (ramp[:, None] if shape[1] > shape[2] else ramp[None, :]).expand(*shape[1:]).expand(3, -1, -1).contiguous()
+    assert max(shape[1:]) > MAX_CROP_ASPECT * min(shape[1:])
+    out = _resize_crop(x, 64, 72)
+    assert out.shape == (3, 64, 64)
+    assert torch.allclose(out, _resize_then_crop(x, 64, 72), atol=1e-3)
+
+
+def test_a_one_pixel_strip_is_preprocessed_without_a_huge_intermediate():
+    # Resizing this 1 x 30000 strip whole to a shorter side of 256 would take 7.7 M x 256 x 3 floats (about 24 GB).
+    out = preprocess(np.zeros((1, 30000, 3), np.uint8), 224, 256)
+    assert out.shape == (3, 224, 224)

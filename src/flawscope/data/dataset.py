@@ -37,6 +37,9 @@ def _resize_size(image_size: int, resize_size: int | None) -> int:
     return resize
 
 
+MAX_CROP_ASPECT = 16  # longer / shorter side kept before a resize-and-crop; the crop is at most 1 x 1
+
+
 def _resize_crop(tensor: Tensor, image_size: int, resize_size: int) -> Tensor:
     """Resize the shorter side to ``resize_size`` and cut the centre square.
 
@@ -53,6 +56,14 @@ def _resize_crop(tensor: Tensor, image_size: int, resize_size: int) -> Tensor:
             tensor[None], size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
         )[0]
     height, width = tensor.shape[-2:]
+    short = min(height, width)
+    if max(height, width) > MAX_CROP_ASPECT * short:
+        # A very elongated image would be resized whole to a huge intermediate (a 30000 x 1 strip: gigabytes) of
+        # which only the centre reaches the crop; keep the central MAX_CROP_ASPECT x short side first.
+        keep = MAX_CROP_ASPECT * short
+        start = (max(height, width) - keep) // 2
+        tensor = tensor[:, start : start + keep] if height > width else tensor[:, :, start : start + keep]
+        height, width = tensor.shape[-2:]
     # Same rounding as torchvision's Resize(int), so sizes match the papers' preprocessing.
     if height <= width:
         size = (resize_size, int(resize_size * width / height))
