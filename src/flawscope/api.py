@@ -48,10 +48,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_outside(out: Path, data_root: Path) -> None:
-    """Refuses an output folder that is an existing file or lies inside ``data_root`` (a user's data)."""
+def _check_out_folder(out: Path) -> None:
+    """Refuses an output folder path that names an existing file (before any work, not at the final mkdir)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is an existing file; give a folder path (new or existing) instead.")
+
+
+def _check_outside(out: Path, data_root: Path) -> None:
+    """Refuses an output folder that is an existing file or lies inside ``data_root`` (a user's data)."""
+    _check_out_folder(out)
     out, data_root = out.resolve(), data_root.resolve()
     if out == data_root or data_root in out.parents:
         raise ConfigError(

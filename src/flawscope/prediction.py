@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .api import _check_outside
+from .api import _check_out_folder, _check_outside
 from .data import Sample, find_images, make_loader
 from .errors import DataError
 from .export import Prediction, load_inferencer
@@ -73,10 +73,12 @@ def predict(
     inferencer = load_inferencer(run, device, threads)
     images = find_images(paths)
     out = Path(out)
-    # Files written into an input folder would be read back as images by the next run: refuse --out inside any
-    # folder given, or holding a given file or glob match.
-    for folder in {*(Path(p) for p in paths if Path(p).is_dir()), *(image.parent for image in images)}:
-        _check_outside(out, folder)
+    # Files written into an input folder would be read back as images by the next run on it. Only folders given as
+    # inputs count: the folder of a file given by name (often the working folder) is not treated as a data folder.
+    for folder in (Path(p) for p in paths):
+        if folder.is_dir():
+            _check_outside(out, folder)
+    _check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = [Sample(path) for path in images]
     loader = make_loader(
