@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from PIL import Image
 
 from flawscope import __version__
 from flawscope.cli import main
@@ -140,6 +141,19 @@ def test_test_writes_metrics(run):
     assert set(metrics["per_type"]) == {"scratch", "blob", "stain"}
     assert all(row["count"] == 2 for row in metrics["per_type"].values())
     assert all(0 <= row["pixel_auroc"] <= 1 and 0 <= row["pixel_aupro"] <= 1 for row in metrics["per_type"].values())
+    assert metrics["unmarked_defective"] == []
+
+
+def test_test_warns_about_defective_images_with_an_empty_mask(run, tiny_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    mask_path = sorted((data / "ground_truth" / "scratch").glob("*.png"))[0]
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(mask_path)))).save(mask_path)
+    image = data / "test" / "scratch" / mask_path.name.replace("_mask", "")
+    with pytest.warns(UserWarning, match="1 defective test image.*no defect pixel"):
+        result = invoke("test", run, "--data", data, "--out", tmp_path / "eval", "--no-report", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["unmarked_defective"] == [str(image)]
 
 
 def test_per_image_csv(run, tiny_dataset):

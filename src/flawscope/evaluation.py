@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,15 @@ def test(
     metrics, curves = compute_metrics(scored)
     metric_seconds = time.perf_counter() - start
     labels = np.array([s.label for s in scored.samples])
+    unmarked = [str(s.path) for s, mask in zip(scored.samples, scored.masks, strict=True) if s.label and not mask.any()]
+    if unmarked:
+        warnings.warn(
+            f"{len(unmarked)} defective test image(s) have no defect pixel in their mask at the model's input size "
+            f"(the mask file is empty, or the defect is under a pixel after resizing), e.g. {unmarked[0]}: pixel "
+            "metrics count all their pixels as normal and AUPRO has no region of theirs. Check those masks "
+            "(listed in metrics.json under unmarked_defective).",
+            stacklevel=2,
+        )
     threshold = float(model.threshold)
     decisions = scored.raw_scores > threshold
     metrics.update(
@@ -179,6 +189,7 @@ def test(
             "data": str(dataset.root),
             "num_excluded_seen": len(excluded),
             "excluded_seen": [str(s.path) for s in excluded],
+            "unmarked_defective": unmarked,
         }
     )
     write_json(out / "metrics.json", metrics)
