@@ -49,6 +49,18 @@ def test_f1_threshold_matches_brute_force():
     assert f1_at(result["threshold"]) == pytest.approx(result["f1"])
 
 
+def test_f1_threshold_below_every_score_survives_float32_storage():
+    # The best F1 calls every image defective; the threshold must stay below the lowest score once stored as float32.
+    normal, defect = np.array([12.620834, 12.863706]), np.array([12.370204, 12.811032, 16.751104])
+    result = threshold_f1(normal, defect)
+    assert result["f1"] == pytest.approx(2 * 3 / (5 + 3))
+    model = _Identity(PatchCoreConfig(image_size=32, resize_size=0))
+    model.set_calibration(result["threshold"], result["score_low"])
+    lowest = torch.tensor(defect.min(), dtype=torch.float32)
+    assert model.threshold < lowest
+    assert model.normalize(lowest[None]) > 0.5
+
+
 class _Identity(AnomalyModel):
     """Scores each image by its mean pixel, to test the calibrated output scale."""
 

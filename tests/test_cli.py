@@ -21,8 +21,11 @@ from PIL import Image
 
 from flawscope import __version__
 from flawscope.cli import main
-from flawscope.data import preprocess, read_image
+from flawscope.api import score_images
+from flawscope.calibration import threshold_from_normals
+from flawscope.data import load_dataset, preprocess, read_image
 from flawscope.data.demo import make_demo_dataset
+from flawscope.fitting import FitContext
 from flawscope.model_io import load_model, save_model
 
 FAST = [
@@ -548,6 +551,24 @@ def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(whole_run_copy, t
     assert "training" in info  # the fit report survives recalibration
     reloaded = load_model(run_copy / "model")
     assert float(reloaded.threshold) == pytest.approx(info["calibration"]["threshold"])
+
+    # The saved threshold is F1-optimal on the validation images, scored independently of calibrate.
+    samples = load_dataset(validation).test
+    scores = score_images(reloaded, samples, FitContext(device=torch.device("cpu"), quiet=True)).raw_scores
+    labels = np.array([s.label for s in samples], bool)
+
+    def f1_at(threshold: float) -> float:
+        predicted = scores > threshold
+        return 2 * (predicted & labels).sum() / (predicted.sum() + labels.sum())
+
+    best = max(f1_at(t) for t in np.r_[scores, -np.inf])
+    assert f1_at(float(reloaded.threshold)) == pytest.approx(best)
+    assert info["calibration_details"]["f1"] == pytest.approx(best)
+
+    # The fpr rule: the good images' quantile, as threshold_from_normals computes it from the same scores.
+    assert invoke("calibrate", run_copy, "--data", validation, "--rule", "fpr", "--quiet").exit_code == 0
+    expected = threshold_from_normals(scores[~labels])["threshold"]
+    assert float(load_model(run_copy / "model").threshold) == pytest.approx(expected)
 
 
 def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):

@@ -65,9 +65,11 @@ def threshold_f1(normal_scores: np.ndarray, defect_scores: np.ndarray) -> dict[s
     scores = np.concatenate([normal, defect])
     labels = np.concatenate([np.zeros(normal.size, bool), np.ones(defect.size, bool)])
     best_f1, cut = f1max(scores, labels)
-    # f1max predicts defective at score >= cut; our decision is score > threshold, so step just below the cut.
+    # f1max predicts defective at score >= cut; our decision is score > threshold, so step just below the cut. With
+    # no score below it (every image called defective), step by more than float32 rounding: the model stores the
+    # threshold as float32, where a float64 one-ulp step would round back onto the cut.
     below = scores[scores < cut]
-    threshold = float(below.max()) if below.size else float(np.nextafter(cut, -np.inf))
+    threshold = float(below.max()) if below.size else float(cut - max(abs(cut) * 1e-6, 1e-9))
     return {
         "threshold": threshold,
         "score_low": _typical_normal(normal, threshold),
