@@ -39,9 +39,18 @@ def test_flop_count_matches_a_hand_count():
     )
     model = method.model_class(config, pretrained=False).eval()
     flops = count_flops(model, 64)
-    conv1 = 2 * 64 * 3 * 7 * 7 * 32 * 32  # ResNet's stem: 64 filters of 3x7x7 at 32x32 outputs
-    adaptor = 2 * 8 * 8 * 32 * 32
-    assert flops["backbone"] >= conv1 and flops["total"] >= flops["backbone"] + adaptor
+
+    def conv(c_in: int, c_out: int, k: int, side: int) -> int:  # 2 FLOPs per multiply-add, side x side outputs
+        return 2 * c_in * c_out * k * k * side * side
+
+    stem = conv(3, 64, 7, 32)  # then max-pooled to 16 x 16
+    layer1 = 4 * conv(64, 64, 3, 16)
+    layer2 = conv(64, 128, 3, 8) + 3 * conv(128, 128, 3, 8) + conv(64, 128, 1, 8)  # the 1x1 is the downsample
+    layer3 = conv(128, 256, 3, 4) + 3 * conv(256, 256, 3, 4) + conv(128, 256, 1, 4)
+    assert flops["backbone"] == stem + layer1 + layer2 + layer3  # SimpleNet stops after layer3 (stride 16)
+    adaptor = 2 * 8 * 8 * 32 * 32  # on the 8 x 8 stride-8 grid
+    discriminator = 2 * 8 * 8 * (32 * 16 + 16 * 1)
+    assert flops["total"] >= flops["backbone"] + adaptor + discriminator
     assert matmul_peak_gflops(threads=1, size=256, repeats=2) > 0
 
 
@@ -56,7 +65,10 @@ def test_bench_writes_one_table_and_json(tiny_dataset, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
     (row,) = data["rows"]
-    assert row["name"] == "patchcore" and 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_aupro"] <= 1
+    # The table reports the run's own test metrics, and they are those of a working model on this data.
+    measured = json.loads((out / "patchcore" / "metrics.json").read_text())
+    assert row["name"] == "patchcore"
+    assert row["image_auroc"] == measured["image_auroc"] >= 0.6 and row["pixel_aupro"] == measured["pixel_aupro"]
     for runtime in ("torch", "onnxruntime"):
         assert row[runtime]["latency_ms"] > 0 and row[runtime]["images_per_second"] > 0
     assert row["parity_max_abs_norm"] <= 1e-4 and row["peak_mib"] > 0 and row["gflop_per_image"] > 0

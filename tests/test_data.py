@@ -391,6 +391,7 @@ def test_shuffle_is_seeded(tmp_path):
         return torch.cat([b["index"] for b in make_loader(samples, 8, batch_size=2, shuffle=True, seed=seed)]).tolist()
 
     assert order(1) == order(1) and sorted(order(1)) == list(range(5))
+    assert order(1) != list(range(5)) and order(2) != order(1)  # shuffled, and the seed matters
 
 
 def test_skip_bad_records_files_instead_of_raising(tmp_path):

@@ -203,7 +203,11 @@ def test_score_loss_on_hand_made_scores():
     batch_mean = normal_term + ((5 - (10 - 8 / 3)) * 0 + (5 - (6 - 8 / 3)) + (5 - (7 - 8 / 3))) / 3
     assert score_loss(scores, anomalous, pairing="batch_mean").item() == pytest.approx(batch_mean)
     random_pair = score_loss(scores, anomalous, pairing="random_pair", generator=torch.Generator().manual_seed(0))
-    assert normal_term <= random_pair.item() <= normal_term + 5
+    # Each anomalous pixel (10, 6, 7) is paired with the normal pixel (of 1, 3, 4) that the seeded draw picks.
+    pick = torch.randint(3, (3,), generator=torch.Generator().manual_seed(0)).tolist()
+    pairs = zip((10.0, 6.0, 7.0), ([1.0, 3.0, 4.0][i] for i in pick), strict=True)
+    expected = normal_term + sum(max(0.0, 5 - (a - n)) for a, n in pairs) / 3
+    assert random_pair.item() == pytest.approx(expected)
 
 
 def _direct_consistency(features: np.ndarray, scores: np.ndarray, keep: np.ndarray) -> float:

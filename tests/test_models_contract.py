@@ -61,10 +61,23 @@ def fitted(request, tiny_dataset):
     return model.eval(), report, split
 
 
-def test_defaults_construct():
-    for name in available_methods():
+# Each method's default backbone and geometry (input side, shorter side before the centre crop; 0 = no crop), as its
+# paper and spec set them (specs/*.md).
+PAPER_GEOMETRY = {
+    "patchcore": ("wide_resnet50_2", 224, 256),
+    "simplenet": ("wide_resnet50_2", 224, 256),
+    "cfa": ("wide_resnet50_2", 224, 256),
+    "efficientad": ("pdn", 256, 0),
+    "prn": ("resnet18", 256, 256),
+    "mlff": ("resnet50", 256, 256),
+}
+
+
+def test_defaults_are_the_papers():
+    assert set(available_methods()) == set(PAPER_GEOMETRY)
+    for name, expected in PAPER_GEOMETRY.items():
         config = get_method(name).config_class()
-        assert config.image_size > 0
+        assert (config.backbone, config.image_size, config.resize_size) == expected, name
 
 
 def test_forward_shapes_and_values(fitted):

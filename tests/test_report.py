@@ -41,7 +41,7 @@ def test_colorize_endpoints_and_monotonic_luminance():
 
 def test_colorize_clips_out_of_range_and_nan():
     out = colorize(np.array([[-1.0, np.nan, 2.0]]))
-    np.testing.assert_array_equal(out[0, 0], out[0, 1])
+    np.testing.assert_array_equal(out[0, :2], [[0, 0, 4], [0, 0, 4]])  # the colour of 0
     np.testing.assert_array_equal(out[0, 2], colorize(np.ones((1, 1)))[0, 0])
 
 

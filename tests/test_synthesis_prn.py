@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from flawscope.data import load_dataset, read_image, read_mask
+from flawscope.errors import DataError
 from flawscope.synthesis import (
     FolderTextures,
     ProceduralTextures,
@@ -153,7 +154,13 @@ def test_texture_sources(tmp_path):
         )
     rng = np.random.default_rng(0)
     texture = FolderTextures(tmp_path)((SIZE, 48), rng)
-    assert texture.shape == (SIZE, 48, 3) and texture.dtype == np.float32 and 0 <= texture.min() <= texture.max() <= 1
+    assert texture.shape == (SIZE, 48, 3) and texture.dtype == np.float32
+    # One of the three files, resized whole (bilinear, no crop) and scaled to [0, 1].
+    expected = [
+        np.asarray(Image.open(tmp_path / f"{i}.png").resize((48, SIZE), Image.BILINEAR), np.float32) / 255.0
+        for i in range(3)
+    ]
+    assert sum(np.array_equal(texture, e) for e in expected) == 1
     procedural = ProceduralTextures()((SIZE, SIZE), rng)
     assert procedural.shape == (SIZE, SIZE, 3) and procedural.max() == pytest.approx(1.0) and procedural.std() > 0.02
 
@@ -174,7 +181,7 @@ def test_synthetic_validation_set_layout_and_exact_masks(tmp_path):
         mask = read_mask(sample.mask_path)
         assert mask.any()
         np.testing.assert_array_equal(np.abs(defective - clean).max(-1) > 0, mask)
-    with pytest.raises(Exception, match="not empty"):
+    with pytest.raises(DataError, match="exists and is not empty"):
         write_synthetic_validation_set(sorted(sources.iterdir()), out, image_size=SIZE)
 
 
