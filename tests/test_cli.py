@@ -20,9 +20,9 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from flawscope import __version__
-from flawscope.cli import main
 from flawscope.api import score_images
 from flawscope.calibration import threshold_from_normals
+from flawscope.cli import main
 from flawscope.data import load_dataset, preprocess, read_image
 from flawscope.data.demo import make_demo_dataset
 from flawscope.fitting import FitContext
@@ -576,9 +576,12 @@ def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):
 
 
 def test_demo_generates_trains_tests_and_reports(tmp_path):
-    result = invoke("demo", "--out", tmp_path / "demo", "--epochs", "1", "--quiet")
+    # The demo exactly as the README runs it (its default schedule, about two minutes on 2 cores).
+    result = invoke("demo", "--out", tmp_path / "demo", "--quiet")
     assert result.exit_code == 0, result.output
     report = tmp_path / "demo" / "run" / "report.html"
     assert report.is_file() and str(report.resolve()) in result.output
     metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())
-    assert metrics["num_defective"] == 30 and metrics["image_auroc"] is not None
+    assert metrics["num_defective"] == 30
+    # Measured on this schedule: image AUROC 0.913, pixel AUROC 0.940 (one epoch: 0.43 / 0.50, chance).
+    assert metrics["image_auroc"] >= 0.85 and metrics["pixel_auroc"] >= 0.88

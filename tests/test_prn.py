@@ -4,6 +4,7 @@ and the seen-defect split (never in the test set)."""
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import flawscope
-from flawscope.data import Sample, load_dataset, select_seen_anomalies
-from flawscope.errors import ConfigError
+from flawscope.data import Sample, load_anomaly_folder, load_dataset, select_seen_anomalies
+from flawscope.errors import ConfigError, DataError
 from flawscope.evaluation import test as run_test
 from flawscope.fitting import FitContext, autocast, recalibrate_batchnorm
 from flawscope.models.prn import PRN, PRNConfig
@@ -342,18 +343,52 @@ def test_fit_with_prototype_holdout_reports_the_split(tiny_dataset):
     assert all(int(m.num_batches_tracked) == 0 for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
+GEOMETRY = {"image_size": 64, "resize_size": 0}
+TINY_PRN = {
+    "backbone": "efficientnet_lite0",
+    **GEOMETRY,
+    "num_epochs": 1,
+    "steps_per_epoch": 1,
+    "batch_normal": 1,
+    "batch_extended": 1,
+    "batch_simulated": 1,
+    "msa_depth": 1,
+}
+
+
+def test_anomaly_folder_layouts(tiny_dataset, tmp_path):
+    # MVTec-style root: the defective test images with their masks, test/good left out.
+    from_root = load_anomaly_folder(tiny_dataset)
+    defective = [s for s in load_dataset(tiny_dataset).test if s.label]
+    assert [(s.path, s.mask_path, s.defect_type) for s in from_root] == [
+        (s.path, s.mask_path, s.defect_type) for s in defective
+    ]
+    # The same without the test/ level, as a separate folder of labelled defects.
+    flat = tmp_path / "defects"
+    shutil.copytree(tiny_dataset / "test" / "scratch", flat / "scratch")
+    shutil.copytree(tiny_dataset / "ground_truth" / "scratch", flat / "ground_truth" / "scratch")
+    samples = load_anomaly_folder(flat)
+    assert sorted(s.path.name for s in samples) == ["000.png", "001.png"]
+    assert all(s.label == 1 and s.defect_type == "scratch" for s in samples)
+    assert all(s.mask_path == flat / "ground_truth" / "scratch" / f"{s.path.stem}_mask.png" for s in samples)
+    # PRN trains on the folder's defects and, as they are not test images, `flawscope test` keeps every test image.
+    run = flawscope.fit("prn", tiny_dataset, tmp_path / "run", options=TINY_PRN, anomaly_dir=flat, quiet=True)
+    config = json.loads((run / "config.json").read_text())
+    assert sorted(config["seen_anomalies"]) == sorted(str(s.path.resolve()) for s in samples)
+    assert config["seen_anomalies_from_test"] is False
+    assert run_test(run, tiny_dataset, quiet=True, report=False)["num_excluded_seen"] == 0
+    # Errors name the problem: a missing mask, no defects, no folder.
+    (flat / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    with pytest.raises(DataError, match="001.png has no mask"):
+        load_anomaly_folder(flat)
+    with pytest.raises(DataError, match="No labelled defects"):
+        load_anomaly_folder(tiny_dataset / "train")
+    with pytest.raises(DataError, match="does not exist"):
+        load_anomaly_folder(tmp_path / "missing")
+
+
 def test_seen_defects_never_appear_in_the_test_set(tiny_dataset, tmp_path):
-    options = {
-        "backbone": "efficientnet_lite0",
-        "image_size": 64,
-        "resize_size": 0,
-        "num_epochs": 1,
-        "steps_per_epoch": 1,
-        "batch_normal": 1,
-        "batch_extended": 1,
-        "batch_simulated": 1,
-        "msa_depth": 1,
-    }
+    options = TINY_PRN
     run = flawscope.fit("prn", tiny_dataset, tmp_path / "run", options=options, seen_anomalies=3, quiet=True)
     config = json.loads((run / "config.json").read_text())
     seen = config["seen_anomalies"]
@@ -363,6 +398,11 @@ def test_seen_defects_never_appear_in_the_test_set(tiny_dataset, tmp_path):
     with open(run / "per_image.csv") as f:
         tested = {row["path"] for row in csv.DictReader(f)}
     assert len(tested) == len(load_dataset(tiny_dataset).test) - 3 and not tested & set(seen)
+    # An unsupervised run tested with --exclude-seen-of leaves out the same images, so the two compare on one split.
+    lite0 = {"backbone": "efficientnet_lite0", **GEOMETRY}
+    patchcore = flawscope.fit("patchcore", tiny_dataset, tmp_path / "pc-run", options=lite0, quiet=True)
+    unsupervised = run_test(patchcore, tiny_dataset, quiet=True, report=False, exclude_seen_of=run)
+    assert sorted(unsupervised["excluded_seen"]) == sorted(seen) and unsupervised["num_excluded_seen"] == 3
     with pytest.warns(UserWarning, match="synthetic defects only"):
         flawscope.fit("prn", tiny_dataset, tmp_path / "zero", options=options, seen_anomalies=0, quiet=True)
     with pytest.raises(ConfigError, match="good images only"):

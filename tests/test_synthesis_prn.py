@@ -1,5 +1,8 @@
 """PRN's synthetic defects: Perlin masks, texture sources, homologous / extended anomalies, target areas."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -196,3 +199,22 @@ def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path):
     assert result.exit_code == 0, result.output
     split = load_dataset(out)
     assert sum(s.label for s in split.test) == 4 and len(split.test) == len(load_dataset(tiny_dataset).train)
+
+    # --run: the run's held-out good images (which its model never saw), at the run's input size.
+    import flawscope
+
+    options = {"backbone": "efficientnet_lite0", "image_size": 48, "resize_size": 0}
+    run = flawscope.fit("patchcore", tiny_dataset, tmp_path / "run", options=options, val_ratio=0.25, quiet=True)
+    held_out = json.loads((run / "config.json").read_text())["val_images"]
+    result = CliRunner().invoke(
+        main, ["synth", "--data", str(tiny_dataset), "--out", str(tmp_path / "s2"), "--run", str(run)]
+    )
+    assert result.exit_code == 0, result.output
+    written = load_dataset(tmp_path / "s2").test
+    sources = sorted(s.path.stem if not s.label else s.path.stem.split("_", 1)[1] for s in written)  # NNNN_<stem>
+    assert sources == sorted(Path(p).stem for p in held_out)
+    assert all(read_image(s.path).shape == (48, 48, 3) for s in written)
+    result = CliRunner().invoke(
+        main, ["synth", "--data", str(tiny_dataset), "--out", str(tmp_path / "s3"), "--run", str(tmp_path)]
+    )
+    assert result.exit_code != 0 and "is not a run folder" in result.output and "Traceback" not in result.output

@@ -11,7 +11,7 @@ import click
 from . import __version__
 from .calibration import DEFAULT_TARGET_FPR
 from .config import TRAIN_PRECISIONS, parse_overrides
-from .errors import FlawscopeError
+from .errors import ConfigError, FlawscopeError
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 QUIET = click.option("--quiet", is_flag=True, help="no progress bars")
@@ -426,7 +426,13 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
     _check_outside(Path(out), dataset.root)
     images = [sample.path for sample in dataset.train]
     if run is not None:
-        config = json.loads((Path(run) / "config.json").read_text())
+        config_path = Path(run) / "config.json"
+        if not config_path.is_file():
+            raise ConfigError(
+                f"--run {run} is not a run folder (no config.json in it); give the folder that `flawscope fit --out` "
+                "wrote, or leave --run out to use the data set's training images."
+            )
+        config = json.loads(config_path.read_text())
         images = [Path(p) for p in config.get("val_images", [])] or images
         image_size, resize_size = config["options"]["image_size"], config["options"]["resize_size"]
     summary = write_synthetic_validation_set(
