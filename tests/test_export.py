@@ -23,6 +23,7 @@ from flawscope.export import (
     TorchInferencer,
     TorchScriptInferencer,
     check_parity,
+    export_checked,
     export_model,
     find_regions,
     load_inferencer,
@@ -191,6 +192,37 @@ def test_mlff_on_the_stride_4_grid_exports_with_parity(tiny_dataset, tmp_path):
     _calibrate(model, images)
     for fmt in ("onnx", "torchscript"):
         assert check_parity(model, export_model(model, tmp_path / f"stride4.{fmt}", fmt), images)["ok"]
+
+
+def test_tight_calibration_scales_the_calibrated_tolerance(tiny_dataset, tmp_path):
+    # A threshold just above the typical normal score (as `calibrate` on a few images can give) multiplies float
+    # rounding on the calibrated scale by 0.5 / (threshold - score_low); the check carries atol through that slope.
+    model, split = _fit("simplenet", tiny_dataset)
+    images = _test_images(split)
+    _calibrate(model, images)
+    with torch.inference_mode():
+        spread = float(np.ptp(model(images).anomaly_map.numpy()))
+    model.set_calibration(float(model.threshold), float(model.threshold) - spread * 1e-3)
+    path, report = export_checked(model, tmp_path / "tight.onnx", "onnx", images=images)
+    assert path.is_file() and report["ok"] and report["max_rel_raw"] <= ATOL
+    gap = float(model.threshold - model.score_low)
+    assert report["norm_atol"] == pytest.approx(ATOL * 0.5 * spread / gap, rel=1e-4) and report["norm_atol"] > ATOL
+
+
+def test_a_file_that_fails_the_check_is_not_left_in_place(tiny_dataset, tmp_path, monkeypatch):
+    import flawscope.export.parity as parity
+
+    model, split = _fit("patchcore", tiny_dataset)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an older export")
+
+    def disagree(*args, **kwargs):
+        raise ModelFormatError("does not reproduce the torch model")
+
+    monkeypatch.setattr(parity, "check_parity", disagree)
+    with pytest.raises(ModelFormatError, match="does not reproduce"):
+        export_checked(model, path, "onnx")
+    assert path.read_bytes() == b"an older export" and sorted(tmp_path.iterdir()) == [path]  # no partial file
 
 
 def test_unfitted_model_is_not_exported(tmp_path):

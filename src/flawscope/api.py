@@ -182,7 +182,7 @@ def fit(
             "method": method,
             "options": config.to_dict(),
             "seed": seed,
-            "data": str(dataset.root),
+            "data": str(dataset.root.resolve()),
             "layout": dataset.layout,
             "category": category,
             "val_ratio": val_ratio,
@@ -190,7 +190,7 @@ def fit(
             "num_train": len(train),
             "num_val": len(val),
             "fit_seconds": round(fit_seconds, 2),
-            "val_images": [str(s.path) for s in val],
+            "val_images": [str(s.path.resolve()) for s in val],  # absolute: read from any working folder
             **seen_record,
         },
     )

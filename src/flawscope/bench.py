@@ -137,7 +137,7 @@ def bench_setting(
     """Fit, test, export and time one setting in this process; returns its row of the table."""
     from .api import fit
     from .evaluation import test
-    from .export import OnnxInferencer, TorchInferencer, check_parity, export_model
+    from .export import OnnxInferencer, TorchInferencer, export_checked
     from .model_io import load_model
 
     torch.set_num_threads(threads)
@@ -157,8 +157,7 @@ def bench_setting(
     fit_seconds = time.perf_counter() - start
     metrics = test(run, data, layout=layout, category=category, device="cpu", quiet=True, report=False)
     model = load_model(run / "model")
-    onnx_path = export_model(model, run / "export" / "model.onnx", "onnx")
-    parity = check_parity(model, onnx_path)
+    onnx_path, parity = export_checked(model, run / "export" / "model.onnx", "onnx")
     size = model.config.image_size
     torch_speed = time_inference(TorchInferencer(model, "cpu"), size, repeats)
     onnx_speed = time_inference(OnnxInferencer(onnx_path, "cpu", threads), size, repeats)

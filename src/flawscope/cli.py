@@ -217,23 +217,23 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
 @click.option("--no-check", is_flag=True, help="skip the parity check against the torch model")
 def export(run, export_format, out, batch, half, no_check) -> None:
     """Export RUN's inference graph (normalisation, calibration and threshold included) to ONNX or TorchScript."""
-    from .export import FORMATS, check_parity, export_model
+    from .export import FORMATS, export_checked
     from .export.parity import held_out_images
     from .model_io import load_model, read_model_info
 
     model = load_model(read_model_info(run)["folder"])
     model.check_fitted()
     path = out or Path(run) / "export" / f"model{FORMATS[export_format]}"
-    export_model(model, path, export_format, batch=batch, half=half)
+    images = None if no_check else held_out_images(run, model)
+    path, report = export_checked(model, path, export_format, batch=batch, half=half, images=images, check=not no_check)
     click.echo(f"{export_format} model written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    if not no_check:
-        images = held_out_images(run, model)
-        report = check_parity(model, path, images)
+    if report is not None:
         near = report["near_threshold"]
         click.echo(
             f"parity with torch on {report['images']} {'random' if images is None else 'held-out'} images: "
-            f"max |difference| {report['max_abs_norm']:.1e} on the calibrated outputs, {report['max_rel_raw']:.1e} "
-            f"of the map's range on the raw ones (allowed {report['atol']:.0e}), decisions equal"
+            f"max |difference| {report['max_abs_norm']:.1e} on the calibrated outputs (allowed "
+            f"{report['norm_atol']:.1e}), {report['max_rel_raw']:.1e} of the map's range on the raw ones (allowed "
+            f"{report['atol']:.0e}), decisions equal"
             + (f" ({near} image(s) within the tolerance of the threshold not compared)" if near else "")
         )
 

@@ -9,7 +9,7 @@ from .inferencer import (
     TorchScriptInferencer,
     load_inferencer,
 )
-from .parity import FORMATS, check_parity, export_model, open_exported, parity_report
+from .parity import FORMATS, check_parity, export_checked, export_model, open_exported, parity_report
 from .regions import Region, find_regions
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "TorchInferencer",
     "TorchScriptInferencer",
     "check_parity",
+    "export_checked",
     "export_metadata",
     "export_model",
     "find_regions",

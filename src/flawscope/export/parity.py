@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,8 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 PARITY_ATOL = {"float32": 1e-4, "float16": 2e-2}
 
 
-def export_model(
-    model: AnomalyModel, path: str | Path, export_format: str = "onnx", batch: str | int = "dynamic", half: bool = False
-) -> Path:
-    """Exports ``model`` to ``path`` in ``export_format`` ('onnx' or 'torchscript'); ``batch`` is 'dynamic' or N."""
-    from .onnx import export_onnx
-    from .torchscript import export_torchscript
-
+def _check_export_path(path: str | Path, export_format: str) -> Path:
+    """Refuses an unknown format, a folder, or a suffix that does not name the format (read back by suffix)."""
     if export_format not in FORMATS:
         raise ConfigError(f"Unknown export format {export_format!r}; use {' or '.join(FORMATS)}.")
     path = Path(path)
@@ -37,6 +34,17 @@ def export_model(
             f"{path}: an ONNX export must end in .onnx and a TorchScript one must not (the file is read back by its "
             f"suffix); use {path.with_suffix(FORMATS[export_format])} or choose the other --format."
         )
+    return path
+
+
+def export_model(
+    model: AnomalyModel, path: str | Path, export_format: str = "onnx", batch: str | int = "dynamic", half: bool = False
+) -> Path:
+    """Exports ``model`` to ``path`` in ``export_format`` ('onnx' or 'torchscript'); ``batch`` is 'dynamic' or N."""
+    from .onnx import export_onnx
+    from .torchscript import export_torchscript
+
+    path = _check_export_path(path, export_format)
     exporter = export_onnx if export_format == "onnx" else export_torchscript
     return exporter(model, path, batch=parse_batch(batch), half=half)
 
@@ -57,8 +65,13 @@ def parity_report(
     Returns:
         ``max_abs_norm`` (largest difference of the calibrated map and score), ``max_rel_raw`` (largest difference
         of the raw map and score relative to the raw map's range), ``decisions_equal`` (over the images scored
-        farther than ``atol`` from the threshold), ``near_threshold`` (how many were not), ``atol`` and ``ok`` (both
-        differences at most ``atol`` and those decisions equal).
+        farther than ``norm_atol`` from the threshold), ``near_threshold`` (how many were not), ``atol``,
+        ``norm_atol`` (``atol`` carried through the calibration, see below) and ``ok`` (the raw difference at most
+        ``atol``, the calibrated one at most ``norm_atol``, and those decisions equal).
+
+    The calibrated outputs are the raw ones times 0.5 / (threshold - score_low), clipped, so a threshold close to
+    the typical normal score magnifies float rounding: the calibrated outputs may differ by ``atol`` times the raw
+    map's range times that slope (``norm_atol``, never below ``atol``).
     """
     if images is None:
         size = model.config.image_size
@@ -69,9 +82,11 @@ def parity_report(
     spread = max(float(np.ptp(reference["anomaly_map"])), 1e-12)
     raw = max(float(np.abs(reference[k] - other[k]).max()) for k in ("anomaly_map", "pred_score")) / spread
     atol = PARITY_ATOL[exported.metadata.get("precision", "float32")]
+    slope = 0.5 / max(float(model.threshold - model.score_low), 1e-12)
+    norm_atol = atol * max(1.0, slope * spread)
     # An image scored within the tolerance of the threshold may go either way (the threshold is often exactly a
     # held-out image's score); every other decision must agree.
-    clear = np.abs(reference["norm_score"] - 0.5) > atol
+    clear = np.abs(reference["norm_score"] - 0.5) > norm_atol
     decisions = bool(np.array_equal(reference["norm_score"][clear] > 0.5, other["norm_score"][clear] > 0.5))
     return {
         "images": int(images.shape[0]),
@@ -80,8 +95,9 @@ def parity_report(
         "decisions_equal": decisions,
         "near_threshold": int((~clear).sum()),
         "atol": atol,
+        "norm_atol": norm_atol,
         # The raw check matters where the calibrated outputs clip to 0 or 1 (then they agree trivially).
-        "ok": bool(norm <= atol and raw <= atol and decisions),
+        "ok": bool(norm <= norm_atol and raw <= atol and decisions),
     }
 
 
@@ -112,8 +128,40 @@ def check_parity(model: AnomalyModel, path: str | Path, images: torch.Tensor | N
     if not report["ok"]:
         raise ModelFormatError(
             f"The exported {path} does not reproduce the torch model: largest difference of the calibrated outputs "
-            f"{report['max_abs_norm']:.2e}, of the raw outputs {report['max_rel_raw']:.2e} of the map's range "
-            f"(allowed {report['atol']:.0e}), decisions equal: {report['decisions_equal']}. Please report this with "
-            "the model's method and options."
+            f"{report['max_abs_norm']:.2e} (allowed {report['norm_atol']:.1e}), of the raw outputs "
+            f"{report['max_rel_raw']:.2e} of the map's range (allowed {report['atol']:.0e}), decisions equal: "
+            f"{report['decisions_equal']}. Please report this with the model's method and options."
         )
     return report
+
+
+def export_checked(
+    model: AnomalyModel,
+    path: str | Path,
+    export_format: str = "onnx",
+    batch: str | int = "dynamic",
+    half: bool = False,
+    images: torch.Tensor | None = None,
+    check: bool = True,
+) -> tuple[Path, dict[str, Any] | None]:
+    """``export_model``, then ``check_parity`` on ``images``; the file appears at ``path`` only if it agrees.
+
+    The export is written into a temporary folder next to ``path`` (with its final name, so an ONNX file over 2 GB
+    and its ``.data`` file keep matching names) and moved into place after the check: a file that failed it is never
+    left where predict would pick it up, and an older file at ``path`` stays as it was.
+
+    Returns:
+        The path written and the parity report (None when ``check`` is False).
+    """
+    path = _check_export_path(path, export_format)
+    model.check_fitted()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        export_model(model, staging / path.name, export_format, batch=batch, half=half)
+        report = check_parity(model, staging / path.name, images) if check else None
+        for written in staging.iterdir():
+            written.replace(path.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path, report
