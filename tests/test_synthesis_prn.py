@@ -188,7 +188,7 @@ def test_synthetic_validation_set_layout_and_exact_masks(tmp_path):
         write_synthetic_validation_set(sorted(sources.iterdir()), out, image_size=SIZE)
 
 
-def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path):
+def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from flawscope.cli import main
@@ -204,8 +204,12 @@ def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path):
     import flawscope
 
     options = {"backbone": "efficientnet_lite0", "image_size": 48, "resize_size": 0}
-    run = flawscope.fit("patchcore", tiny_dataset, tmp_path / "run", options=options, val_ratio=0.25, quiet=True)
-    held_out = json.loads((run / "config.json").read_text())["val_images"]
+    monkeypatch.chdir(tiny_dataset.parent)  # fitted on a relative path: the run must not depend on this folder
+    run = flawscope.fit("patchcore", tiny_dataset.name, tmp_path / "run", options=options, val_ratio=0.25, quiet=True)
+    monkeypatch.chdir(tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    held_out = config["val_images"]
+    assert Path(config["data"]) == tiny_dataset.resolve() and all(Path(p).is_absolute() for p in held_out)
     result = CliRunner().invoke(
         main, ["synth", "--data", str(tiny_dataset), "--out", str(tmp_path / "s2"), "--run", str(run)]
     )
