@@ -25,7 +25,10 @@ def test_settings_from_models_shared_and_per_model_options(tmp_path):
     assert from_file.name == "pc-small" and from_file.options == {"coreset_ratio": 0.01}
 
 
-@pytest.mark.parametrize(("models", "overrides", "fragment"), [(None, [], "--models"), ("patchcore", ["x=1"], "'x'")])
+@pytest.mark.parametrize(
+    ("models", "overrides", "fragment"),
+    [(None, [], "--models"), ("patchcore", ["x=1"], "'x'"), ("patchcore", ["patchcor:coreset_ratio=0.5"], "patchcor:")],
+)
 def test_bad_settings_fail_before_fitting(models, overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_settings(models, overrides)

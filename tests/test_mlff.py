@@ -319,3 +319,16 @@ def test_position_whitening_centres_every_stage_at_every_position_and_is_saved(t
     with torch.no_grad():
         for a, b in zip(model.raw_scores(images[:2]), loaded.raw_scores(images[:2]), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_a_last_batch_of_one_image_is_left_out(tiny_dataset):
+    # 12 images in batches of 11: the last batch holds one image, whose pooled 1 x 1 branches BatchNorm refuses in
+    # training at 64 px; the pass trains on the batch of 11 only.
+    from flawscope.data import load_dataset
+    from flawscope.fitting import FitContext
+    from flawscope.models.mlff.fit import fit
+
+    options = {"backbone": "efficientnet_lite0", "image_size": 64, "resize_size": 0, "num_epochs": 1}
+    model = MLFF(MLFFConfig.from_dict({**options, "repeat_factor": 1, "batch_size": 11}), pretrained=False)
+    report = fit(model, load_dataset(tiny_dataset).train, FitContext(quiet=True))
+    assert report["num_images"] == 12 and report["steps"] == 1 and report["images_seen"] == 11

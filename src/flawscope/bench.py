@@ -66,6 +66,10 @@ def parse_settings(
             specific.setdefault(target, {})[option_name] = value
         else:
             shared[key] = value
+    unknown = sorted(set(specific) - {s.name for s in settings})
+    if unknown:
+        names = ", ".join(s.name for s in settings)
+        raise ConfigError(f"--set {unknown[0]}:... names no setting of this bench; the settings are {names}.")
     result = []
     for s in settings:
         options = {**shared, **s.options, **specific.get(s.name, {})}

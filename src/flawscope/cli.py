@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -22,14 +23,23 @@ def _fail(error: Exception) -> None:
     sys.exit(2)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for a command-line user, without the source file and line it was raised from."""
+    return f"warning: {message}\n"
+
+
 class _Group(click.Group):
-    """Turns flawscope's own errors into one clear line instead of a traceback."""
+    """Turns flawscope's own errors into one clear line instead of a traceback, and warnings into one line each."""
 
     def invoke(self, ctx: click.Context):
+        formatwarning = warnings.formatwarning
+        warnings.formatwarning = _format_warning
         try:
             return super().invoke(ctx)
         except FlawscopeError as e:
             _fail(e)
+        finally:
+            warnings.formatwarning = formatwarning
 
 
 @click.group(cls=_Group)

@@ -147,7 +147,7 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
     repetitions = cfg.num_epochs * cfg.repeat_factor
     bar = ctx.progress(None, "training", repetitions * len(loader))
     start = time.perf_counter()
-    pseudo, seen = 0, 0
+    pseudo, seen, steps = 0, 0, 0
     for epoch in range(cfg.num_epochs):
         plans = pseudo_anomaly_plan(len(samples), cfg.repeat_factor, cfg.pseudo_ratio, plan_rng)
         for offset, plan in enumerate(plans):
@@ -155,6 +155,11 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
             totals: dict[str, float] = {}
             num_steps = 0
             for batch in loader:
+                if len(batch["image"]) == 1 < len(samples):
+                    # A last batch of one image: its BatchNorm statistics would come from one image (at small inputs
+                    # the pooled branches have one value per channel, which BatchNorm refuses); it is left out.
+                    bar.update()
+                    continue
                 images, masks = add_pseudo_anomalies(batch["image"], batch["index"], plan, cfg, ctx.seed, repetition)
                 parts = mlff_losses(model, images.to(ctx.device), masks.to(ctx.device), generator)
                 optimizer.zero_grad(set_to_none=True)
@@ -165,6 +170,7 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
                 for key, value in parts.items():
                     totals[key] = totals.get(key, 0.0) + float(value.detach())
                 num_steps += 1
+                steps += 1
                 bar.update()
                 bar.set_postfix(loss=f"{float(parts['total'].detach()):.3f}")
             # One record per pass over the images (an epoch has repeat_factor of them).
@@ -177,7 +183,7 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
     return {
         "num_images": len(samples),
         "repetitions": repetitions,
-        "steps": repetitions * len(loader),
+        "steps": steps,
         "images_seen": seen,
         "pseudo_fraction": pseudo / max(seen, 1),
         "final_losses": ctx.log[-1] if ctx.log else None,
