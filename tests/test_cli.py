@@ -521,6 +521,8 @@ def test_same_seed_gives_identical_weights(run, tiny_dataset, tmp_path):
     assert hashes == {first["weights_sha256"]}
 
     assert invoke(*fit_args(tiny_dataset, tmp_path / "other", "--seed", "1")).exit_code == 0
+    with pytest.warns(UserWarning, match="already holds a run: its model is replaced"):
+        assert invoke(*fit_args(tiny_dataset, tmp_path / "other", "--seed", "1")).exit_code == 0
     other = json.loads((tmp_path / "other" / "model" / "model.json").read_text())
     assert other["weights_sha256"] != first["weights_sha256"]
     assert json.loads((tmp_path / "other" / "environment.json").read_text())["seed"] == 1
@@ -543,7 +545,8 @@ def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(whole_run_copy, t
         num_test_per_defect=2,
         seed=7,
     )[0]
-    result = invoke("calibrate", run_copy, "--data", validation, "--quiet")
+    with pytest.warns(UserWarning, match=r"previous threshold and still carry it: .*metrics\.json"):
+        result = invoke("calibrate", run_copy, "--data", validation, "--quiet")
     assert result.exit_code == 0, result.output
     info = json.loads((run_copy / "model" / "model.json").read_text())
     assert info["calibration_details"]["rule"].startswith("F1-optimal")
@@ -566,9 +569,25 @@ def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(whole_run_copy, t
     assert info["calibration_details"]["f1"] == pytest.approx(best)
 
     # The fpr rule: the good images' quantile, as threshold_from_normals computes it from the same scores.
-    assert invoke("calibrate", run_copy, "--data", validation, "--rule", "fpr", "--quiet").exit_code == 0
+    with pytest.warns(UserWarning, match="previous threshold"):
+        assert invoke("calibrate", run_copy, "--data", validation, "--rule", "fpr", "--quiet").exit_code == 0
     expected = threshold_from_normals(scores[~labels])["threshold"]
     assert float(load_model(run_copy / "model").threshold) == pytest.approx(expected)
+
+
+def test_test_and_calibrate_read_a_folder_without_training_images(whole_run_copy, tiny_dataset, tmp_path):
+    # Both read the test split only: test/ and ground_truth/ are enough (no train/good, or an empty one).
+    labelled = tmp_path / "labelled"
+    for part in ("test", "ground_truth"):
+        shutil.copytree(tiny_dataset / part, labelled / part)
+    out = tmp_path / "tested"
+    assert invoke("test", whole_run_copy, "--data", labelled, "--out", out, "--quiet").exit_code == 0
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == len(load_dataset(tiny_dataset).test)
+    (labelled / "train" / "good").mkdir(parents=True)
+    with pytest.warns(UserWarning, match="previous threshold"):
+        result = invoke("calibrate", whole_run_copy, "--data", labelled, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert_clean_error(invoke(*fit_args(labelled, tmp_path / "r")), "train/good")  # fitting still needs it
 
 
 def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):

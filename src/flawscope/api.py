@@ -155,6 +155,18 @@ def fit(
     dataset = load_dataset(data, layout=layout, category=category)
     out = Path(out)
     _check_outside(out, dataset.root)
+    if (out / "model" / "model.json").is_file():
+        stale = _run_outputs(out)
+        warnings.warn(
+            f"{out} already holds a run: its model is replaced by this fit"
+            + (
+                f", and {', '.join(p.name for p in stale)} stay from the old model until test and export run again"
+                if stale
+                else ""
+            )
+            + ". Give a new --out to keep both.",
+            stacklevel=2,
+        )
     # At least 3 held-out images, so the threshold and the normalised scale rest on more than one score.
     train, val = split_validation(dataset.train, val_ratio, seed, min_count=3 if val_ratio > 0 else 1)
     seed_everything(seed)
@@ -269,7 +281,7 @@ def calibrate_run(
     if rule not in ("f1", "fpr"):
         raise ConfigError(f"Unknown calibration rule {rule!r}; use 'f1' or 'fpr'.")
     info = read_model_info(run)
-    dataset = load_dataset(data, layout=layout, category=category)
+    dataset = load_dataset(data, layout=layout, category=category, need_train=False)
     config_path = Path(run) / "config.json"
     trained_on = json.loads(config_path.read_text())["data"] if config_path.is_file() else None
     if trained_on and Path(trained_on).resolve() == dataset.root.resolve():
@@ -286,4 +298,19 @@ def calibrate_run(
     model.set_calibration(result["threshold"], result["score_low"])
     metadata = {key: info[key] for key in ("training",) if key in info}
     save_model(model.cpu(), info["folder"], metadata={"calibration_details": result, **metadata})
+    stale = _run_outputs(Path(run))
+    if stale:
+        warnings.warn(
+            f"These outputs in {run} were made with the previous threshold and still carry it: "
+            f"{', '.join(str(p.relative_to(run)) for p in stale)}. Run `flawscope export` and `flawscope test` on "
+            "the run again.",
+            stacklevel=2,
+        )
     return result
+
+
+def _run_outputs(run: Path) -> list[Path]:
+    """What `flawscope test` and `flawscope export` wrote into a run folder (exports: ``export/`` only)."""
+    tested = [run / name for name in ("metrics.json", "per_image.csv", "curves.json", "report.html")]
+    exported = sorted((run / "export").glob("*.onnx")) + sorted((run / "export").glob("*.pt"))
+    return [p for p in tested if p.is_file()] + exported

@@ -148,7 +148,7 @@ def test(
     run = Path(run)
     info = read_model_info(run)
     model = load_model(info["folder"])
-    dataset = load_dataset(data, layout=layout, category=category)
+    dataset = load_dataset(data, layout=layout, category=category, need_train=False)
     if not dataset.test:
         raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
     out = Path(out) if out else run

@@ -144,10 +144,10 @@ def _mvtec_test(root: Path) -> list[Sample]:
     return samples
 
 
-def _load_mvtec(root: Path) -> DatasetSplit:
+def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
     train_dir = _normal_folder(root / "train")
     train = [Sample(path) for path in _list_images(train_dir)]
-    if not train:
+    if not train and need_train:
         others = sorted(p.name for p in train_dir.iterdir())
         raise DataError(
             f"No images in {train_dir} (found: {_join(others)}). Add defect-free images with one of the "
@@ -239,7 +239,9 @@ def _load_visa(root: Path, category: str | None) -> DatasetSplit:
     )
 
 
-def load_dataset(root: str | Path, layout: str = "auto", category: str | None = None) -> DatasetSplit:
+def load_dataset(
+    root: str | Path, layout: str = "auto", category: str | None = None, need_train: bool = True
+) -> DatasetSplit:
     """List the training and test samples of a dataset folder.
 
     Args:
@@ -247,6 +249,8 @@ def load_dataset(root: str | Path, layout: str = "auto", category: str | None = 
             ``category`` picks one), or a VisA root (holding ``split_csv/1cls.csv``).
         layout: "mvtec", "visa", or "auto" (VisA when ``root/split_csv`` exists and ``root/train`` does not).
         category: MVTec category subfolder or VisA object name; needed when the root holds several.
+        need_train: False for readers of the test split only (test, calibrate): an MVTec-style folder may then
+            have ``test/`` and ``ground_truth/`` without ``train/good`` (or with an empty one).
 
     Returns:
         The split; a missing MVTec ``test`` folder gives an empty ``test`` list (enough for fitting).
@@ -263,7 +267,9 @@ def load_dataset(root: str | Path, layout: str = "auto", category: str | None = 
         raise DataError(f"Data folder {root} does not exist or is not a folder. Check the path.")
     if layout == "visa" or (layout == "auto" and (root / "split_csv").is_dir() and not (root / "train").is_dir()):
         return _load_visa(root, category)
-    return _load_mvtec(_mvtec_root(root, category))
+    if not need_train and category is None and (root / "test").is_dir() and not _normal_folder(root / "train"):
+        return DatasetSplit(root=root, train=[], test=_mvtec_test(root), layout="mvtec")
+    return _load_mvtec(_mvtec_root(root, category), need_train)
 
 
 def _expand(item: Path) -> list[Path]:
