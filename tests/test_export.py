@@ -217,10 +217,17 @@ def test_a_file_that_fails_the_check_is_not_left_in_place(tiny_dataset, tmp_path
     path.write_bytes(b"an older export")
 
     def disagree(*args, **kwargs):
-        raise ModelFormatError("does not reproduce the torch model")
+        return {
+            "ok": False,
+            "max_abs_norm": 0.1,
+            "norm_atol": 1e-4,
+            "max_rel_raw": 0.1,
+            "atol": 1e-4,
+            "decisions_equal": False,
+        }
 
-    monkeypatch.setattr(parity, "check_parity", disagree)
-    with pytest.raises(ModelFormatError, match="does not reproduce"):
+    monkeypatch.setattr(parity, "parity_report", disagree)
+    with pytest.raises(ModelFormatError, match=f"exported {path} \\(not written\\) does not reproduce"):
         export_checked(model, path, "onnx")
     assert path.read_bytes() == b"an older export" and sorted(tmp_path.iterdir()) == [path]  # no partial file
 

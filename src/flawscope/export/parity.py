@@ -122,13 +122,18 @@ def held_out_images(run: str | Path, model: AnomalyModel, count: int = 4) -> tor
     return torch.stack(images) if images else None
 
 
-def check_parity(model: AnomalyModel, path: str | Path, images: torch.Tensor | None = None) -> dict[str, Any]:
-    """``parity_report`` for an exported file; raises ModelFormatError when it does not agree with ``model``."""
+def check_parity(
+    model: AnomalyModel, path: str | Path, images: torch.Tensor | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """``parity_report`` for an exported file; raises ModelFormatError when it does not agree with ``model``.
+
+    ``name`` is how the error names the file (default: ``path``).
+    """
     report = parity_report(model, open_exported(path, "cpu"), images)
     if not report["ok"]:
         raise ModelFormatError(
-            f"The exported {path} does not reproduce the torch model: largest difference of the calibrated outputs "
-            f"{report['max_abs_norm']:.2e} (allowed {report['norm_atol']:.1e}), of the raw outputs "
+            f"The exported {name or path} does not reproduce the torch model: largest difference of the calibrated "
+            f"outputs {report['max_abs_norm']:.2e} (allowed {report['norm_atol']:.1e}), of the raw outputs "
             f"{report['max_rel_raw']:.2e} of the map's range (allowed {report['atol']:.0e}), decisions equal: "
             f"{report['decisions_equal']}. Please report this with the model's method and options."
         )
@@ -159,7 +164,8 @@ def export_checked(
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         export_model(model, staging / path.name, export_format, batch=batch, half=half)
-        report = check_parity(model, staging / path.name, images) if check else None
+        name = f"{path} (not written)"
+        report = check_parity(model, staging / path.name, images, name=name) if check else None
         for written in staging.iterdir():
             written.replace(path.parent / written.name)
     finally:
