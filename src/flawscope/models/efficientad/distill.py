@@ -114,7 +114,8 @@ class PsiTargets:
 
     The distillation's only augmentation is the grayscale decision, so on a small image folder (the 500 BSDS500
     photographs here, not ImageNet) Psi's output of every image in colour and in grayscale can be computed once and
-    kept (float16, ``max_cache_bytes`` at most); each step then costs only the PDN's forward and backward pass.
+    kept (float16, ``max_cache_bytes`` at most), with the PDN's view of each image (float32, exact); each step then
+    costs only the PDN's forward and backward pass, with no image decoding. Both caches live on the training device.
     """
 
     def __init__(
@@ -130,27 +131,35 @@ class PsiTargets:
         self.psi, self.paths, self.image_size, self.device = psi, list(paths), image_size, device
         self.num_workers = num_workers
         side = image_size // 4
-        cache_bytes = len(self.paths) * 2 * psi.aggregator.target_dim * side * side * 2
-        self.cache = self._build_cache(quiet) if cache_bytes <= max_cache_bytes else None
+        per_image = 2 * psi.aggregator.target_dim * side * side * 2 + 3 * image_size * image_size * 4
+        self.cache: Tensor | None = None
+        self.small_cache: Tensor | None = None
+        if len(self.paths) * per_image <= max_cache_bytes:
+            self._build_cache(quiet)
 
     @torch.no_grad()
-    def _build_cache(self, quiet: bool) -> Tensor:
-        """(N, 2, C, s/4, s/4) float16: Psi of each image in colour (0) and grayscale (1)."""
-        side = self.image_size // 4
-        cache = torch.empty(len(self.paths), 2, self.psi.aggregator.target_dim, side, side, dtype=torch.float16)
-        loader = DataLoader(_Views(self.paths, [2 * self.image_size]), batch_size=8, num_workers=self.num_workers)
+    def _build_cache(self, quiet: bool) -> None:
+        """``cache`` (N, 2, C, s/4, s/4) float16: Psi of each image in colour (0) and grayscale (1);
+        ``small_cache`` (N, 3, s, s) float32: the PDN's view of each image, in colour."""
+        side, count = self.image_size // 4, len(self.paths)
+        cache = torch.empty(count, 2, self.psi.aggregator.target_dim, side, side, dtype=torch.float16, device=self.device)
+        small_cache = torch.empty(count, 3, self.image_size, self.image_size, device=self.device)
+        sizes = [2 * self.image_size, self.image_size]
+        loader = DataLoader(_Views(self.paths, sizes), batch_size=8, num_workers=self.num_workers)
         first = 0
-        for (big,) in tqdm(loader, "Psi targets (cached)", disable=quiet, leave=False, dynamic_ncols=True):
+        for big, small in tqdm(loader, "Psi targets (cached)", disable=quiet, leave=False, dynamic_ncols=True):
             views = torch.stack([big, TF.rgb_to_grayscale(big, 3)], dim=1).to(self.device)  # (B, 2, 3, 2s, 2s)
-            cache[first : first + len(big)] = self.psi(views.flatten(0, 1)).unflatten(0, (len(big), 2)).half().cpu()
+            cache[first : first + len(big)] = self.psi(views.flatten(0, 1)).unflatten(0, (len(big), 2)).half()
+            small_cache[first : first + len(big)] = small.to(self.device)
             first += len(big)
-        return cache
+        self.cache, self.small_cache = cache, small_cache
 
     def loader(self, batches: Sequence[Sequence[int]], small: bool) -> Iterator[tuple[Tensor, ...]]:
         """Per batch of indices: (Psi's view (B, 3, 2s, 2s) unless cached, then the PDN's view if ``small``)."""
-        sizes = ([] if self.cache is not None else [2 * self.image_size]) + ([self.image_size] if small else [])
-        if not sizes:
-            return iter([()] * len(batches))
+        if self.small_cache is not None:
+            cached = self.small_cache
+            return iter((cached[torch.as_tensor(b, device=cached.device)],) if small else () for b in batches)
+        sizes = [2 * self.image_size] + ([self.image_size] if small else [])
         return iter(DataLoader(_Views(self.paths, sizes), batch_sampler=batches, num_workers=self.num_workers))
 
     @torch.no_grad()
@@ -160,7 +169,8 @@ class PsiTargets:
         ``big`` holds the images at Psi's size (B, 3, 2s, 2s); it is needed only when nothing is cached.
         """
         if self.cache is not None:
-            return self.cache[torch.as_tensor(indices), gray.long()].float().to(self.device)
+            rows = torch.as_tensor(indices, device=self.cache.device)
+            return self.cache[rows, gray.long().to(self.cache.device)].float()
         return self.psi(grayscale_where(big.to(self.device), gray.to(self.device)))
 
 
@@ -277,7 +287,7 @@ def distill_teacher(
         checkpoint_every: steps between checkpoints.
         restart: ignore an existing checkpoint and start from step 0.
         max_cache_bytes: Psi's targets of every image (colour and grayscale) are computed once and kept when they
-            fit in this many bytes (float16; 500 images at s = 256 need 2.9 GiB); 0 never caches.
+            fit in this many bytes, with the PDN's views (500 images at s = 256 need 3.3 GiB); 0 never caches.
         precision: the PDN's forward pass in "float32" or under "bfloat16" autocast (weights, Adam state and the
             loss stay float32; see ``fitting.autocast``). Not a setting: a run may be resumed in the other
             precision, and the teacher's metadata counts the steps done in each (``precision_steps``).
@@ -357,7 +367,7 @@ def distill_teacher(
     for step, indices, (*big, small) in zip(range(start_step, settings.steps), sampler, views, strict=True):
         # One grayscale decision per image for both views, drawn from (seed, step) so a resumed run repeats it.
         gray = grayscale_decisions(len(indices), settings.gray_prob, _step_generator(settings.seed, step))
-        small = grayscale_where(small, gray).to(device)
+        small = grayscale_where(small.to(device), gray.to(device))
         target = (targets(indices, gray, *big) - mean_map) / std_map
         with autocast(precision, device):
             prediction = teacher((small - image_mean) / image_std)
