@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import REPO, command, cpu_model, publish
 from safetensors.torch import load_file
 
+from _common import REPO, command, cpu_model, publish
 from flawscope.backbones.named import IMAGENET_MEAN, IMAGENET_STD
 from flawscope.data import find_images, preprocess, read_image
 from flawscope.models.efficientad.distill import DistillSettings, PatchCoreTarget, distill_teacher

@@ -142,7 +142,8 @@ class PsiTargets:
         """``cache`` (N, 2, C, s/4, s/4) float16: Psi of each image in colour (0) and grayscale (1);
         ``small_cache`` (N, 3, s, s) float32: the PDN's view of each image, in colour."""
         side, count = self.image_size // 4, len(self.paths)
-        cache = torch.empty(count, 2, self.psi.aggregator.target_dim, side, side, dtype=torch.float16, device=self.device)
+        channels = self.psi.aggregator.target_dim
+        cache = torch.empty(count, 2, channels, side, side, dtype=torch.float16, device=self.device)
         small_cache = torch.empty(count, 3, self.image_size, self.image_size, device=self.device)
         sizes = [2 * self.image_size, self.image_size]
         loader = DataLoader(_Views(self.paths, sizes), batch_size=8, num_workers=self.num_workers)
