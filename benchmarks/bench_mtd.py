@@ -55,6 +55,8 @@ SETTINGS["efficientad-128"] = {"image_size": 128, "num_steps": 2000}
 SETTINGS["efficientad-128-bf16"] = {"image_size": 128, "num_steps": 3600, "train_precision": "bfloat16"}
 # The same with a longer-distilled teacher (--teacher names it; docs/benchmarks.md says which steps).
 SETTINGS["efficientad-128-bf16-t1500"] = SETTINGS["efficientad-128-bf16"]
+# The same with the teacher distilled for 57,000 steps on a GPU (benchmarks/teachers/, docs/benchmarks.md).
+SETTINGS["efficientad-128-bf16-t57k"] = SETTINGS["efficientad-128-bf16"]
 
 
 def main() -> None:

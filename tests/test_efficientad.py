@@ -329,6 +329,19 @@ def test_teacher_files_load_by_name_or_order_and_check_the_size(tmp_path):
         EfficientAD(EfficientADConfig(**TINY, size="medium", teacher_path=str(tmp_path / "t.safetensors")))
 
 
+def test_a_teacher_distilled_at_another_input_size_is_named_in_a_warning(tmp_path, recwarn):
+    pdn = PDN("small", 384)
+    meta = {"flawscope_teacher": json.dumps({"size": "small", "image_size": TINY["image_size"] * 2})}
+    save_file(pdn.state_dict(), str(tmp_path / "t.safetensors"), metadata=meta)
+    with pytest.warns(UserWarning, match=rf"distilled at {TINY['image_size'] * 2} px .* --image-size"):
+        EfficientAD(EfficientADConfig(**TINY, teacher_path=str(tmp_path / "t.safetensors")))
+    meta = {"flawscope_teacher": json.dumps({"size": "small", "image_size": TINY["image_size"]})}
+    save_file(pdn.state_dict(), str(tmp_path / "same.safetensors"), metadata=meta)
+    recwarn.clear()
+    EfficientAD(EfficientADConfig(**TINY, teacher_path=str(tmp_path / "same.safetensors")))
+    assert not [w for w in recwarn if "distilled at" in str(w.message)]
+
+
 # --- distillation and an end-to-end run -----------------------------------------------------------------------------
 
 SETTINGS = DistillSettings(size="small", steps=2, batch_size=2, image_size=64, stats_images=2)

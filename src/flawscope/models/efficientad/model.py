@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,15 @@ class EfficientAD(AnomalyModel):
         if pretrained:
             state, self.teacher_info = load_teacher(config.teacher_path, config.size, self.teacher.state_dict())
             self.teacher.load_state_dict(state)
+            distilled_at = self.teacher_info.get("image_size")
+            if isinstance(distilled_at, int) and distilled_at != config.image_size:
+                warnings.warn(
+                    f"The teacher {config.teacher_path} was distilled at {distilled_at} px and this model's input is "
+                    f"{config.image_size} px: the teacher then sees its features at another scale than it learnt "
+                    f"them, which costs accuracy. Use --image-size {distilled_at}, or distil a teacher at "
+                    f"{config.image_size} (flawscope distill --image-size {config.image_size}).",
+                    stacklevel=2,
+                )
         self.teacher.requires_grad_(False)
 
     def normalize_images(self, images: Tensor) -> Tensor:
