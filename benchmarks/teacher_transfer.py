@@ -1,13 +1,14 @@
 """EfficientAD teacher distillation in segments, with the teacher's loss on images of the target domain.
 
 Distils a PDN teacher with ``flawscope.models.efficientad.distill.distill_teacher`` up to each step count of
-``--segments`` in turn (each segment resumes the previous checkpoint, so the run is the same as one uninterrupted
-run), keeps a copy of the teacher after each segment, and measures its normalised loss (the distillation loss: mean
-squared difference to Psi's features standardised with the run's own statistics; 1.0 = predicting the channel
-means) on two image sets: the first ``--limit`` distillation images, and the first ``--limit`` images of
-``--transfer``, a folder of *training* images of the data the teacher will be used on (never test images). The
-second shows whether the teacher still imitates Psi where it will be used, or has started to fit the distillation
-images alone. ``--budget-s`` shortens the last segment to what the measured speed allows.
+``--segments`` in turn (each segment resumes the previous checkpoint: the same data order and grayscale decisions as
+one uninterrupted run; the first segment starts from scratch), keeps a copy of the teacher after each segment, and
+measures its normalised loss (the distillation loss: mean squared difference to Psi's features standardised with the
+run's own statistics; 1.0 = predicting the channel means) on two image sets: the first ``--limit`` distillation
+images, and the first ``--limit`` images of ``--transfer``, a folder of *training* images of the data the teacher
+will be used on (never test images). The second shows whether the teacher still imitates Psi where it will be used,
+or has started to fit the distillation images alone. ``--budget-s`` shortens a later segment (never the first, whose
+speed is not yet known) to what the speed measured so far allows, and stops there.
 
     python benchmarks/teacher_transfer.py --images ../shared/datasets/bsds500 \
         --transfer ../shared/datasets/mtd/train/good --segments 5000,15000,30000,60000 --image-size 128 \
@@ -39,9 +40,15 @@ SECTION = "## EfficientAD: the teacher's loss on the target domain during distil
 
 @torch.no_grad()
 def normalised_loss(
-    teacher: PDN, psi: PatchCoreTarget, stats: dict[str, torch.Tensor], paths: list[Path], size: int, device
+    teacher: PDN,
+    psi: PatchCoreTarget,
+    stats: dict[str, torch.Tensor],
+    paths: list[Path],
+    size: int,
+    device: torch.device,
 ) -> float:
-    """Mean squared difference between the teacher and Psi standardised with ``stats``, over ``paths`` in colour."""
+    """Mean over ``paths`` (in colour) of the squared difference between the teacher's output (C, s/4, s/4) for the
+    image at ``size`` and Psi's for it at 2 * ``size``, standardised with ``stats`` (psi_mean, psi_std: (C,))."""
     mean, std = stats["psi_mean"].to(device).view(1, -1, 1, 1), stats["psi_std"].to(device).view(1, -1, 1, 1)
     image_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     image_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
@@ -74,6 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.publish:
         return publish_table(json.loads(args.publish.read_text()))
+    segments = [int(s) for s in args.segments.split(",")]
+    if any(b <= a for a, b in zip([0, *segments], segments, strict=False)):
+        parser.error(f"--segments must be positive and strictly increasing; got {args.segments}")
 
     torch.backends.cudnn.benchmark = True
     device = torch.device(args.device)
@@ -84,7 +94,7 @@ def main() -> None:
     own = find_images([args.images])[: args.limit]
     transfer = find_images([args.transfer])[: args.limit]
     started, rows, rate = time.perf_counter(), [], None
-    for target in [int(s) for s in args.segments.split(",")]:
+    for target in segments:
         done_before, steps = (rows[-1]["steps"] if rows else 0), target
         if args.budget_s and rate:
             left = args.budget_s - (time.perf_counter() - started) - 20  # the cache rebuild and the loss
@@ -101,11 +111,12 @@ def main() -> None:
             device=device,
             num_workers=args.num_workers,
             checkpoint_every=1000,
+            restart=not rows,  # a fresh run, also when OUT holds an earlier one
             precision=args.precision,
             quiet=True,
         )
         seconds = time.perf_counter() - t0
-        rate = seconds / (steps - done_before)
+        rate = seconds / report["steps_this_run"]
         kept = args.out / f"teacher-{steps}.safetensors"
         shutil.copyfile(teacher_file, kept)
         teacher = PDN(settings.size, settings.out_channels, padded=True).to(device).eval()

@@ -367,6 +367,16 @@ def test_distillation_writes_metadata_and_resumes_exactly(tiny_dataset, tmp_path
         distill_teacher("efficientnet_lite0", images, images / "t.safetensors", SETTINGS, **run)
 
 
+def test_distillation_without_the_cache_resumes_exactly(tiny_dataset, tmp_path):
+    images, run = tiny_dataset / "train", dict(pretrained_backbone=False, quiet=True, max_cache_bytes=0)
+    half = DistillSettings(**{**SETTINGS.__dict__, "steps": 1})
+    distill_teacher("efficientnet_lite0", images, tmp_path / "a" / "t.safetensors", half, checkpoint_every=1, **run)
+    distill_teacher("efficientnet_lite0", images, tmp_path / "a" / "t.safetensors", SETTINGS, **run)
+    distill_teacher("efficientnet_lite0", images, tmp_path / "b" / "t.safetensors", SETTINGS, **run)
+    resumed, straight = (load_file(str(tmp_path / name / "t.safetensors")) for name in ("a", "b"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
 def test_distillation_resumes_in_bfloat16_and_counts_the_steps_of_each_precision(tiny_dataset, tmp_path):
     images, out = tiny_dataset / "train", tmp_path / "t.safetensors"
     run = dict(pretrained_backbone=False, quiet=True)

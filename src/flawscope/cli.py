@@ -333,7 +333,8 @@ def info(method, as_json) -> None:
     type=float,
     default=8.0,
     show_default=True,
-    help="keep the backbone's targets of every image (colour and grayscale) in memory when they fit; 0 = never",
+    help="keep the backbone's targets of every image (colour and grayscale) and the decoded images in memory (the "
+    "GPU's with --device cuda, at most 3/4 of its free memory) when they fit; 0 = never",
 )
 @click.option(
     "--precision",

@@ -132,6 +132,8 @@ class PsiTargets:
         self.num_workers = num_workers
         side = image_size // 4
         per_image = 2 * psi.aggregator.target_dim * side * side * 2 + 3 * image_size * image_size * 4
+        if device.type == "cuda":  # the caches live in the GPU's memory: leave a quarter of what is free for training
+            max_cache_bytes = min(max_cache_bytes, torch.cuda.mem_get_info(device)[0] * 3 // 4)
         self.cache: Tensor | None = None
         self.small_cache: Tensor | None = None
         if len(self.paths) * per_image <= max_cache_bytes:
