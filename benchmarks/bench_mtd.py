@@ -89,7 +89,8 @@ def main() -> None:
     result = run_bench(args.data.resolve(), settings, args.out, threads=args.threads, repeats=args.repeats)
     # Rows of earlier runs (other --only selections) are kept, so the table can be built one model at a time.
     previous = json.loads(store.read_text()) if store.exists() else {"rows": [], "settings": []}
-    kept = [r for r in previous["rows"] if r["name"] not in names]
+    earlier_cpu = previous.get("environment", {}).get("cpu")  # rows from before rows recorded their CPU
+    kept = [{"cpu": earlier_cpu, **r} if earlier_cpu else r for r in previous["rows"] if r["name"] not in names]
     kept_settings = [s for s in previous["settings"] if s["name"] not in names]
     result = {**result, "rows": kept + result["rows"], "settings": kept_settings + result["settings"]}
     if kept:  # the table mixes runs: name the command of a row, not just the latest one

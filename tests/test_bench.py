@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from flawscope.bench import count_flops, matmul_peak_gflops, parse_settings
+from flawscope.bench import count_flops, matmul_peak_gflops, parse_settings, render_markdown
 from flawscope.cli import main
 from flawscope.errors import ConfigError
 from flawscope.registry import get_method
@@ -81,3 +81,9 @@ def test_bench_writes_one_table_and_json(tiny_dataset, tmp_path):
     assert data["environment"]["threads"] == 1 and data["environment"]["onnxruntime"]
     table = (out / "bench.md").read_text()
     assert "| patchcore |" in table and "GFLOP/s" in table and "onnxruntime" in table
+    assert row["cpu"] == data["environment"]["cpu"] and f"Hardware: {row['cpu']}, " in table
+
+    # Rows merged from runs on different machines name the CPU of each row.
+    other = {**row, "name": "patchcore-elsewhere", "cpu": "Another CPU"}
+    mixed = render_markdown({**data, "rows": [row, other]})
+    assert f"Hardware: {row['cpu']} (patchcore); Another CPU (patchcore-elsewhere), " in mixed

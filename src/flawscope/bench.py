@@ -218,6 +218,7 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or torch.get_num_threads()
     peak = matmul_peak_gflops(threads)
+    cpu = environment()["cpu"]
     rows = []
     for setting in settings:
         progress(f"bench: {setting.name} ({setting.method})")
@@ -231,6 +232,7 @@ def run_bench(
         rows.append(
             {
                 **row,
+                "cpu": cpu,
                 "threads": threads,
                 "matmul_peak_gflops": peak,
                 "achieved_gflops": achieved,
@@ -260,8 +262,12 @@ def _pct(value: float | None) -> str:
 def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope bench") -> str:
     """The bench table with the hardware and software it was measured on."""
     env = result["environment"]
-    # Rows kept from earlier runs (benchmarks/bench_mtd.py --only ...) carry their own thread count and peak.
+    # Rows kept from earlier runs (benchmarks/bench_mtd.py --only ...) carry their own CPU, thread count and peak.
     threads = {r.get("threads", env["threads"]) for r in result["rows"]}
+    cpus: dict[str, list[str]] = {}
+    for r in result["rows"]:
+        cpus.setdefault(r.get("cpu", env["cpu"]), []).append(r["name"])
+    cpu = env["cpu"] if len(cpus) == 1 else "; ".join(f"{c} ({', '.join(names)})" for c, names in cpus.items())
     if len(threads) == 1:
         hardware = (
             f"{env['threads']} threads for torch and ONNX Runtime; GPU: {env.get('cuda') or 'none used'}. Peak fp32 "
@@ -279,7 +285,7 @@ def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope benc
         "",
         f"Data: `{result['data']}`. Command: `{env.get('command', '')}`.",
         "",
-        f"- Hardware: {env['cpu']}, {env['cpu_count']} logical CPUs, {hardware}",
+        f"- Hardware: {cpu}, {env['cpu_count']} logical CPUs, {hardware}",
         f"- Software: flawscope {env['flawscope']}, Python {env['python']}, torch {env['torch']}, onnxruntime "
         f"{env['onnxruntime']}, onnx {env['onnx']}, timm {env['timm']}, numpy {env['numpy']}.",
         f"- Latency: median of {result['repeats']} calls at batch 1. Throughput: batch {result['throughput_batch']}, "
