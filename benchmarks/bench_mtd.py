@@ -57,6 +57,8 @@ SETTINGS["efficientad-128-bf16"] = {"image_size": 128, "num_steps": 3600, "train
 SETTINGS["efficientad-128-bf16-t1500"] = SETTINGS["efficientad-128-bf16"]
 # The same with the teacher distilled for 57,000 steps on a GPU (benchmarks/teachers/, docs/benchmarks.md).
 SETTINGS["efficientad-128-bf16-t57k"] = SETTINGS["efficientad-128-bf16"]
+# The public code's unpadded PDN (maps zero-padded by 4), with that teacher; chosen or not on the development set.
+SETTINGS["efficientad-128-bf16-t57k-code"] = {**SETTINGS["efficientad-128-bf16"], "padding": "code"}
 
 
 def main() -> None:
