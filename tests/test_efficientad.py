@@ -32,7 +32,7 @@ from flawscope.models.efficientad.fit import (
     train,
     training_losses,
 )
-from flawscope.models.efficientad.model import quantile_normalize
+from flawscope.models.efficientad.model import load_teacher, quantile_normalize
 
 TINY = {"image_size": 64, "num_steps": 3}
 
@@ -360,11 +360,44 @@ def test_distillation_writes_metadata_and_resumes_exactly(tiny_dataset, tmp_path
     with safe_open(str(tmp_path / "a" / "t.safetensors"), "pt") as handle:
         meta = handle.metadata()["flawscope_teacher"]
     assert '"backbone": "efficientnet_lite0"' in meta and '"steps": 2' in meta and '"num_images": 12' in meta
-    with pytest.raises(ConfigError, match="--restart"):
+    with pytest.raises(ConfigError, match=r"lr: 0\.0001 -> 0\.001\). .*--restart"):
         changed = DistillSettings(**{**SETTINGS.__dict__, "lr": 1e-3})
         distill_teacher("efficientnet_lite0", images, tmp_path / "a" / "t.safetensors", changed, **run)
     with pytest.raises(ConfigError, match="never writes"):
         distill_teacher("efficientnet_lite0", images, images / "t.safetensors", SETTINGS, **run)
+
+
+def test_distillation_never_overwrites_what_it_did_not_write(tiny_dataset, tmp_path):
+    images, run = tiny_dataset / "train", dict(pretrained_backbone=False, quiet=True)
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "other.safetensors").write_bytes(b"a user's file")
+    for out in ("folder.safetensors", "other.safetensors"):
+        with pytest.raises(ConfigError, match="not a teacher written by flawscope distill.*another --out"):
+            distill_teacher("efficientnet_lite0", images, tmp_path / out, SETTINGS, **run)
+    assert (tmp_path / "other.safetensors").read_bytes() == b"a user's file"
+    assert not list(tmp_path.glob("*.ckpt*"))  # refused before any work
+    distill_teacher("efficientnet_lite0", images, tmp_path / "t.safetensors", SETTINGS, **run)
+    distill_teacher("efficientnet_lite0", images, tmp_path / "t.safetensors", SETTINGS, restart=True, **run)  # its own
+    for size in (48, 80):
+        with pytest.raises(ConfigError, match="multiple of 32 and at least 64"):
+            DistillSettings(image_size=size)
+
+
+def test_files_that_are_not_teachers_are_named_for_what_they_are(tiny_dataset, tmp_path):
+    run = dict(pretrained_backbone=False, quiet=True, checkpoint_every=1)
+    distill_teacher("efficientnet_lite0", tiny_dataset / "train", tmp_path / "t.safetensors", SETTINGS, **run)
+    expected = PDN("small", 384).state_dict()
+    with pytest.raises(ModelFormatError, match=r"resume checkpoint .*\(t\.safetensors\)"):
+        load_teacher(tmp_path / "t.safetensors.ckpt.safetensors", "small", expected)
+    image = next((tiny_dataset / "train" / "good").iterdir())
+    with pytest.raises(ModelFormatError, match="neither a safetensors file nor a torch state dict"):
+        load_teacher(image, "small", expected)
+    with pytest.raises(WeightsNotFoundError, match="does not exist; check the path") as info:
+        load_teacher(tmp_path / "missing.safetensors", "small", expected)
+    assert "none was given" not in str(info.value)
+    args = ["distill", "--images", str(tmp_path), "--out", "x.safetensors", "--num-workers", "-1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--num-workers" in result.output
 
 
 def test_distillation_without_the_cache_resumes_exactly(tiny_dataset, tmp_path):

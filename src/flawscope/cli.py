@@ -324,13 +324,17 @@ def info(method, as_json) -> None:
 @click.option("--stats-images", type=int, default=10_000, show_default=True, help="images for the feature statistics")
 @click.option("--image-size", type=int, default=256, show_default=True, help="teacher input; the backbone sees 2x")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--checkpoint-every", type=int, default=1000, show_default=True, help="steps between checkpoints")
+@click.option(
+    "--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True, help="steps between checkpoints"
+)
 @click.option("--restart", is_flag=True, help="ignore an existing checkpoint and start from step 0")
-@click.option("--num-workers", type=int, default=4, show_default=True, help="image decoding processes")
+@click.option(
+    "--num-workers", type=click.IntRange(min=0), default=4, show_default=True, help="image decoding processes"
+)
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="explicit backbone weights file")
 @click.option(
     "--cache-gib",
-    type=float,
+    type=click.FloatRange(min=0),
     default=8.0,
     show_default=True,
     help="keep the backbone's targets of every image (colour and grayscale) and the decoded images in memory (the "
@@ -394,7 +398,7 @@ def distill(
         weights_path=weights,
         device=resolve_device(device),
         num_workers=num_workers,
-        checkpoint_every=max(1, checkpoint_every),
+        checkpoint_every=checkpoint_every,
         restart=restart,
         max_cache_bytes=int(cache_gib * (1 << 30)),
         precision=precision,
@@ -404,7 +408,10 @@ def distill(
         f"teacher written to {report['out']} ({report['steps']} steps, {report['num_images']} images from "
         f"{report['images']}, {report['seconds']:.0f} s, final loss {report['final_loss']})"
     )
-    click.echo(f"next: flawscope fit --model efficientad --set size={size} --set teacher_path={report['out']} ...")
+    click.echo(
+        f"next: flawscope fit --model efficientad --image-size {image_size} --set size={size} "
+        f"--set teacher_path={report['out']} ..."
+    )
 
 
 @main.command()

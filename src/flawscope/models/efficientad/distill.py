@@ -39,9 +39,8 @@ from ...errors import ConfigError
 from ...fitting import autocast, check_precision
 from ...layers import LocalFeatureAggregator
 from .fit import grayscale_decisions, grayscale_where
-from .model import PDN, TEACHER_METADATA_KEY
+from .model import CHECKPOINT_KEY, PDN, TEACHER_METADATA_KEY
 
-CHECKPOINT_KEY = "flawscope_distill"
 DEFAULT_CACHE_BYTES = 8 << 30
 
 
@@ -69,8 +68,11 @@ class DistillSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"The distillation's {name} must be at least 1; got {getattr(self, name)}.")
-        if self.image_size % 4:
-            raise ConfigError(f"The teacher's image_size must be a multiple of 4; got {self.image_size}.")
+        if self.image_size < 64 or self.image_size % 32:
+            raise ConfigError(
+                f"The teacher's image_size must be a multiple of 32 and at least 64, the input sizes EfficientAD can "
+                f"be fitted at; got {self.image_size}."
+            )
         if not 0 <= self.gray_prob <= 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("gray_prob must be in [0, 1], lr > 0 and weight_decay >= 0.")
 
@@ -257,6 +259,15 @@ def _load_checkpoint(path: Path, teacher: PDN, optimizer: torch.optim.Optimizer)
     return state, {k: tensors[k] for k in ("psi_mean", "psi_std")}
 
 
+def _is_teacher_file(path: Path) -> bool:
+    """Whether ``path`` is a teacher that ``flawscope distill`` wrote (so a run may replace it)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return TEACHER_METADATA_KEY in (handle.metadata() or {})
+    except Exception:  # a folder, another format, unreadable: not ours
+        return False
+
+
 def _image_list_digest(paths: Sequence[Path], root: Path) -> str:
     names = "\n".join(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths)
     return hashlib.sha256(names.encode()).hexdigest()[:16]
@@ -303,6 +314,11 @@ def distill_teacher(
     out, root = Path(out), Path(images)
     if out.suffix != ".safetensors":
         raise ConfigError(f"The teacher file must end in .safetensors; got {out}.")
+    if out.exists() and not _is_teacher_file(out):
+        raise ConfigError(
+            f"{out} exists and is not a teacher written by flawscope distill; flawscope does not overwrite it. "
+            "Choose another --out."
+        )
     paths = find_images([root])
     if root.is_dir() and root.resolve() in out.resolve().parents:
         raise ConfigError(
@@ -323,11 +339,14 @@ def distill_teacher(
     if resumed:
         state, stats = _load_checkpoint(checkpoint, teacher, optimizer)
         saved = {**state["settings"], "steps": settings.steps}
-        if saved != dataclasses.asdict(settings) or state["images_digest"] != digest:
+        wanted = dataclasses.asdict(settings)
+        changed = [f"{k}: {saved.get(k)} -> {v}" for k, v in wanted.items() if saved.get(k) != v]
+        if state["images_digest"] != digest:
+            changed.append(f"image list: {state['num_images']} -> {len(paths)} images, or other names")
+        if changed:
             raise ConfigError(
-                f"The checkpoint {checkpoint} was written with other settings or another image list "
-                f"({state['settings']}, {state['num_images']} images). Use the same options to resume, or "
-                "--restart to start over."
+                f"The checkpoint {checkpoint} was written with other settings ({'; '.join(changed)}). Use the same "
+                "options and images to resume, or --restart to start over."
             )
         start_step, seconds_before, stats_count = state["step"], state["seconds"], state["stats_images_used"]
         steps_before = state.get("precision_steps", {"float32": start_step})  # older checkpoints: all float32

@@ -30,6 +30,7 @@ from ...errors import ConfigError, ModelFormatError, WeightsNotFoundError
 from ..base import AnomalyModel
 
 TEACHER_METADATA_KEY = "flawscope_teacher"
+CHECKPOINT_KEY = "flawscope_distill"  # metadata key of `flawscope distill`'s resume file
 # Border the unpadded PDN loses on each side (its 56x56 grid is the interior of the padded 64x64 grid).
 UNPADDED_BORDER = 4
 
@@ -274,12 +275,18 @@ class EfficientAD(AnomalyModel):
         return anomaly_map, anomaly_map.flatten(1).amax(dim=1)
 
 
+def _distill_recipe(size: str) -> str:
+    return (
+        "Distil one once with `flawscope distill --backbone wide_resnet101_2 --images IMAGENET_TRAIN_DIR "
+        f"--size {size} --out teacher.safetensors` (offline: --backbone efficientnet_lite0 and any folder of natural "
+        "photos), then fit with `--set teacher_path=teacher.safetensors`."
+    )
+
+
 def _teacher_missing_message(size: str) -> str:
     return (
         "EfficientAD needs a distilled teacher (a PDN trained to imitate a pretrained backbone) and none was given: "
-        f"teacher_path is empty. Distil one once with `flawscope distill --backbone wide_resnet101_2 --images "
-        f"IMAGENET_TRAIN_DIR --size {size} --out teacher.safetensors` (offline: --backbone efficientnet_lite0 and "
-        "any folder of natural photos), then fit with `--set teacher_path=teacher.safetensors`."
+        "teacher_path is empty. " + _distill_recipe(size)
     )
 
 
@@ -301,16 +308,28 @@ def load_teacher(path: str | Path, size: str, expected: dict[str, Tensor]) -> tu
         raise ConfigError(_teacher_missing_message(size))
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsNotFoundError(f"Teacher file {path} does not exist. " + _teacher_missing_message(size))
+        raise WeightsNotFoundError(f"Teacher file {path} does not exist; check the path. " + _distill_recipe(size))
     info: dict[str, Any] = {}
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
-                info = json.loads((handle.metadata() or {}).get(TEACHER_METADATA_KEY, "{}"))
+                metadata = handle.metadata() or {}
+            if CHECKPOINT_KEY in metadata:
+                teacher = path.name.removesuffix(".ckpt.safetensors")
+                raise ModelFormatError(
+                    f"{path} is the resume checkpoint of `flawscope distill`, not a teacher. Use the teacher file it "
+                    f"wrote next to it ({teacher}), or finish the distillation by running the same command again."
+                )
+            info = json.loads(metadata.get(TEACHER_METADATA_KEY, "{}"))
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise ModelFormatError(
+                f"Teacher file {path} is neither a safetensors file nor a torch state dict. Give the .safetensors "
+                "file that `flawscope distill` wrote."
+            ) from e
         raise ModelFormatError(
             f"Teacher file {path} pickles more than tensors (a whole module?); flawscope never unpickles. Where you "
             "trust the file, save its `.state_dict()` instead, or distil a teacher with `flawscope distill`."
@@ -340,8 +359,8 @@ def _match_pdn_state(state: Any, expected: dict[str, Tensor], path: Path) -> dic
         values = [state[k] for k in sorted(state, key=natural)]
         if len(values) != len(expected):
             raise ModelFormatError(
-                f"Teacher file {path} has {len(values)} tensors; a PDN of this size has {len(expected)}. Was it "
-                "distilled for the other size?"
+                f"Teacher file {path} has {len(values)} tensors; a PDN of this size has {len(expected)}: it is not "
+                "a PDN teacher of this size (a backbone's weights, or a teacher of the other size?)."
             )
         state = dict(zip(expected, values, strict=True))
     for key, tensor in expected.items():
