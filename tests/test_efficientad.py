@@ -3,6 +3,7 @@ graph against a direct transcription of the spec's pseudocode, teacher files, di
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -378,6 +379,9 @@ def test_distillation_never_overwrites_what_it_did_not_write(tiny_dataset, tmp_p
     assert not list(tmp_path.glob("*.ckpt*"))  # refused before any work
     distill_teacher("efficientnet_lite0", images, tmp_path / "t.safetensors", SETTINGS, **run)
     distill_teacher("efficientnet_lite0", images, tmp_path / "t.safetensors", SETTINGS, restart=True, **run)  # its own
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
     for size in (48, 80):
         with pytest.raises(ConfigError, match="multiple of 32 and at least 64"):
             DistillSettings(image_size=size)

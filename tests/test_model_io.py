@@ -1,12 +1,16 @@
-"""Tests of flawscope.model_io on damaged model.json files; no weights are needed to reach these errors."""
+"""Tests of flawscope.model_io on damaged model.json files (no weights are needed to reach these errors), and the
+permissions of the weight files it writes."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from flawscope.errors import ConfigError, ModelFormatError
 from flawscope.model_io import load_model, read_model_info
+from flawscope.runs import save_safetensors
 
 GOOD_INFO = {"format": 1, "method": "patchcore", "config": {"backbone": "efficientnet_lite0", "image_size": 64}}
 
@@ -60,3 +64,16 @@ def test_invalid_value_in_model_json_names_the_file(tmp_path, change, original):
     run = _run_with_model_json(tmp_path, json.dumps({**GOOD_INFO, **change}))
     with pytest.raises(ConfigError, match=rf"model/model\.json: {original}.*re-run `flawscope fit`"):
         load_model(run)
+
+
+def test_saved_weights_are_readable_as_the_umask_allows(tmp_path):
+    # safetensors 0.8 writes 0600 files; a model folder handed to a service account must be readable by it.
+    previous = os.umask(0o022)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "a.safetensors", {"k": "v"})
+        os.umask(0o077)
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "b.safetensors", {"k": "v"})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == 0o600

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from .errors import ConfigError, ModelFormatError
 from .models.base import AnomalyModel
 from .registry import get_method
+from .runs import save_safetensors
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -48,7 +49,7 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
     # One metadata key: safetensors writes its metadata map in random order, and a second key would make the
     # file's bytes (and weights_sha256) differ between two identical fits.
     header = json.dumps({"format": FORMAT_VERSION, "method": model.method}, sort_keys=True)
-    save_file(state, str(weights), metadata={"flawscope": header})
+    save_safetensors(state, weights, {"flawscope": header})
     info = {
         "format": FORMAT_VERSION,
         "method": model.method,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from . import __version__
 
@@ -67,3 +68,15 @@ def environment(seed: int | None = None, device: str | None = None) -> dict[str,
 def write_json(path: Path, data: Any) -> None:
     """Writes pretty JSON with a trailing newline."""
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors``' ``save_file``, leaving the file readable as any file the user creates (umask) would be.
+
+    safetensors 0.8 writes its files with mode 0600, so a model folder or teacher copied for a service account or a
+    colleague could not be read by them.
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import functional as TF
@@ -38,6 +38,7 @@ from ...data import find_images, preprocess, read_image
 from ...errors import ConfigError
 from ...fitting import autocast, check_precision
 from ...layers import LocalFeatureAggregator
+from ...runs import save_safetensors
 from .fit import grayscale_decisions, grayscale_where
 from .model import CHECKPOINT_KEY, PDN, TEACHER_METADATA_KEY
 
@@ -240,7 +241,7 @@ def _save_checkpoint(path: Path, teacher: PDN, optimizer: torch.optim.Optimizer,
         for name, value in param_state.items():
             tensors[f"adam.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={CHECKPOINT_KEY: json.dumps(state, sort_keys=True)})
+    save_safetensors(tensors, partial, {CHECKPOINT_KEY: json.dumps(state, sort_keys=True)})
     os.replace(partial, path)  # atomic: an interrupted save leaves the previous checkpoint intact
     path.with_suffix(".json").write_text(json.dumps(state, indent=2) + "\n")
 
@@ -445,5 +446,5 @@ def _write_teacher(out: Path, teacher: PDN, settings: DistillSettings, state: di
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
     partial = out.with_name(out.name + ".partial")
-    save_file(tensors, str(partial), metadata={TEACHER_METADATA_KEY: json.dumps(info, sort_keys=True)})
+    save_safetensors(tensors, partial, {TEACHER_METADATA_KEY: json.dumps(info, sort_keys=True)})
     os.replace(partial, out)
