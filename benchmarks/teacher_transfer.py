@@ -75,7 +75,12 @@ def main() -> None:
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--budget-s", type=float, default=0.0, help="shorten the last segment to fit; 0 = no limit")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="seconds for all segments: a later one is shortened to fit, then the run stops; 0 = no limit",
+    )
     parser.add_argument("--out", type=Path, default=Path("teachers"))
     parser.add_argument("--publish", type=Path, default=None, help="a finished run's JSON: write its docs table")
     args = parser.parse_args()
