@@ -136,17 +136,34 @@ def build_development_set(
     return summary
 
 
-def evaluate(name: str, fit_args: list[str], dev: Path, runs: Path) -> dict:
-    """`flawscope fit` + `flawscope test` of one candidate on the development folder."""
+def without_kinds(dev: Path, kinds: list[str]) -> Path:
+    """A sibling of the development folder whose test set lacks ``kinds``: links to the rest, made once.
+
+    For a candidate trained on defects made by the same generator as one of the kinds (e.g. Perlin blends and
+    ``texture``), which would otherwise be scored on its own training distribution.
+    """
+    view = dev.with_name(f"{dev.name}-without-{'-'.join(sorted(kinds))}")
+    if not view.exists():
+        for part in ("test", "ground_truth"):
+            for folder in sorted((dev / part).iterdir()):
+                if folder.name not in kinds:
+                    (view / part).mkdir(parents=True, exist_ok=True)
+                    (view / part / folder.name).symlink_to(folder.resolve())
+        (view / "train").symlink_to((dev / "train").resolve())
+    return view
+
+
+def evaluate(name: str, fit_args: list[str], dev: Path, runs: Path, test_data: Path | None = None) -> dict:
+    """`flawscope fit` on the development folder + `flawscope test` on it (or on ``test_data``, a view of it)."""
     out = runs / f"dev-{name}"
     fit_seconds, _ = run(["flawscope", "fit", *fit_args, "--data", str(dev), "--out", str(out), "--quiet"])
-    run(["flawscope", "test", str(out), "--data", str(dev), "--quiet"])
+    run(["flawscope", "test", str(out), "--data", str(test_data or dev), "--quiet"])
     metrics = json.loads((out / "metrics.json").read_text())
     per_type = metrics.get("per_type", {})
     return {"name": name, "fit": " ".join(fit_args), "metrics": metrics, "per_type": per_type, "fit_s": fit_seconds}
 
 
-def render(title: str, rows: list[dict], summary: dict) -> str:
+def render(title: str, rows: list[dict], summary: dict, left_out: list[str] = ()) -> str:
     s = summary["settings"]
     textures = Path(s["textures"]).name if s["textures"] else "procedural"
     bands = s.get("bands", False)
@@ -160,6 +177,7 @@ def render(title: str, rows: list[dict], summary: dict) -> str:
         f"px, each also with one Perlin-mask defect (textures: {textures} or"
         f" a shuffled good image) and one drawn scratch, blob or stain at strength {s['strength']:g}"
         + ("; and one band of another good image across the top or bottom (`band`). " if bands else ". ")
+        + (f"Test kinds left out: {', '.join(left_out)} (every number below is without them). " if left_out else "")
         + f"Hardware: {cpu_model()}, {os.cpu_count()} cores. Fit time is the whole `flawscope fit` step.",
         "",
         "| candidate | image AUROC | pixel AUROC | AUPRO | texture / drawn image AUROC"
@@ -194,19 +212,27 @@ def main() -> None:
     parser.add_argument("--textures", type=Path, default=REPO / "../shared/datasets/bsds500")
     parser.add_argument("--bands", action="store_true", help="also a test/band kind (a differently ground band)")
     parser.add_argument("--candidate", action="append", required=True, help="NAME=fit arguments")
+    parser.add_argument(
+        "--leave-out",
+        action="append",
+        default=[],
+        choices=("texture", "drawn", "band"),
+        help="test without this kind (repeatable), e.g. when a candidate trains on its generator",
+    )
     parser.add_argument("--title", required=True, help="section title in docs/benchmarks.md")
     parser.add_argument("--docs", type=Path, default=REPO / "docs/benchmarks.md")
     args = parser.parse_args()
 
     textures = args.textures.resolve() if args.textures and args.textures.exists() else None
     summary = build_development_set(args.data, args.dev, args.reference_size, args.strength, textures, bands=args.bands)
+    test_data = without_kinds(args.dev, args.leave_out) if args.leave_out else None
     rows = []
     for item in args.candidate:
         name, fit_args = item.split("=", 1)
         start = time.perf_counter()
-        rows.append(evaluate(name, fit_args.split(), args.dev, args.runs))
+        rows.append(evaluate(name, fit_args.split(), args.dev, args.runs, test_data))
         print(f"{name}: {rows[-1]['metrics']['image_auroc']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    section = render(args.title, rows, summary)
+    section = render(args.title, rows, summary, args.leave_out)
     print(section)
     write_section(args.docs, SECTION.format(title=args.title), section)
 

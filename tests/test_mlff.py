@@ -136,7 +136,9 @@ def test_score_head_without_score_loss_is_rejected():
     with pytest.raises(ConfigError, match="distance"):
         MLFFConfig(loss_weights=(1, 0, 1))
     with pytest.raises(ConfigError, match="pseudo_kinds"):
-        MLFFConfig(pseudo_kinds=("perlin",))
+        MLFFConfig(pseudo_kinds=("scratch",))
+    with pytest.raises(ConfigError, match="texture_dir.*not a folder"):
+        MLFFConfig(pseudo_kinds=("perlin",), texture_dir="/no/such/folder")
 
 
 # --- quantisation and counting (spec 2.3, 2.4) ----------------------------------------------------------------------
@@ -286,6 +288,25 @@ def test_pseudo_anomalies_are_applied_only_to_planned_images_and_are_seeded():
     # Same (seed, pass, index) -> same defect, whatever the batch composition.
     again, again_masks = add_pseudo_anomalies(images[2:3], torch.tensor([2]), plan, cfg, seed=0, repetition=3)
     assert torch.equal(again[0], out[2]) and torch.equal(again_masks[0], masks[2])
+
+
+@pytest.mark.parametrize("kind", ["confetti", "cutpaste", "perlin"])
+def test_each_pseudo_kind_is_exact_and_grey_on_grey_images_when_asked(kind):
+    grey = torch.rand(3, 1, 64, 64).expand(3, 3, 64, 64).contiguous()
+    plan = np.ones(3, dtype=bool)
+    for grey_pseudo in (False, True):
+        cfg = MLFFConfig.from_dict({**SMALL, "pseudo_kinds": (kind,), "grey_pseudo": grey_pseudo})
+        out, masks = add_pseudo_anomalies(grey, torch.arange(3), plan, cfg, seed=1, repetition=0)
+        assert torch.equal((out != grey).any(1, keepdim=True), masks) and masks.any()
+        if grey_pseudo:
+            assert torch.equal(out, out[:, :1].expand_as(out))  # every channel the same
+    # A colour image keeps its coloured defect: the option changes grey images only.
+    colour = torch.rand(3, 3, 64, 64)
+    plain = MLFFConfig.from_dict({**SMALL, "pseudo_kinds": (kind,)})
+    greyed = MLFFConfig.from_dict({**SMALL, "pseudo_kinds": (kind,), "grey_pseudo": True})
+    a, _ = add_pseudo_anomalies(colour, torch.arange(3), plan, plain, seed=1, repetition=0)
+    b, _ = add_pseudo_anomalies(colour, torch.arange(3), plan, greyed, seed=1, repetition=0)
+    assert torch.equal(a, b)
 
 
 # --- per-position whitening (flawscope's option, docs/methods.md "Aligned parts") -------------------------------------

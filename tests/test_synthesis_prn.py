@@ -17,6 +17,7 @@ from flawscope.synthesis import (
     foreground_mask,
     grid_shuffle,
     homologous_source,
+    match_grey,
     perlin_mask,
     perlin_noise,
     simulated_anomaly,
@@ -222,3 +223,19 @@ def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path, monkeypat
         main, ["synth", "--data", str(tiny_dataset), "--out", str(tmp_path / "s3"), "--run", str(tmp_path)]
     )
     assert result.exit_code != 0 and "is not a run folder" in result.output and "Traceback" not in result.output
+
+
+def test_match_grey_greys_a_defect_on_a_grey_image_and_keeps_the_mask_exact():
+    image = np.repeat(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4, 1), 3, axis=2)
+    image[1, 1] = 0.5
+    new = image.copy()
+    new[0, 0] = [0.9, 0.0, 0.0]  # coloured: mean 0.3
+    new[1, 1] = [0.75, 0.25, 0.5]  # coloured with the good pixel's mean: unchanged once grey
+    mask = np.zeros((3, 4), dtype=bool)
+    mask[0, 0] = mask[1, 1] = True
+    grey, grey_mask = match_grey(image, new, mask)
+    np.testing.assert_allclose(grey[0, 0], [0.3, 0.3, 0.3], atol=1e-6)
+    assert grey_mask.tolist() == (grey != image).any(-1).tolist() and grey_mask[0, 0] and not grey_mask[1, 1]
+    colour = np.random.default_rng(0).random((3, 4, 3), dtype=np.float32)
+    same, same_mask = match_grey(colour, new, mask)
+    assert same is new and same_mask is mask

@@ -1,6 +1,13 @@
 """Synthetic defects with exact masks: drawn shapes, CutPaste, confetti, Perlin blends, extended real defects."""
 
-from flawscope.synthesis.anomalies import blend, extended_anomaly, grid_shuffle, homologous_source, simulated_anomaly
+from flawscope.synthesis.anomalies import (
+    blend,
+    extended_anomaly,
+    grid_shuffle,
+    homologous_source,
+    match_grey,
+    simulated_anomaly,
+)
 from flawscope.synthesis.augment import COLOUR_OPS, colour_augment, random_affine
 from flawscope.synthesis.confetti import confetti_noise
 from flawscope.synthesis.cutpaste import CUTPASTE_VARIANTS, cutpaste
@@ -42,6 +49,7 @@ __all__ = [
     "foreground_mask",
     "grid_shuffle",
     "homologous_source",
+    "match_grey",
     "paint_defect",
     "perlin_mask",
     "perlin_noise",

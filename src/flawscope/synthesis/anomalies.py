@@ -62,6 +62,24 @@ def blend(
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def match_grey(image: np.ndarray, new: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Makes a synthetic defect grey when the good image is: a grey camera cannot see a coloured one.
+
+    Args:
+        image: the good image, (H, W, 3) float32.
+        new, mask: a generator's output for it, (H, W, 3) float32 and (H, W) bool, exactly the changed pixels.
+
+    Returns:
+        (new, mask) unchanged for a colour image; for a grey one (all channels equal) ``new`` with every channel
+        the mean of its three, and the mask cut to the pixels that still differ, so it stays exact.
+    """
+    if np.ptp(image, axis=2).max() > 0:
+        return new, mask
+    grey = image.copy()  # outside the mask the good pixels, exactly (a float mean of three equal values may round)
+    grey[mask] = new[mask].mean(axis=1, keepdims=True, dtype=np.float32)
+    return grey, mask & (grey[..., 0] != image[..., 0])
+
+
 def grid_shuffle(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
     """Cuts the image into ``grid`` x ``grid`` cells and reassembles them in random order (MemSeg, PRN's HOA).
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...data import Sample
 from ...fitting import FitContext
-from ...synthesis import confetti_noise, cutpaste
+from ...synthesis import TextureSource, confetti_noise, cutpaste, match_grey, synthetic_defect, texture_source
 from .losses import consistency_loss, feature_loss, normal_patch_mask, score_loss
 from .model import MLFF, MLFFConfig, hypersphere_distance
 
@@ -38,16 +38,23 @@ def pseudo_anomaly_plan(num_images: int, repeat_factor: int, ratio: float, rng: 
 
 
 def add_pseudo_anomalies(
-    images: Tensor, indices: Tensor, plan: np.ndarray, cfg: MLFFConfig, seed: int, repetition: int
+    images: Tensor,
+    indices: Tensor,
+    plan: np.ndarray,
+    cfg: MLFFConfig,
+    seed: int,
+    repetition: int,
+    textures: TextureSource | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Applies confetti noise or CutPaste to the planned images of a batch.
+    """Applies confetti noise or CutPaste (or a Perlin blend) to the planned images of a batch.
 
     Args:
         images: (B, 3, S, S) float in [0, 1].
         indices: (B,) positions of the images in the training set (rows of ``plan``).
         plan: (N,) bool, the row of :func:`pseudo_anomaly_plan` for this pass.
-        cfg: the generators to draw from (``pseudo_kinds``, ``cutpaste_variant``).
+        cfg: the generators to draw from (``pseudo_kinds``, ``cutpaste_variant``, ``grey_pseudo``).
         seed, repetition: with the image index, seed each image's generator.
+        textures: the texture source of the ``perlin`` kind; None = procedural.
 
     Returns:
         images: (B, 3, S, S) with the pseudo-anomalies.
@@ -63,8 +70,12 @@ def add_pseudo_anomalies(
         pixels = images[row].permute(1, 2, 0).numpy()
         if kind == "confetti":
             new, mask = confetti_noise(pixels, rng)
-        else:
+        elif kind == "cutpaste":
             new, mask = cutpaste(pixels, rng, variant=cfg.cutpaste_variant)
+        else:  # perlin: the homologous source is the image itself, so the defect depends on nothing else
+            new, mask = synthetic_defect(pixels, pixels, rng, textures)
+        if cfg.grey_pseudo:
+            new, mask = match_grey(pixels, new, mask)
         images[row] = torch.from_numpy(new).permute(2, 0, 1)
         masks[row, 0] = torch.from_numpy(mask)
     return images, masks
@@ -143,6 +154,7 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
     optimizer = make_optimizer(model)
     loader = ctx.loader(samples, cfg, batch_size=cfg.batch_size, shuffle=True)
     plan_rng = np.random.default_rng(ctx.seed + 5)
+    textures = texture_source(cfg.texture_dir or None) if "perlin" in cfg.pseudo_kinds else None
     generator = ctx.generator(6)
     repetitions = cfg.num_epochs * cfg.repeat_factor
     bar = ctx.progress(None, "training", repetitions * len(loader))
@@ -160,7 +172,9 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
                     # the pooled branches have one value per channel, which BatchNorm refuses); it is left out.
                     bar.update()
                     continue
-                images, masks = add_pseudo_anomalies(batch["image"], batch["index"], plan, cfg, ctx.seed, repetition)
+                images, masks = add_pseudo_anomalies(
+                    batch["image"], batch["index"], plan, cfg, ctx.seed, repetition, textures
+                )
                 parts = mlff_losses(model, images.to(ctx.device), masks.to(ctx.device), generator)
                 optimizer.zero_grad(set_to_none=True)
                 parts["total"].backward()

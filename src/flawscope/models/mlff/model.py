@@ -27,7 +27,8 @@ from ...layers import GaussianBlur2d, PositionWhitening
 from ..base import AnomalyModel
 from .texture import PyramidTexture, TextureEnhancement, conv_bn_act
 
-PSEUDO_KINDS = ("confetti", "cutpaste")
+PSEUDO_KINDS = ("confetti", "cutpaste")  # the paper's generators (spec 2.6)
+EXTRA_PSEUDO_KINDS = ("perlin",)  # flawscope's: a Perlin-mask blend (flawscope.synthesis.synthetic_defect)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,15 @@ class MLFFConfig(ModelConfig):
     # Pseudo-anomalies and schedule (spec 2.6, 2.8).
     repeat_factor: int = option(10, "the training set is repeated this many times per epoch", low=1)
     pseudo_ratio: float = option(0.5, "fraction of the repeated set made pseudo-anomalous (Table 3)", low=0, high=1)
-    pseudo_kinds: tuple[str, ...] = option(PSEUDO_KINDS, "pseudo-anomaly generators, drawn with equal probability")
+    pseudo_kinds: tuple[str, ...] = option(
+        PSEUDO_KINDS,
+        "pseudo-anomaly generators, drawn with equal probability; 'perlin' (not in the paper) adds a Perlin-mask blend "
+        "of a texture or the image itself grid-shuffled",
+    )
+    texture_dir: str = option("", "folder of texture images for the 'perlin' kind; empty = procedural textures")
+    grey_pseudo: bool = option(
+        False, "make pseudo-anomalies grey on grey training images (flawscope's; the paper's confetti is coloured)"
+    )
     cutpaste_variant: str = option("normal", "CutPaste variant [M21]", choices=("normal", "scar", "3way"))
     lr: float = option(1e-3, "SGD learning rate", low=0, low_open=True)
     momentum: float = option(0.9, "SGD momentum, Nesterov [proposal, M15]", low=0, high=1)
@@ -116,9 +125,12 @@ class MLFFConfig(ModelConfig):
         super().__post_init__()
         from ...errors import ConfigError
 
-        unknown = [k for k in self.pseudo_kinds if k not in PSEUDO_KINDS]
+        known = PSEUDO_KINDS + EXTRA_PSEUDO_KINDS
+        unknown = [k for k in self.pseudo_kinds if k not in known]
         if unknown or not self.pseudo_kinds:
-            raise ConfigError(f"pseudo_kinds must be a non-empty subset of {PSEUDO_KINDS}; got {self.pseudo_kinds}.")
+            raise ConfigError(f"pseudo_kinds must be a non-empty subset of {known}; got {self.pseudo_kinds}.")
+        if self.texture_dir and not Path(self.texture_dir).is_dir():
+            raise ConfigError(f"texture_dir {self.texture_dir!r} is not a folder; give a folder of texture images.")
         if len(self.loss_weights) != 3:
             raise ConfigError(f"loss_weights needs three values (alpha, beta, xi); got {self.loss_weights}.")
         if self.feature_norm == "position" and not self.freeze_backbone:
