@@ -163,6 +163,11 @@ def evaluate(name: str, fit_args: list[str], dev: Path, runs: Path, test_data: P
     return {"name": name, "fit": " ".join(fit_args), "metrics": metrics, "per_type": per_type, "fit_s": fit_seconds}
 
 
+def _kind(per_type: dict, kind: str) -> str:
+    """A kind's image AUROC in per cent, or n/a when it was not tested."""
+    return f"{100 * per_type[kind]['image_auroc']:.1f}" if kind in per_type else "n/a"
+
+
 def render(title: str, rows: list[dict], summary: dict, left_out: list[str] = ()) -> str:
     s = summary["settings"]
     textures = Path(s["textures"]).name if s["textures"] else "procedural"
@@ -191,8 +196,7 @@ def render(title: str, rows: list[dict], summary: dict, left_out: list[str] = ()
         band = t.get("band", nan)
         lines.append(
             f"| {r['name']} | {100 * m['image_auroc']:.1f} | {100 * m['pixel_auroc']:.1f} "
-            f"| {100 * m['pixel_aupro']:.1f} | {100 * t.get('texture', nan)['image_auroc']:.1f} / "
-            f"{100 * t.get('drawn', nan)['image_auroc']:.1f} | "
+            f"| {100 * m['pixel_aupro']:.1f} | {_kind(t, 'texture')} / {_kind(t, 'drawn')} | "
             + (f"{100 * band['image_auroc']:.1f} / {100 * band['pixel_auroc']:.1f} | " if bands else "")
             + f"{r['fit_s']:.0f} |"
         )

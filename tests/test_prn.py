@@ -19,6 +19,7 @@ from flawscope.fitting import FitContext, autocast, recalibrate_batchnorm
 from flawscope.models.prn import PRN, PRNConfig
 from flawscope.models.prn.blocks import MultiScaleFusion, MultiSizeAttention
 from flawscope.models.prn.fit import (
+    AnomalyBatches,
     fit,
     fit_prototypes,
     focal_loss,
@@ -275,6 +276,22 @@ def test_fit_uses_seen_anomalies(tiny_dataset):
         _tiny(**QUICK_FIT, batch_normal=1, batch_extended=2, batch_simulated=1), split.train, FitContext(quiet=True)
     )
     assert no_seen["batch"] == [1, 0, 3]  # EA slots become simulated anomalies
+
+
+def test_grey_pseudo_makes_synthetic_and_extended_defects_grey_with_exact_masks():
+    rng = np.random.default_rng(0)
+    normals = np.repeat(rng.integers(0, 256, (4, 64, 64, 1), dtype=np.uint8), 3, axis=3)  # a grey camera
+    seen = (normals[:2].copy(), np.zeros((2, 64, 64), dtype=bool))
+    seen[1][:, 20:40, 20:40] = True
+    batch = {"batch_normal": 0, "batch_extended": 2, "batch_simulated": 4, "hea_prob": 1.0}  # coloured textures
+    for grey_pseudo in (False, True):
+        cfg = PRNConfig(**TINY, **batch, grey_pseudo=grey_pseudo)
+        draw = AnomalyBatches(cfg, normals, seen, seed=0)
+        pairs = [draw.extended() for _ in range(2)] + [draw.simulated() for _ in range(4)]
+        coloured = [bool(np.ptp(image, axis=2).max() > 0) for image, _ in pairs]
+        assert any(coloured) != grey_pseudo  # procedural textures colour the HEA defects unless asked
+        if grey_pseudo:  # greying left every defect some changed pixels (match_grey keeps masks exact: its own test)
+            assert all(mask.any() for _, mask in pairs)
 
 
 def test_fit_in_bfloat16_trains_float32_weights_differently(tiny_dataset):

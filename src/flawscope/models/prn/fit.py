@@ -29,7 +29,7 @@ from ...data import ImageDataset, Sample
 from ...errors import ConfigError
 from ...fitting import FitContext, autocast, recalibrate_batchnorm
 from ...layers import kmeans
-from ...synthesis.anomalies import extended_anomaly, homologous_source, simulated_anomaly
+from ...synthesis.anomalies import extended_anomaly, homologous_source, match_grey, simulated_anomaly
 from ...synthesis.perlin import texture_source
 from ...synthesis.regions import foreground_mask
 from .model import PRN, PRNConfig
@@ -149,9 +149,10 @@ class AnomalyBatches:
             return defect, mask
         image, foreground = self._normal()
         cfg = self.cfg
-        return extended_anomaly(
+        made = extended_anomaly(
             image, defect, mask, self.rng, foreground, cfg.aug_num_ops, tuple(cfg.opacity_range), cfg.use_target_area
         )
+        return match_grey(image, *made) if cfg.grey_pseudo else made
 
     def simulated(self) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.cfg
@@ -162,7 +163,7 @@ class AnomalyBatches:
         else:  # HOA: another good image, augmented and shuffled here, so no second colour augmentation below
             other, _ = self._normal()
             source, ops = homologous_source(other, self.rng, cfg.hoa_grid, cfg.aug_num_ops), 0
-        return simulated_anomaly(
+        made = simulated_anomaly(
             image,
             source,
             self.rng,
@@ -173,6 +174,7 @@ class AnomalyBatches:
             tuple(cfg.opacity_range),
             cfg.use_target_area,
         )
+        return match_grey(image, *made) if cfg.grey_pseudo else made
 
     def __call__(self) -> tuple[Tensor, Tensor]:
         """Returns images (B, 3, S, S) float in [0, 1] and masks (B, 1, S, S) in {0, 1}."""

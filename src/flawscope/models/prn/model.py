@@ -96,6 +96,9 @@ class PRNConfig(ModelConfig):
         0.5, "share of simulated anomalies blended with textures (HEA); the rest HOA", low=0, high=1
     )
     texture_dir: str = option("", "folder of texture images for HEA (DTD in the paper); empty = procedural textures")
+    grey_pseudo: bool = option(
+        False, "make synthetic defects grey on grey training images (flawscope's; HEA textures are coloured)"
+    )
     aug_num_ops: int = option(2, "colour operations per augmented source (Aug_1: 2 of 7)", low=0, high=7)
     perlin_max_exponent: int = option(5, "Perlin scales 2^0..2^this per axis", low=0, high=8)
     perlin_threshold: float = option(0.5, "Perlin noise threshold of the mask", low=0)
