@@ -341,6 +341,10 @@ def test_a_teacher_distilled_at_another_input_size_is_named_in_a_warning(tmp_pat
     recwarn.clear()
     EfficientAD(EfficientADConfig(**TINY, teacher_path=str(tmp_path / "same.safetensors")))
     assert not [w for w in recwarn if "distilled at" in str(w.message)]
+    assert not [w for w in recwarn if "does not use backbone" in str(w.message)]
+    with pytest.warns(UserWarning, match="does not use backbone=efficientnet_lite0.*distill --backbone efficientnet_l"):
+        teacher = str(tmp_path / "same.safetensors")
+        EfficientAD(EfficientADConfig(**TINY, backbone="efficientnet_lite0", teacher_path=teacher))
 
 
 # --- distillation and an end-to-end run -----------------------------------------------------------------------------
