@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -143,13 +145,26 @@ def without_kinds(dev: Path, kinds: list[str]) -> Path:
     ``texture``), which would otherwise be scored on its own training distribution.
     """
     view = dev.with_name(f"{dev.name}-without-{'-'.join(sorted(kinds))}")
-    if not view.exists():
-        for part in ("test", "ground_truth"):
-            for folder in sorted((dev / part).iterdir()):
-                if folder.name not in kinds:
-                    (view / part).mkdir(parents=True, exist_ok=True)
-                    (view / part / folder.name).symlink_to(folder.resolve())
-        (view / "train").symlink_to((dev / "train").resolve())
+
+    def entries(root: Path) -> set[Path]:
+        found = {Path(part, f.name) for part in ("test", "ground_truth") if (root / part).is_dir()
+                 for f in (root / part).iterdir()}  # fmt: skip
+        return found | ({Path("train")} if (root / "train").exists() else set())
+
+    wanted = {entry for entry in entries(dev) if entry.name not in kinds}
+    if view.exists():
+        present = entries(view)
+        if present == wanted:
+            return view
+        if not all((view / entry).is_symlink() for entry in present):
+            raise SystemExit(f"{view} holds more than the links dev_select makes; move it away and run again.")
+        shutil.rmtree(view)  # links only (checked above), from an older development set
+    building = view.with_name(view.name + ".partial")
+    shutil.rmtree(building, ignore_errors=True)
+    for entry in sorted(wanted):
+        (building / entry).parent.mkdir(parents=True, exist_ok=True)
+        (building / entry).symlink_to((dev / entry).resolve())
+    building.rename(view)
     return view
 
 
@@ -163,12 +178,12 @@ def evaluate(name: str, fit_args: list[str], dev: Path, runs: Path) -> dict:
     return {"name": name, "fit": " ".join(fit_args), "metrics": metrics, "per_type": per_type, "fit_s": fit_seconds}
 
 
-def _kind(per_type: dict, kind: str) -> str:
-    """A kind's image AUROC in per cent, or n/a when it was not tested."""
-    return f"{100 * per_type[kind]['image_auroc']:.1f}" if kind in per_type else "n/a"
+def _kind(per_type: dict, kind: str, metric: str = "image_auroc") -> str:
+    """A kind's metric in per cent, or n/a when it was not tested."""
+    return f"{100 * per_type[kind][metric]:.1f}" if kind in per_type else "n/a"
 
 
-def render(title: str, rows: list[dict], summary: dict, left_out: list[str] = ()) -> str:
+def render(title: str, rows: list[dict], summary: dict, left_out: Sequence[str] = ()) -> str:
     s = summary["settings"]
     textures = Path(s["textures"]).name if s["textures"] else "procedural"
     bands = s.get("bands", False)
@@ -190,14 +205,12 @@ def render(title: str, rows: list[dict], summary: dict, left_out: list[str] = ()
         + " | fit (s) |",
         "|---|---:|---:|---:|---:|" + ("---:|" if bands else "") + "---:|",
     ]
-    nan = {"image_auroc": float("nan"), "pixel_auroc": float("nan")}
     for r in rows:
         m, t = r["metrics"], r["per_type"]
-        band = t.get("band", nan)
         lines.append(
             f"| {r['name']} | {100 * m['image_auroc']:.1f} | {100 * m['pixel_auroc']:.1f} "
             f"| {100 * m['pixel_aupro']:.1f} | {_kind(t, 'texture')} / {_kind(t, 'drawn')} | "
-            + (f"{100 * band['image_auroc']:.1f} / {100 * band['pixel_auroc']:.1f} | " if bands else "")
+            + (f"{_kind(t, 'band')} / {_kind(t, 'band', 'pixel_auroc')} | " if bands else "")
             + f"{r['fit_s']:.0f} |"
         )
     lines += ["", "Fit arguments:", ""]

@@ -342,9 +342,15 @@ def test_a_teacher_distilled_at_another_input_size_is_named_in_a_warning(tmp_pat
     EfficientAD(EfficientADConfig(**TINY, teacher_path=str(tmp_path / "same.safetensors")))
     assert not [w for w in recwarn if "distilled at" in str(w.message)]
     assert not [w for w in recwarn if "does not use backbone" in str(w.message)]
+    teacher = str(tmp_path / "same.safetensors")
     with pytest.warns(UserWarning, match="does not use backbone=efficientnet_lite0.*distill --backbone efficientnet_l"):
-        teacher = str(tmp_path / "same.safetensors")
         EfficientAD(EfficientADConfig(**TINY, backbone="efficientnet_lite0", teacher_path=teacher))
+    # No warning when the teacher was distilled from the named backbone.
+    meta = {"flawscope_teacher": json.dumps({"size": "small", "image_size": TINY["image_size"], "backbone": "x"})}
+    save_file(pdn.state_dict(), str(tmp_path / "from_x.safetensors"), metadata=meta)
+    recwarn.clear()
+    EfficientAD(EfficientADConfig(**TINY, backbone="x", teacher_path=str(tmp_path / "from_x.safetensors")))
+    assert not [w for w in recwarn if "does not use backbone" in str(w.message)]
 
 
 # --- distillation and an end-to-end run -----------------------------------------------------------------------------

@@ -137,8 +137,6 @@ def test_score_head_without_score_loss_is_rejected():
         MLFFConfig(loss_weights=(1, 0, 1))
     with pytest.raises(ConfigError, match="pseudo_kinds"):
         MLFFConfig(pseudo_kinds=("scratch",))
-    with pytest.raises(ConfigError, match="texture_dir.*not a folder"):
-        MLFFConfig(pseudo_kinds=("perlin",), texture_dir="/no/such/folder")
 
 
 # --- quantisation and counting (spec 2.3, 2.4) ----------------------------------------------------------------------
@@ -298,8 +296,9 @@ def test_each_pseudo_kind_is_exact_and_grey_on_grey_images_when_asked(kind):
         cfg = MLFFConfig.from_dict({**SMALL, "pseudo_kinds": (kind,), "grey_pseudo": grey_pseudo})
         out, masks = add_pseudo_anomalies(grey, torch.arange(3), plan, cfg, seed=1, repetition=0)
         assert torch.equal((out != grey).any(1, keepdim=True), masks) and masks.any()
-        if grey_pseudo:
-            assert torch.equal(out, out[:, :1].expand_as(out))  # every channel the same
+        grey_out = torch.equal(out, out[:, :1].expand_as(out))  # every channel the same
+        # Confetti and the (procedural) Perlin textures are coloured; CutPaste of a grey image is grey anyway.
+        assert grey_out if grey_pseudo or kind == "cutpaste" else not grey_out
     # A colour image keeps its coloured defect: the option changes grey images only.
     colour = torch.rand(3, 3, 64, 64)
     plain = MLFFConfig.from_dict({**SMALL, "pseudo_kinds": (kind,)})
@@ -353,3 +352,20 @@ def test_a_last_batch_of_one_image_is_left_out(tiny_dataset):
     model = MLFF(MLFFConfig.from_dict({**options, "repeat_factor": 1, "batch_size": 11}), pretrained=False)
     report = fit(model, load_dataset(tiny_dataset).train, FitContext(quiet=True))
     assert report["num_images"] == 12 and report["steps"] == 1 and report["images_seen"] == 11
+
+
+def test_texture_dir_is_read_at_fit_time_only(tiny_dataset, tmp_path):
+    from flawscope.data import load_dataset
+    from flawscope.errors import DataError
+    from flawscope.fitting import FitContext
+    from flawscope.models.mlff.fit import fit
+
+    options = {"backbone": "efficientnet_lite0", "image_size": 64, "resize_size": 0, "num_epochs": 1}
+    options |= {"repeat_factor": 1, "batch_size": 6, "texture_dir": str(tmp_path / "gone")}
+    # A saved model whose texture folder is gone still loads: the config does not look at the folder.
+    config = MLFFConfig.from_dict({**options, "pseudo_kinds": ("confetti", "perlin")})
+    train = load_dataset(tiny_dataset).train
+    with pytest.raises(DataError, match="gone does not exist"):
+        fit(MLFF(config, pretrained=False), train, FitContext(quiet=True))
+    with pytest.warns(UserWarning, match="texture_dir=.*gone is not used.*perlin"):
+        fit(MLFF(MLFFConfig.from_dict(options), pretrained=False), train, FitContext(quiet=True))

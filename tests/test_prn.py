@@ -278,7 +278,7 @@ def test_fit_uses_seen_anomalies(tiny_dataset):
     assert no_seen["batch"] == [1, 0, 3]  # EA slots become simulated anomalies
 
 
-def test_grey_pseudo_makes_synthetic_and_extended_defects_grey_with_exact_masks():
+def test_grey_pseudo_makes_synthetic_and_extended_defects_grey():
     rng = np.random.default_rng(0)
     normals = np.repeat(rng.integers(0, 256, (4, 64, 64, 1), dtype=np.uint8), 3, axis=3)  # a grey camera
     seen = (normals[:2].copy(), np.zeros((2, 64, 64), dtype=bool))

@@ -239,3 +239,8 @@ def test_match_grey_greys_a_defect_on_a_grey_image_and_keeps_the_mask_exact():
     colour = np.random.default_rng(0).random((3, 4, 3), dtype=np.float32)
     same, same_mask = match_grey(colour, new, mask)
     assert same is new and same_mask is mask
+    almost = image.copy()
+    almost[2, 3, 1] += 0.4 / 255  # within half a grey level (e.g. a grey JPEG stored as RGB): still grey
+    assert match_grey(almost, new, mask)[1][0, 0] and np.ptp(match_grey(almost, new, mask)[0][0, 0]) == 0
+    with pytest.raises(TypeError, match="float"):
+        match_grey((image * 255).astype(np.uint8), new, mask)

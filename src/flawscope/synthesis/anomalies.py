@@ -70,14 +70,17 @@ def match_grey(image: np.ndarray, new: np.ndarray, mask: np.ndarray) -> tuple[np
         new, mask: a generator's output for it, (H, W, 3) float32 and (H, W) bool, exactly the changed pixels.
 
     Returns:
-        (new, mask) unchanged for a colour image; for a grey one (all channels equal) ``new`` with every channel
-        the mean of its three, and the mask cut to the pixels that still differ, so it stays exact.
+        (new, mask) unchanged for a colour image; for a grey one (its channels within half a grey level of each
+        other everywhere) ``new`` with every changed pixel the mean of its three channels, and the mask cut to the
+        pixels that still differ, so it stays exact (and may, rarely, become empty: a normal sample then).
     """
-    if np.ptp(image, axis=2).max() > 0:
+    if not np.issubdtype(image.dtype, np.floating) or not np.issubdtype(new.dtype, np.floating):
+        raise TypeError(f"match_grey takes float images in [0, 1]; got {image.dtype} and {new.dtype}.")
+    if np.ptp(image, axis=2).max() > 0.5 / 255:
         return new, mask
     grey = image.copy()  # outside the mask the good pixels, exactly (a float mean of three equal values may round)
     grey[mask] = new[mask].mean(axis=1, keepdims=True, dtype=np.float32)
-    return grey, mask & (grey[..., 0] != image[..., 0])
+    return grey, mask & (grey != image).any(axis=2)
 
 
 def grid_shuffle(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:

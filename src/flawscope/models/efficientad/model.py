@@ -231,14 +231,17 @@ class EfficientAD(AnomalyModel):
             self.register_buffer(name, torch.tensor(0.0 if name.startswith("qa") else 1.0))
         self.teacher_info: dict[str, Any] = {"source": "random (pretrained=False)"}
         if pretrained:
-            if config.backbone != "pdn":  # e.g. one --backbone for every model of a benchmark: said, not refused
+            state, self.teacher_info = load_teacher(config.teacher_path, config.size, self.teacher.state_dict())
+            distilled_from = self.teacher_info.get("backbone")
+            if config.backbone not in ("pdn", distilled_from):  # e.g. one --backbone for every model of a benchmark
                 warnings.warn(
                     f"efficientad does not use backbone={config.backbone}: its features come from the distilled "
-                    "teacher (--weights or teacher_path), which is used as given. To use that network, distil a "
-                    f"teacher from it: flawscope distill --backbone {config.backbone} --images DIR --out TEACHER.",
+                    f"teacher {config.teacher_path} (distilled from {distilled_from or 'an unrecorded network'}), "
+                    "which is used as given. To use that network, distil a teacher from it: flawscope distill "
+                    f"--backbone {config.backbone} --size {config.size} --image-size {config.image_size} "
+                    "--images DIR --out TEACHER.",
                     stacklevel=2,
                 )
-            state, self.teacher_info = load_teacher(config.teacher_path, config.size, self.teacher.state_dict())
             self.teacher.load_state_dict(state)
             distilled_at = self.teacher_info.get("image_size")
             if isinstance(distilled_at, int) and distilled_at != config.image_size:

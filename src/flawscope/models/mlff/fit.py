@@ -9,6 +9,7 @@ which defect an image gets depends only on (seed, pass, image index), not on the
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,7 +155,15 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
     optimizer = make_optimizer(model)
     loader = ctx.loader(samples, cfg, batch_size=cfg.batch_size, shuffle=True)
     plan_rng = np.random.default_rng(ctx.seed + 5)
+    # Read at fit time only (a saved model must load where its texture folder is gone); a missing folder is a
+    # DataError that names it.
     textures = texture_source(cfg.texture_dir or None) if "perlin" in cfg.pseudo_kinds else None
+    if cfg.texture_dir and textures is None:
+        warnings.warn(
+            f"texture_dir={cfg.texture_dir} is not used: only the 'perlin' pseudo-anomaly kind reads textures; "
+            "add it with --set pseudo_kinds=confetti,cutpaste,perlin.",
+            stacklevel=2,
+        )
     generator = ctx.generator(6)
     repetitions = cfg.num_epochs * cfg.repeat_factor
     bar = ctx.progress(None, "training", repetitions * len(loader))

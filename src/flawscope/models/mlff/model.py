@@ -129,8 +129,6 @@ class MLFFConfig(ModelConfig):
         unknown = [k for k in self.pseudo_kinds if k not in known]
         if unknown or not self.pseudo_kinds:
             raise ConfigError(f"pseudo_kinds must be a non-empty subset of {known}; got {self.pseudo_kinds}.")
-        if self.texture_dir and not Path(self.texture_dir).is_dir():
-            raise ConfigError(f"texture_dir {self.texture_dir!r} is not a folder; give a folder of texture images.")
         if len(self.loss_weights) != 3:
             raise ConfigError(f"loss_weights needs three values (alpha, beta, xi); got {self.loss_weights}.")
         if self.feature_norm == "position" and not self.freeze_backbone:
