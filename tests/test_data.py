@@ -43,11 +43,10 @@ def _save_mask(path: Path, height: int = 24, width: int = 32) -> Path:
 
 
 def _make_mvtec(root: Path) -> Path:
-    """A category with 5 train images (one .PNG), 2 good and 3 defective test images of 2 types, plus junk files."""
+    """A category with 5 train images (one .PNG), 2 good and 3 defective test images of 2 types, plus hidden files."""
     for i in range(4):
         _save_rgb(root / "train" / "good" / f"{i:03d}.png")
     _save_rgb(root / "train" / "good" / "004.PNG")
-    (root / "train" / "good" / "README.txt").write_text("not an image")
     (root / "train" / "good" / ".DS_Store").write_bytes(b"\0\1")
     for i in range(2):
         _save_rgb(root / "test" / "good" / f"{i:03d}.png")
@@ -163,8 +162,12 @@ def test_read_mask_wrong_size_names_both_files(tmp_path):
 # --- load_dataset ----------------------------------------------------------------------------------------------------
 
 
-def test_load_mvtec_lists_sorted_samples_and_ignores_junk(tmp_path):
-    split = load_dataset(_make_mvtec(tmp_path / "bottle"))
+def test_load_mvtec_lists_sorted_samples_and_ignores_hidden_files(tmp_path):
+    root = _make_mvtec(tmp_path / "bottle")
+    (root / "train" / "good" / "Thumbs.db").write_bytes(b"\0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split = load_dataset(root)
     assert split.layout == "mvtec" and split.root == tmp_path / "bottle"
     assert [s.path.name for s in split.train] == ["000.png", "001.png", "002.png", "003.png", "004.PNG"]
     assert [(s.defect_type, s.label, s.path.name) for s in split.test] == [
@@ -176,6 +179,27 @@ def test_load_mvtec_lists_sorted_samples_and_ignores_junk(tmp_path):
     ]
     assert split.test[1].mask_path == tmp_path / "bottle" / "ground_truth" / "crack" / "001_mask.png"
     assert split.test[2].mask_path is None
+
+
+def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
+    root = _make_mvtec(tmp_path / "bottle")
+    (root / "train" / "good" / "README.txt").write_text("not an image")
+    _save_rgb(root / "train" / "good" / "batch2" / "005.png")
+    Image.new("RGB", (32, 24)).save(root / "test" / "crack" / "009.gif")
+    (root / "test" / "good" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    _save_mask(root / "ground_truth" / "scratch" / "007_mask.png")
+    with pytest.warns(UserWarning, match="5 entries") as caught:
+        split = load_dataset(root)
+    message = str(caught[0].message)
+    for name, reason in [
+        ("README.txt", "not an image extension"),
+        ("batch2", "a folder: subfolders are not searched"),
+        ("009.gif", "not an image extension"),
+        ("gone.png", "a broken link"),
+        ("007_mask.png", "a mask with no test image"),
+    ]:
+        assert f"{name} ({reason}" in message
+    assert len(split.train) == 5 and len(split.test) == 5  # what is read is unchanged
 
 
 def test_load_mvtec_parent_with_categories(tmp_path):

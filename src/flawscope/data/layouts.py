@@ -7,6 +7,7 @@ folder. Every list is sorted by path so runs are reproducible across file system
 import csv
 import glob
 import random
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ MVTEC_HELP = (
 VISA_CSV = Path("split_csv") / "1cls.csv"
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 _MAX_LISTED = 12
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # written by Windows Explorer into image folders
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,33 @@ def _join(names: Iterable[str]) -> str:
     return ", ".join(names) or "nothing"
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """The images directly in ``folder``, sorted. Other visible entries go to ``ignored`` with the reason."""
+    images = []
+    for path in folder.iterdir():
+        if is_image_file(path):
+            images.append(path)
+        elif ignored is not None and not path.name.startswith(".") and path.name.lower() not in _SYSTEM_FILES:
+            if path.is_dir():
+                ignored.append((path, "a folder: subfolders are not searched"))
+            elif not path.exists():
+                ignored.append((path, "a broken link"))
+            else:
+                ignored.append((path, "not an image extension"))
+    return sorted(images)
+
+
+def _warn_ignored(root: Path, ignored: list[tuple[Path, str]]) -> None:
+    """One warning listing what the MVTec layout left unread, so no image is dropped without a word."""
+    if ignored:
+        listed = _join(f"{path} ({reason})" for path, reason in sorted(ignored))
+        warnings.warn(
+            f"{len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} in {root} were not read: {listed}. flawscope "
+            f"reads the images directly in train/good and test/<type> (extensions {', '.join(IMAGE_EXTENSIONS)}) "
+            "and the masks in ground_truth/<type> that belong to a test image; move or convert what should count, "
+            "or move the rest out of the data folder to silence this.",
+            stacklevel=3,
+        )
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -126,34 +153,50 @@ def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
     )
 
 
-def _mvtec_test(root: Path) -> list[Sample]:
-    test_dir = root / "test"
-    if not test_dir.is_dir():
-        return []
+def _typed_samples(parent: Path, ground_truth: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
+    """The images of every type folder in ``parent`` (good ones in a NORMAL_NAMES folder, defective ones with their
+    mask in ``ground_truth/<type>``); entries not read, masks without an image among them, go to ``ignored``."""
     samples = []
-    for type_dir in _subfolders(test_dir):
-        images = _list_images(type_dir)
+    for type_dir in _subfolders(parent):
+        if type_dir == ground_truth:  # an anomaly folder may keep ground_truth/ next to its type folders
+            continue
+        images = _list_images(type_dir, ignored)
         if type_dir.name in NORMAL_NAMES:
             samples += [Sample(path) for path in images]
             continue
-        ground_truth = root / "ground_truth" / type_dir.name
-        index = {p.name.lower(): p for p in _list_images(ground_truth)} if ground_truth.is_dir() else {}
-        samples += [Sample(path, 1, type_dir.name, _mask_for(path, ground_truth, index)) for path in images]
+        masks_dir = ground_truth / type_dir.name
+        index = {p.name.lower(): p for p in _list_images(masks_dir, ignored)} if masks_dir.is_dir() else {}
+        masks = [_mask_for(path, masks_dir, index) for path in images]
+        samples += [Sample(path, 1, type_dir.name, mask) for path, mask in zip(images, masks, strict=True)]
+        unused = sorted(set(index.values()) - set(masks))
+        ignored += [(mask, "a mask with no test image of its name") for mask in unused]
+    return samples
+
+
+def _mvtec_test(root: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
+    """The test samples of an MVTec-style folder; entries not read go to ``ignored``."""
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        return []
+    samples = _typed_samples(test_dir, root / "ground_truth", ignored)
     if not samples:
         raise DataError(f"No test images in {test_dir}; found: {_contents(test_dir)}. {MVTEC_HELP}.")
     return samples
 
 
 def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
+    ignored: list[tuple[Path, str]] = []
     train_dir = _normal_folder(root / "train")
-    train = [Sample(path) for path in _list_images(train_dir)]
+    train = [Sample(path) for path in _list_images(train_dir, ignored)]
     if not train and need_train:
         others = sorted(p.name for p in train_dir.iterdir())
         raise DataError(
             f"No images in {train_dir} (found: {_join(others)}). Add defect-free images with one of the "
             f"extensions {', '.join(IMAGE_EXTENSIONS)}."
         )
-    return DatasetSplit(root=root, train=train, test=_mvtec_test(root), layout="mvtec")
+    test = _mvtec_test(root, ignored)
+    _warn_ignored(root, ignored)
+    return DatasetSplit(root=root, train=train, test=test, layout="mvtec")
 
 
 def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
@@ -268,7 +311,10 @@ def load_dataset(
     if layout == "visa" or (layout == "auto" and (root / "split_csv").is_dir() and not (root / "train").is_dir()):
         return _load_visa(root, category)
     if not need_train and category is None and (root / "test").is_dir() and not _normal_folder(root / "train"):
-        return DatasetSplit(root=root, train=[], test=_mvtec_test(root), layout="mvtec")
+        ignored: list[tuple[Path, str]] = []
+        test = _mvtec_test(root, ignored)
+        _warn_ignored(root, ignored)
+        return DatasetSplit(root=root, train=[], test=test, layout="mvtec")
     return _load_mvtec(_mvtec_root(root, category), need_train)
 
 

@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from flawscope.data.layouts import NORMAL_NAMES, Sample, _list_images, _mask_for, _mvtec_test, _subfolders
+from flawscope.data.layouts import Sample, _typed_samples, _warn_ignored
 from flawscope.errors import ConfigError, DataError
 
 
@@ -70,16 +70,10 @@ def load_anomaly_folder(folder: str | Path) -> list[Sample]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"Anomaly folder {folder} does not exist. Pass a folder laid out as <type>/ + ground_truth/.")
-    if (folder / "test").is_dir():
-        samples = [s for s in _mvtec_test(folder) if s.label == 1]
-    else:
-        samples = []
-        for type_dir in _subfolders(folder):
-            if type_dir.name in (*NORMAL_NAMES, "ground_truth"):
-                continue
-            ground_truth = folder / "ground_truth" / type_dir.name
-            index = {p.name.lower(): p for p in _list_images(ground_truth)} if ground_truth.is_dir() else {}
-            samples += [Sample(p, 1, type_dir.name, _mask_for(p, ground_truth, index)) for p in _list_images(type_dir)]
+    ignored: list[tuple[Path, str]] = []
+    parent = folder / "test" if (folder / "test").is_dir() else folder
+    samples = [s for s in _typed_samples(parent, folder / "ground_truth", ignored) if s.label == 1]
+    _warn_ignored(folder, ignored)
     if not samples:
         raise DataError(
             f"No labelled defects in {folder}: expected <type>/<image> with ground_truth/<type>/<stem>_mask.png "
