@@ -307,12 +307,59 @@ def test_counts_out_of_range_are_usage_errors(run, tiny_dataset, images, tmp_pat
     assert "Invalid value for" in result.output and not (tmp_path / "out").exists()
 
 
-def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_dataset, tmp_path):
+def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_dataset, images, tmp_path):
     args = fit_args(tiny_dataset, tmp_path / "run")
     args[args.index("--val-ratio") + 1] = "0"
     with pytest.warns(UserWarning, match="threshold is not calibrated.*flawscope calibrate"):
         result = invoke(*args)
     assert result.exit_code == 0, result.output
+    # and so do predict and export of that run, until `flawscope calibrate` has set a threshold
+    with pytest.warns(UserWarning, match="no calibrated threshold.*predictions.*flawscope calibrate"):
+        assert invoke("predict", tmp_path / "run", images, "--out", tmp_path / "pred", "--quiet").exit_code == 0
+    with pytest.warns(UserWarning, match="no calibrated threshold.*exported model"):
+        assert invoke("export", tmp_path / "run", "--no-check").exit_code == 0
+
+
+def test_commands_never_overwrite_files_they_did_not_write(run, tiny_dataset, images, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("config.json", "metrics.json", "predictions.csv", "skipped.csv", "notes.txt"):
+        (mine / name).write_text("the user's own file")
+    before = snapshot(mine)
+    for args, clash in (
+        (fit_args(tiny_dataset, mine), "config.json"),
+        (["test", run, "--data", tiny_dataset, "--out", mine, "--quiet"], "metrics.json"),
+        (["predict", run, images, "--out", mine, "--quiet"], "predictions.csv, skipped.csv"),
+    ):
+        assert_clean_error(invoke(*args), str(mine), clash, "never overwrites")
+    assert snapshot(mine) == before
+    # A folder of other files is fine: the outputs go beside them, and the folder is then flawscope's to rewrite.
+    (mine / "predictions.csv").unlink()
+    (mine / "skipped.csv").unlink()
+    for _ in range(2):
+        assert invoke("predict", run, images, "--out", mine, "--quiet").exit_code == 0
+    assert len(read_csv(mine / "predictions.csv")) == 3
+    assert all((mine / name).read_text() == "the user's own file" for name in ("config.json", "notes.txt"))
+
+
+def test_folder_searches_skip_flawscope_output_folders(run, images, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(images, work)
+    # Images given by name may have their outputs beside them, even inside their folder ...
+    assert invoke("predict", run, str(work / "*.png"), "--out", work / "pred", "--quiet").exit_code == 0
+    assert len(list((work / "pred" / "overlays").glob("*.png"))) == 3
+    # ... and a later search of that folder does not read those overlays back as images.
+    result = invoke("predict", run, work, "--out", tmp_path / "pred2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(Path(r["path"]).name for r in read_csv(tmp_path / "pred2" / "predictions.csv")) == sorted(
+        p.name for p in images.iterdir()
+    )
+
+
+def test_export_refuses_out_inside_the_training_data(run, tiny_dataset, data_snapshot):
+    result = invoke("export", run, "--out", tiny_dataset / "model.onnx", "--no-check")
+    assert_clean_error(result, "inside the data folder")
+    assert snapshot(tiny_dataset) == data_snapshot
 
 
 def test_fit_refuses_a_model_whose_scores_are_not_finite(tiny_dataset, tmp_path, monkeypatch):
@@ -423,7 +470,7 @@ def test_predict_skips_corrupt_images_and_lists_them(run, images, tmp_path):
     (folder / "broken.png").write_bytes(b"not a png at all")
     (folder / "truncated.png").write_bytes((images / "good_000.png").read_bytes()[:200])
     out = tmp_path / "pred"
-    (out).mkdir()
+    assert invoke("predict", run, images, "--out", out, "--quiet").exit_code == 0  # an earlier run into the folder
     (out / "skipped.csv").write_text("path,reason\nstale.png,from an earlier run\n")
 
     result = invoke("predict", run, folder, "--out", out, "--quiet")

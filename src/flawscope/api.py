@@ -20,6 +20,7 @@ import torch
 
 from .calibration import DEFAULT_TARGET_FPR, threshold_f1, threshold_from_normals
 from .data import Sample, load_anomaly_folder, load_dataset, select_seen_anomalies, split_validation
+from .data.layouts import OUTPUT_MARKER
 from .errors import ConfigError
 from .fitting import FitContext
 from .model_io import load_model, read_model_info, save_model
@@ -48,15 +49,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_out_folder(out: Path) -> None:
-    """Refuses an output folder path that names an existing file (before any work, not at the final mkdir)."""
+RUN_FILES = ("model", "config.json", "environment.json", "fit_log.json")  # what `fit` writes into its --out
+TEST_FILES = ("metrics.json", "per_image.csv", "curves.json", "report.html")  # what `test` writes into its --out
+
+
+def _is_flawscope_folder(folder: Path) -> bool:
+    """True for a folder flawscope has written outputs into: its marker, or a run of an older version (no marker)."""
+    return (folder / OUTPUT_MARKER).is_file() or (folder / "model" / "model.json").is_file()
+
+
+def _check_out_folder(out: Path, writes: Sequence[str] = ()) -> None:
+    """Refuses, before any work, an output path that names an existing file, or an existing folder that holds any
+    of ``writes`` (the files and folders the command writes there) without being flawscope's: the user's files."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is an existing file; give a folder path (new or existing) instead.")
+    if not out.is_dir() or _is_flawscope_folder(out):
+        return
+    clashes = [name for name in writes if (out / name).exists()]
+    if clashes:
+        raise ConfigError(
+            f"--out {out} already holds {', '.join(clashes)}, and flawscope did not write them (the folder has no "
+            f"{OUTPUT_MARKER} file); flawscope never overwrites files it did not write. Give a new or empty folder, "
+            "or move those files away first."
+        )
 
 
-def _check_outside(out: Path, data_root: Path) -> None:
-    """Refuses an output folder that is an existing file or lies inside ``data_root`` (a user's data)."""
-    _check_out_folder(out)
+def _make_out_folder(out: Path) -> None:
+    """Creates ``out`` (and its parents) and marks it as a folder flawscope may overwrite its own outputs in."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / OUTPUT_MARKER
+    if not marker.is_file():
+        marker.write_text("flawscope writes its outputs here; its commands may overwrite their own files.\n")
+
+
+def _check_outside(out: Path, data_root: Path, writes: Sequence[str] = ()) -> None:
+    """Refuses an output folder that is an existing file, lies inside ``data_root`` (a user's data), or would
+    overwrite files flawscope did not write (``writes``: see ``_check_out_folder``)."""
+    _check_out_folder(out, writes)
     out, data_root = out.resolve(), data_root.resolve()
     if out == data_root or data_root in out.parents:
         raise ConfigError(
@@ -154,7 +183,7 @@ def fit(
     torch_device = resolve_device(device)
     dataset = load_dataset(data, layout=layout, category=category)
     out = Path(out)
-    _check_outside(out, dataset.root)
+    _check_outside(out, dataset.root, RUN_FILES)
     if (out / "model" / "model.json").is_file():
         stale = _run_outputs(out)
         warnings.warn(
@@ -186,7 +215,7 @@ def fit(
             "labelled validation folder (or fit again with --val-ratio 0.1).",
             stacklevel=2,
         )
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out_folder(out)
     save_model(model.cpu(), out / "model", metadata={"calibration_details": calibration, "training": training})
     write_json(
         out / "config.json",
@@ -311,6 +340,6 @@ def calibrate_run(
 
 def _run_outputs(run: Path) -> list[Path]:
     """What `flawscope test` and `flawscope export` wrote into a run folder (exports: ``export/`` only)."""
-    tested = [run / name for name in ("metrics.json", "per_image.csv", "curves.json", "report.html")]
+    tested = [run / name for name in TEST_FILES]
     exported = sorted((run / "export").glob("*.onnx")) + sorted((run / "export").glob("*.pt"))
     return [p for p in tested if p.is_file()] + exported

@@ -210,12 +210,12 @@ def run_bench(
     import onnx
     import onnxruntime
 
-    from .api import _check_outside
+    from .api import _check_outside, _make_out_folder
     from .runs import environment
 
     out = Path(out)
-    _check_outside(out, Path(data))
-    out.mkdir(parents=True, exist_ok=True)
+    _check_outside(out, Path(data), ("bench.json", "bench.md", *(setting.name for setting in settings)))
+    _make_out_folder(out)
     threads = threads or torch.get_num_threads()
     peak = matmul_peak_gflops(threads)
     cpu = environment()["cpu"]

@@ -227,13 +227,21 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
 @click.option("--no-check", is_flag=True, help="skip the parity check against the torch model")
 def export(run, export_format, out, batch, half, no_check) -> None:
     """Export RUN's inference graph (normalisation, calibration and threshold included) to ONNX or TorchScript."""
+    from .api import _check_outside
     from .export import FORMATS, export_checked
     from .export.parity import held_out_images
-    from .model_io import load_model, read_model_info
+    from .model_io import load_model, read_model_info, warn_if_uncalibrated
 
-    model = load_model(read_model_info(run)["folder"])
+    info = read_model_info(run)
+    model = load_model(info["folder"])
     model.check_fitted()
+    warn_if_uncalibrated(info, "exported model's outputs")
     path = out or Path(run) / "export" / f"model{FORMATS[export_format]}"
+    config_path = Path(run) / "config.json"  # a run folder records its training data; a bare model folder does not
+    if out is not None and config_path.is_file():
+        data = json.loads(config_path.read_text()).get("data")
+        if data:
+            _check_outside(Path(out).parent, Path(data))
     images = None if no_check else held_out_images(run, model)
     path, report = export_checked(model, path, export_format, batch=batch, half=half, images=images, check=not no_check)
     click.echo(f"{export_format} model written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .api import ScoredImages, _check_outside, resolve_device, score_images
+from .api import TEST_FILES, ScoredImages, _check_outside, _make_out_folder, resolve_device, score_images
 from .data import ImageDataset, exclude_samples, load_dataset
 from .errors import DataError
 from .fitting import FitContext
@@ -152,8 +152,8 @@ def test(
     if not dataset.test:
         raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
     out = Path(out) if out else run
-    _check_outside(out, dataset.root)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_outside(out, dataset.root, TEST_FILES)
+    _make_out_folder(out)
     seen = seen_anomaly_paths(run) + (seen_anomaly_paths(exclude_seen_of) if exclude_seen_of else [])
     test_samples, excluded = exclude_samples(dataset.test, seen)
     ctx = FitContext(device=resolve_device(device), quiet=quiet)

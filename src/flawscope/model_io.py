@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,19 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
             )
     info["folder"] = str(folder)
     return info
+
+
+def warn_if_uncalibrated(info: dict[str, Any], action: str) -> None:
+    """Warns that ``action`` (e.g. "predictions") will not mean much when the model's threshold was never set: it
+    was fitted with no held-out good images, and `flawscope calibrate` has not run on it since."""
+    rule = str((info.get("calibration_details") or {}).get("rule", ""))
+    if rule.startswith("none"):
+        warnings.warn(
+            f"The model in {info['folder']} has no calibrated threshold (it was fitted with --val-ratio 0), so the "
+            f"{action} have meaningless decisions, normalised scores and regions; raw scores are fine. Run "
+            "`flawscope calibrate RUN --data DIR` on a labelled validation folder first.",
+            stacklevel=3,
+        )
 
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> AnomalyModel:

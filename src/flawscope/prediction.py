@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .api import _check_out_folder, _check_outside
+from .api import _check_out_folder, _check_outside, _make_out_folder
 from .data import Sample, find_images, make_loader
 from .errors import DataError
 from .export import Prediction, load_inferencer
 from .fitting import FitContext
 from .report import heatmap_overlay, save_png
 
+PREDICT_FILES = ("predictions.csv", "predictions.jsonl", "skipped.csv", "overlays", "masks")  # what predict writes
 CSV_COLUMNS = ["path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"]
 
 
@@ -78,8 +79,13 @@ def predict(
     for folder in (Path(p) for p in paths):
         if folder.is_dir():
             _check_outside(out, folder)
-    _check_out_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_folder(out, PREDICT_FILES)
+    _make_out_folder(out)
+    # An earlier predict into this folder (flawscope's, checked above) left overlays and masks numbered by its own
+    # image list; new ones would mix with them.
+    for folder in ("overlays", "masks"):
+        for stale in (out / folder).glob("[0-9][0-9][0-9][0-9][0-9]_*.png"):
+            stale.unlink()
     samples = [Sample(path) for path in images]
     loader = make_loader(
         samples, inferencer.image_size, inferencer.resize_size, batch_size=batch_size, skip_bad=not strict

@@ -26,6 +26,9 @@ MVTEC_HELP = (
 VISA_CSV = Path("split_csv") / "1cls.csv"
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 _MAX_LISTED = 12
+# In every folder flawscope writes outputs into (run, test, predict, bench); hidden, so never read as an image.
+# Folder searches skip the folders that hold it, so overlays and masks are not read back as inputs.
+OUTPUT_MARKER = ".flawscope"
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # written by Windows Explorer into image folders
 
 
@@ -321,11 +324,15 @@ def load_dataset(
 def _expand(item: Path) -> list[Path]:
     """Images named by one argument: a file, a folder (searched recursively) or a glob pattern."""
     if item.is_dir():
-        # Hidden folders hold tool caches (.ipynb_checkpoints, .thumbnails) with copies of the images.
+        # Hidden folders hold tool caches (.ipynb_checkpoints, .thumbnails) with copies of the images, and
+        # flawscope's own output folders below ``item`` (overlays, masks) are not inputs either.
+        outputs = {marker.parent for marker in item.rglob(OUTPUT_MARKER) if marker.parent != item}
         return [
             path
             for path in item.rglob("*")
-            if is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(item).parts)
+            if is_image_file(path)
+            and not any(part.startswith(".") for part in path.relative_to(item).parts)
+            and outputs.isdisjoint(path.parents)
         ]
     if item.is_file():
         if item.suffix.lower() not in IMAGE_EXTENSIONS:

@@ -204,11 +204,13 @@ class OnnxInferencer(_BaseInferencer):
 def load_inferencer(path: str | Path, device: str = "auto", threads: int | None = None) -> _BaseInferencer:
     """An inferencer for a run or model folder (torch), an .onnx file or a TorchScript file (.pt, .ts)."""
     from ..api import resolve_device
-    from ..model_io import load_model, read_model_info
+    from ..model_io import load_model, read_model_info, warn_if_uncalibrated
 
     path = Path(path)
     if path.is_dir():
-        return TorchInferencer(load_model(read_model_info(path)["folder"]), resolve_device(device))
+        info = read_model_info(path)
+        warn_if_uncalibrated(info, "predictions")
+        return TorchInferencer(load_model(info["folder"]), resolve_device(device))
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return OnnxInferencer(path, device, threads)
