@@ -144,7 +144,7 @@ def test_test_writes_metrics(run):
     assert set(metrics["per_type"]) == {"scratch", "blob", "stain"}
     assert all(row["count"] == 2 for row in metrics["per_type"].values())
     assert all(0 <= row["pixel_auroc"] <= 1 and 0 <= row["pixel_aupro"] <= 1 for row in metrics["per_type"].values())
-    assert metrics["unmarked_defective"] == []
+    assert metrics["unmarked_defective"] == [] and metrics["nearly_full_masks"] == []
 
 
 def test_test_warns_about_defective_images_with_an_empty_mask(run, tiny_dataset, tmp_path):
@@ -157,6 +157,19 @@ def test_test_warns_about_defective_images_with_an_empty_mask(run, tiny_dataset,
         result = invoke("test", run, "--data", data, "--out", tmp_path / "eval", "--no-report", "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["unmarked_defective"] == [str(image)]
+
+
+def test_test_warns_about_a_mask_that_marks_nearly_the_whole_image(run, tiny_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    mask_path = sorted((data / "ground_truth" / "blob").glob("*.png"))[0]
+    Image.fromarray(255 - np.asarray(Image.open(mask_path).convert("L"))).save(mask_path)  # inverted
+    image = data / "test" / "blob" / mask_path.name.replace("_mask", "")
+    with pytest.warns(UserWarning, match="1 defective test image.*more than 95 %.*inverted"):
+        result = invoke("test", run, "--data", data, "--out", tmp_path / "eval", "--no-report", "--quiet")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["nearly_full_masks"] == [str(image)] and metrics["unmarked_defective"] == []
 
 
 def test_per_image_csv(run, tiny_dataset):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from flawscope.data import (
     ImageDataset,
@@ -151,6 +151,17 @@ def test_read_mask_nonzero_is_defect(tmp_path):
     rgba[0, 0] = (255, 255, 255, 255)
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     assert read_mask(tmp_path / "rgba.png").sum() == 1
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_read_mask_jpeg_is_cut_at_half_range(tmp_path, mode):
+    disc = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(disc).ellipse((13, 11, 45, 50), fill=255)
+    disc.convert(mode).save(tmp_path / "mask.jpg", quality=75)
+    truth = np.asarray(disc) > 0
+    noisy = np.asarray(Image.open(tmp_path / "mask.jpg").convert("L"))
+    assert (noisy[~truth] > 0).sum() > 100  # the compression does leave faint pixels around the disc
+    assert np.array_equal(read_mask(tmp_path / "mask.jpg"), truth)
 
 
 def test_read_mask_wrong_size_names_both_files(tmp_path):

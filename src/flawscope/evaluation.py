@@ -172,6 +172,15 @@ def test(
             "(listed in metrics.json under unmarked_defective).",
             stacklevel=2,
         )
+    full = [str(s.path) for s, mask in zip(scored.samples, scored.masks, strict=True) if s.label and mask.mean() > 0.95]
+    if full:
+        warnings.warn(
+            f"{len(full)} defective test image(s) have a mask that marks more than 95 % of the image as defect, e.g. "
+            f"{full[0]}: an inverted mask, or one drawn only in its alpha channel (flawscope reads a mask's colour "
+            "and ignores alpha) would look like this. Check those masks (listed in metrics.json under "
+            "nearly_full_masks).",
+            stacklevel=2,
+        )
     threshold = float(model.threshold)
     decisions = scored.raw_scores > threshold
     metrics.update(
@@ -190,6 +199,7 @@ def test(
             "num_excluded_seen": len(excluded),
             "excluded_seen": [str(s.path) for s in excluded],
             "unmarked_defective": unmarked,
+            "nearly_full_masks": full,
         }
     )
     write_json(out / "metrics.json", metrics)

@@ -110,16 +110,25 @@ def read_image(path: str | Path) -> np.ndarray:
     return _to_rgb(_open_upright(path), path)
 
 
-def _mask_to_bool(image: Image.Image) -> np.ndarray:
-    """Nonzero colour (alpha ignored) means defect; palettes are resolved to colours first."""
-    if image.mode in ("P", "RGBA", "LA", "PA"):
+_LOSSY_MASK_EXTENSIONS = (".jpg", ".jpeg")
+
+
+def _mask_to_bool(image: Image.Image, lossy: bool = False) -> np.ndarray:
+    """Nonzero colour (alpha ignored) means defect; palettes are resolved to colours first. A ``lossy`` (JPEG)
+    mask is cut at half its range instead: its compression leaves faint nonzero pixels along every edge."""
+    if image.mode in ("P", "RGBA", "LA", "PA") or (lossy and image.mode != "L"):
         image = image.convert("RGB")
     values = np.asarray(image)
+    if lossy:
+        return (values.max(axis=2) if values.ndim == 3 else values) >= 128
     return values.any(axis=2) if values.ndim == 3 else values != 0
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None, image_path: Path | None = None) -> np.ndarray:
     """Read a ground-truth mask; any nonzero pixel marks a defect (MVTec uses 255, VisA uses instance ids).
+
+    A JPEG mask is the exception: compression leaves faint nonzero pixels around every edge, so a pixel marks a
+    defect when a channel reaches 128 (of 255). Masks are best saved as PNG.
 
     Args:
         path: Mask image file.
@@ -133,7 +142,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None, image_path:
         DataError: The mask is unreadable, or its size differs from ``size``.
     """
     path = Path(path)
-    mask = _mask_to_bool(_open_upright(path))
+    mask = _mask_to_bool(_open_upright(path), lossy=path.suffix.lower() in _LOSSY_MASK_EXTENSIONS)
     if size is not None and mask.shape != tuple(size):
         owner = f"its image {image_path}" if image_path is not None else "the expected size"
         raise DataError(
