@@ -189,6 +189,24 @@ def test_synthetic_validation_set_layout_and_exact_masks(tmp_path):
         write_synthetic_validation_set(sorted(sources.iterdir()), out, image_size=SIZE)
 
 
+def test_synthetic_validation_set_keeps_sources_that_share_a_stem_and_leaves_nothing_on_failure(tmp_path):
+    sources = tmp_path / "good"
+    sources.mkdir()
+    for i in range(3):
+        for suffix in (".png", ".bmp"):  # 0.png and 0.bmp: the same stem
+            Image.fromarray((_image(i) * 255).astype(np.uint8)).save(sources / f"{i}{suffix}")
+    out = tmp_path / "val"
+    summary = write_synthetic_validation_set(sorted(sources.iterdir()), out, image_size=SIZE, resize_size=0, seed=0)
+    split = load_dataset(out)
+    assert len(split.test) == 6 and summary["num_good"] + summary["num_defects"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "val"]  # no staging folder left
+
+    (sources / "1.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="1.png"):
+        write_synthetic_validation_set(sorted(sources.iterdir()), tmp_path / "val2", image_size=SIZE, resize_size=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "val"]  # nothing partial: a retry can use val2
+
+
 def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
@@ -216,7 +234,7 @@ def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path, monkeypat
     )
     assert result.exit_code == 0, result.output
     written = load_dataset(tmp_path / "s2").test
-    sources = sorted(s.path.stem if not s.label else s.path.stem.split("_", 1)[1] for s in written)  # NNNN_<stem>
+    sources = sorted(s.path.stem.split("_", 1)[1] for s in written)  # every file is named NNNN_<stem>
     assert sources == sorted(Path(p).stem for p in held_out)
     assert all(read_image(s.path).shape == (48, 48, 3) for s in written)
     result = CliRunner().invoke(

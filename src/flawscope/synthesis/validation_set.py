@@ -16,6 +16,8 @@ Synthetic defects are not real ones: a threshold calibrated on them is a startin
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -109,25 +111,37 @@ def write_synthetic_validation_set(
     textures = texture_source(texture_dir)
     defect_paths = [paths[i] for i in order[:count]]
     good_paths = [paths[i] for i in order[count:]]
-    for path in good_paths:
-        _save(_load(path, image_size, resize_size), out / "test" / "good" / f"{path.stem}.png")
-    for n, path in enumerate(defect_paths):
-        image = _load(path, image_size, resize_size)
-        other = _load(paths[int(rng.integers(len(paths)))], image_size, resize_size)
-        defective, mask = synthetic_defect(image, other, rng, textures, use_foreground=use_foreground)
-        name = f"{n:04d}_{path.stem}"
-        _save(image, out / "train" / "good" / f"{name}.png")
-        _save(defective, out / "test" / "synthetic" / f"{name}.png")
-        _save(mask, out / "ground_truth" / "synthetic" / f"{name}_mask.png")
-    summary = {
-        "num_good": len(good_paths),
-        "num_defects": count,
-        "image_size": image_size,
-        "resize_size": resize_size,
-        "textures": str(texture_dir) if texture_dir else "procedural",
-        "use_foreground": use_foreground,
-        "seed": seed,
-        "sources": [str(p) for p in paths],
-    }
-    (out / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Written into a hidden sibling folder first and renamed at the end, so a failure (an unreadable source image)
+    # leaves no partial set behind that would block the next attempt.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        # Numbered names: two sources may share a stem (000.png and 000.jpg).
+        for n, path in enumerate(good_paths):
+            _save(_load(path, image_size, resize_size), staging / "test" / "good" / f"{n:04d}_{path.stem}.png")
+        for n, path in enumerate(defect_paths):
+            image = _load(path, image_size, resize_size)
+            other = _load(paths[int(rng.integers(len(paths)))], image_size, resize_size)
+            defective, mask = synthetic_defect(image, other, rng, textures, use_foreground=use_foreground)
+            name = f"{n:04d}_{path.stem}"
+            _save(image, staging / "train" / "good" / f"{name}.png")
+            _save(defective, staging / "test" / "synthetic" / f"{name}.png")
+            _save(mask, staging / "ground_truth" / "synthetic" / f"{name}_mask.png")
+        summary = {
+            "num_good": len(good_paths),
+            "num_defects": count,
+            "image_size": image_size,
+            "resize_size": resize_size,
+            "textures": str(texture_dir) if texture_dir else "procedural",
+            "use_foreground": use_foreground,
+            "seed": seed,
+            "sources": [str(p) for p in paths],
+        }
+        (staging / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # only what this call wrote
+        raise
     return summary
