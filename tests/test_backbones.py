@@ -284,8 +284,14 @@ def test_wrong_or_unsafe_weight_files_are_rejected(weight_dirs):
         create_backbone("wide_resnet50_2", weights_path=small)
     pickled = weight_dirs["env"] / "object.pth"
     torch.save({"conv1.weight": torch.zeros(1), "note": Path("x")}, pickled)
-    with pytest.raises(ModelFormatError, match="weights_only"):
+    with pytest.raises(ModelFormatError, match="never unpickles") as caught:
         create_backbone("resnet18", weights_path=pickled)
+    assert "weights_only` set to `False`" not in str(caught.value)  # torch's advice to unpickle is not passed on
+    garbage = weight_dirs["env"] / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ModelFormatError, match="damaged or not a state dict") as caught:
+        create_backbone("resnet18", weights_path=garbage)
+    assert "weights_only` set to `False`" not in str(caught.value)
 
 
 def test_weights_status(weight_dirs):

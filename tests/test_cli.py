@@ -320,6 +320,18 @@ def test_counts_out_of_range_are_usage_errors(run, tiny_dataset, images, tmp_pat
     assert "Invalid value for" in result.output and not (tmp_path / "out").exists()
 
 
+def test_other_bad_options_are_named(run, tiny_dataset, tmp_path):
+    result = invoke("synth", "--data", tiny_dataset, "--out", tmp_path / "s", "--image-size", "0")
+    assert result.exit_code == 2 and "Invalid value for '--image-size'" in result.output
+    result = invoke("test", run, "--data", tiny_dataset, "--out", tmp_path / "t", "--exclude-seen-of", tmp_path / "no")
+    assert_clean_error(result, "--exclude-seen-of", "is not a run folder")
+    for option in ("--lr", "--weight-decay"):
+        args = ["distill", "--backbone", "efficientnet_lite0", "--images", tiny_dataset / "train" / "good"]
+        result = invoke(*args, "--out", tmp_path / "t.safetensors", "--steps", "1", option, "nan")
+        assert_clean_error(result, "finite number", "nan")
+    assert not any(tmp_path.iterdir())
+
+
 def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_dataset, images, tmp_path):
     args = fit_args(tiny_dataset, tmp_path / "run")
     args[args.index("--val-ratio") + 1] = "0"
@@ -410,10 +422,18 @@ def test_bench_names_a_settings_file_that_is_not_json(tiny_dataset, tmp_path):
         (["--set", "num_neighbors=many"], ["'num_neighbors'", "int", "'many'"]),
         (["--set", "coreset_ratio"], ["--set expects key=value", "'coreset_ratio'"]),
         (["--image-size", "16"], ["'image_size'", "[32, 4096]", "16"]),
+        (["--set", "patch_size=4"], ["'patch_size'", "one of", "1, 3, 5, 7, 9", "4"]),
+        (["--target-fpr", "nan"], ["target_fpr", "[0, 1)", "nan"]),
     ],
-    ids=["model", "backbone", "set-key", "range", "type", "set-syntax", "image-size"],
+    ids=["model", "backbone", "set-key", "range", "type", "set-syntax", "image-size", "even-patch", "target-fpr"],
 )
-def test_fit_rejects_bad_options(tiny_dataset, tmp_path, change, fragments):
+def test_fit_rejects_bad_options(tiny_dataset, tmp_path, monkeypatch, change, fragments):
+    patchcore_fit = sys.modules["flawscope.models.patchcore.fit"]  # the package's `fit` is the function
+
+    def never(*args, **kwargs):
+        raise AssertionError("a bad option must be refused before training")
+
+    monkeypatch.setattr(patchcore_fit, "collect_features", never)
     args = fit_args(tiny_dataset, tmp_path / "run")
     # Later options win in click, so appending overrides the defaults above; --model is given once.
     if change[0] == "--model":
@@ -581,7 +601,7 @@ def test_same_seed_gives_identical_weights(run, tiny_dataset, tmp_path):
     assert hashes == {first["weights_sha256"]}
 
     assert invoke(*fit_args(tiny_dataset, tmp_path / "other", "--seed", "1")).exit_code == 0
-    with pytest.warns(UserWarning, match="already holds a run: its model is replaced"):
+    with pytest.warns(UserWarning, match="already holds a run: its model will be replaced when this fit succeeds"):
         assert invoke(*fit_args(tiny_dataset, tmp_path / "other", "--seed", "1")).exit_code == 0
     other = json.loads((tmp_path / "other" / "model" / "model.json").read_text())
     assert other["weights_sha256"] != first["weights_sha256"]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import DEFAULT_TARGET_FPR, threshold_f1, threshold_from_normals
+from .calibration import DEFAULT_TARGET_FPR, check_target_fpr, threshold_f1, threshold_from_normals
 from .data import Sample, load_anomaly_folder, load_dataset, select_seen_anomalies, split_validation
 from .data.layouts import OUTPUT_MARKER
 from .errors import ConfigError
@@ -180,6 +180,7 @@ def fit(
     """
     spec = get_method(method)
     config = spec.config_class.from_dict(dict(options or {}))
+    check_target_fpr(target_fpr)  # before training, not after it
     torch_device = resolve_device(device)
     dataset = load_dataset(data, layout=layout, category=category)
     out = Path(out)
@@ -187,7 +188,7 @@ def fit(
     if (out / "model" / "model.json").is_file():
         stale = _run_outputs(out)
         warnings.warn(
-            f"{out} already holds a run: its model is replaced by this fit"
+            f"{out} already holds a run: its model will be replaced when this fit succeeds"
             + (
                 f", and {', '.join(p.name for p in stale)} stay from the old model until test and export run again"
                 if stale

@@ -20,6 +20,12 @@ def _typical_normal(normal_scores: np.ndarray, threshold: float) -> float:
     return float(threshold - max(np.ptp(normal_scores), abs(threshold) * 1e-3, 1e-6))
 
 
+def check_target_fpr(target_fpr: float) -> None:
+    """Raises ConfigError unless ``target_fpr`` is in [0, 1) (NaN is not)."""
+    if not 0 <= target_fpr < 1:
+        raise ConfigError(f"target_fpr must be in [0, 1); got {target_fpr}.")
+
+
 def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAULT_TARGET_FPR) -> dict[str, Any]:
     """The smallest held-out normal score that at most ``target_fpr`` of the normals exceed.
 
@@ -38,8 +44,7 @@ def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAUL
     scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
     if scores.size == 0:
         raise DataError("No held-out good images to calibrate the threshold on; use --val-ratio > 0.")
-    if not 0 <= target_fpr < 1:
-        raise ConfigError(f"target_fpr must be in [0, 1); got {target_fpr}.")
+    check_target_fpr(target_fpr)
     allowed = int(np.floor(target_fpr * scores.size))  # normals allowed above the threshold
     threshold = scores[scores.size - 1 - allowed]
     return {

@@ -432,8 +432,12 @@ def distill(
     help="use this run's held-out good images and input geometry (recommended: the model never saw them)",
 )
 @click.option("--num-defects", type=int, default=None, help="images that get a defect (default: half)")
-@click.option("--image-size", type=int, default=256, show_default=True, help="side of the written images")
-@click.option("--resize-size", type=int, default=0, show_default=True, help="0 = resize the whole image, no crop")
+@click.option(
+    "--image-size", type=click.IntRange(min=1), default=256, show_default=True, help="side of the written images"
+)
+@click.option(
+    "--resize-size", type=click.IntRange(min=0), default=0, show_default=True, help="0: resize the whole image"
+)
 @click.option("--textures", type=click.Path(path_type=Path), default=None, help="texture folder (e.g. DTD)")
 @click.option("--foreground", is_flag=True, help="place defects on the Otsu foreground (object categories)")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -15,7 +15,7 @@ import torch
 from . import metrics as M
 from .api import TEST_FILES, ScoredImages, _check_outside, _make_out_folder, resolve_device, score_images
 from .data import ImageDataset, exclude_samples, load_dataset
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .fitting import FitContext
 from .model_io import load_model, read_model_info
 from .models.base import AnomalyModel
@@ -145,6 +145,11 @@ def test(
     Returns:
         The metrics dictionary written to metrics.json.
     """
+    if exclude_seen_of is not None and not (Path(exclude_seen_of) / "config.json").is_file():
+        raise ConfigError(
+            f"--exclude-seen-of {exclude_seen_of} is not a run folder (no config.json in it); give the folder that "
+            "`flawscope fit --out` wrote for the few-shot run whose seen defects should be left out."
+        )
     run = Path(run)
     info = read_model_info(run)
     model = load_model(info["folder"])

@@ -13,6 +13,7 @@ import os
 import pickle
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class WeightsSource:
     hf_filename: str = "model.safetensors"
     package: str | None = None
     pip_name: str | None = None
+
+
+_EXPECTED = "Expected a .safetensors file or a torch state dict that loads with torch.load(weights_only=True)."
 
 
 def torch_hub_checkpoints() -> Path:
@@ -179,12 +183,20 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
         if path.suffix == ".safetensors":
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+            with warnings.catch_warnings():  # torch's notes on pickle protocols say nothing the error below does not
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of objects: a damaged or foreign file
+            damaged = f"{path} cannot be read as weights: it is damaged or not a state dict."
+            raise ModelFormatError(f"{damaged} {_EXPECTED}") from e
         raise ModelFormatError(
-            f"{path} cannot be read as weights ({type(e).__name__}: {e}). Expected a .safetensors file or a torch "
-            "state dict that loads with torch.load(weights_only=True)."
+            f"{path} holds pickled Python objects besides tensors, and flawscope never unpickles them (unpickling can "
+            "run any code). Save the weights as a state dict of tensors (torch.save(model.state_dict(), ...)) or as "
+            ".safetensors."
         ) from e
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ModelFormatError(f"{path} cannot be read as weights ({type(e).__name__}: {e}). {_EXPECTED}") from e
     for wrapper_key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
             state = state[wrapper_key]

@@ -27,7 +27,7 @@ from flawscope.errors import ConfigError, DataError
 def _resize_size(image_size: int, resize_size: int | None) -> int:
     """Check the two sizes and return the effective resize size (``image_size`` when None)."""
     resize = image_size if resize_size is None else resize_size
-    if resize == 0:
+    if image_size >= 1 and resize == 0:
         return 0
     if image_size < 1 or resize < image_size:
         raise ConfigError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -74,8 +75,12 @@ class DistillSettings:
                 f"The teacher's image_size must be a multiple of 32 and at least 64, the input sizes EfficientAD can "
                 f"be fitted at; got {self.image_size}."
             )
-        if not 0 <= self.gray_prob <= 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError("gray_prob must be in [0, 1], lr > 0 and weight_decay >= 0.")
+        # written so that NaN fails every test
+        if not (0 <= self.gray_prob <= 1 and 0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):
+            raise ConfigError(
+                "gray_prob must be in [0, 1], lr a finite number > 0 and weight_decay a finite number >= 0; got "
+                f"gray_prob={self.gray_prob}, lr={self.lr}, weight_decay={self.weight_decay}."
+            )
 
 
 class PatchCoreTarget(nn.Module):

@@ -22,7 +22,7 @@ class PatchCoreConfig(ModelConfig):
     strides: tuple[int, ...] = option(
         (8, 16), "backbone stages used, by stride (layer2 and layer3 of a ResNet)", low=4, high=32
     )
-    patch_size: int = option(3, "neighbourhood aggregated at each location", low=1, high=9)
+    patch_size: int = option(3, "neighbourhood aggregated at each location (odd: centred)", choices=(1, 3, 5, 7, 9))
     context_weight: float = context_weight_option()
     pretrain_embed_dim: int = option(1024, "per-stage feature length after pooling", low=1)
     target_embed_dim: int = option(1024, "memory bank feature length", low=1)

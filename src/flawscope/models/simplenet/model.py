@@ -29,7 +29,7 @@ class SimpleNetConfig(ModelConfig):
     """SimpleNet hyperparameters. Defaults follow the paper; the public code's choices are noted per field."""
 
     strides: tuple[int, ...] = option((8, 16), "backbone stages used, by stride (layer2+layer3)", low=4, high=32)
-    patch_size: int = option(3, "neighbourhood aggregated at each location", low=1, high=9)
+    patch_size: int = option(3, "neighbourhood aggregated at each location (odd: centred)", choices=(1, 3, 5, 7, 9))
     context_weight: float = context_weight_option()
     embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1)
     adaptor_bias: bool = option(False, "bias in the adaptor (paper: none; public code: bias)")
