@@ -1,6 +1,7 @@
 """Tests of flawscope.model_io on damaged model.json files (no weights are needed to reach these errors), and the
 permissions of the weight files it writes."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -77,3 +78,15 @@ def test_saved_weights_are_readable_as_the_umask_allows(tmp_path):
         os.umask(previous)
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == 0o600
+
+
+def test_weights_of_another_method_are_refused_even_with_a_matching_hash(tmp_path):
+    # A weights file swapped in from another run, with model.json's hash updated to match: the method recorded in
+    # the file's own header still tells them apart (no backbone is built to reach this check).
+    run = _run_with_model_json(tmp_path, "{}")
+    weights = run / "model" / "weights.safetensors"
+    save_safetensors({"w": torch.zeros(2)}, weights, {"flawscope": json.dumps({"format": 1, "method": "simplenet"})})
+    info = {**GOOD_INFO, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    (run / "model" / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ModelFormatError, match="holds a simplenet model but model.json says patchcore"):
+        load_model(run)

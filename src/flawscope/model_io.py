@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from . import __version__
@@ -139,8 +139,15 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         )
     try:
         state = load_file(str(weights), device=str(map_location))
-    except SafetensorError as e:
+        with safe_open(str(weights), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {}).get("flawscope", "{}"))
+    except (SafetensorError, json.JSONDecodeError) as e:
         raise ModelFormatError(f"{weights} cannot be read as safetensors ({e}).") from e
+    if header.get("method", info["method"]) != info["method"]:
+        raise ModelFormatError(
+            f"{weights} holds a {header['method']} model but {MODEL_JSON} says {info['method']}: the files come "
+            "from two different runs. Restore the model folder from a copy or fit again."
+        )
     model = method.model_class(config, pretrained=False)
     load_state(model, state)
     return model.eval()
