@@ -348,43 +348,77 @@ def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_datas
 def test_commands_never_overwrite_files_they_did_not_write(run, tiny_dataset, images, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
-    for name in ("config.json", "metrics.json", "predictions.csv", "skipped.csv", "notes.txt"):
+    for name in ("config.json", "report.html", "predictions.csv", "skipped.csv", "notes.txt"):
         (mine / name).write_text("the user's own file")
+    (mine / "masks").mkdir()
     before = snapshot(mine)
     for args, clash in (
         (fit_args(tiny_dataset, mine), "config.json"),
-        (["test", run, "--data", tiny_dataset, "--out", mine, "--quiet"], "metrics.json"),
+        (["test", run, "--data", tiny_dataset, "--out", mine, "--quiet"], "report.html"),
         (["predict", run, images, "--out", mine, "--quiet"], "predictions.csv, skipped.csv"),
+        (["predict", run, images, "--out", mine, "--masks", "--quiet"], "masks"),
     ):
         assert_clean_error(invoke(*args), str(mine), clash, "never overwrites")
     assert snapshot(mine) == before
-    # A folder of other files is fine: the outputs go beside them, and the folder is then flawscope's to rewrite.
+    # What a command will not write does not clash: no report, no masks.
+    result = invoke("test", run, "--data", tiny_dataset, "--out", mine, "--no-report", "--quiet")
+    assert result.exit_code == 0, result.output
     (mine / "predictions.csv").unlink()
     (mine / "skipped.csv").unlink()
-    for _ in range(2):
+    for _ in range(2):  # the second run replaces the first one's files, which flawscope wrote
         assert invoke("predict", run, images, "--out", mine, "--quiet").exit_code == 0
-    assert len(read_csv(mine / "predictions.csv")) == 3
-    assert all((mine / name).read_text() == "the user's own file" for name in ("config.json", "notes.txt"))
+    assert len(read_csv(mine / "predictions.csv")) == 3 and len(list((mine / "overlays").glob("*.png"))) == 3
+    # A folder one command wrote into is not the others' to overwrite: the user's files stay theirs.
+    assert_clean_error(invoke(*fit_args(tiny_dataset, mine)), "config.json", "never overwrites")
+    assert_clean_error(invoke("test", run, "--data", tiny_dataset, "--out", mine, "--quiet"), "report.html")
+    for name in ("config.json", "report.html", "notes.txt"):
+        assert (mine / name).read_text() == "the user's own file"
+    assert not any((mine / "masks").iterdir())
+
+
+def test_predict_replaces_only_its_own_numbered_images(run, images, tmp_path):
+    out = tmp_path / "pred"
+    assert invoke("predict", run, images, "--out", out, "--quiet").exit_code == 0
+    (out / "overlays" / "123456_from_a_big_run.png").write_bytes(b"x")  # six digits: 100,000 images or more
+    (out / "overlays" / "keep.png").write_bytes(b"x")  # not a name predict writes
+    assert invoke("predict", run, images, "--out", out, "--quiet").exit_code == 0
+    names = sorted(p.name for p in (out / "overlays").iterdir())
+    assert len(names) == 4 and "keep.png" in names and "123456_from_a_big_run.png" not in names
 
 
 def test_folder_searches_skip_flawscope_output_folders(run, images, tmp_path):
-    work = tmp_path / "work"
-    shutil.copytree(images, work)
-    # Images given by name may have their outputs beside them, even inside their folder ...
-    assert invoke("predict", run, str(work / "*.png"), "--out", work / "pred", "--quiet").exit_code == 0
-    assert len(list((work / "pred" / "overlays").glob("*.png"))) == 3
-    # ... and a later search of that folder does not read those overlays back as images.
-    result = invoke("predict", run, work, "--out", tmp_path / "pred2", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert sorted(Path(r["path"]).name for r in read_csv(tmp_path / "pred2" / "predictions.csv")) == sorted(
-        p.name for p in images.iterdir()
-    )
+    project = tmp_path / "project"
+    line = project / "lineA"
+    shutil.copytree(images, line)
+    # Outputs written next to the images (predict into the images' own folder, given by name) ...
+    assert invoke("predict", run, str(line / "*.png"), "--out", line, "--quiet").exit_code == 0
+    assert len(list((line / "overlays").glob("*.png"))) == 3
+    # ... are not read back as images by a search of that folder or of one above it, nor by a glob; the images
+    # themselves still are. A warning says what was left out.
+    for source in (line, project, str(project / "**" / "*.png")):
+        with pytest.warns(UserWarning, match="3 image.*flawscope's own outputs.*overlays"):
+            result = invoke("predict", run, source, "--out", tmp_path / "p", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert sorted(Path(r["path"]).name for r in read_csv(tmp_path / "p" / "predictions.csv")) == sorted(
+            p.name for p in images.iterdir()
+        )
+    # Named directly, an output folder is read.
+    result = invoke("predict", run, line / "overlays", "--out", tmp_path / "p", "--quiet")
+    assert result.exit_code == 0 and len(read_csv(tmp_path / "p" / "predictions.csv")) == 3
 
 
-def test_export_refuses_out_inside_the_training_data(run, tiny_dataset, data_snapshot):
-    result = invoke("export", run, "--out", tiny_dataset / "model.onnx", "--no-check")
-    assert_clean_error(result, "inside the data folder")
+def test_export_refuses_out_inside_the_training_data_or_over_another_file(run, tiny_dataset, data_snapshot, tmp_path):
+    for target in (run, run / "model"):  # the run, or its model folder (the run's config.json names the data)
+        result = invoke("export", target, "--out", tiny_dataset / "model.onnx", "--no-check")
+        assert_clean_error(result, "inside the data folder", str(tiny_dataset / "model.onnx"))
     assert snapshot(tiny_dataset) == data_snapshot
+    shipped = tmp_path / "model.onnx"
+    shipped.write_text("the customer's model v1")
+    assert_clean_error(invoke("export", run, "--out", shipped, "--no-check"), "not written by `flawscope export`")
+    assert shipped.read_text() == "the customer's model v1"
+    exported = tmp_path / "ours.onnx"
+    for _ in range(2):  # an earlier export is replaced
+        assert invoke("export", run, "--out", exported, "--no-check").exit_code == 0
 
 
 def test_fit_refuses_a_model_whose_scores_are_not_finite(tiny_dataset, tmp_path, monkeypatch):

@@ -199,7 +199,12 @@ def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
     Image.new("RGB", (32, 24)).save(root / "test" / "crack" / "009.gif")
     (root / "test" / "good" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     _save_mask(root / "ground_truth" / "scratch" / "007_mask.png")
-    with pytest.warns(UserWarning, match="5 entries") as caught:
+    _save_rgb(root / "train" / "loose.png")
+    _save_rgb(root / "train" / "good_batch2" / "000.png")
+    _save_rgb(root / "test" / "loose.png")
+    _save_mask(root / "ground_truth" / "crack_old" / "000_mask.png")
+    (root / "ground_truth" / "notes.txt").write_text("about the masks")
+    with pytest.warns(UserWarning, match="10 entries") as caught:
         split = load_dataset(root)
     message = str(caught[0].message)
     for name, reason in [
@@ -208,6 +213,11 @@ def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
         ("009.gif", "not an image extension"),
         ("gone.png", "a broken link"),
         ("007_mask.png", "a mask with no test image"),
+        ("train/loose.png", "only train/good is read"),
+        ("good_batch2", "only train/good is read"),
+        ("test/loose.png", "a file directly in test/"),
+        ("crack_old", "masks of a type with no test/<type> folder"),
+        ("notes.txt", "a file directly in ground_truth/"),
     ]:
         assert f"{name} ({reason}" in message
     assert len(split.train) == 5 and len(split.test) == 5  # what is read is unchanged

@@ -20,11 +20,11 @@ import torch
 
 from .calibration import DEFAULT_TARGET_FPR, check_target_fpr, threshold_f1, threshold_from_normals
 from .data import Sample, load_anomaly_folder, load_dataset, select_seen_anomalies, split_validation
-from .data.layouts import OUTPUT_MARKER
 from .errors import ConfigError
 from .fitting import FitContext
 from .model_io import load_model, read_model_info, save_model
 from .models.base import AnomalyModel
+from .outputs import RUN_FILES, TEST_FILES, check_outside, claim_out_folder
 from .registry import get_method
 from .runs import environment, write_json
 
@@ -47,51 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-RUN_FILES = ("model", "config.json", "environment.json", "fit_log.json")  # what `fit` writes into its --out
-TEST_FILES = ("metrics.json", "per_image.csv", "curves.json", "report.html")  # what `test` writes into its --out
-
-
-def _is_flawscope_folder(folder: Path) -> bool:
-    """True for a folder flawscope has written outputs into: its marker, or a run of an older version (no marker)."""
-    return (folder / OUTPUT_MARKER).is_file() or (folder / "model" / "model.json").is_file()
-
-
-def _check_out_folder(out: Path, writes: Sequence[str] = ()) -> None:
-    """Refuses, before any work, an output path that names an existing file, or an existing folder that holds any
-    of ``writes`` (the files and folders the command writes there) without being flawscope's: the user's files."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is an existing file; give a folder path (new or existing) instead.")
-    if not out.is_dir() or _is_flawscope_folder(out):
-        return
-    clashes = [name for name in writes if (out / name).exists()]
-    if clashes:
-        raise ConfigError(
-            f"--out {out} already holds {', '.join(clashes)}, and flawscope did not write them (the folder has no "
-            f"{OUTPUT_MARKER} file); flawscope never overwrites files it did not write. Give a new or empty folder, "
-            "or move those files away first."
-        )
-
-
-def _make_out_folder(out: Path) -> None:
-    """Creates ``out`` (and its parents) and marks it as a folder flawscope may overwrite its own outputs in."""
-    out.mkdir(parents=True, exist_ok=True)
-    marker = out / OUTPUT_MARKER
-    if not marker.is_file():
-        marker.write_text("flawscope writes its outputs here; its commands may overwrite their own files.\n")
-
-
-def _check_outside(out: Path, data_root: Path, writes: Sequence[str] = ()) -> None:
-    """Refuses an output folder that is an existing file, lies inside ``data_root`` (a user's data), or would
-    overwrite files flawscope did not write (``writes``: see ``_check_out_folder``)."""
-    _check_out_folder(out, writes)
-    out, data_root = out.resolve(), data_root.resolve()
-    if out == data_root or data_root in out.parents:
-        raise ConfigError(
-            f"The output folder {out} is inside the data folder {data_root}; flawscope never writes "
-            "into a data folder. Choose --out elsewhere."
-        )
 
 
 @dataclass
@@ -184,7 +139,7 @@ def fit(
     torch_device = resolve_device(device)
     dataset = load_dataset(data, layout=layout, category=category)
     out = Path(out)
-    _check_outside(out, dataset.root, RUN_FILES)
+    check_outside(out, dataset.root, RUN_FILES)
     if (out / "model" / "model.json").is_file():
         stale = _run_outputs(out)
         warnings.warn(
@@ -216,7 +171,7 @@ def fit(
             "labelled validation folder (or fit again with --val-ratio 0.1).",
             stacklevel=2,
         )
-    _make_out_folder(out)
+    claim_out_folder(out, RUN_FILES)
     save_model(model.cpu(), out / "model", metadata={"calibration_details": calibration, "training": training})
     write_json(
         out / "config.json",
@@ -310,6 +265,8 @@ def calibrate_run(
     """
     if rule not in ("f1", "fpr"):
         raise ConfigError(f"Unknown calibration rule {rule!r}; use 'f1' or 'fpr'.")
+    if rule == "fpr":
+        check_target_fpr(target_fpr)  # before the images are scored
     info = read_model_info(run)
     dataset = load_dataset(data, layout=layout, category=category, need_train=False)
     config_path = Path(run) / "config.json"

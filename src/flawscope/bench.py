@@ -210,12 +210,13 @@ def run_bench(
     import onnx
     import onnxruntime
 
-    from .api import _check_outside, _make_out_folder
+    from .outputs import check_outside, claim_out_folder
     from .runs import environment
 
     out = Path(out)
-    _check_outside(out, Path(data), ("bench.json", "bench.md", *(setting.name for setting in settings)))
-    _make_out_folder(out)
+    writes = ["bench.json", "bench.md", *(setting.name for setting in settings)]
+    check_outside(out, Path(data), writes)
+    claim_out_folder(out, writes)
     threads = threads or torch.get_num_threads()
     peak = matmul_peak_gflops(threads)
     cpu = environment()["cpu"]

@@ -227,7 +227,6 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
 @click.option("--no-check", is_flag=True, help="skip the parity check against the torch model")
 def export(run, export_format, out, batch, half, no_check) -> None:
     """Export RUN's inference graph (normalisation, calibration and threshold included) to ONNX or TorchScript."""
-    from .api import _check_outside
     from .export import FORMATS, export_checked
     from .export.parity import held_out_images
     from .model_io import load_model, read_model_info, warn_if_uncalibrated
@@ -237,13 +236,13 @@ def export(run, export_format, out, batch, half, no_check) -> None:
     model.check_fitted()
     warn_if_uncalibrated(info, "exported model's outputs")
     path = out or Path(run) / "export" / f"model{FORMATS[export_format]}"
-    config_path = Path(run) / "config.json"  # a run folder records its training data; a bare model folder does not
-    if out is not None and config_path.is_file():
-        data = json.loads(config_path.read_text()).get("data")
-        if data:
-            _check_outside(Path(out).parent, Path(data))
+    # The run's config.json (next to model/, also when RUN names the model folder) records the training data.
+    config_path = Path(info["folder"]).parent / "config.json"
+    data = json.loads(config_path.read_text()).get("data") if config_path.is_file() else None
     images = None if no_check else held_out_images(run, model)
-    path, report = export_checked(model, path, export_format, batch=batch, half=half, images=images, check=not no_check)
+    path, report = export_checked(
+        model, path, export_format, batch=batch, half=half, images=images, check=not no_check, data_root=data
+    )
     click.echo(f"{export_format} model written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if report is not None:
         near = report["near_threshold"]
@@ -448,12 +447,12 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
 
     Calibrate a run on it when no real defects exist: flawscope calibrate RUN --data OUT --rule f1
     """
-    from .api import _check_outside
     from .data import load_dataset
+    from .outputs import check_outside
     from .synthesis import write_synthetic_validation_set
 
     dataset = load_dataset(data, layout=layout, category=category)
-    _check_outside(Path(out), dataset.root)
+    check_outside(Path(out), dataset.root)
     images = [sample.path for sample in dataset.train]
     if run is not None:
         config_path = Path(run) / "config.json"

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .api import TEST_FILES, ScoredImages, _check_outside, _make_out_folder, resolve_device, score_images
+from .api import ScoredImages, resolve_device, score_images
 from .data import ImageDataset, exclude_samples, load_dataset
 from .errors import ConfigError, DataError
 from .fitting import FitContext
 from .model_io import load_model, read_model_info
 from .models.base import AnomalyModel
+from .outputs import TEST_FILES, check_outside, claim_out_folder
 from .report import Curve, GalleryItem, heatmap_overlay, write_report
 from .runs import write_json
 
@@ -157,8 +158,9 @@ def test(
     if not dataset.test:
         raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
     out = Path(out) if out else run
-    _check_outside(out, dataset.root, TEST_FILES)
-    _make_out_folder(out)
+    writes = [name for name in TEST_FILES if report or name != "report.html"]
+    check_outside(out, dataset.root, writes)
+    claim_out_folder(out, writes)
     seen = seen_anomaly_paths(run) + (seen_anomaly_paths(exclude_seen_of) if exclude_seen_of else [])
     test_samples, excluded = exclude_samples(dataset.test, seen)
     ctx = FitContext(device=resolve_device(device), quiet=quiet)

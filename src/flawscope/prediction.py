@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .api import _check_out_folder, _check_outside, _make_out_folder
 from .data import Sample, find_images, make_loader
 from .errors import DataError
 from .export import Prediction, load_inferencer
 from .fitting import FitContext
+from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_folder, owned_names
 from .report import heatmap_overlay, save_png
 
-PREDICT_FILES = ("predictions.csv", "predictions.jsonl", "skipped.csv", "overlays", "masks")  # what predict writes
 CSV_COLUMNS = ["path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"]
 
 
@@ -78,14 +78,18 @@ def predict(
     # inputs count: the folder of a file given by name (often the working folder) is not treated as a data folder.
     for folder in (Path(p) for p in paths):
         if folder.is_dir():
-            _check_outside(out, folder)
-    _check_out_folder(out, PREDICT_FILES)
-    _make_out_folder(out)
-    # An earlier predict into this folder (flawscope's, checked above) left overlays and masks numbered by its own
-    # image list; new ones would mix with them.
-    for folder in ("overlays", "masks"):
-        for stale in (out / folder).glob("[0-9][0-9][0-9][0-9][0-9]_*.png"):
-            stale.unlink()
+            check_outside(out, folder)
+    writes = ["predictions.csv", "predictions.jsonl", "skipped.csv"]
+    writes += ["overlays"] * overlays + ["masks"] * masks
+    check_out_folder(out, writes)
+    # An earlier predict into this folder left overlays and masks numbered by its own image list; new ones would mix
+    # with them. Only the folders flawscope wrote, and in them only the numbered PNG files it names.
+    owned = owned_names(out) if out.is_dir() else set()
+    for folder in (out / name for name in IMAGE_OUTPUTS if name in owned):
+        for stale in folder.glob("*_*.png"):
+            if re.fullmatch(r"\d{5,}_.*\.png", stale.name):
+                stale.unlink()
+    claim_out_folder(out, writes)
     samples = [Sample(path) for path in images]
     loader = make_loader(
         samples, inferencer.image_size, inferencer.resize_size, batch_size=batch_size, skip_bad=not strict

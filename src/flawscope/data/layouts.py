@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file
 from flawscope.errors import ConfigError, DataError
+from flawscope.outputs import drop_output_images
 
 LAYOUTS = ("auto", "mvtec", "visa")
 # "good" is MVTec's name for defect-free images; BTAD ships the same tree with "ok" instead.
@@ -26,9 +27,6 @@ MVTEC_HELP = (
 VISA_CSV = Path("split_csv") / "1cls.csv"
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 _MAX_LISTED = 12
-# In every folder flawscope writes outputs into (run, test, predict, bench); hidden, so never read as an image.
-# Folder searches skip the folders that hold it, so overlays and masks are not read back as inputs.
-OUTPUT_MARKER = ".flawscope"
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # written by Windows Explorer into image folders
 
 
@@ -74,13 +72,18 @@ def _join(names: Iterable[str]) -> str:
     return ", ".join(names) or "nothing"
 
 
+def _visible(path: Path) -> bool:
+    """Not a hidden file or folder, nor a file the operating system writes into image folders."""
+    return not path.name.startswith(".") and path.name.lower() not in _SYSTEM_FILES
+
+
 def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) -> list[Path]:
     """The images directly in ``folder``, sorted. Other visible entries go to ``ignored`` with the reason."""
     images = []
     for path in folder.iterdir():
         if is_image_file(path):
             images.append(path)
-        elif ignored is not None and not path.name.startswith(".") and path.name.lower() not in _SYSTEM_FILES:
+        elif ignored is not None and _visible(path):
             if path.is_dir():
                 ignored.append((path, "a folder: subfolders are not searched"))
             elif not path.exists():
@@ -90,15 +93,18 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
     return sorted(images)
 
 
-def _warn_ignored(root: Path, ignored: list[tuple[Path, str]]) -> None:
-    """One warning listing what the MVTec layout left unread, so no image is dropped without a word."""
+_MVTEC_READS = "the images directly in train/good and test/<type> and the masks in ground_truth/<type>"
+
+
+def _warn_ignored(root: Path, ignored: list[tuple[Path, str]], reads: str = _MVTEC_READS) -> None:
+    """One warning listing what a folder layout left unread (``reads``: what it does read), so nothing is dropped
+    without a word."""
     if ignored:
         listed = _join(f"{path} ({reason})" for path, reason in sorted(ignored))
         warnings.warn(
             f"{len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} in {root} were not read: {listed}. flawscope "
-            f"reads the images directly in train/good and test/<type> (extensions {', '.join(IMAGE_EXTENSIONS)}) "
-            "and the masks in ground_truth/<type> that belong to a test image; move or convert what should count, "
-            "or move the rest out of the data folder to silence this.",
+            f"reads {reads} that belong to a test image (extensions {', '.join(IMAGE_EXTENSIONS)}); move or convert "
+            "what should count, or move the rest out of the data folder to silence this.",
             stacklevel=3,
         )
 
@@ -181,7 +187,16 @@ def _mvtec_test(root: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
     test_dir = root / "test"
     if not test_dir.is_dir():
         return []
-    samples = _typed_samples(test_dir, root / "ground_truth", ignored)
+    ground_truth = root / "ground_truth"
+    samples = _typed_samples(test_dir, ground_truth, ignored)
+    loose = [path for path in filter(_visible, test_dir.iterdir()) if not path.is_dir()]
+    ignored += [(path, "a file directly in test/: test images go in test/<type>") for path in loose]
+    if ground_truth.is_dir():
+        for path in filter(_visible, ground_truth.iterdir()):
+            if not path.is_dir():
+                ignored.append((path, "a file directly in ground_truth/: masks go in ground_truth/<type>"))
+            elif not (test_dir / path.name).is_dir():
+                ignored.append((path, "masks of a type with no test/<type> folder"))
     if not samples:
         raise DataError(f"No test images in {test_dir}; found: {_contents(test_dir)}. {MVTEC_HELP}.")
     return samples
@@ -191,6 +206,9 @@ def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
     ignored: list[tuple[Path, str]] = []
     train_dir = _normal_folder(root / "train")
     train = [Sample(path) for path in _list_images(train_dir, ignored)]
+    if (root / "train").is_dir():
+        others = [path for path in filter(_visible, (root / "train").iterdir()) if path != train_dir]
+        ignored += [(path, f"only train/{train_dir.name} is read for training") for path in others]
     if not train and need_train:
         others = sorted(p.name for p in train_dir.iterdir())
         raise DataError(
@@ -324,16 +342,14 @@ def load_dataset(
 def _expand(item: Path) -> list[Path]:
     """Images named by one argument: a file, a folder (searched recursively) or a glob pattern."""
     if item.is_dir():
-        # Hidden folders hold tool caches (.ipynb_checkpoints, .thumbnails) with copies of the images, and
-        # flawscope's own output folders below ``item`` (overlays, masks) are not inputs either.
-        outputs = {marker.parent for marker in item.rglob(OUTPUT_MARKER) if marker.parent != item}
-        return [
+        # Hidden folders hold tool caches (.ipynb_checkpoints, .thumbnails) with copies of the images; flawscope's
+        # own overlays and masks below ``item`` are not inputs either.
+        found = [
             path
             for path in item.rglob("*")
-            if is_image_file(path)
-            and not any(part.startswith(".") for part in path.relative_to(item).parts)
-            and outputs.isdisjoint(path.parents)
+            if is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(item).parts)
         ]
+        return drop_output_images(found, item, top=item)
     if item.is_file():
         if item.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataError(
@@ -342,7 +358,7 @@ def _expand(item: Path) -> list[Path]:
         return [item]
     if any(char in str(item) for char in "*?["):
         matches = [Path(match) for match in glob.glob(str(item), recursive=True)]
-        return [path for path in matches if is_image_file(path)] + [
+        return drop_output_images([path for path in matches if is_image_file(path)], item) + [
             path for folder in matches if folder.is_dir() for path in _expand(folder)
         ]
     raise DataError(f"{item} does not exist. Pass image files, folders or glob patterns such as 'images/*.png'.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,25 @@ def _check_export_path(path: str | Path, export_format: str) -> Path:
             f"suffix); use {path.with_suffix(FORMATS[export_format])} or choose the other --format."
         )
     return path
+
+
+def _written_by_export(path: Path) -> bool:
+    """True when ``path`` is a file `flawscope export` wrote: ONNX with flawscope's metadata, or a TorchScript
+    archive holding its metadata file (looked up in the zip index; nothing is loaded or unpickled)."""
+    from .onnx import read_onnx_metadata
+    from .torchscript import EXTRA_FILE
+
+    if path.suffix == ".onnx":
+        try:
+            read_onnx_metadata(path)
+        except ModelFormatError:
+            return False
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(f"/extra/{EXTRA_FILE}") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def export_model(
@@ -148,8 +168,11 @@ def export_checked(
     half: bool = False,
     images: torch.Tensor | None = None,
     check: bool = True,
+    data_root: str | Path | None = None,
 ) -> tuple[Path, dict[str, Any] | None]:
     """``export_model``, then ``check_parity`` on ``images``; the file appears at ``path`` only if it agrees.
+
+    ``path`` may replace an earlier export but no other file, and may not lie in ``data_root`` (the training data).
 
     The export is written into a temporary folder next to ``path`` (with its final name, so an ONNX file over 2 GB
     and its ``.data`` file keep matching names) and moved into place after the check: a file that failed it is never
@@ -160,6 +183,16 @@ def export_checked(
     """
     path = _check_export_path(path, export_format)
     model.check_fitted()
+    if data_root is not None and Path(data_root).resolve() in path.resolve().parents:
+        raise ConfigError(
+            f"--out {path} is inside the data folder {data_root} the model was trained on; flawscope never writes "
+            "into a data folder. Choose --out elsewhere."
+        )
+    if path.exists() and not _written_by_export(path):
+        raise ConfigError(
+            f"--out {path} exists and was not written by `flawscope export`; flawscope never overwrites files it did "
+            "not write. Choose another --out, or move the file away."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:

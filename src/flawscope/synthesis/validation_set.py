@@ -111,10 +111,11 @@ def write_synthetic_validation_set(
     textures = texture_source(texture_dir)
     defect_paths = [paths[i] for i in order[:count]]
     good_paths = [paths[i] for i in order[count:]]
-    # Written into a hidden sibling folder first and renamed at the end, so a failure (an unreadable source image)
+    # Written into a hidden folder inside ``out`` and moved up at the end, so a failure (an unreadable source image)
     # leaves no partial set behind that would block the next attempt.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
         # Numbered names: two sources may share a stem (000.png and 000.jpg).
         for n, path in enumerate(good_paths):
@@ -138,10 +139,12 @@ def write_synthetic_validation_set(
             "sources": [str(p) for p in paths],
         }
         (staging / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
+        for child in staging.iterdir():
+            child.rename(out / child.name)
+        staging.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # only what this call wrote
+        if created:
+            out.rmdir()
         raise
     return summary
