@@ -395,16 +395,21 @@ def test_folder_searches_skip_flawscope_output_folders(run, images, tmp_path):
     assert len(list((line / "overlays").glob("*.png"))) == 3
     # ... are not read back as images by a search of that folder or of one above it, nor by a glob; the images
     # themselves still are. A warning says what was left out.
-    for source in (line, project, str(project / "**" / "*.png")):
+    for source in (line, project, str(project / "**" / "*.png"), str(line / "*"), str(project / "**")):
         with pytest.warns(UserWarning, match="3 image.*flawscope's own outputs.*overlays"):
             result = invoke("predict", run, source, "--out", tmp_path / "p", "--quiet")
         assert result.exit_code == 0, result.output
         assert sorted(Path(r["path"]).name for r in read_csv(tmp_path / "p" / "predictions.csv")) == sorted(
             p.name for p in images.iterdir()
         )
-    # Named directly, an output folder is read.
+    # Named directly, an output folder is read, but not into the --out whose overlays it is: those are rewritten.
     result = invoke("predict", run, line / "overlays", "--out", tmp_path / "p", "--quiet")
     assert result.exit_code == 0 and len(read_csv(tmp_path / "p" / "predictions.csv")) == 3
+    before = snapshot(line)
+    for source in (line / "overlays", sorted((line / "overlays").iterdir())[0]):
+        result = invoke("predict", run, source, "--out", line, "--no-overlays", "--quiet")
+        assert_clean_error(result, "is an input", "which predict rewrites", "choose another --out")
+    assert snapshot(line) == before
 
 
 def test_export_refuses_out_inside_the_training_data_or_over_another_file(run, tiny_dataset, data_snapshot, tmp_path):

@@ -214,7 +214,8 @@ def test_a_file_that_fails_the_check_is_not_left_in_place(tiny_dataset, tmp_path
 
     model, split = _fit("patchcore", tiny_dataset)
     path = tmp_path / "model.onnx"
-    path.write_bytes(b"an older export")
+    export_checked(model, path, "onnx", check=False)  # an older export, which the failed one must not replace
+    older = path.read_bytes()
 
     def disagree(*args, **kwargs):
         return {
@@ -229,7 +230,7 @@ def test_a_file_that_fails_the_check_is_not_left_in_place(tiny_dataset, tmp_path
     monkeypatch.setattr(parity, "parity_report", disagree)
     with pytest.raises(ModelFormatError, match=f"exported {path} \\(not written\\) does not reproduce"):
         export_checked(model, path, "onnx")
-    assert path.read_bytes() == b"an older export" and sorted(tmp_path.iterdir()) == [path]  # no partial file
+    assert path.read_bytes() == older and sorted(tmp_path.iterdir()) == [path]  # no partial file
 
 
 def test_unfitted_model_is_not_exported(tmp_path):

@@ -206,6 +206,17 @@ def test_synthetic_validation_set_keeps_sources_that_share_a_stem_and_leaves_not
         write_synthetic_validation_set(sorted(sources.iterdir()), tmp_path / "val2", image_size=SIZE, resize_size=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "val"]  # nothing partial: a retry can use val2
 
+    # A staging folder left by a killed run does not block the next one; a user's file does.
+    (sources / "1.png").write_bytes((sources / "1.bmp").read_bytes())
+    (tmp_path / "val3" / ".partial-killed" / "test").mkdir(parents=True)
+    write_synthetic_validation_set(sorted(sources.iterdir()), tmp_path / "val3", image_size=SIZE, resize_size=0)
+    assert sorted(p.name for p in (tmp_path / "val3").iterdir()) == ["ground_truth", "synthetic.json", "test", "train"]
+    (tmp_path / "val4" / ".partial-killed").mkdir(parents=True)
+    (tmp_path / "val4" / "mine.txt").write_text("the user's")
+    with pytest.raises(DataError, match="exists and is not empty"):
+        write_synthetic_validation_set(sorted(sources.iterdir()), tmp_path / "val4", image_size=SIZE, resize_size=0)
+    assert (tmp_path / "val4" / ".partial-killed").is_dir()
+
 
 def test_cli_writes_a_synthetic_validation_set(tiny_dataset, tmp_path, monkeypatch):
     from click.testing import CliRunner

@@ -160,7 +160,7 @@ def test(
     out = Path(out) if out else run
     writes = [name for name in TEST_FILES if report or name != "report.html"]
     check_outside(out, dataset.root, writes)
-    claim_out_folder(out, writes)
+    claim_out_folder(out)  # the names are listed once they are written
     seen = seen_anomaly_paths(run) + (seen_anomaly_paths(exclude_seen_of) if exclude_seen_of else [])
     test_samples, excluded = exclude_samples(dataset.test, seen)
     ctx = FitContext(device=resolve_device(device), quiet=quiet)
@@ -245,4 +245,5 @@ def test(
             curves=curves,
             gallery=_gallery(model, scored),
         )
+    claim_out_folder(out, writes)
     return metrics

@@ -24,18 +24,32 @@ IMAGE_OUTPUTS = ("overlays", "masks")  # folders of images that predict writes
 _LEGACY_RUN = (*RUN_FILES, *TEST_FILES, "export")  # owned by a run folder that predates the manifest
 
 
+def _read_manifest(folder: Path) -> set[str] | None:
+    """The names ``folder``'s manifest lists; None when it has none or it cannot be read as one."""
+    try:
+        written = json.loads((folder / OUTPUT_MARKER).read_text()).get("written")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if not isinstance(written, list) or not all(isinstance(name, str) for name in written):
+        return None
+    return set(written)
+
+
+def _is_older_run(folder: Path) -> bool:
+    """A run folder written before manifests existed: its model/model.json is flawscope's (format and method)."""
+    try:
+        info = json.loads((folder / "model" / "model.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(info, dict) and "format" in info and "method" in info
+
+
 def owned_names(folder: Path) -> set[str]:
     """The names in ``folder`` that flawscope wrote: its manifest's, or a run's standard ones for an older run."""
-    marker = folder / OUTPUT_MARKER
-    if marker.is_file():
-        try:
-            names = json.loads(marker.read_text()).get("written", [])
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            names = []  # damaged: owns nothing, so nothing is overwritten
-        return {str(name) for name in names}
-    if (folder / "model" / "model.json").is_file():
-        return set(_LEGACY_RUN)
-    return set()
+    names = _read_manifest(folder)
+    if names is not None:
+        return names
+    return set(_LEGACY_RUN) if _is_older_run(folder) else set()
 
 
 def check_out_folder(out: Path, writes: Sequence[str] = ()) -> None:
@@ -48,10 +62,16 @@ def check_out_folder(out: Path, writes: Sequence[str] = ()) -> None:
     owned = owned_names(out)
     clashes = [name for name in writes if (out / name).exists() and name not in owned]
     if clashes:
+        marker = out / OUTPUT_MARKER
+        if not marker.exists():
+            why = f"it has no {OUTPUT_MARKER} list of what flawscope wrote"
+        elif _read_manifest(out) is None:
+            why = f"its {marker} cannot be read as flawscope's list of what it wrote"
+        else:
+            why = f"its {OUTPUT_MARKER} file does not list them"
         raise ConfigError(
-            f"--out {out} already holds {', '.join(clashes)}, which flawscope did not write there (its {OUTPUT_MARKER} "
-            "file does not list them); flawscope never overwrites files it did not write. Choose another --out, or "
-            "move those files away (outputs of a flawscope older than 0.1.0's output manifests: delete them)."
+            f"--out {out} already holds {', '.join(clashes)}, which flawscope did not write there ({why}); flawscope "
+            "never overwrites files it did not write. Choose another --out, or move those files away."
         )
 
 
@@ -66,40 +86,47 @@ def check_outside(out: Path, data_root: Path, writes: Sequence[str] = ()) -> Non
         )
 
 
-def claim_out_folder(out: Path, writes: Iterable[str]) -> None:
-    """Creates ``out`` (and its parents) and adds ``writes`` to the names its manifest lists as flawscope's."""
+def claim_out_folder(out: Path, writes: Iterable[str] = ()) -> None:
+    """Creates ``out`` (and its parents) and lists ``writes`` in its manifest as flawscope's, with the names it
+    listed before that still exist (a name whose file is gone is flawscope's no longer)."""
     out.mkdir(parents=True, exist_ok=True)
-    owned = owned_names(out)
-    if not (out / OUTPUT_MARKER).is_file():  # an older run keeps what it owned
-        owned = {name for name in owned if (out / name).exists()}
-    names = sorted(owned | set(writes))
-    manifest = {"written_by": "flawscope", "written": names}
-    (out / OUTPUT_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
+    marker = out / OUTPUT_MARKER
+    if marker.exists() and not marker.is_file():
+        raise ConfigError(f"{marker} is not a file; flawscope keeps its list of what it wrote there. Remove it.")
+    owned = {name for name in owned_names(out) if (out / name).exists()}
+    manifest = {"written_by": "flawscope", "written": sorted(owned | set(writes))}
+    marker.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def is_output_image(path: Path, top: Path | None = None) -> bool:
+def is_output_image(path: Path, top: Path | None = None, owned: dict[Path, set[str]] | None = None) -> bool:
     """True when ``path`` lies in an ``overlays/`` or ``masks/`` folder that a manifest lists as flawscope's.
 
     Only the folders below ``top`` count (all of ``path``'s folders when None): a folder the user names is read.
+    ``owned`` caches each folder's ``owned_names`` across calls.
     """
+    owned = {} if owned is None else owned
     for folder in path.parents:
         if folder == top:
             break
-        if folder.name in IMAGE_OUTPUTS and folder.name in owned_names(folder.parent):
-            return True
+        if folder.name in IMAGE_OUTPUTS:
+            if folder.parent not in owned:
+                owned[folder.parent] = owned_names(folder.parent)
+            if folder.name in owned[folder.parent]:
+                return True
     return False
 
 
 def drop_output_images(paths: list[Path], searched: Path, top: Path | None = None) -> list[Path]:
     """``paths`` (found under ``searched``) without the images flawscope wrote (``is_output_image``), with one
     warning naming the folders left out."""
-    dropped = [path for path in paths if is_output_image(path, top)]
+    owned: dict[Path, set[str]] = {}
+    dropped = {path for path in paths if is_output_image(path, top, owned)}
     if dropped:
         folders = sorted({str(path.parent) for path in dropped})
         warnings.warn(
             f"{len(dropped)} image(s) under {searched} are flawscope's own outputs (in {', '.join(folders[:5])}"
-            f"{', ...' if len(folders) > 5 else ''}) and were not read as inputs; name such a file directly to score "
-            "it.",
+            f"{', ...' if len(folders) > 5 else ''}) and were not read as inputs; name their folder or file to "
+            "score them.",
             stacklevel=3,
         )
-    return [path for path in paths if not is_output_image(path, top)]
+    return [path for path in paths if path not in dropped]

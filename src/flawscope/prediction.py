@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .data import Sample, find_images, make_loader
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .export import Prediction, load_inferencer
 from .fitting import FitContext
 from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_folder, owned_names
@@ -83,8 +83,15 @@ def predict(
     writes += ["overlays"] * overlays + ["masks"] * masks
     check_out_folder(out, writes)
     # An earlier predict into this folder left overlays and masks numbered by its own image list; new ones would mix
-    # with them. Only the folders flawscope wrote, and in them only the numbered PNG files it names.
+    # with them. Only the folders flawscope wrote, and in them only the numbered PNG files it names, never an input.
     owned = owned_names(out) if out.is_dir() else set()
+    replaced = [(out / name).resolve() for name in IMAGE_OUTPUTS if name in owned]
+    inputs = [path for path in images if any(folder in path.resolve().parents for folder in replaced)]
+    if inputs:
+        raise ConfigError(
+            f"{inputs[0]} is an input and lies in {inputs[0].parent}, which predict rewrites in --out {out}; choose "
+            "another --out (or copy those images elsewhere first)."
+        )
     for folder in (out / name for name in IMAGE_OUTPUTS if name in owned):
         for stale in folder.glob("*_*.png"):
             if re.fullmatch(r"\d{5,}_.*\.png", stale.name):

@@ -339,17 +339,24 @@ def load_dataset(
     return _load_mvtec(_mvtec_root(root, category), need_train)
 
 
+def _images_below(folder: Path) -> list[Path]:
+    """The images anywhere below ``folder``, hidden folders left out: they hold tool caches (.ipynb_checkpoints,
+    .thumbnails) with copies of the images."""
+    return [
+        path
+        for path in folder.rglob("*")
+        if is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+
+
 def _expand(item: Path) -> list[Path]:
-    """Images named by one argument: a file, a folder (searched recursively) or a glob pattern."""
+    """Images named by one argument: a file, a folder (searched recursively) or a glob pattern.
+
+    flawscope's own overlays and masks are left out, below a folder and wherever a glob reaches them; a folder
+    named directly is read whole.
+    """
     if item.is_dir():
-        # Hidden folders hold tool caches (.ipynb_checkpoints, .thumbnails) with copies of the images; flawscope's
-        # own overlays and masks below ``item`` are not inputs either.
-        found = [
-            path
-            for path in item.rglob("*")
-            if is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(item).parts)
-        ]
-        return drop_output_images(found, item, top=item)
+        return drop_output_images(_images_below(item), item, top=item)
     if item.is_file():
         if item.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataError(
@@ -358,9 +365,9 @@ def _expand(item: Path) -> list[Path]:
         return [item]
     if any(char in str(item) for char in "*?["):
         matches = [Path(match) for match in glob.glob(str(item), recursive=True)]
-        return drop_output_images([path for path in matches if is_image_file(path)], item) + [
-            path for folder in matches if folder.is_dir() for path in _expand(folder)
-        ]
+        found = [path for path in matches if is_image_file(path)]
+        found += [path for folder in matches if folder.is_dir() for path in _images_below(folder)]
+        return drop_output_images(sorted(set(found)), item)
     raise DataError(f"{item} does not exist. Pass image files, folders or glob patterns such as 'images/*.png'.")
 
 

@@ -104,8 +104,12 @@ def write_synthetic_validation_set(
     count = len(paths) // 2 if num_defects is None else num_defects
     if not 1 <= count < len(paths):
         raise ConfigError(f"num_defects must be in [1, {len(paths) - 1}] for {len(paths)} images; got {count}.")
-    if out.exists() and any(out.iterdir()):
+    # A staging folder left by a run that was killed is this function's own; anything else is the user's.
+    stale = [path for path in out.glob(".partial-*") if path.is_dir()] if out.is_dir() else []
+    if out.exists() and any(path not in stale for path in out.iterdir()):
         raise DataError(f"{out} exists and is not empty; choose a new folder for the synthetic validation set.")
+    for path in stale:
+        shutil.rmtree(path)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(paths))
     textures = texture_source(texture_dir)
