@@ -4,6 +4,7 @@ graph against a direct transcription of the spec's pseudocode, teacher files, di
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from flawscope.cli import main
 from flawscope.data import load_dataset, split_validation
-from flawscope.errors import ConfigError, ModelFormatError, WeightsNotFoundError
+from flawscope.errors import ConfigError, DataError, ModelFormatError, WeightsNotFoundError
 from flawscope.fitting import FitContext, autocast
 from flawscope.model_io import load_model, save_model
 from flawscope.models.efficientad import PDN, AutoEncoder, EfficientAD, EfficientADConfig, fit
@@ -376,6 +377,17 @@ def test_distillation_writes_metadata_and_resumes_exactly(tiny_dataset, tmp_path
         distill_teacher("efficientnet_lite0", images, tmp_path / "a" / "t.safetensors", changed, **run)
     with pytest.raises(ConfigError, match="never writes"):
         distill_teacher("efficientnet_lite0", images, images / "t.safetensors", SETTINGS, **run)
+
+
+def test_distillation_names_every_unreadable_image_before_training(tiny_dataset, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_dataset / "train" / "good", images)
+    (images / "broken.png").write_bytes(b"not a png")
+    (images / "cut.png").write_bytes((images / "000.png").read_bytes()[:100])
+    with pytest.raises(DataError, match=r"2 of 14 distillation images cannot be read; nothing was trained") as caught:
+        distill_teacher("efficientnet_lite0", images, tmp_path / "t.safetensors", SETTINGS, pretrained_backbone=False)
+    assert "broken.png" in str(caught.value) and "cut.png" in str(caught.value)
+    assert not list(tmp_path.glob("t.*"))
 
 
 def test_distillation_never_overwrites_what_it_did_not_write(tiny_dataset, tmp_path):

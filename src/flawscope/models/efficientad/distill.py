@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ...backbones import create_backbone
 from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
 from ...data import find_images, preprocess, read_image
-from ...errors import ConfigError
+from ...errors import ConfigError, DataError
 from ...fitting import autocast, check_precision
 from ...layers import LocalFeatureAggregator
 from ...runs import save_safetensors
@@ -104,17 +104,27 @@ class PatchCoreTarget(nn.Module):
 
 
 class _Views(Dataset):
-    """An image resized whole to each of ``sizes`` (2s: Psi's view, s: the PDN's view), each (3, ., .) in [0, 1]."""
+    """An image resized whole to each of ``sizes`` (2s: Psi's view, s: the PDN's view), each (3, ., .) in [0, 1].
 
-    def __init__(self, paths: Sequence[Path], sizes: Sequence[int]) -> None:
-        self.paths, self.sizes = list(paths), tuple(sizes)
+    With ``report_errors`` each item ends with the reason the image could not be read ("" when it could; its views
+    are then zeros), so one pass over a folder can list every unreadable file, from worker processes too.
+    """
+
+    def __init__(self, paths: Sequence[Path], sizes: Sequence[int], report_errors: bool = False) -> None:
+        self.paths, self.sizes, self.report_errors = list(paths), tuple(sizes), report_errors
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
-        image = read_image(self.paths[index])
-        return tuple(preprocess(image, size, 0) for size in self.sizes)
+    def __getitem__(self, index: int) -> tuple[Tensor | str, ...]:
+        try:
+            image = read_image(self.paths[index])
+        except DataError as error:
+            if not self.report_errors:
+                raise
+            return (*(torch.zeros(3, size, size) for size in self.sizes), str(error))
+        views = tuple(preprocess(image, size, 0) for size in self.sizes)
+        return (*views, "") if self.report_errors else views
 
 
 class PsiTargets:
@@ -156,13 +166,21 @@ class PsiTargets:
         cache = torch.empty(count, 2, channels, side, side, dtype=torch.float16, device=self.device)
         small_cache = torch.empty(count, 3, self.image_size, self.image_size, device=self.device)
         sizes = [2 * self.image_size, self.image_size]
-        loader = DataLoader(_Views(self.paths, sizes), batch_size=8, num_workers=self.num_workers)
-        first = 0
-        for big, small in tqdm(loader, "Psi targets (cached)", disable=quiet, leave=False, dynamic_ncols=True):
+        loader = DataLoader(_Views(self.paths, sizes, report_errors=True), batch_size=8, num_workers=self.num_workers)
+        first, unreadable = 0, []
+        for big, small, errors in tqdm(loader, "Psi targets (cached)", disable=quiet, leave=False, dynamic_ncols=True):
+            unreadable += [error for error in errors if error]
             views = torch.stack([big, TF.rgb_to_grayscale(big, 3)], dim=1).to(self.device)  # (B, 2, 3, 2s, 2s)
             cache[first : first + len(big)] = self.psi(views.flatten(0, 1)).unflatten(0, (len(big), 2)).half()
             small_cache[first : first + len(big)] = small.to(self.device)
             first += len(big)
+        if unreadable:
+            more = f" | ... ({len(unreadable)} in all)" if len(unreadable) > 10 else ""
+            listed = " | ".join(unreadable[:10]) + more
+            raise DataError(
+                f"{len(unreadable)} of {count} distillation images cannot be read; nothing was trained. Fix or remove "
+                f"them and run the command again: {listed}"
+            )
         self.cache, self.small_cache = cache, small_cache
 
     def loader(self, batches: Sequence[Sequence[int]], small: bool) -> Iterator[tuple[Tensor, ...]]:
