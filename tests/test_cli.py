@@ -376,6 +376,22 @@ def test_commands_never_overwrite_files_they_did_not_write(run, tiny_dataset, im
     assert not any((mine / "masks").iterdir())
 
 
+def test_a_test_stopped_half_way_can_be_run_again(run, tiny_dataset, tmp_path, monkeypatch):
+    import flawscope.evaluation as evaluation
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped while writing the report")
+
+    monkeypatch.setattr(evaluation, "write_report", fail)
+    out = tmp_path / "eval"
+    with pytest.raises(RuntimeError, match="stopped while writing"):
+        evaluation.test(run, tiny_dataset, out=out, quiet=True)
+    assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
+    monkeypatch.undo()
+    assert invoke("test", run, "--data", tiny_dataset, "--out", out, "--quiet").exit_code == 0
+    assert (out / "report.html").is_file()
+
+
 def test_predict_replaces_only_its_own_numbered_images(run, images, tmp_path):
     out = tmp_path / "pred"
     assert invoke("predict", run, images, "--out", out, "--quiet").exit_code == 0

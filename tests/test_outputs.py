@@ -26,7 +26,7 @@ def _files(folder: Path, *names: str) -> None:
 def test_a_name_is_overwritten_only_when_the_manifest_lists_it(tmp_path):
     _files(tmp_path, "report.html", "notes.txt")
     check_out_folder(tmp_path, ["metrics.json"])  # nothing there under that name
-    with pytest.raises(ConfigError, match=r"already holds report\.html.*has no \.flawscope list.*never overwrites"):
+    with pytest.raises(ConfigError, match=r"already holds report\.html.*has no \.flawscope file.*never overwrites"):
         check_out_folder(tmp_path, ["metrics.json", "report.html"])
     claim_out_folder(tmp_path, ["metrics.json"])
     assert owned_names(tmp_path) == {"metrics.json"}  # listed before it is written: the command writes it next
@@ -43,19 +43,30 @@ def test_claiming_drops_names_whose_files_are_gone(tmp_path):
     assert owned_names(tmp_path) == {"a.json", "c.json"}  # b.json was never written: the user may use the name
 
 
-@pytest.mark.parametrize("content", ['{"written": 5}', '{"written": null}', "[1]", "not json", '{"written": [1]}'])
-def test_a_damaged_manifest_owns_nothing_and_is_named(tmp_path, content):
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"written_by": "flawscope", "written": 5}',
+        '{"written_by": "flawscope", "written": [1]}',
+        '{"written": ["metrics.json"]}',  # another program's JSON file
+        "[1]",
+        "my notes",
+    ],
+)
+def test_a_marker_that_is_not_flawscope_s_list_owns_nothing_and_is_never_replaced(tmp_path, content):
     _files(tmp_path, "metrics.json", "overlays/00000_a.png")
     (tmp_path / OUTPUT_MARKER).write_text(content)
     assert owned_names(tmp_path) == set()
-    with pytest.raises(ConfigError, match=r"cannot be read as flawscope's list"):
-        check_out_folder(tmp_path, ["metrics.json"])
-    assert not is_output_image(tmp_path / "overlays" / "00000_a.png")
+    assert not is_output_image(tmp_path / "overlays" / "00000_a.png")  # a search does not fail on it
+    for refuse in (lambda: check_out_folder(tmp_path, []), lambda: claim_out_folder(tmp_path, ["x.json"])):
+        with pytest.raises(ConfigError, match=r"\.flawscope is not flawscope's list of what it wrote"):
+            refuse()
+    assert (tmp_path / OUTPUT_MARKER).read_text() == content
 
 
-def test_a_manifest_that_is_a_folder_is_refused(tmp_path):
+def test_a_marker_that_is_a_folder_is_refused(tmp_path):
     (tmp_path / OUTPUT_MARKER).mkdir()
-    with pytest.raises(ConfigError, match="is not a file"):
+    with pytest.raises(ConfigError, match="is not flawscope's list"):
         claim_out_folder(tmp_path, ["metrics.json"])
 
 

@@ -209,41 +209,43 @@ def test(
             "nearly_full_masks": full,
         }
     )
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "curves.json", {c.name: {"x": c.x.tolist(), "y": c.y.tolist()} for c in curves})
-    write_per_image(out / "per_image.csv", scored, threshold)
-    if report:
-        write_report(
-            out / "report.html",
-            title=f"flawscope test report: {info['method']} on {dataset.root.name}",
-            info={
-                "model": info["method"],
-                "backbone": info["config"].get("backbone", ""),
-                "run": str(run),
-                "data": str(dataset.root),
-                "threshold (raw)": f"{threshold:.6g}",
-                "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)",
-                **(
-                    {"excluded": f"{len(excluded)} seen defects used in training (listed in metrics.json)"}
-                    if excluded
-                    else {}
-                ),
-            },
-            metrics={
-                k: metrics[k]
-                for k in (
-                    "image_auroc",
-                    "image_ap",
-                    "image_f1max",
-                    "pixel_auroc",
-                    "pixel_ap",
-                    "pixel_f1max",
-                    "pixel_aupro",
-                )
-            },
-            per_type=metrics["per_type"],
-            curves=curves,
-            gallery=_gallery(model, scored),
-        )
-    claim_out_folder(out, writes)
+    try:
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "curves.json", {c.name: {"x": c.x.tolist(), "y": c.y.tolist()} for c in curves})
+        write_per_image(out / "per_image.csv", scored, threshold)
+        if report:
+            write_report(
+                out / "report.html",
+                title=f"flawscope test report: {info['method']} on {dataset.root.name}",
+                info={
+                    "model": info["method"],
+                    "backbone": info["config"].get("backbone", ""),
+                    "run": str(run),
+                    "data": str(dataset.root),
+                    "threshold (raw)": f"{threshold:.6g}",
+                    "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)",
+                    **(
+                        {"excluded": f"{len(excluded)} seen defects used in training (listed in metrics.json)"}
+                        if excluded
+                        else {}
+                    ),
+                },
+                metrics={
+                    k: metrics[k]
+                    for k in (
+                        "image_auroc",
+                        "image_ap",
+                        "image_f1max",
+                        "pixel_auroc",
+                        "pixel_ap",
+                        "pixel_f1max",
+                        "pixel_aupro",
+                    )
+                },
+                per_type=metrics["per_type"],
+                curves=curves,
+                gallery=_gallery(model, scored),
+            )
+    finally:  # what this call wrote is flawscope's, also when it stops half-way (check_outside refused the rest)
+        claim_out_folder(out, [name for name in writes if (out / name).exists()])
     return metrics

@@ -27,9 +27,12 @@ _LEGACY_RUN = (*RUN_FILES, *TEST_FILES, "export")  # owned by a run folder that 
 def _read_manifest(folder: Path) -> set[str] | None:
     """The names ``folder``'s manifest lists; None when it has none or it cannot be read as one."""
     try:
-        written = json.loads((folder / OUTPUT_MARKER).read_text()).get("written")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        manifest = json.loads((folder / OUTPUT_MARKER).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
+    if not isinstance(manifest, dict) or manifest.get("written_by") != "flawscope":
+        return None
+    written = manifest.get("written")
     if not isinstance(written, list) or not all(isinstance(name, str) for name in written):
         return None
     return set(written)
@@ -59,16 +62,16 @@ def check_out_folder(out: Path, writes: Sequence[str] = ()) -> None:
         raise ConfigError(f"--out {out} is an existing file; give a folder path (new or existing) instead.")
     if not out.is_dir():
         return
+    marker = out / OUTPUT_MARKER
+    if marker.exists() and _read_manifest(out) is None:  # the user's own file of that name, or a damaged list
+        raise ConfigError(
+            f"{marker} is not flawscope's list of what it wrote there (a folder, another program's file, or damaged), "
+            "and flawscope would have to replace it. Choose another --out, or move that file away."
+        )
     owned = owned_names(out)
     clashes = [name for name in writes if (out / name).exists() and name not in owned]
     if clashes:
-        marker = out / OUTPUT_MARKER
-        if not marker.exists():
-            why = f"it has no {OUTPUT_MARKER} list of what flawscope wrote"
-        elif _read_manifest(out) is None:
-            why = f"its {marker} cannot be read as flawscope's list of what it wrote"
-        else:
-            why = f"its {OUTPUT_MARKER} file does not list them"
+        why = f"its {OUTPUT_MARKER} file does not list them" if marker.exists() else f"it has no {OUTPUT_MARKER} file"
         raise ConfigError(
             f"--out {out} already holds {', '.join(clashes)}, which flawscope did not write there ({why}); flawscope "
             "never overwrites files it did not write. Choose another --out, or move those files away."
@@ -90,9 +93,8 @@ def claim_out_folder(out: Path, writes: Iterable[str] = ()) -> None:
     """Creates ``out`` (and its parents) and lists ``writes`` in its manifest as flawscope's, with the names it
     listed before that still exist (a name whose file is gone is flawscope's no longer)."""
     out.mkdir(parents=True, exist_ok=True)
+    check_out_folder(out)  # refuses a marker that is not flawscope's, which the write below would replace
     marker = out / OUTPUT_MARKER
-    if marker.exists() and not marker.is_file():
-        raise ConfigError(f"{marker} is not a file; flawscope keeps its list of what it wrote there. Remove it.")
     owned = {name for name in owned_names(out) if (out / name).exists()}
     manifest = {"written_by": "flawscope", "written": sorted(owned | set(writes))}
     marker.write_text(json.dumps(manifest, indent=1) + "\n")

@@ -105,7 +105,7 @@ def write_synthetic_validation_set(
     if not 1 <= count < len(paths):
         raise ConfigError(f"num_defects must be in [1, {len(paths) - 1}] for {len(paths)} images; got {count}.")
     # A staging folder left by a run that was killed is this function's own; anything else is the user's.
-    stale = [path for path in out.glob(".partial-*") if path.is_dir()] if out.is_dir() else []
+    stale = [path for path in out.glob(".partial-*") if path.is_dir() and not path.is_symlink()] if out.is_dir() else []
     if out.exists() and any(path not in stale for path in out.iterdir()):
         raise DataError(f"{out} exists and is not empty; choose a new folder for the synthetic validation set.")
     for path in stale:
