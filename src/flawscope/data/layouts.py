@@ -204,9 +204,9 @@ def _mvtec_test(root: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
 
 def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
     ignored: list[tuple[Path, str]] = []
-    train_dir = _normal_folder(root / "train")
-    train = [Sample(path) for path in _list_images(train_dir, ignored)]
-    if (root / "train").is_dir():
+    train_dir = _normal_folder(root / "train")  # None only for a test-only folder (need_train=False)
+    train = [Sample(path) for path in _list_images(train_dir, ignored)] if train_dir else []
+    if train_dir:
         others = [path for path in filter(_visible, (root / "train").iterdir()) if path != train_dir]
         ignored += [(path, f"only train/{train_dir.name} is read for training") for path in others]
     if not train and need_train:
@@ -332,10 +332,7 @@ def load_dataset(
     if layout == "visa" or (layout == "auto" and (root / "split_csv").is_dir() and not (root / "train").is_dir()):
         return _load_visa(root, category)
     if not need_train and category is None and (root / "test").is_dir() and not _normal_folder(root / "train"):
-        ignored: list[tuple[Path, str]] = []
-        test = _mvtec_test(root, ignored)
-        _warn_ignored(root, ignored)
-        return DatasetSplit(root=root, train=[], test=test, layout="mvtec")
+        return _load_mvtec(root, need_train=False)
     return _load_mvtec(_mvtec_root(root, category), need_train)
 
 
