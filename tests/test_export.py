@@ -149,6 +149,15 @@ def test_fixed_batch_and_half_precision(tiny_dataset, tmp_path):
         assert report["atol"] > ATOL and report["decisions_equal"]
 
 
+def test_half_precision_onnx_runs_on_cpu_with_smoothing(tiny_dataset, tmp_path):
+    # ONNX Runtime's CPU provider has no float16 ScatterElements 'add'; the smoothing matrix is built in float32.
+    model, split = _fit("patchcore", tiny_dataset, image_size=96)
+    assert model.blur.radius > 0
+    path = export_model(model, tmp_path / "half.onnx", "onnx", half=True)
+    report = check_parity(model, path, _test_images(split, 96))
+    assert report["decisions_equal"]
+
+
 @pytest.mark.parametrize("name", ["patchcore", "simplenet"])
 def test_image_context_exports_with_parity(name, tiny_dataset, tmp_path):
     # w = 1 on this random-weight model; the MTD PatchCore with w = 3 exported at 5.8e-6 of its map's range.

@@ -192,6 +192,7 @@ class OnnxInferencer(_BaseInferencer):
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: float16 graphs log harmless constant-folding warnings
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(str(device)))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types

@@ -74,8 +74,10 @@ class GaussianBlur2d(nn.Module):
             return x
         height, width = x.shape[-2:]
         if max(height, width) <= MATRIX_MAX_SIDE:  # static per input size, so an export stays one graph
-            rows = _reflect_blur_matrix(self.kernel.to(x.dtype), height, self.radius)
-            cols = _reflect_blur_matrix(self.kernel.to(x.dtype), width, self.radius)
+            # Built in float32 (a float16 model halves the kernel too), then cast: ONNX Runtime's CPU
+            # ScatterElements has no float16 'add' (export --half).
+            rows = _reflect_blur_matrix(self.kernel.float(), height, self.radius).to(x.dtype)
+            cols = _reflect_blur_matrix(self.kernel.float(), width, self.radius).to(x.dtype)
             return rows @ x @ cols.T
         channels = x.shape[1]
         size = self.kernel.numel()
