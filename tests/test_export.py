@@ -273,3 +273,15 @@ def test_regions_are_connected_components_with_box_area_and_peak():
     assert [r.area for r in kept] == [9, 2] and kept_mask.sum() == 11 and not kept_mask[9, 11]
     none, empty = find_regions(np.zeros((4, 4), np.float32))
     assert none == [] and empty.shape == (4, 4) and not empty.any()
+
+
+def test_prediction_peak_is_the_highest_map_pixel_also_without_regions():
+    from flawscope.export import Prediction
+
+    norm = np.full((6, 8), 0.1, np.float32)
+    norm[4, 5] = 0.4  # below 0.5: no region, although the image score says defective
+    norm[1, 7] = 0.4  # the same value earlier in row order: this one is the peak
+    regions, mask = find_regions(norm)
+    prediction = Prediction(200.0, 0.7, True, norm * 100, norm, regions, mask)
+    assert prediction.decision == "defective" and prediction.regions == []
+    assert prediction.peak == (7, 1, pytest.approx(0.4))

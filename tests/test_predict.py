@@ -87,6 +87,14 @@ def test_rows_carry_regions_and_jsonl_matches_csv(run, images, tmp_path):
             assert r["area"] <= (r["x1"] - r["x0"]) * (r["y1"] - r["y0"]) and r["peak_score"] > 0.5
             assert mask[r["y0"] : r["y1"], r["x0"] : r["x1"]].any()
         assert (out / line["overlay"]).is_file()
+        x, y = line["peak_x"], line["peak_y"]
+        assert (int(row["peak_x"]), int(row["peak_y"])) == (x, y) and float(row["peak_score"]) == line["peak_score"]
+        if regions:  # the map's highest pixel lies in the region with the highest peak
+            best = max(regions, key=lambda r: r["peak_score"])
+            assert best["x0"] <= x < best["x1"] and best["y0"] <= y < best["y1"] and mask[y, x]
+            assert line["peak_score"] == best["peak_score"]
+        else:
+            assert line["peak_score"] <= 0.5
     assert any(int(r["num_regions"]) for r in rows)
 
     # --min-area drops the small regions only.

@@ -22,7 +22,10 @@ from .fitting import FitContext
 from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_folder, owned_names
 from .report import heatmap_overlay, save_png
 
-CSV_COLUMNS = ["path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"]
+CSV_COLUMNS = [
+    *("path", "raw_score", "norm_score", "decision", "num_regions", "defect_area"),
+    *("peak_x", "peak_y", "peak_score", "regions"),
+]
 
 
 def _region_rows(prediction: Prediction) -> list[dict]:
@@ -63,8 +66,9 @@ def predict(
             jobs, fewer threads than cores is often faster: threads of one operation wait for each other.
 
     Writes ``out/predictions.csv`` (one row per image: path, raw and normalised score, decision, number of regions,
-    defect area in pixels, the regions as JSON) and ``out/predictions.jsonl`` (the same as one JSON object per
-    line, with the overlay and mask paths). Regions are in pixels of the model input; see docs/deploy.md.
+    defect area in pixels, where the calibrated map peaks and its value there, the regions as JSON) and
+    ``out/predictions.jsonl`` (the same as one JSON object per line, with the overlay and mask paths). Regions are
+    in pixels of the model input; see docs/deploy.md.
 
     Returns:
         The path of predictions.csv.
@@ -113,6 +117,7 @@ def predict(
             for index, pixels, prediction in zip(batch["index"].tolist(), batch["image"], predictions, strict=True):
                 name = f"{index:05d}_{images[index].stem}.png"
                 regions = _region_rows(prediction)
+                peak_x, peak_y, peak_score = prediction.peak
                 row = {
                     "path": str(images[index]),
                     "raw_score": float(f"{prediction.raw_score:.6g}"),
@@ -120,6 +125,9 @@ def predict(
                     "decision": prediction.decision,
                     "num_regions": len(regions),
                     "defect_area": int(prediction.mask.sum()),
+                    "peak_x": peak_x,
+                    "peak_y": peak_y,
+                    "peak_score": round(peak_score, 4),
                     "regions": regions,
                     "overlay": f"overlays/{name}" if overlays else None,
                     "mask": f"masks/{name}" if masks else None,

@@ -37,6 +37,10 @@ class Prediction:
         norm_map: (S, S) float32 calibrated map in [0, 1].
         regions: connected components of ``norm_map > 0.5`` of at least ``min_area`` pixels, largest first.
         mask: (S, S) bool, the pixels of ``regions``.
+
+    The decision comes from the image score and the regions from the map. Where a method's image score is not the
+    map's maximum (PatchCore and SimpleNet score the unsmoothed patch grid, the map is smoothed), a defective image
+    can have no region: ``peak`` says where its map is highest.
     """
 
     raw_score: float
@@ -50,6 +54,12 @@ class Prediction:
     @property
     def decision(self) -> str:
         return "defective" if self.is_defective else "good"
+
+    @property
+    def peak(self) -> tuple[int, int, float]:
+        """(x, y, value) of the calibrated map's highest pixel (the first in row order on ties)."""
+        y, x = np.unravel_index(int(np.argmax(self.norm_map)), self.norm_map.shape)
+        return int(x), int(y), float(self.norm_map[y, x])
 
 
 class Inferencer(Protocol):
