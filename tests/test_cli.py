@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -196,6 +197,10 @@ def test_report_is_self_contained(run):
     assert "<svg" in html and "data:image/png;base64," in html
     assert "http://" not in html and "https://" not in html
     assert "patchcore" in html
+    captions = re.findall(r"score (\d\.\d{3}) → (defective|good)", html)
+    assert captions and all(decision == ("defective" if float(score) > 0.5 else "good") for score, decision in captions)
+    curves = json.loads((run / "curves.json").read_text())
+    assert all(len(c["x"]) == len(c["y"]) <= 2000 for c in curves.values())
 
 
 def test_predict_writes_csv_and_overlays(run, images, tmp_path):

@@ -139,6 +139,17 @@ def test_downsample_leaves_short_curves_alone():
     np.testing.assert_array_equal(downsample(np.arange(5.0), np.arange(5.0), max_points=10), np.arange(5))
 
 
+def test_curve_file_points_are_capped_along_the_curve_with_both_ends():
+    x = np.linspace(0.0, 0.3, 100_000) ** 2 / 0.3  # dense near 0, as a pixel PRO curve
+    y = np.sqrt(x / 0.3)
+    stored = Curve("PRO", x, y, "FPR", "PRO", 0.5, xmax=0.3).to_dict(max_points=300)
+    assert 2 < len(stored["x"]) <= 300 and len(stored["x"]) == len(stored["y"])
+    assert stored["x"][0] == x[0] and stored["x"][-1] == x[-1] and stored["y"][-1] == y[-1]
+    assert np.all(np.diff(stored["x"]) > 0)
+    short = Curve("ROC", np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.9, 1.0]), "FPR", "TPR").to_dict()
+    assert short == {"x": [0.0, 0.5, 1.0], "y": [0.0, 0.9, 1.0]}
+
+
 def test_line_plot_cuts_at_xmax():
     svg = line_plot(np.linspace(0, 1, 11), np.linspace(0, 1, 11), xlabel="FPR", ylabel="PRO", xmax=0.3)
     xs = [float(p.split(",")[0]) for p in re.search(r'polyline class="line" points="([^"]+)"', svg).group(1).split()]

@@ -108,7 +108,9 @@ def _gallery(model: AnomalyModel, scored: ScoredImages) -> dict[str, list[Galler
             norm_map = model.normalize(torch.from_numpy(scored.maps[i])).numpy()
             overlay = heatmap_overlay(image, norm_map, scored.masks[i] if scored.masks[i].any() else None)
             sample = scored.samples[i]
-            caption = f"{sample.defect_type} · score {scored.norm_scores[i]:.2f} (raw {scored.raw_scores[i]:.4g})"
+            score = scored.norm_scores[i]  # three decimals: 0.503 is above the threshold, "0.50" would hide it
+            decision = "defective" if score > 0.5 else "good"
+            caption = f"{sample.defect_type} · score {score:.3f} → {decision} (raw {scored.raw_scores[i]:.4g})"
             items.append(GalleryItem(sample.path.name, caption, overlay))
         if items:
             gallery[title] = items
@@ -211,7 +213,7 @@ def test(
     )
     try:
         write_json(out / "metrics.json", metrics)
-        write_json(out / "curves.json", {c.name: {"x": c.x.tolist(), "y": c.y.tolist()} for c in curves})
+        write_json(out / "curves.json", {c.name: c.to_dict() for c in curves})
         write_per_image(out / "per_image.csv", scored, threshold)
         if report:
             write_report(
