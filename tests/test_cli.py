@@ -307,6 +307,21 @@ def test_export_checks_its_out_path_before_exporting(run, tmp_path, args, fragme
     assert not list(tmp_path.glob("model.*"))
 
 
+@pytest.mark.parametrize("command", ["fit", "test", "export", "calibrate", "distill", "demo", "predict", "bench"])
+def test_every_computing_command_takes_threads(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "--threads" in result.output, result.output
+
+
+def test_export_threads_reach_the_parity_check(run, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: calls[-1] if calls else 2)
+    result = invoke("export", run, "--out", tmp_path / "m.onnx", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert calls == [1] and "parity with torch" in result.output
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -343,6 +358,7 @@ def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_datas
     with pytest.warns(UserWarning, match="threshold is not calibrated.*flawscope calibrate"):
         result = invoke(*args)
     assert result.exit_code == 0, result.output
+    assert "threshold: not calibrated (none (no held-out images))" in result.output
     # and so do predict and export of that run, until `flawscope calibrate` has set a threshold
     with pytest.warns(UserWarning, match="no calibrated threshold.*predictions.*flawscope calibrate"):
         assert invoke("predict", tmp_path / "run", images, "--out", tmp_path / "pred", "--quiet").exit_code == 0
@@ -674,7 +690,7 @@ def whole_run_copy(run, tmp_path) -> Path:
     return tmp_path / "whole-run"
 
 
-def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(whole_run_copy, tmp_path):
+def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(run, whole_run_copy, tmp_path):
     run_copy = whole_run_copy
     validation = make_demo_dataset(
         tmp_path / "val",
@@ -688,8 +704,14 @@ def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(whole_run_copy, t
     with pytest.warns(UserWarning, match=r"previous threshold and still carry it: .*metrics\.json"):
         result = invoke("calibrate", run_copy, "--data", validation, "--quiet")
     assert result.exit_code == 0, result.output
+    before = json.loads((run / "model" / "model.json").read_text())["calibration"]["threshold"]
     info = json.loads((run_copy / "model" / "model.json").read_text())
     assert info["calibration_details"]["rule"].startswith("F1-optimal")
+    new = info["calibration"]["threshold"]
+    details = info["calibration_details"]
+    counts = f"{details['num_normal']} good and {details['num_defective']} defective images, F1 {details['f1']:.3f})"
+    assert f"threshold {new:.6g} (F1-optimal" in result.output and counts in result.output
+    assert f"previous threshold: {before:.6g}" in result.output
     assert info["calibration"]["threshold"] == pytest.approx(info["calibration_details"]["threshold"])
     assert "training" in info  # the fit report survives recalibration
     reloaded = load_model(run_copy / "model")

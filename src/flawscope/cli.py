@@ -18,6 +18,27 @@ DEVICE = click.option("--device", default="auto", show_default=True, help="auto,
 QUIET = click.option("--quiet", is_flag=True, help="no progress bars")
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value:
+        import torch
+
+        torch.set_num_threads(value)
+    return value
+
+
+def threads_option(expose: bool = False):
+    """--threads N: torch's (and ONNX Runtime's) CPU threads for the whole command; passed on when ``expose``."""
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        expose_value=expose,
+        callback=_set_threads,
+        help="CPU threads for torch and ONNX Runtime (default: torch's, one per core); on a machine shared with "
+        "other jobs fewer threads are often faster",
+    )
+
+
 def _fail(error: Exception) -> None:
     click.echo(f"error: {error}", err=True)
     sys.exit(2)
@@ -86,6 +107,7 @@ def main() -> None:
     default=None,
     help="few-shot methods: a separate folder of labelled defects (<type>/ + ground_truth/<type>/)",
 )
+@threads_option()
 @DEVICE
 @QUIET
 def fit(
@@ -131,6 +153,21 @@ def fit(
         anomaly_dir=anomaly_dir,
     )
     click.echo(f"model written to {run / 'model'}")
+    click.echo(f"  {_threshold_line(run)}")
+
+
+def _threshold_line(run: Path) -> str:
+    """The run's decision threshold and how it was set, as one line."""
+    from .model_io import read_model_info
+
+    details = read_model_info(run).get("calibration_details") or {}
+    if "threshold" not in details:
+        return f"threshold: not calibrated ({details.get('rule', 'no details')})"
+    counts = f"{details['num_normal']} good" + (
+        f" and {details['num_defective']} defective" if "num_defective" in details else ""
+    )
+    f1 = f", F1 {details['f1']:.3f}" if "f1" in details else ""
+    return f"threshold {details['threshold']:.6g} ({details['rule']}; {counts} images{f1})"
 
 
 @main.command()
@@ -147,6 +184,7 @@ def fit(
     default=None,
     help="also leave out the defects another (few-shot) run trained on, to compare on the same images",
 )
+@threads_option()
 @DEVICE
 @QUIET
 def test(run, data, out, category, layout, batch_size, no_report, exclude_seen_of, device, quiet) -> None:
@@ -188,9 +226,7 @@ def _print_metrics(metrics: dict) -> None:
     "--min-area", type=click.IntRange(min=0), default=0, show_default=True, help="drop defect regions under N pixels"
 )
 @click.option("--strict", is_flag=True, help="stop at the first unreadable image instead of skipping it")
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="torch and ONNX Runtime threads (default: torch's)"
-)
+@threads_option(expose=True)
 @DEVICE
 @QUIET
 def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, threads, device, quiet) -> None:
@@ -225,6 +261,7 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
 @click.option("--batch", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size N")
 @click.option("--half", is_flag=True, help="float16 weights (inputs, outputs and threshold stay float32)")
 @click.option("--no-check", is_flag=True, help="skip the parity check against the torch model")
+@threads_option()
 def export(run, export_format, out, batch, half, no_check) -> None:
     """Export RUN's inference graph (normalisation, calibration and threshold included) to ONNX or TorchScript."""
     from .export import FORMATS, export_checked
@@ -273,16 +310,20 @@ def export(run, export_format, out, batch, half, no_check) -> None:
 @click.option("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, show_default=True)
 @click.option("--category", default=None)
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@threads_option()
 @DEVICE
 @QUIET
 def calibrate(run, data, rule, target_fpr, category, layout, device, quiet) -> None:
     """Set RUN's decision threshold from labelled held-out images."""
     from .api import calibrate_run
+    from .model_io import read_model_info
 
-    result = calibrate_run(
+    before = (read_model_info(run).get("calibration_details") or {}).get("threshold")
+    calibrate_run(
         run, data, rule=rule, target_fpr=target_fpr, layout=layout, category=category, device=device, quiet=quiet
     )
-    click.echo(f"threshold {result['threshold']:.6g} ({result['rule']}) written to {run}")
+    click.echo(f"{_threshold_line(run)} written to {run}")
+    click.echo(f"  previous threshold: {'none' if before is None else f'{before:.6g}'}")
 
 
 @main.command()
@@ -354,6 +395,7 @@ def info(method, as_json) -> None:
     show_default=True,
     help="the PDN's forward pass; bfloat16 autocast is about 2x faster on CPUs with AMX or AVX512-BF16",
 )
+@threads_option()
 @DEVICE
 @QUIET
 def distill(
@@ -504,6 +546,7 @@ DEMO_OPTIONS = {
     help="which generated category to train and test on",
 )
 @click.option("--epochs", type=int, default=DEMO_OPTIONS["num_epochs"], show_default=True)
+@threads_option()
 @DEVICE
 @QUIET
 def demo(out, texture, epochs, device, quiet) -> None:
@@ -532,9 +575,7 @@ def demo(out, texture, epochs, device, quiet) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="[MODEL:]KEY=VALUE", help="option for all or one model")
 @click.option("--settings", type=click.Path(path_type=Path), default=None, help='JSON {"name": {"model", "options"}}')
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for runs, bench.md, bench.json")
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="torch and ONNX Runtime threads (default: torch's)"
-)
+@threads_option(expose=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="timed calls at batch 1")
 @click.option("--category", default=None)
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
