@@ -109,6 +109,9 @@ def test_save_load_round_trip_gives_identical_outputs(fitted, tmp_path):
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert float(loaded.threshold) == 2.0
+    # Ready for inference: called without no_grad, a loaded model keeps no autograd graph.
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert all(t.grad_fn is None for t in loaded(images))
 
 
 def test_anomalous_test_images_score_higher_on_average(fitted):

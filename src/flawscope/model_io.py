@@ -118,7 +118,11 @@ def warn_if_uncalibrated(info: dict[str, Any], action: str) -> None:
 
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> AnomalyModel:
-    """Rebuilds a model from its folder. The backbone is built without downloading and filled from the file."""
+    """Rebuilds a model from its folder. The backbone is built without downloading and filled from the file.
+
+    The model is ready for inference: eval mode, and no parameter requires a gradient, so calling it keeps no
+    autograd graph (``model.requires_grad_(True)`` undoes that to train further).
+    """
     info = read_model_info(folder)
     folder = Path(info["folder"])
     try:
@@ -150,7 +154,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         )
     model = method.model_class(config, pretrained=False)
     load_state(model, state)
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
