@@ -285,3 +285,16 @@ def test_prediction_peak_is_the_highest_map_pixel_also_without_regions():
     prediction = Prediction(200.0, 0.7, True, norm * 100, norm, regions, mask)
     assert prediction.decision == "defective" and prediction.regions == []
     assert prediction.peak == (7, 1, pytest.approx(0.4))
+
+
+def test_inferencers_name_a_wrong_shape_or_an_empty_batch(exported):
+    from flawscope.errors import DataError
+
+    model, images, paths = exported
+    size = model.config.image_size
+    exported_runners = [OnnxInferencer(paths["onnx"], "cpu"), TorchScriptInferencer(paths["torchscript"])]
+    for runner in [TorchInferencer(model), *exported_runners]:
+        with pytest.raises(DataError, match=rf"\(B, 3, {size}, {size}\).*preprocess"):
+            runner.run(images[:, :, :-1])
+        with pytest.raises(DataError, match="no images.*find_images"):
+            runner.predict(np.zeros((0, 3, size, size), np.float32))

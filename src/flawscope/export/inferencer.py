@@ -104,6 +104,8 @@ class _BaseInferencer:
                 f"This model expects images of shape (B, 3, {size}, {size}) float in [0, 1]; got {images.shape}. "
                 "Use flawscope.data.preprocess() to resize and crop."
             )
+        if images.shape[0] == 0:
+            raise DataError("The batch holds no images (B = 0); flawscope.data.find_images() lists a folder's images.")
         batch = self.fixed_batch
         if batch is None or images.shape[0] == batch:
             return dict(zip(OUTPUT_NAMES, self._forward(images), strict=True))
