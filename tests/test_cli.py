@@ -642,6 +642,8 @@ def test_info_lists_versions_and_weights():
     line = next(line for line in result.stdout.splitlines() if line.strip().startswith("efficientnet_lite0 "))
     assert "missing" not in line and Path(line.split(maxsplit=1)[1]).is_file()
     assert "wide_resnet50_2" in result.stdout
+    if "missing (need" in result.stdout:  # where to put the files is said once, after the list
+        assert "missing files: put them into $FLAWSCOPE_WEIGHTS_DIR" in result.stdout.splitlines()[-1]
 
     report = json.loads(invoke("info", "--json").stdout)
     assert report["environment"]["flawscope"] == __version__

@@ -352,6 +352,13 @@ def info(method, as_json) -> None:
     click.echo("backbone weights available offline:")
     for name, status in report["backbone_weights"].items():
         click.echo(f"  {name:<20} {status}")
+    if any(status.startswith("missing") for status in report["backbone_weights"].values()):
+        from .backbones.weights import WEIGHTS_DIR_ENV, torch_hub_checkpoints
+
+        click.echo(
+            f"  missing files: put them into ${WEIGHTS_DIR_ENV} or {torch_hub_checkpoints()}, or give one to fit "
+            "with --weights FILE"
+        )
 
 
 @main.command()
