@@ -275,16 +275,28 @@ def test_regions_are_connected_components_with_box_area_and_peak():
     assert none == [] and empty.shape == (4, 4) and not empty.any()
 
 
-def test_prediction_peak_is_the_highest_map_pixel_also_without_regions():
+def test_prediction_peak_is_the_highest_raw_map_pixel_also_without_regions_or_when_clipped():
     from flawscope.export import Prediction
 
-    norm = np.full((6, 8), 0.1, np.float32)
-    norm[4, 5] = 0.4  # below 0.5: no region, although the image score says defective
-    norm[1, 7] = 0.4  # the same value earlier in row order: this one is the peak
-    regions, mask = find_regions(norm)
-    prediction = Prediction(200.0, 0.7, True, norm * 100, norm, regions, mask)
+    raw = np.full((6, 8), 10.0, np.float32)
+    raw[4, 5] = 14.0  # below the threshold (20): no region, although the image score says defective
+    raw[1, 7] = 13.0
+    raw[0, 0] = np.nan  # passed over
+    norm = np.clip((raw - 10.0) / 20.0, 0, 1)
+    regions, mask = find_regions(norm, raw)
+    prediction = Prediction(25.0, 0.625, True, raw, norm, regions, mask)
     assert prediction.decision == "defective" and prediction.regions == []
-    assert prediction.peak == (7, 1, pytest.approx(0.4))
+    assert prediction.peak == (5, 4, pytest.approx(0.2))
+    # A saturated map ties at 1.0 in the calibrated values; the raw map still has one highest pixel.
+    raw[2, 2], raw[3, 6] = 40.0, 45.0
+    norm = np.clip((raw - 10.0) / 20.0, 0, 1)
+    regions, mask = find_regions(norm, raw)
+    assert Prediction(45.0, 1.0, True, raw, norm, regions, mask).peak == (6, 3, 1.0)
+    # Below the typical normal score the calibrated map is all 0; the location still comes from the raw map.
+    low = np.full((6, 8), 1.0, np.float32)
+    low[5, 1] = 2.0
+    nothing = Prediction(2.0, 0.0, False, low, np.zeros_like(low), [], np.zeros(low.shape, bool))
+    assert nothing.peak == (1, 5, 0.0)
 
 
 def test_inferencers_name_a_wrong_shape_or_an_empty_batch(exported):

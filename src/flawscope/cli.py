@@ -160,14 +160,16 @@ def _threshold_line(run: Path) -> str:
     """The run's decision threshold and how it was set, as one line."""
     from .model_io import read_model_info
 
-    details = read_model_info(run).get("calibration_details") or {}
+    info = read_model_info(run)
+    details = info.get("calibration_details") or {}
     if "threshold" not in details:
         return f"threshold: not calibrated ({details.get('rule', 'no details')})"
     counts = f"{details['num_normal']} good" + (
         f" and {details['num_defective']} defective" if "num_defective" in details else ""
     )
     f1 = f", F1 {details['f1']:.3f}" if "f1" in details else ""
-    return f"threshold {details['threshold']:.6g} ({details['rule']}; {counts} images{f1})"
+    # The stored threshold, which set_calibration may have lifted just above the typical normal score.
+    return f"threshold {info['calibration']['threshold']:.6g} ({details['rule']}; {counts} images{f1})"
 
 
 @main.command()
@@ -318,12 +320,12 @@ def calibrate(run, data, rule, target_fpr, category, layout, device, quiet) -> N
     from .api import calibrate_run
     from .model_io import read_model_info
 
-    before = (read_model_info(run).get("calibration_details") or {}).get("threshold")
+    before = read_model_info(run)["calibration"]["threshold"]  # also checks RUN before any image is scored
     calibrate_run(
         run, data, rule=rule, target_fpr=target_fpr, layout=layout, category=category, device=device, quiet=quiet
     )
     click.echo(f"{_threshold_line(run)} written to {run}")
-    click.echo(f"  previous threshold: {'none' if before is None else f'{before:.6g}'}")
+    click.echo(f"  previous threshold: {before:.6g}")
 
 
 @main.command()

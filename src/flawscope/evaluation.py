@@ -108,7 +108,7 @@ def _gallery(model: AnomalyModel, scored: ScoredImages) -> dict[str, list[Galler
             norm_map = model.normalize(torch.from_numpy(scored.maps[i])).numpy()
             overlay = heatmap_overlay(image, norm_map, scored.masks[i] if scored.masks[i].any() else None)
             sample = scored.samples[i]
-            score = scored.norm_scores[i]  # three decimals: 0.503 is above the threshold, "0.50" would hide it
+            score = scored.norm_scores[i]  # rounded, 0.503 reads "0.50"; the decision is named for that reason
             decision = "defective" if score > 0.5 else "good"
             caption = f"{sample.defect_type} · score {score:.3f} → {decision} (raw {scored.raw_scores[i]:.4g})"
             items.append(GalleryItem(sample.path.name, caption, overlay))

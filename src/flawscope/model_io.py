@@ -121,7 +121,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     """Rebuilds a model from its folder. The backbone is built without downloading and filled from the file.
 
     The model is ready for inference: eval mode, and no parameter requires a gradient, so calling it keeps no
-    autograd graph (``model.requires_grad_(True)`` undoes that to train further).
+    autograd graph. (flawscope does not train a loaded model further; ``fit`` builds a new one.)
     """
     info = read_model_info(folder)
     folder = Path(info["folder"])

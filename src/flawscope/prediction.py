@@ -23,8 +23,8 @@ from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_f
 from .report import heatmap_overlay, save_png
 
 CSV_COLUMNS = [
-    *("path", "raw_score", "norm_score", "decision", "num_regions", "defect_area"),
-    *("peak_x", "peak_y", "peak_score", "regions"),
+    *("path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"),
+    *("peak_x", "peak_y", "peak_score"),  # added after the first release's columns, so their positions hold
 ]
 
 
@@ -66,7 +66,7 @@ def predict(
             jobs, fewer threads than cores is often faster: threads of one operation wait for each other.
 
     Writes ``out/predictions.csv`` (one row per image: path, raw and normalised score, decision, number of regions,
-    defect area in pixels, where the calibrated map peaks and its value there, the regions as JSON) and
+    defect area in pixels, the regions as JSON, where the map peaks and the calibrated value there) and
     ``out/predictions.jsonl`` (the same as one JSON object per line, with the overlay and mask paths). Regions are
     in pixels of the model input; see docs/deploy.md.
 

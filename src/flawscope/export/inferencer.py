@@ -39,8 +39,8 @@ class Prediction:
         mask: (S, S) bool, the pixels of ``regions``.
 
     The decision comes from the image score and the regions from the map. Where a method's image score is not the
-    map's maximum (PatchCore and SimpleNet score the unsmoothed patch grid, the map is smoothed), a defective image
-    can have no region: ``peak`` says where its map is highest.
+    map's maximum (PatchCore: its worst patch re-weighted, SimpleNet: the unsmoothed grid's maximum; the maps are
+    smoothed), a defective image can have no region: ``peak`` says where its map is highest.
     """
 
     raw_score: float
@@ -57,8 +57,13 @@ class Prediction:
 
     @property
     def peak(self) -> tuple[int, int, float]:
-        """(x, y, value) of the calibrated map's highest pixel (the first in row order on ties)."""
-        y, x = np.unravel_index(int(np.argmax(self.norm_map)), self.norm_map.shape)
+        """(x, y) of the raw map's highest pixel and the calibrated map's value there.
+
+        Taken on the raw map: the calibrated one is clipped to [0, 1], so its maximum ties over every saturated pixel
+        (and every pixel of a map below the typical normal score). NaN pixels are passed over.
+        """
+        raw = np.where(np.isnan(self.anomaly_map), -np.inf, self.anomaly_map)
+        y, x = np.unravel_index(int(np.argmax(raw)), raw.shape)
         return int(x), int(y), float(self.norm_map[y, x])
 
 
@@ -204,9 +209,11 @@ class OnnxInferencer(_BaseInferencer):
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: float16 graphs log harmless constant-folding warnings
+        providers = onnx_providers(str(device))
+        if providers == ["CPUExecutionProvider"]:  # on a GPU, keep the warnings about nodes that fall back to CPU
+            options.log_severity_level = 3  # errors only: float16 graphs log harmless constant-folding warnings
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=onnx_providers(str(device)))
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelFormatError(f"ONNX Runtime cannot load {self.path}: {str(e)[:300]}") from e
 
