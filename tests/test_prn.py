@@ -434,3 +434,20 @@ def test_cli_refuses_seen_anomalies_for_unsupervised_methods(tiny_dataset, tmp_p
     args = ["fit", "--model", "patchcore", "--data", str(tiny_dataset), "--out", str(tmp_path / "r"), "--quiet"]
     result = CliRunner().invoke(main, [*args, "--seen-anomalies", "3"])
     assert result.exit_code == 2 and "good images only" in result.output
+
+
+def test_shared_fusion_weights_save_and_load(tiny_dataset, tmp_path):
+    # mf_share_weights=true puts one MF module under two names; safetensors refuses shared storage, so save_model
+    # stores a copy under the second name, and loading gives the same outputs with the module still shared.
+    from flawscope.model_io import load_model, save_model
+
+    split = load_dataset(tiny_dataset)
+    model = _tiny(**QUICK_FIT, batch_normal=1, batch_extended=0, batch_simulated=1, mf_share_weights=True)
+    fit(model, split.train, FitContext(quiet=True))
+    assert model.residual_fusion is model.feature_fusion
+    loaded = load_model(save_model(model, tmp_path / "model"))
+    assert loaded.residual_fusion is loaded.feature_fusion
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(images), loaded(images), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

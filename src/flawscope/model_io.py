@@ -46,7 +46,14 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state, stored = {}, set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        # safetensors refuses two names on one storage (PRN's mf_share_weights=true: one fusion module under two
+        # names); each name gets its own copy, and loading fills the shared module twice with the same values.
+        storage = tensor.untyped_storage().data_ptr()
+        state[name] = tensor.clone() if storage in stored and tensor.numel() else tensor
+        stored.add(storage)
     # One metadata key: safetensors writes its metadata map in random order, and a second key would make the
     # file's bytes (and weights_sha256) differ between two identical fits.
     header = json.dumps({"format": FORMAT_VERSION, "method": model.method}, sort_keys=True)
