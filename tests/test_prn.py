@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import flawscope
-from flawscope.data import Sample, load_anomaly_folder, load_dataset, select_seen_anomalies
+from flawscope.data import Sample, load_anomaly_folder, load_dataset, read_image, select_seen_anomalies
 from flawscope.errors import ConfigError, DataError
 from flawscope.evaluation import test as run_test
 from flawscope.fitting import FitContext, autocast, recalibrate_batchnorm
@@ -27,6 +28,7 @@ from flawscope.models.prn.fit import (
     prn_loss,
     split_prototype_images,
 )
+from flawscope.report import save_png
 
 TINY = {"backbone": "resnet18", "image_size": 64, "resize_size": 0}
 # One-step fits (EfficientNet-Lite0 with random weights, as _tiny builds every model).
@@ -388,12 +390,19 @@ def test_anomaly_folder_layouts(tiny_dataset, tmp_path):
     assert sorted(s.path.name for s in samples) == ["000.png", "001.png"]
     assert all(s.label == 1 and s.defect_type == "scratch" for s in samples)
     assert all(s.mask_path == flat / "ground_truth" / "scratch" / f"{s.path.stem}_mask.png" for s in samples)
-    # PRN trains on the folder's defects and, as they are not test images, `flawscope test` keeps every test image.
+    # PRN trains on the folder's defects. These are copies of test images, so `flawscope test` recognises them by
+    # their bytes and leaves them out; a folder of other defects leaves every test image in.
     run = flawscope.fit("prn", tiny_dataset, tmp_path / "run", options=TINY_PRN, anomaly_dir=flat, quiet=True)
     config = json.loads((run / "config.json").read_text())
     assert sorted(config["seen_anomalies"]) == sorted(str(s.path.resolve()) for s in samples)
     assert config["seen_anomalies_from_test"] is False
-    assert run_test(run, tiny_dataset, quiet=True, report=False)["num_excluded_seen"] == 0
+    tested = run_test(run, tiny_dataset, out=tmp_path / "copies", quiet=True, report=False)
+    assert sorted(Path(p).name for p in tested["excluded_seen"]) == ["000.png", "001.png"]
+    for image in (flat / "scratch").iterdir():  # now other images than the test set's
+        pixels = read_image(image)
+        save_png(image, 255 - pixels)
+    other = flawscope.fit("prn", tiny_dataset, tmp_path / "other", options=TINY_PRN, anomaly_dir=flat, quiet=True)
+    assert run_test(other, tiny_dataset, quiet=True, report=False)["num_excluded_seen"] == 0
     # Errors name the problem: a missing mask, no defects, no folder.
     (flat / "ground_truth" / "scratch" / "001_mask.png").unlink()
     with pytest.raises(DataError, match="001.png has no mask"):
@@ -420,6 +429,13 @@ def test_seen_defects_never_appear_in_the_test_set(tiny_dataset, tmp_path):
     patchcore = flawscope.fit("patchcore", tiny_dataset, tmp_path / "pc-run", options=lite0, quiet=True)
     unsupervised = run_test(patchcore, tiny_dataset, quiet=True, report=False, exclude_seen_of=run)
     assert sorted(unsupervised["excluded_seen"]) == sorted(seen) and unsupervised["num_excluded_seen"] == 3
+    # The same images elsewhere are recognised by their bytes: a copy of the data set, tested, leaves them out too.
+    copy = shutil.copytree(tiny_dataset, tmp_path / "copy")
+    on_copy = run_test(run, copy, out=tmp_path / "copy-test", quiet=True, report=False)
+    assert on_copy["num_excluded_seen"] == 3
+    assert sorted(Path(p).relative_to(copy) for p in on_copy["excluded_seen"]) == sorted(
+        Path(p).relative_to(tiny_dataset.resolve()) for p in seen
+    )
     with pytest.warns(UserWarning, match="synthetic defects only"):
         flawscope.fit("prn", tiny_dataset, tmp_path / "zero", options=options, seen_anomalies=0, quiet=True)
     with pytest.raises(ConfigError, match="good images only"):

@@ -26,7 +26,7 @@ from .model_io import load_model, read_model_info, save_model
 from .models.base import AnomalyModel
 from .outputs import RUN_FILES, TEST_FILES, check_outside, claim_out_folder
 from .registry import get_method
-from .runs import environment, write_json
+from .runs import environment, file_sha256, write_json
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -234,6 +234,7 @@ def _seen_anomalies(
         "seen_anomalies_source": source,
         "seen_anomaly_seed": seed,
         "seen_anomalies": [str(s.path.resolve()) for s in seen],
+        "seen_anomaly_sha256": [file_sha256(s.path) for s in seen],
         "seen_anomaly_masks": [str(s.mask_path.resolve()) for s in seen],
         "seen_anomalies_from_test": anomaly_dir is None,
     }

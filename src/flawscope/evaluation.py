@@ -117,10 +117,14 @@ def _gallery(model: AnomalyModel, scored: ScoredImages) -> dict[str, list[Galler
     return gallery
 
 
-def seen_anomaly_paths(run: str | Path) -> list[str]:
-    """Image paths of the labelled defects a run trained on (config.json ``seen_anomalies``; empty if none)."""
+def seen_anomalies_of(run: str | Path) -> tuple[list[str], list[str]]:
+    """Image paths and file SHA-256 of the labelled defects a run trained on (config.json; empty lists if none).
+
+    Runs fitted before the digests were recorded give paths only.
+    """
     config = Path(run) / "config.json"
-    return list(json.loads(config.read_text()).get("seen_anomalies", [])) if config.is_file() else []
+    record = json.loads(config.read_text()) if config.is_file() else {}
+    return list(record.get("seen_anomalies", [])), list(record.get("seen_anomaly_sha256", []))
 
 
 def test(
@@ -163,8 +167,11 @@ def test(
     writes = [name for name in TEST_FILES if report or name != "report.html"]
     check_outside(out, dataset.root, writes)
     claim_out_folder(out)  # the names are listed once they are written
-    seen = seen_anomaly_paths(run) + (seen_anomaly_paths(exclude_seen_of) if exclude_seen_of else [])
-    test_samples, excluded = exclude_samples(dataset.test, seen)
+    paths, digests = seen_anomalies_of(run)
+    if exclude_seen_of:
+        other_paths, other_digests = seen_anomalies_of(exclude_seen_of)
+        paths, digests = paths + other_paths, digests + other_digests
+    test_samples, excluded = exclude_samples(dataset.test, paths, digests)
     ctx = FitContext(device=resolve_device(device), quiet=quiet)
     scored = score_images(model, test_samples, ctx, batch_size, keep_maps=True)
     model.cpu()

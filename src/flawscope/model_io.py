@@ -6,7 +6,6 @@ network and no other file. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -20,19 +19,11 @@ from . import __version__
 from .errors import ConfigError, ModelFormatError
 from .models.base import AnomalyModel
 from .registry import get_method
-from .runs import save_safetensors
+from .runs import file_sha256, save_safetensors
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -70,7 +61,7 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
             "resize_size": model.config.resize_size,
         },
         "calibration": {"threshold": float(model.threshold), "score_low": float(model.score_low)},
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
         **(metadata or {}),
     }
     (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
@@ -143,7 +134,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFormatError(f"{weights} is missing; a model folder needs both {MODEL_JSON} and {WEIGHTS_FILE}.")
-    if info.get("weights_sha256") and _sha256(weights) != info["weights_sha256"]:
+    if info.get("weights_sha256") and file_sha256(weights) != info["weights_sha256"]:
         raise ModelFormatError(
             f"{weights} does not match the hash in {MODEL_JSON}: the file was changed or damaged. "
             "Restore the model folder from a copy or fit again."

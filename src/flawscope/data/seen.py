@@ -2,7 +2,9 @@
 
 The paper's "general setting" (DRA, DevNet, PRN): a few defective test images with masks are drawn across all defect
 types with a fixed seed, moved into training, and removed from the test set. The chosen paths are recorded in the
-run's config.json; ``flawscope test`` reads them back and drops them, so no seen defect is ever scored.
+run's config.json with their files' SHA-256; ``flawscope test`` reads them back and drops every test image with
+that path or those bytes (a copy of the data set, a test image also given through --anomaly-dir), so no seen defect is
+ever scored.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from flawscope.data.layouts import Sample, _typed_samples, _warn_ignored
 from flawscope.errors import ConfigError, DataError
+from flawscope.runs import file_sha256
 
 
 def select_seen_anomalies(samples: Sequence[Sample], count: int, seed: int = 0) -> list[Sample]:
@@ -82,9 +85,25 @@ def load_anomaly_folder(folder: str | Path) -> list[Sample]:
     return samples
 
 
-def exclude_samples(samples: Sequence[Sample], paths: Iterable[str | Path]) -> tuple[list[Sample], list[Sample]]:
-    """Splits ``samples`` into (kept, excluded) by image path (compared after resolving)."""
-    drop = {Path(p).resolve() for p in paths}
-    kept = [s for s in samples if s.path.resolve() not in drop]
-    excluded = [s for s in samples if s.path.resolve() in drop]
-    return kept, excluded
+def exclude_samples(
+    samples: Sequence[Sample], paths: Iterable[str | Path], digests: Iterable[str] = ()
+) -> tuple[list[Sample], list[Sample]]:
+    """Splits ``samples`` into (kept, excluded) by image path (compared after resolving) or file content.
+
+    Args:
+        samples: test samples.
+        paths: image paths to leave out.
+        digests: SHA-256 of image files to leave out wherever they lie (a copy of the data set, or a test image
+            also given through --anomaly-dir); only defective samples are read for it.
+    """
+    drop, digests = {Path(p).resolve() for p in paths}, set(digests)
+
+    def seen(sample: Sample) -> bool:
+        if sample.path.resolve() in drop:
+            return True
+        return bool(digests) and sample.label == 1 and file_sha256(sample.path) in digests
+
+    flags = [seen(s) for s in samples]
+    return [s for s, f in zip(samples, flags, strict=True) if not f], [
+        s for s, f in zip(samples, flags, strict=True) if f
+    ]
