@@ -467,3 +467,18 @@ def test_shared_fusion_weights_save_and_load(tiny_dataset, tmp_path):
     with torch.no_grad():
         for a, b in zip(model(images), loaded(images), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"opacity_range": (0.9, 0.1)}, "opacity_range must be two numbers LOW,HIGH with LOW <= HIGH"),
+        ({"opacity_range": (0.1,)}, "opacity_range must be two numbers"),
+        ({"decoder_stride": 16}, "decoder_stride (16) must be deeper than every stage in strides (4,8,16)"),
+        ({"perlin_threshold": 1.0}, "'perlin_threshold' parameter of PRNConfig must be in [0, 1)"),
+    ],
+)
+def test_options_that_would_fail_after_training_are_refused_when_the_config_is_built(options, fragment):
+    with pytest.raises(ConfigError) as error:
+        PRNConfig(**options)
+    assert fragment in str(error.value)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ...backbones import create_backbone
 from ...config import ModelConfig, option, position_shrinkage_option, train_precision_option
+from ...errors import ConfigError
 from ...layers import PositionWhitening, pairwise_squared_distances
 from ..base import AnomalyModel
 from .blocks import MultiScaleFusion, MultiSizeAttention, UNetDecoder
@@ -101,7 +102,13 @@ class PRNConfig(ModelConfig):
     )
     aug_num_ops: int = option(2, "colour operations per augmented source (Aug_1: 2 of 7)", low=0, high=7)
     perlin_max_exponent: int = option(5, "Perlin scales 2^0..2^this per axis", low=0, high=8)
-    perlin_threshold: float = option(0.5, "Perlin noise threshold of the mask", low=0)
+    perlin_threshold: float = option(
+        0.5,
+        "Perlin noise threshold of the mask (the noise stays below 1: at 1 every mask is empty)",
+        low=0,
+        high=1,
+        high_open=True,
+    )
     opacity_range: tuple[float, ...] = option(
         (0.0, 0.8), "beta ~ U(low, high), share of the good image kept", low=0, high=1
     )
@@ -113,6 +120,19 @@ class PRNConfig(ModelConfig):
         choices=("none", "otsu"),
     )
     include_raw_seen: bool = option(False, "half of the EA slots are the raw seen defects (xcyao00 reuses them)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strides and self.decoder_stride <= max(self.strides):
+            raise ConfigError(
+                f"decoder_stride ({self.decoder_stride}) must be deeper than every stage in strides "
+                f"({','.join(map(str, self.strides))}): the decoder starts from a later stage (layer4, 32)."
+            )
+        if len(self.opacity_range) != 2 or self.opacity_range[0] > self.opacity_range[1]:
+            raise ConfigError(
+                f"opacity_range must be two numbers LOW,HIGH with LOW <= HIGH (beta ~ U(LOW, HIGH)); got "
+                f"{','.join(map(str, self.opacity_range))}."
+            )
 
 
 class PRN(AnomalyModel):
