@@ -87,3 +87,12 @@ def test_bench_writes_one_table_and_json(tiny_dataset, tmp_path):
     other = {**row, "name": "patchcore-elsewhere", "cpu": "Another CPU"}
     mixed = render_markdown({**data, "rows": [row, other]})
     assert f"Hardware: {row['cpu']} (patchcore); Another CPU (patchcore-elsewhere), " in mixed
+    assert row["test_images"] == measured["num_images"] and row["excluded_seen"] == 0
+    assert "Test images differ" not in mixed
+    # A few-shot row tested without its seen defects is named, with how to compare on one split.
+    few_shot = {**row, "name": "prn", "test_images": row["test_images"] - 2, "excluded_seen": 2}
+    note = render_markdown({**data, "rows": [row, few_shot]})
+    assert (
+        f"Test images differ between rows: patchcore {row['test_images']}, prn {row['test_images'] - 2} (2 seen" in note
+    )
+    assert "--exclude-seen-of" in note

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .config import parse_overrides
-from .errors import ConfigError
+from .errors import ConfigError, use_one_line_warnings
 from .registry import get_method
 
 THROUGHPUT_BATCH = 16
@@ -173,6 +173,8 @@ def bench_setting(
         "image_auroc": metrics["image_auroc"],
         "pixel_auroc": metrics["pixel_auroc"],
         "pixel_aupro": metrics["pixel_aupro"],
+        "test_images": metrics["num_images"],
+        "excluded_seen": metrics["num_excluded_seen"],
         "fit_seconds": fit_seconds,
         "torch": torch_speed,
         "onnxruntime": onnx_speed,
@@ -225,7 +227,7 @@ def run_bench(
         progress(f"bench: {setting.name} ({setting.method})")
         args = (setting, str(data), str(out), threads, repeats, seed, layout, category)
         if isolate:
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
+            with multiprocessing.get_context("spawn").Pool(1, initializer=use_one_line_warnings) as pool:
                 row = pool.apply(bench_setting, args)
         else:
             row = bench_setting(*args)
@@ -306,6 +308,17 @@ def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope benc
             f"| {r['gflop_per_image']:.2f} | {100 * r['peak_fraction']:.0f} | {r['peak_mib']:.0f} "
             f"| {r.get('threads', env['threads'])} |"
         )
+    counts = {r["name"]: (r.get("test_images"), r.get("excluded_seen") or 0) for r in result["rows"]}
+    if len({count for count, _ in counts.values()}) > 1:  # a few-shot model (PRN) left its seen defects out
+        listed = ", ".join(
+            f"{name} {count}" + (f" ({seen} seen defects left out)" if seen else "")
+            for name, (count, seen) in counts.items()
+        )
+        lines += [
+            "",
+            f"Test images differ between rows: {listed}. To compare on one split, test the other runs again with "
+            "`flawscope test RUN --data DATA --exclude-seen-of FEW_SHOT_RUN`.",
+        ]
     lines += ["", "Settings:", ""]
     lines += [f"- {s['name']}: `{s['method']}` {json.dumps(s['options'], sort_keys=True)}" for s in result["settings"]]
     return "\n".join(lines) + "\n"

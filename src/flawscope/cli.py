@@ -12,7 +12,7 @@ import click
 from . import __version__
 from .calibration import DEFAULT_TARGET_FPR
 from .config import TRAIN_PRECISIONS, parse_overrides
-from .errors import ConfigError, FlawscopeError
+from .errors import ConfigError, FlawscopeError, format_warning_line
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 QUIET = click.option("--quiet", is_flag=True, help="no progress bars")
@@ -44,17 +44,12 @@ def _fail(error: Exception) -> None:
     sys.exit(2)
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning as one line for a command-line user, without the source file and line it was raised from."""
-    return f"warning: {message}\n"
-
-
 class _Group(click.Group):
     """Turns flawscope's own errors into one clear line instead of a traceback, and warnings into one line each."""
 
     def invoke(self, ctx: click.Context):
         formatwarning = warnings.formatwarning
-        warnings.formatwarning = _format_warning
+        warnings.formatwarning = format_warning_line
         try:
             return super().invoke(ctx)
         except FlawscopeError as e:

@@ -1,4 +1,4 @@
-"""Exceptions raised by flawscope. Each subclasses a built-in so callers can catch either."""
+"""Exceptions raised by flawscope (each subclasses a built-in so callers can catch either), and how warnings read."""
 
 
 class FlawscopeError(Exception):
@@ -23,3 +23,18 @@ class NotFittedError(FlawscopeError, RuntimeError):
 
 class ModelFormatError(FlawscopeError, ValueError):
     """A model folder is missing files, corrupt, or written by a newer format version."""
+
+
+def format_warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for a command-line user, without the source file and line it was raised from.
+
+    Installed as ``warnings.formatwarning`` by the CLI, and in the worker processes of ``flawscope bench``.
+    """
+    return f"warning: {message}\n"
+
+
+def use_one_line_warnings() -> None:
+    """Makes this process print warnings with :func:`format_warning_line` (a worker process's initializer)."""
+    import warnings
+
+    warnings.formatwarning = format_warning_line
