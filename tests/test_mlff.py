@@ -365,7 +365,7 @@ def test_texture_dir_is_read_at_fit_time_only(tiny_dataset, tmp_path):
     # A saved model whose texture folder is gone still loads: the config does not look at the folder.
     config = MLFFConfig.from_dict({**options, "pseudo_kinds": ("confetti", "perlin")})
     train = load_dataset(tiny_dataset).train
-    with pytest.raises(DataError, match="gone does not exist"):
+    with pytest.raises(DataError, match=r"Option texture_dir=.*gone: .*gone does not exist"):
         fit(MLFF(config, pretrained=False), train, FitContext(quiet=True))
     with pytest.warns(UserWarning, match="texture_dir=.*gone is not used.*perlin"):
         fit(MLFF(MLFFConfig.from_dict(options), pretrained=False), train, FitContext(quiet=True))

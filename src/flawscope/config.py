@@ -11,11 +11,12 @@ import json
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 C = TypeVar("C", bound="ModelConfig")
 
@@ -209,3 +210,12 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"--set expects key=value, got {pair!r} (for example --set num_epochs=4).")
         result[key.strip().replace("-", "_")] = value.strip()
     return result
+
+
+@contextmanager
+def naming_option(name: str, value: Any) -> Iterator[None]:
+    """Puts ``name=value`` in front of a DataError raised inside, so a bad path says which option gave it."""
+    try:
+        yield
+    except DataError as e:
+        raise DataError(f"Option {name}={value}: {e}") from e

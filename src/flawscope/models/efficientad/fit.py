@@ -19,6 +19,7 @@ import torchvision.transforms.functional as TF
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ...config import naming_option
 from ...data import Sample, find_images, preprocess, read_image, split_validation
 from ...fitting import FitContext, autocast
 from .model import EfficientAD, EfficientADConfig
@@ -275,7 +276,8 @@ def fit(model: EfficientAD, samples: Sequence[Sample], ctx: FitContext) -> dict[
     cfg = model.config
     start = time.perf_counter()
     train_samples, val_samples = split_validation(samples, cfg.validation_ratio, seed=ctx.seed, min_count=1)
-    penalty_paths = find_images(cfg.penalty_images) if cfg.penalty_images else []
+    with naming_option("penalty_images", cfg.penalty_images):
+        penalty_paths = find_images(cfg.penalty_images) if cfg.penalty_images else []
     model.to(ctx.device)
     images = _TrainImages(train_samples, cfg, ctx)
     mean, std = teacher_channel_stats(model, images.once(), ctx.device)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...config import naming_option
 from ...data import Sample
 from ...fitting import FitContext
 from ...synthesis import TextureSource, confetti_noise, cutpaste, match_grey, synthetic_defect, texture_source
@@ -157,7 +158,8 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
     plan_rng = np.random.default_rng(ctx.seed + 5)
     # Read at fit time only (a saved model must load where its texture folder is gone); a missing folder is a
     # DataError that names it.
-    textures = texture_source(cfg.texture_dir or None) if "perlin" in cfg.pseudo_kinds else None
+    with naming_option("texture_dir", cfg.texture_dir):
+        textures = texture_source(cfg.texture_dir or None) if "perlin" in cfg.pseudo_kinds else None
     if cfg.texture_dir and textures is None:
         warnings.warn(
             f"texture_dir={cfg.texture_dir} is not used: only the 'perlin' pseudo-anomaly kind reads textures; "

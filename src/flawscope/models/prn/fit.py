@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...config import naming_option
 from ...data import ImageDataset, Sample
 from ...errors import ConfigError
 from ...fitting import FitContext, autocast, recalibrate_batchnorm
@@ -132,7 +133,8 @@ class AnomalyBatches:
         self.normals = normals  # (N, S, S, 3) uint8
         self.seen_images, self.seen_masks = seen
         self.rng = np.random.default_rng(seed)
-        self.textures = texture_source(cfg.texture_dir or None)
+        with naming_option("texture_dir", cfg.texture_dir):
+            self.textures = texture_source(cfg.texture_dir or None)
         self.foregrounds = [foreground_mask(image) for image in normals] if cfg.foreground == "otsu" else None
         self.num_extended = cfg.batch_extended if len(self.seen_images) else 0
         self.num_simulated = cfg.batch_simulated + cfg.batch_extended - self.num_extended
