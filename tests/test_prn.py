@@ -442,6 +442,20 @@ def test_seen_defects_never_appear_in_the_test_set(tiny_dataset, tmp_path):
         flawscope.fit("patchcore", tiny_dataset, tmp_path / "pc", seen_anomalies=3, quiet=True)
 
 
+def test_cli_fit_says_how_many_seen_defects_it_trained_on_and_from_where(tiny_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from flawscope.cli import main
+
+    settings = [arg for key, value in TINY_PRN.items() for arg in ("--set", f"{key}={value}")]
+    args = ["fit", "--model", "prn", "--data", str(tiny_dataset), "--out", str(tmp_path / "r"), "--quiet", *settings]
+    result = CliRunner().invoke(main, [*args, "--seen-anomalies", "3"])
+    assert result.exit_code == 0, result.output
+    assert "trained on 3 labelled defects from the test split of the data (removed from it by `flawscope test`)" in (
+        result.output
+    )
+
+
 def test_cli_refuses_seen_anomalies_for_unsupervised_methods(tiny_dataset, tmp_path):
     from click.testing import CliRunner
 

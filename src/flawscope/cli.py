@@ -149,6 +149,13 @@ def fit(
     )
     click.echo(f"model written to {run / 'model'}")
     click.echo(f"  {_threshold_line(run)}")
+    record = json.loads((run / "config.json").read_text())
+    if record.get("seen_anomalies"):
+        click.echo(
+            f"  trained on {len(record['seen_anomalies'])} labelled defects from "
+            f"{'the ' if record.get('seen_anomalies_from_test') else ''}{record['seen_anomalies_source']}; listed in "
+            "config.json"
+        )
 
 
 def _threshold_line(run: Path) -> str:
