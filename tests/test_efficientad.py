@@ -4,6 +4,7 @@ graph against a direct transcription of the spec's pseudocode, teacher files, di
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -357,6 +358,34 @@ def test_a_teacher_distilled_at_another_input_size_is_named_in_a_warning(tmp_pat
 # --- distillation and an end-to-end run -----------------------------------------------------------------------------
 
 SETTINGS = DistillSettings(size="small", steps=2, batch_size=2, image_size=64, stats_images=2)
+
+
+def test_interrupted_distillation_says_which_checkpoint_a_rerun_resumes_from(tiny_dataset, tmp_path, monkeypatch):
+    from flawscope.models.efficientad import distill
+
+    calls = []
+    real = distill.grayscale_decisions
+
+    def interrupt_on_the_fourth_call(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(distill, "grayscale_decisions", interrupt_on_the_fourth_call)
+    args = ["distill", "--backbone", "efficientnet_lite0", "--images", str(tiny_dataset / "train"), "--quiet"]
+    args += ["--out", str(tmp_path / "t.safetensors"), "--steps", "5", "--batch-size", "2", "--image-size", "64"]
+    args += ["--stats-images", "2", "--checkpoint-every", "1", "--num-workers", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    done = re.search(
+        r"interrupted after (\d) of 5 steps; the checkpoint \S+ holds step (\d): run the same", result.output
+    )
+    assert done and done.group(1) == done.group(2) and int(done.group(1)) >= 2
+    monkeypatch.setattr(distill, "grayscale_decisions", real)
+    resumed = CliRunner().invoke(main, [a for a in args if a != "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming from {tmp_path / 't.safetensors.ckpt.safetensors'} at step {done.group(1)} of 5" in resumed.output
 
 
 def test_distillation_writes_metadata_and_resumes_exactly(tiny_dataset, tmp_path):

@@ -450,20 +450,24 @@ def distill(
         image_size=image_size,
         seed=seed,
     )
-    report = distill_teacher(
-        backbone,
-        images,
-        out,
-        settings,
-        weights_path=weights,
-        device=resolve_device(device),
-        num_workers=num_workers,
-        checkpoint_every=checkpoint_every,
-        restart=restart,
-        max_cache_bytes=int(cache_gib * (1 << 30)),
-        precision=precision,
-        quiet=quiet,
-    )
+    try:
+        report = distill_teacher(
+            backbone,
+            images,
+            out,
+            settings,
+            weights_path=weights,
+            device=resolve_device(device),
+            num_workers=num_workers,
+            checkpoint_every=checkpoint_every,
+            restart=restart,
+            max_cache_bytes=int(cache_gib * (1 << 30)),
+            precision=precision,
+            quiet=quiet,
+        )
+    except KeyboardInterrupt as interrupt:
+        click.echo(f"\n{interrupt.args[0] if interrupt.args else 'Interrupted.'}", err=True)
+        sys.exit(130)
     click.echo(
         f"teacher written to {report['out']} ({report['steps']} steps, {report['num_images']} images from "
         f"{report['images']}, {report['seconds']:.0f} s, final loss {report['final_loss']})"

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -409,23 +410,36 @@ def distill_teacher(
     views = targets.loader(sampler, small=True)
     teacher.train()
     loss_value = state["loss"] if resumed else None  # a resumed run that has no step left keeps its last loss
+    if resumed and not quiet:
+        print(f"resuming from {checkpoint} at step {start_step} of {settings.steps}", file=sys.stderr)
     bar = tqdm(total=settings.steps, initial=start_step, desc="distilling", disable=quiet, dynamic_ncols=True)
-    for step, indices, (*big, small) in zip(range(start_step, settings.steps), sampler, views, strict=True):
-        # One grayscale decision per image for both views, drawn from (seed, step) so a resumed run repeats it.
-        gray = grayscale_decisions(len(indices), settings.gray_prob, _step_generator(settings.seed, step))
-        small = grayscale_where(small.to(device), gray.to(device))
-        target = (targets(indices, gray, *big) - mean_map) / std_map
-        with autocast(precision, device):
-            prediction = teacher((small - image_mean) / image_std)
-        loss = (prediction.float() - target).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
-            _save_checkpoint(checkpoint, teacher, optimizer, stats, state_now(step + 1, loss_value))
+    saved_step, step = (start_step if resumed else None), start_step
+    try:
+        for step, indices, (*big, small) in zip(range(start_step, settings.steps), sampler, views, strict=True):
+            # One grayscale decision per image for both views, drawn from (seed, step) so a resumed run repeats it.
+            gray = grayscale_decisions(len(indices), settings.gray_prob, _step_generator(settings.seed, step))
+            small = grayscale_where(small.to(device), gray.to(device))
+            target = (targets(indices, gray, *big) - mean_map) / std_map
+            with autocast(precision, device):
+                prediction = teacher((small - image_mean) / image_std)
+            loss = (prediction.float() - target).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
+                _save_checkpoint(checkpoint, teacher, optimizer, stats, state_now(step + 1, loss_value))
+                saved_step = step + 1
+    except KeyboardInterrupt:
+        bar.close()
+        kept = (
+            f"the checkpoint {checkpoint} holds step {saved_step}: run the same command again to resume from there"
+            if saved_step is not None
+            else f"no checkpoint was written yet (one every {checkpoint_every} steps): a rerun starts over"
+        )
+        raise KeyboardInterrupt(f"Distillation interrupted after {step} of {settings.steps} steps; {kept}.") from None
     bar.close()
     final = state_now(settings.steps, loss_value)
     _save_checkpoint(checkpoint, teacher, optimizer, stats, final)
