@@ -27,9 +27,10 @@ from flawscope.registry import available_methods, get_method
 from mtd import SETTINGS as MTD_SETTINGS
 
 SECTION = "## MTD: flawscope bench (accuracy, speed in torch and ONNX Runtime, memory)"
-# The same settings as benchmarks/mtd.py, read from its fit arguments (one definition of each): bench gives PRN no
-# seen defects, so its row is mtd.py's prn-0seen setting. EfficientAD-S runs at the paper's 256 px with a CPU
-# schedule (the paper: 70,000 steps), plus teacher_path from --teacher.
+# The same settings as benchmarks/mtd.py, read from its fit arguments (one definition of each). PRN's row takes the
+# options of mtd.py's prn-0seen setting, but bench passes no --seen-anomalies, so its fit draws PRN's default 10 seen
+# defects from the test split and leaves them out of its test (bench.json: excluded_seen). EfficientAD-S runs at the
+# paper's 256 px with a CPU schedule (the paper: 70,000 steps), plus teacher_path from --teacher.
 FROM_MTD = {"patchcore": "patchcore", "simplenet": "simplenet", "cfa": "cfa", "prn": "prn-0seen", "mlff": "mlff"}
 FLAGS = {"--backbone": "backbone", "--image-size": "image_size", "--resize-size": "resize_size"}
 

@@ -308,7 +308,9 @@ def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope benc
             f"| {r['gflop_per_image']:.2f} | {100 * r['peak_fraction']:.0f} | {r['peak_mib']:.0f} "
             f"| {r.get('threads', env['threads'])} |"
         )
-    counts = {r["name"]: (r.get("test_images"), r.get("excluded_seen") or 0) for r in result["rows"]}
+    # Rows kept from runs before the counts were recorded have none and are left out of the comparison.
+    rows = [r for r in result["rows"] if r.get("test_images")]
+    counts = {r["name"]: (r["test_images"], r.get("excluded_seen") or 0) for r in rows}
     if len({count for count, _ in counts.values()}) > 1:  # a few-shot model (PRN) left its seen defects out
         listed = ", ".join(
             f"{name} {count}" + (f" ({seen} seen defects left out)" if seen else "")

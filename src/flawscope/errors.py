@@ -1,5 +1,7 @@
 """Exceptions raised by flawscope (each subclasses a built-in so callers can catch either), and how warnings read."""
 
+import warnings
+
 
 class FlawscopeError(Exception):
     """Base class of every error flawscope raises on purpose."""
@@ -35,6 +37,4 @@ def format_warning_line(message, category, filename, lineno, line=None) -> str:
 
 def use_one_line_warnings() -> None:
     """Makes this process print warnings with :func:`format_warning_line` (a worker process's initializer)."""
-    import warnings
-
     warnings.formatwarning = format_warning_line

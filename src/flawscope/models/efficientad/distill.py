@@ -413,7 +413,7 @@ def distill_teacher(
     if resumed and not quiet:
         print(f"resuming from {checkpoint} at step {start_step} of {settings.steps}", file=sys.stderr)
     bar = tqdm(total=settings.steps, initial=start_step, desc="distilling", disable=quiet, dynamic_ncols=True)
-    saved_step, step = (start_step if resumed else None), start_step
+    saved_step, completed = (start_step if resumed else None), start_step
     try:
         for step, indices, (*big, small) in zip(range(start_step, settings.steps), sampler, views, strict=True):
             # One grayscale decision per image for both views, drawn from (seed, step) so a resumed run repeats it.
@@ -427,6 +427,7 @@ def distill_teacher(
             loss.backward()
             optimizer.step()
             loss_value = float(loss.detach())
+            completed = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
@@ -434,12 +435,15 @@ def distill_teacher(
                 saved_step = step + 1
     except KeyboardInterrupt:
         bar.close()
+        again = "run the command again without --restart" if restart else "run the same command again"
         kept = (
-            f"the checkpoint {checkpoint} holds step {saved_step}: run the same command again to resume from there"
+            f"the checkpoint {checkpoint} holds step {saved_step}: {again} to resume from there"
             if saved_step is not None
-            else f"no checkpoint was written yet (one every {checkpoint_every} steps): a rerun starts over"
+            else f"this run wrote no checkpoint yet (one every {checkpoint_every} steps)"
         )
-        raise KeyboardInterrupt(f"Distillation interrupted after {step} of {settings.steps} steps; {kept}.") from None
+        raise KeyboardInterrupt(
+            f"Distillation interrupted after {completed} of {settings.steps} steps; {kept}."
+        ) from None
     bar.close()
     final = state_now(settings.steps, loss_value)
     _save_checkpoint(checkpoint, teacher, optimizer, stats, final)
