@@ -103,7 +103,8 @@ def exclude_samples(
             return True
         return bool(digests) and sample.label == 1 and file_sha256(sample.path) in digests
 
-    flags = [seen(s) for s in samples]
-    return [s for s, f in zip(samples, flags, strict=True) if not f], [
-        s for s, f in zip(samples, flags, strict=True) if f
-    ]
+    kept: list[Sample] = []
+    excluded: list[Sample] = []
+    for sample in samples:
+        (excluded if seen(sample) else kept).append(sample)
+    return kept, excluded

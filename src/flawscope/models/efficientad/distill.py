@@ -430,9 +430,9 @@ def distill_teacher(
             completed = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
-                _save_checkpoint(checkpoint, teacher, optimizer, stats, state_now(step + 1, loss_value))
-                saved_step = step + 1
+            if completed % checkpoint_every == 0 and completed < settings.steps:
+                _save_checkpoint(checkpoint, teacher, optimizer, stats, state_now(completed, loss_value))
+                saved_step = completed
     except KeyboardInterrupt:
         bar.close()
         again = "run the command again without --restart" if restart else "run the same command again"
