@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from test_models_contract import BASE_OPTIONS, QUICK_OPTIONS
@@ -133,6 +134,10 @@ def test_exported_metadata_says_what_a_deployer_needs(exported):
         assert meta["threshold"] == pytest.approx(float(model.threshold))
         assert meta["library_version"] and meta["precision"] == "float32"
         assert meta["config"] == json.loads(json.dumps(model.config.to_dict()))
+        assert meta["output_order"] == list(OUTPUT_NAMES)
+        assert f"{size}x{size}" in meta["input"]["preprocessing"]
+    flat = {p.key: p.value for p in onnx.load(paths["onnx"], load_external_data=False).metadata_props}
+    assert (flat["image_size"], flat["resize_size"]) == (str(size), str(model.config.resize_size))
 
 
 def test_fixed_batch_and_half_precision(tiny_dataset, tmp_path):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..data.dataset import MAX_CROP_ASPECT
 from ..errors import ConfigError
 from ..models.base import AnomalyModel, AnomalyOutput, normalize_scores
 
@@ -72,6 +73,26 @@ def parse_batch(batch: str | int) -> int | None:
     return value
 
 
+def _preprocessing_text(image_size: int, resize_size: int) -> str:
+    """flawscope's decoding and geometry in words, precise enough to reproduce without it (docs/deploy.md has code)."""
+    if resize_size == 0:
+        geometry = f"resize the whole image to {image_size}x{image_size}"
+    else:
+        geometry = (
+            f"if the longer side exceeds {MAX_CROP_ASPECT} x the shorter, keep its central {MAX_CROP_ASPECT} x shorter "
+            f"pixels (start floor((long - keep) / 2)); resize the shorter side to {resize_size} and the longer to "
+            f"floor({resize_size} x long / short); cut the centre {image_size}x{image_size} square at offset "
+            f"round-half-to-even((resized - {image_size}) / 2) on each axis"
+        )
+    return (
+        "decode: apply the EXIF orientation; 16-bit grey -> round(v / 257); grey, palette, CMYK -> RGB; transparent "
+        "images composited on black ((c * alpha + 127) // 255); then divide the uint8 RGB values by 255 (float32) "
+        f"and, in float (never back to uint8), {geometry}; every resize is bilinear with antialiasing, half-pixel "
+        "centres (torch interpolate(antialias=True), Pillow's BILINEAR resize of a mode 'F' image); no mean/std "
+        "normalisation (it is inside the graph)"
+    )
+
+
 def export_metadata(model: AnomalyModel, export_format: str, batch: int | None, half: bool) -> dict[str, Any]:
     """What a deployer needs besides the graph: input geometry and channel order, threshold, versions."""
     cfg = model.config
@@ -91,14 +112,9 @@ def export_metadata(model: AnomalyModel, export_format: str, batch: int | None, 
             "range": [0.0, 1.0],
             "image_size": cfg.image_size,
             "resize_size": cfg.resize_size,
-            "preprocessing": (
-                f"resize the whole image to {cfg.image_size}x{cfg.image_size} (bilinear, antialiased)"
-                if cfg.resize_size == 0
-                else f"resize the shorter side to {cfg.resize_size} (bilinear, antialiased), centre-crop "
-                f"{cfg.image_size}x{cfg.image_size}"
-            )
-            + "; divide uint8 values by 255; no mean/std normalisation (it is inside the graph)",
+            "preprocessing": _preprocessing_text(cfg.image_size, cfg.resize_size),
         },
+        "output_order": list(OUTPUT_NAMES),
         "outputs": {
             "anomaly_map": "(B, 1, S, S) raw per-pixel anomaly score",
             "pred_score": "(B,) raw image score",

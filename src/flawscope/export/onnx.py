@@ -65,6 +65,7 @@ def export_onnx(model: AnomalyModel, path: str | Path, *, batch: int | None = No
         "method": metadata["method"],
         "library_version": metadata["library_version"],
         "image_size": str(metadata["input"]["image_size"]),
+        "resize_size": str(metadata["input"]["resize_size"]),
         "channel_order": "RGB",
         "threshold": repr(metadata["threshold"]),
     }
