@@ -403,7 +403,9 @@ def test_preprocess_resizes_shorter_side_and_centre_crops():
     with pytest.raises(ConfigError, match="resize_size 0 or >= image_size"):
         preprocess(image, image_size=16, resize_size=8)
     with pytest.raises(DataError, match=r"\(H, W, 3\) uint8"):
-        preprocess(image[:, :, 0], image_size=16)
+        preprocess(image.astype(np.float32), image_size=16)
+    with pytest.raises(DataError, match=r"\(H, W, 3\) uint8"):
+        preprocess(image[:, :, :2], image_size=16)
 
 
 def test_mask_stays_aligned_with_its_image():

@@ -21,7 +21,7 @@ import torch
 from .calibration import DEFAULT_TARGET_FPR, check_target_fpr, threshold_f1, threshold_from_normals
 from .data import Sample, load_anomaly_folder, load_dataset, select_seen_anomalies, split_validation
 from .errors import ConfigError
-from .fitting import FitContext
+from .fitting import FitContext, preserved_random_state
 from .model_io import load_model, read_model_info, save_model
 from .models.base import AnomalyModel
 from .outputs import RUN_FILES, TEST_FILES, check_outside, claim_out_folder
@@ -130,6 +130,9 @@ def fit(
     ``data``, stratified over defect types with ``seed``. Their paths go into config.json and ``flawscope test``
     leaves them out of the test set.
 
+    Training is seeded with ``seed`` (Python's, numpy's and torch's generators); the caller's global (CPU) random
+    states are restored afterwards.
+
     Returns:
         The run folder.
     """
@@ -154,13 +157,14 @@ def fit(
         )
     # At least 3 held-out images, so the threshold and the normalised scale rest on more than one score.
     train, val = split_validation(dataset.train, val_ratio, seed, min_count=3 if val_ratio > 0 else 1)
-    seed_everything(seed)
-    seen, seen_record = _seen_anomalies(spec, dataset.test, seen_anomalies, anomaly_dir, seed)
-    ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers, seen_anomalies=seen)
-    model = spec.model_class(config, pretrained=True, weights_path=weights_path)
-    start = time.perf_counter()
-    training = spec.fit(model, train, ctx)
-    fit_seconds = time.perf_counter() - start
+    with preserved_random_state():  # the seed makes the run repeatable without resetting the caller's streams
+        seed_everything(seed)
+        seen, seen_record = _seen_anomalies(spec, dataset.test, seen_anomalies, anomaly_dir, seed)
+        ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers, seen_anomalies=seen)
+        model = spec.model_class(config, pretrained=True, weights_path=weights_path)
+        start = time.perf_counter()
+        training = spec.fit(model, train, ctx)
+        fit_seconds = time.perf_counter() - start
     if val:
         calibration = calibrate(model, val, ctx, target_fpr)
     else:

@@ -23,6 +23,7 @@ import torch
 
 from .config import parse_overrides
 from .errors import ConfigError, use_one_line_warnings
+from .fitting import torch_threads
 from .registry import get_method
 
 THROUGHPUT_BATCH = 16
@@ -83,15 +84,11 @@ def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> flo
 
     The best rather than the median: on a shared machine the slower calls measure the other jobs, not the CPU.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         a, b = torch.rand(size, size), torch.rand(size, size)
         out = torch.empty(size, size)
         torch.mm(a, b, out=out)
         best = min(_timed(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
-    finally:
-        torch.set_num_threads(previous)
     return 2 * size**3 / best / 1e9
 
 

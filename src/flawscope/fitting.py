@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -61,6 +63,31 @@ class FitContext:
     def generator(self, offset: int = 0) -> torch.Generator:
         """A torch RNG seeded from the run's seed (``offset`` separates independent streams)."""
         return torch.Generator().manual_seed(self.seed + offset)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Sets torch's CPU thread count inside the block (None or 0: unchanged) and restores the caller's count after."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Restores Python's, numpy's and torch's (CPU) global random generators after the block, so seeding inside it
+    does not change the caller's random streams."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def check_precision(precision: str, option: str = "train_precision") -> str:

@@ -119,7 +119,17 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     """Rebuilds a model from its folder. The backbone is built without downloading and filled from the file.
 
     The model is ready for inference: eval mode, and no parameter requires a gradient, so calling it keeps no
-    autograd graph. (flawscope does not train a loaded model further; ``fit`` builds a new one.)
+    autograd graph. (flawscope does not train a loaded model further; ``fit`` builds a new one.) Loading leaves the
+    caller's torch random stream as it was.
+
+    Args:
+        folder: a run folder or its ``model`` folder.
+        map_location: device the weights are loaded to ('cpu', 'cuda', 'cuda:1', ...).
+
+    Returns:
+        The model. ``model(images)`` takes (B, 3, S, S) float in [0, 1] with S = ``model.config.image_size``, made
+        with ``flawscope.data.preprocess(read_image(path), S, model.config.resize_size)``, and returns an
+        :class:`~flawscope.models.base.AnomalyOutput`; other input is refused with a DataError.
     """
     info = read_model_info(folder)
     folder = Path(info["folder"])
@@ -150,7 +160,8 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
             f"{weights} holds a {header['method']} model but {MODEL_JSON} says {info['method']}: the files come "
             "from two different runs. Restore the model folder from a copy or fit again."
         )
-    model = method.model_class(config, pretrained=False)
+    with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten; the caller's stream is kept
+        model = method.model_class(config, pretrained=False)
     load_state(model, state)
     return model.requires_grad_(False).eval()
 

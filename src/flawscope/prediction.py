@@ -13,12 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .data import Sample, find_images, make_loader
 from .errors import ConfigError, DataError
 from .export import Prediction, load_inferencer
-from .fitting import FitContext
+from .fitting import FitContext, torch_threads
 from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_folder, owned_names
 from .report import heatmap_overlay, save_png
 
@@ -62,7 +61,8 @@ def predict(
         min_area: regions smaller than this many pixels are dropped (from the regions and the masks).
         strict: stop at the first unreadable image instead of skipping it and listing it in ``out/skipped.csv``.
         quiet: no progress bar.
-        threads: CPU threads for torch and ONNX Runtime (default: torch's setting). On a machine shared with other
+        threads: CPU threads for torch and ONNX Runtime during this call (default: torch's setting; the caller's
+            count is restored afterwards). On a machine shared with other
             jobs, fewer threads than cores is often faster: threads of one operation wait for each other.
 
     Writes ``out/predictions.csv`` (one row per image: path, raw and normalised score, decision, number of regions,
@@ -73,81 +73,80 @@ def predict(
     Returns:
         The path of predictions.csv.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    inferencer = load_inferencer(run, device, threads)
-    images = find_images(paths)
-    out = Path(out)
-    # Files written into an input folder would be read back as images by the next run on it. Only folders given as
-    # inputs count: the folder of a file given by name (often the working folder) is not treated as a data folder.
-    for folder in (Path(p) for p in paths):
-        if folder.is_dir():
-            check_outside(out, folder)
-    writes = ["predictions.csv", "predictions.jsonl", "skipped.csv"]
-    writes += ["overlays"] * overlays + ["masks"] * masks
-    check_out_folder(out, writes)
-    # An earlier predict into this folder left overlays and masks numbered by its own image list; new ones would mix
-    # with them. Only the folders flawscope wrote, and in them only the numbered PNG files it names, never an input.
-    owned = owned_names(out) if out.is_dir() else set()
-    replaced = [(out / name).resolve() for name in IMAGE_OUTPUTS if name in owned]
-    inputs = [path for path in images if any(folder in path.resolve().parents for folder in replaced)]
-    if inputs:
-        raise ConfigError(
-            f"{inputs[0]} is an input and lies in {inputs[0].parent}, which predict rewrites in --out {out}; choose "
-            "another --out (or copy those images elsewhere first)."
+    with torch_threads(threads):
+        inferencer = load_inferencer(run, device, threads)
+        images = find_images(paths)
+        out = Path(out)
+        # Files written into an input folder would be read back as images by the next run on it. Only folders given as
+        # inputs count: the folder of a file given by name (often the working folder) is not treated as a data folder.
+        for folder in (Path(p) for p in paths):
+            if folder.is_dir():
+                check_outside(out, folder)
+        writes = ["predictions.csv", "predictions.jsonl", "skipped.csv"]
+        writes += ["overlays"] * overlays + ["masks"] * masks
+        check_out_folder(out, writes)
+        # An earlier predict into this folder left overlays and masks numbered by its own image list; new ones would mix
+        # with them. Only the folders flawscope wrote, and in them only the numbered PNG files it names, never an input.
+        owned = owned_names(out) if out.is_dir() else set()
+        replaced = [(out / name).resolve() for name in IMAGE_OUTPUTS if name in owned]
+        inputs = [path for path in images if any(folder in path.resolve().parents for folder in replaced)]
+        if inputs:
+            raise ConfigError(
+                f"{inputs[0]} is an input and lies in {inputs[0].parent}, which predict rewrites in --out {out}; "
+                "choose another --out (or copy those images elsewhere first)."
+            )
+        for folder in (out / name for name in IMAGE_OUTPUTS if name in owned):
+            for stale in folder.glob("*_*.png"):
+                if re.fullmatch(r"\d{5,}_.*\.png", stale.name):
+                    stale.unlink()
+        claim_out_folder(out, writes)
+        samples = [Sample(path) for path in images]
+        loader = make_loader(
+            samples, inferencer.image_size, inferencer.resize_size, batch_size=batch_size, skip_bad=not strict
         )
-    for folder in (out / name for name in IMAGE_OUTPUTS if name in owned):
-        for stale in folder.glob("*_*.png"):
-            if re.fullmatch(r"\d{5,}_.*\.png", stale.name):
-                stale.unlink()
-    claim_out_folder(out, writes)
-    samples = [Sample(path) for path in images]
-    loader = make_loader(
-        samples, inferencer.image_size, inferencer.resize_size, batch_size=batch_size, skip_bad=not strict
-    )
-    progress = FitContext(quiet=quiet).progress
-    csv_path = out / "predictions.csv"
-    with open(csv_path, "w", newline="") as csv_file, open(out / "predictions.jsonl", "w") as jsonl_file:
-        writer = csv.writer(csv_file)
-        writer.writerow(CSV_COLUMNS)
-        for batch in progress(loader, "predicting", len(loader)):
-            if batch is None:
-                continue
-            predictions = inferencer.predict(batch["image"], min_area=min_area)
-            for index, pixels, prediction in zip(batch["index"].tolist(), batch["image"], predictions, strict=True):
-                name = f"{index:05d}_{images[index].stem}.png"
-                regions = _region_rows(prediction)
-                peak_x, peak_y, peak_score = prediction.peak
-                row = {
-                    "path": str(images[index]),
-                    "raw_score": float(f"{prediction.raw_score:.6g}"),
-                    "norm_score": round(prediction.norm_score, 4),
-                    "decision": prediction.decision,
-                    "num_regions": len(regions),
-                    "defect_area": int(prediction.mask.sum()),
-                    "peak_x": peak_x,
-                    "peak_y": peak_y,
-                    "peak_score": round(peak_score, 4),
-                    "regions": regions,
-                    "overlay": f"overlays/{name}" if overlays else None,
-                    "mask": f"masks/{name}" if masks else None,
-                }
-                writer.writerow(
-                    [row[c] if c != "regions" else json.dumps(regions, separators=(",", ":")) for c in CSV_COLUMNS]
-                )
-                jsonl_file.write(json.dumps(row) + "\n")
-                if overlays:
-                    image = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                    save_png(out / row["overlay"], heatmap_overlay(image, prediction.norm_map, prediction.mask))
-                if masks:
-                    save_png(out / row["mask"], prediction.mask.astype(np.uint8) * 255)
-            csv_file.flush()
-            jsonl_file.flush()
-    bad = getattr(loader.dataset, "bad_files", [])
-    (out / "skipped.csv").unlink(missing_ok=True)  # a list left by an earlier run into this folder would mislead
-    if bad:
-        with open(out / "skipped.csv", "w", newline="") as f:
-            csv.writer(f).writerows([("path", "reason"), *bad])
-    if len(bad) == len(images):
-        raise DataError(f"None of the {len(images)} images could be read; see {out / 'skipped.csv'}.")
-    return csv_path
+        progress = FitContext(quiet=quiet).progress
+        csv_path = out / "predictions.csv"
+        with open(csv_path, "w", newline="") as csv_file, open(out / "predictions.jsonl", "w") as jsonl_file:
+            writer = csv.writer(csv_file)
+            writer.writerow(CSV_COLUMNS)
+            for batch in progress(loader, "predicting", len(loader)):
+                if batch is None:
+                    continue
+                predictions = inferencer.predict(batch["image"], min_area=min_area)
+                for index, pixels, prediction in zip(batch["index"].tolist(), batch["image"], predictions, strict=True):
+                    name = f"{index:05d}_{images[index].stem}.png"
+                    regions = _region_rows(prediction)
+                    peak_x, peak_y, peak_score = prediction.peak
+                    row = {
+                        "path": str(images[index]),
+                        "raw_score": float(f"{prediction.raw_score:.6g}"),
+                        "norm_score": round(prediction.norm_score, 4),
+                        "decision": prediction.decision,
+                        "num_regions": len(regions),
+                        "defect_area": int(prediction.mask.sum()),
+                        "peak_x": peak_x,
+                        "peak_y": peak_y,
+                        "peak_score": round(peak_score, 4),
+                        "regions": regions,
+                        "overlay": f"overlays/{name}" if overlays else None,
+                        "mask": f"masks/{name}" if masks else None,
+                    }
+                    writer.writerow(
+                        [row[c] if c != "regions" else json.dumps(regions, separators=(",", ":")) for c in CSV_COLUMNS]
+                    )
+                    jsonl_file.write(json.dumps(row) + "\n")
+                    if overlays:
+                        image = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                        save_png(out / row["overlay"], heatmap_overlay(image, prediction.norm_map, prediction.mask))
+                    if masks:
+                        save_png(out / row["mask"], prediction.mask.astype(np.uint8) * 255)
+                csv_file.flush()
+                jsonl_file.flush()
+        bad = getattr(loader.dataset, "bad_files", [])
+        (out / "skipped.csv").unlink(missing_ok=True)  # a list left by an earlier run into this folder would mislead
+        if bad:
+            with open(out / "skipped.csv", "w", newline="") as f:
+                csv.writer(f).writerows([("path", "reason"), *bad])
+        if len(bad) == len(images):
+            raise DataError(f"None of the {len(images)} images could be read; see {out / 'skipped.csv'}.")
+        return csv_path

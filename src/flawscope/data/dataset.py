@@ -79,7 +79,8 @@ def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = Non
     """Turn a decoded image into model input.
 
     Args:
-        image: (H, W, 3) uint8 RGB, as returned by ``read_image``.
+        image: (H, W, 3) uint8 RGB, as returned by ``read_image`` (any strides: ``bgr[:, :, ::-1]`` is fine), or
+            (H, W) uint8 grey, which is repeated to RGB as ``read_image`` does.
         image_size: Side S of the centre crop.
         resize_size: Shorter side before cropping; None means ``image_size`` (no crop on square images).
 
@@ -88,14 +89,22 @@ def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = Non
 
     Raises:
         ConfigError: Invalid sizes.
-        DataError: ``image`` is not an (H, W, 3) uint8 array.
+        DataError: ``image`` is not such an array.
     """
+    if not isinstance(image, np.ndarray):
+        raise DataError(
+            f"preprocess() takes a decoded (H, W, 3) uint8 RGB numpy array; got {type(image).__name__}. Decode "
+            "files, bytes and PIL images with flawscope.data.read_image() first."
+        )
+    if image.ndim == 2 and image.dtype == np.uint8:
+        image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise DataError(
             f"preprocess() expects an (H, W, 3) uint8 RGB array as read_image() returns; got shape {image.shape}, "
-            f"dtype {image.dtype}."
+            f"dtype {image.dtype}. Other pixel types (16-bit, float) are decoded by read_image() from their files "
+            "or PIL images."
         )
-    tensor = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     return _resize_crop(tensor, image_size, _resize_size(image_size, resize_size))
 
 

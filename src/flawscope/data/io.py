@@ -10,8 +10,11 @@ Decoding rules (the same for training, evaluation and prediction, so a model nev
   taken as [0, 1] when their maximum is at most 1 and as 16-bit values otherwise.
 """
 
+import io
 import re
+from os import PathLike
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,14 +36,19 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open_upright(path: str | Path) -> Image.Image:
-    """Decode a file fully and apply its EXIF orientation, turning every decoder failure into a DataError."""
+def _existing_file(path: str | PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not an image file" if path.is_dir() else "does not exist"
         raise DataError(f"Image file {path} {what}. Check the path, or pass the folder to find_images().")
+    return path
+
+
+def _open_upright(source: Path | BinaryIO, path: Path | str) -> Image.Image:
+    """Decode a file or binary stream (``path`` names it in messages) fully and apply its EXIF orientation, turning
+    every decoder failure into a DataError."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
             return ImageOps.exif_transpose(image)
     except UnidentifiedImageError as error:
@@ -76,7 +84,7 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
 
 
-def _to_rgb(image: Image.Image, path: Path) -> np.ndarray:
+def _to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
     """Convert any decoded PIL image to an (H, W, 3) uint8 RGB array following the module's rules."""
     if image.mode in _WIDE_MODES:
         gray = _wide_to_uint8(image)
@@ -93,21 +101,34 @@ def _to_rgb(image: Image.Image, path: Path) -> np.ndarray:
         ) from error
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as upright RGB.
+def read_image(source: str | PathLike | bytes | BinaryIO | Image.Image) -> np.ndarray:
+    """Read an image as upright RGB, following the module's decoding rules whatever the source.
 
     Args:
-        path: Image file in one of ``IMAGE_EXTENSIONS`` (the format is detected from the content).
+        source: An image file path in one of ``IMAGE_EXTENSIONS`` (the format is detected from the content), the
+            encoded bytes of such a file (a service's upload), an open binary file object, or a PIL image.
 
     Returns:
         Array of shape (H, W, 3), dtype uint8, RGB.
 
     Raises:
-        DataError: The file is missing, not an image, truncated, corrupt or in an unsupported pixel mode; the
-            message names the file and the fix.
+        DataError: The file is missing, not an image, truncated, corrupt or in an unsupported pixel mode, or the
+            source is of another type; the message names the file and the fix.
     """
-    path = Path(path)
-    return _to_rgb(_open_upright(path), path)
+    if isinstance(source, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(source), "the PIL image")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _to_rgb(_open_upright(io.BytesIO(source), "the image bytes"), "the image bytes")
+    if hasattr(source, "read"):
+        name = str(getattr(source, "name", "the image stream"))
+        return _to_rgb(_open_upright(source, name), name)
+    if isinstance(source, (str, PathLike)):
+        path = _existing_file(source)
+        return _to_rgb(_open_upright(path, path), path)
+    raise DataError(
+        f"read_image() takes a file path, encoded bytes, a binary file object or a PIL image; got "
+        f"{type(source).__name__}. An (H, W, 3) uint8 RGB array is already decoded: give it to preprocess()."
+    )
 
 
 _LOSSY_MASK_EXTENSIONS = (".jpg", ".jpeg")
@@ -141,8 +162,8 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None, image_path:
     Raises:
         DataError: The mask is unreadable, or its size differs from ``size``.
     """
-    path = Path(path)
-    mask = _mask_to_bool(_open_upright(path), lossy=path.suffix.lower() in _LOSSY_MASK_EXTENSIONS)
+    path = _existing_file(path)
+    mask = _mask_to_bool(_open_upright(path, path), lossy=path.suffix.lower() in _LOSSY_MASK_EXTENSIONS)
     if size is not None and mask.shape != tuple(size):
         owner = f"its image {image_path}" if image_path is not None else "the expected size"
         raise DataError(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ModelFormatError
-from ..models.base import AnomalyModel
+from ..models.base import AnomalyModel, check_images
 from .graph import INPUT_NAME, OUTPUT_NAMES, export_metadata
 from .regions import Region, find_regions
 
@@ -68,9 +68,19 @@ class Prediction:
 
 
 class Inferencer(Protocol):
-    """What ``flawscope predict`` and deployments use: metadata plus ``predict``."""
+    """What ``flawscope predict`` and deployments use: metadata plus ``predict``.
+
+    An inferencer keeps no state between calls: one instance may serve several threads at once (torch modules in
+    eval mode and ONNX Runtime sessions allow concurrent calls; ``tests/test_export.py`` checks two threads).
+    """
 
     metadata: dict[str, Any]
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def resize_size(self) -> int: ...
 
     def predict(self, images: np.ndarray | torch.Tensor, min_area: int = 0) -> list[Prediction]: ...
 
@@ -102,27 +112,33 @@ class _BaseInferencer:
         """images (B, 3, S, S) float in [0, 1] -> the graph's four outputs as float32 numpy arrays, by name."""
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().numpy()
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        size = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+        if not isinstance(images, np.ndarray):
             raise DataError(
-                f"This model expects images of shape (B, 3, {size}, {size}) float in [0, 1]; got {images.shape}. "
-                "Use flawscope.data.preprocess() to resize and crop."
+                f"An inferencer takes a (B, 3, S, S) numpy array or torch tensor; got {type(images).__name__}. Decode "
+                "files with flawscope.data.read_image() and make model input with flawscope.data.preprocess()."
             )
-        if images.shape[0] == 0:
-            raise DataError("The batch holds no images (B = 0); flawscope.data.find_images() lists a folder's images.")
+        check_images(images, self.image_size)
+        images = np.ascontiguousarray(images, dtype=np.float32)
         batch = self.fixed_batch
         if batch is None or images.shape[0] == batch:
-            return dict(zip(OUTPUT_NAMES, self._forward(images), strict=True))
-        # A fixed-batch graph: run full chunks, zero-pad the last one and drop what the padding produced.
-        chunks = []
-        for start in range(0, images.shape[0], batch):
-            chunk = images[start : start + batch]
-            count = chunk.shape[0]
-            if count < batch:
-                chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]), np.float32)])
-            chunks.append([output[:count] for output in self._forward(chunk)])
-        return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(OUTPUT_NAMES)}
+            out = dict(zip(OUTPUT_NAMES, self._forward(images), strict=True))
+        else:
+            # A fixed-batch graph: run full chunks, zero-pad the last one and drop what the padding produced.
+            chunks = []
+            for start in range(0, images.shape[0], batch):
+                chunk = images[start : start + batch]
+                count = chunk.shape[0]
+                if count < batch:
+                    chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]), np.float32)])
+                chunks.append([output[:count] for output in self._forward(chunk)])
+            out = {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(OUTPUT_NAMES)}
+        broken = ~np.isfinite(out["pred_score"])
+        if broken.any():  # NaN > 0.5 is False: without this an unscorable image would pass as good
+            raise ModelFormatError(
+                f"The model gave NaN or infinite scores for images {np.flatnonzero(broken)[:10].tolist()} of the "
+                "batch (0-based) from valid input: its weights are damaged or its training diverged. Fit again."
+            )
+        return out
 
     def predict(self, images: np.ndarray | torch.Tensor, min_area: int = 0) -> list[Prediction]:
         """images (B, 3, S, S) float in [0, 1] -> B predictions with regions of at least ``min_area`` pixels."""
@@ -139,7 +155,10 @@ class _BaseInferencer:
 
 
 class TorchInferencer(_BaseInferencer):
-    """Runs a model in torch (the reference the exported files are checked against)."""
+    """Runs a model in torch (the reference the exported files are checked against).
+
+    Uses ``model`` itself, not a copy: it is put in eval mode and moved to ``device``.
+    """
 
     def __init__(self, model: AnomalyModel, device: str | torch.device = "cpu") -> None:
         model.check_fitted()
@@ -221,7 +240,7 @@ class OnnxInferencer(_BaseInferencer):
         return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))
 
 
-def load_inferencer(path: str | Path, device: str = "auto", threads: int | None = None) -> _BaseInferencer:
+def load_inferencer(path: str | Path, device: str = "auto", threads: int | None = None) -> Inferencer:
     """An inferencer for a run or model folder (torch), an .onnx file or a TorchScript file (.pt, .ts)."""
     from ..api import resolve_device
     from ..model_io import load_model, read_model_info, warn_if_uncalibrated

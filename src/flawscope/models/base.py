@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -33,6 +34,56 @@ def normalize_scores(raw: Tensor, threshold: Tensor, score_low: Tensor) -> Tenso
     """
     scale = (threshold - score_low).clamp_min(1e-12)
     return (0.5 * (raw - score_low) / scale).clamp(0.0, 1.0)
+
+
+INPUT_RANGE_TOLERANCE = 1e-3  # float rounding around [0, 1]; a resize with non-negative weights never leaves it
+
+
+def check_images(images: Tensor | np.ndarray, image_size: int, owner: str = "This model") -> None:
+    """Refuses a batch that is not model input, with a message that says what to change.
+
+    Args:
+        images: (B, 3, S, S) float in [0, 1], B >= 1, S = ``image_size``: what ``flawscope.data.preprocess`` makes.
+        image_size: the model's input size S.
+        owner: what the message names as expecting the input.
+
+    Raises:
+        DataError: another shape, an empty batch, an integer or bool dtype, NaN or infinite values, or values
+            outside [0, 1] (0-255 values, or mean/std-normalised ones: the graph normalises itself).
+    """
+    shape = tuple(images.shape)
+    if len(shape) != 4 or shape[1:] != (3, image_size, image_size):
+        raise DataError(
+            f"{owner} expects images of shape (B, 3, {image_size}, {image_size}) float in [0, 1]; got {shape}. "
+            "Use flawscope.data.preprocess() to resize and crop (and torch.stack or numpy.stack for a batch)."
+        )
+    if shape[0] == 0:
+        raise DataError("The batch holds no images (B = 0); flawscope.data.find_images() lists a folder's images.")
+    values = torch.as_tensor(images)
+    if not values.is_floating_point():
+        raise DataError(
+            f"{owner} expects float images in [0, 1]; got dtype {values.dtype}. Divide uint8 images by 255 "
+            "(flawscope.data.preprocess() does)."
+        )
+    finite = torch.isfinite(values).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise DataError(
+            f"{owner} cannot score images {bad[:10]} of the batch (0-based): they hold NaN or infinite values. Check "
+            "how they were decoded or computed."
+        )
+    low, high = (float(v) for v in torch.aminmax(values))
+    if low < -INPUT_RANGE_TOLERANCE or high > 1 + INPUT_RANGE_TOLERANCE:
+        hint = (
+            "Values up to 255 look like 8-bit pixels: divide by 255."
+            if low >= -INPUT_RANGE_TOLERANCE
+            else "Negative values look like mean/std-normalised pixels: pass the [0, 1] image, the model normalises "
+            "it itself."
+        )
+        raise DataError(
+            f"{owner} expects images in [0, 1]; got values from {low:.4g} to {high:.4g}. {hint} "
+            "flawscope.data.preprocess() makes model input from a decoded image."
+        )
 
 
 class AnomalyModel(nn.Module):
@@ -60,6 +111,13 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: Tensor) -> AnomalyOutput:
+        """images (B, 3, S, S) float in [0, 1], S = ``config.image_size`` -> the four outputs.
+
+        Raises:
+            DataError: a batch of another shape, an integer dtype, values outside [0, 1], NaN or infinity.
+        """
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.check_input(images)
         anomaly_map, score = self.raw_scores(images)
         return AnomalyOutput(anomaly_map, score, self.normalize(anomaly_map), self.normalize(score))
 
@@ -84,12 +142,14 @@ class AnomalyModel(nn.Module):
             )
 
     def check_input(self, images: Tensor) -> None:
-        """Validates a batch before it reaches the graph, with a message that says what to change."""
-        size = self.config.image_size
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+        """Validates a batch before it reaches the graph, with a message that says what to change.
+
+        Called by ``forward`` in eager mode only: tracing and export skip it, so it is never part of a graph.
+        """
+        check_images(images, self.config.image_size, type(self).__name__)
+        weight = next(self.parameters(), None)
+        if weight is not None and images.dtype != weight.dtype:
             raise DataError(
-                f"{type(self).__name__} expects images of shape (B, 3, {size}, {size}) in [0, 1]; "
-                f"got {tuple(images.shape)}. Use flawscope.data.preprocess() to resize and crop."
+                f"{type(self).__name__} holds {weight.dtype} weights and was given {images.dtype} images; convert them "
+                f"with images.to({weight.dtype})."
             )
-        if not images.is_floating_point():
-            raise DataError(f"Images must be float in [0, 1]; got dtype {images.dtype}. Divide uint8 images by 255.")

@@ -1,0 +1,147 @@
+"""The Python API as a service uses it: in-memory images, input checks on every path, threads, global state."""
+
+from __future__ import annotations
+
+import io
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flawscope
+from flawscope.data import find_images
+from flawscope.errors import DataError, ModelFormatError
+from flawscope.export import TorchInferencer, export_model
+
+OPTIONS = {
+    "backbone": "efficientnet_lite0",
+    "image_size": 64,
+    "resize_size": 0,
+    "coreset_ratio": 0.5,
+    "target_embed_dim": 64,
+    "pretrain_embed_dim": 64,
+}
+
+
+def _draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def _seed_callers_streams() -> None:
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory) -> Path:
+    return flawscope.fit(
+        "patchcore", tiny_dataset, tmp_path_factory.mktemp("serving") / "run", options=OPTIONS, quiet=True
+    )
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_dataset) -> torch.Tensor:
+    paths = find_images([tiny_dataset / "test"])
+    return torch.stack([flawscope.preprocess(flawscope.read_image(p), 64, 0) for p in paths])
+
+
+def test_fit_and_load_leave_the_callers_random_streams(tiny_dataset, tmp_path, run):
+    _seed_callers_streams()
+    expected = _draws()
+    _seed_callers_streams()
+    flawscope.fit("patchcore", tiny_dataset, tmp_path / "again", options=OPTIONS, seed=3, quiet=True)
+    assert _draws() == expected
+    _seed_callers_streams()
+    flawscope.load_model(run)
+    flawscope.load_inferencer(run, "cpu")
+    assert _draws() == expected
+
+
+def test_in_memory_sources_decode_like_the_file(tiny_dataset, tmp_path):
+    path = find_images([tiny_dataset / "test"])[0]
+    pixels = flawscope.read_image(path)
+    np.testing.assert_array_equal(flawscope.read_image(path.read_bytes()), pixels)
+    with open(path, "rb") as stream:
+        np.testing.assert_array_equal(flawscope.read_image(stream), pixels)
+    np.testing.assert_array_equal(flawscope.read_image(io.BytesIO(path.read_bytes())), pixels)
+    # A PIL image follows flawscope's rules, not Pillow's convert: transparent pixels go to black.
+    rgba = Image.fromarray(np.dstack([pixels, np.zeros(pixels.shape[:2], np.uint8)]))
+    assert flawscope.read_image(rgba).max() == 0 and np.asarray(rgba.convert("RGB")).max() > 0
+    # An OpenCV-style BGR array reversed to RGB is a view with a negative stride; grey arrays become RGB.
+    bgr = np.ascontiguousarray(pixels[:, :, ::-1])
+    torch.testing.assert_close(flawscope.preprocess(bgr[:, :, ::-1], 32, 0), flawscope.preprocess(pixels, 32, 0))
+    grey = pixels[:, :, 0]
+    torch.testing.assert_close(flawscope.preprocess(grey, 32, 0), flawscope.preprocess(np.dstack([grey] * 3), 32, 0))
+    with pytest.raises(DataError, match="read_image"):
+        flawscope.preprocess(Image.fromarray(pixels), 32, 0)
+    with pytest.raises(DataError, match="preprocess"):
+        flawscope.read_image(pixels)
+    with pytest.raises(DataError, match="the image bytes"):
+        flawscope.read_image(b"not an image")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x: x * 255, r"values from .* to .*divide by 255"),
+        (lambda x: (x * 255).round().to(torch.uint8), "dtype torch.uint8.*Divide uint8 images by 255"),
+        (lambda x: (x - 0.45) / 0.22, "mean/std-normalised"),
+        (lambda x: torch.where(torch.arange(len(x))[:, None, None, None] == 1, float("nan"), x), r"images \[1\].*NaN"),
+        (lambda x: x[0], r"\(B, 3, 64, 64\)"),
+    ],
+)
+def test_every_path_refuses_what_is_not_model_input(run, batch, tmp_path_factory, change, message):
+    model = flawscope.load_model(run)
+    onnx = export_model(model, tmp_path_factory.mktemp("onnx") / "model.onnx", "onnx")
+    bad = change(batch[:3].clone())
+    for runner in (TorchInferencer(model), flawscope.load_inferencer(onnx, "cpu")):
+        with pytest.raises(DataError, match=message):
+            runner.predict(bad)
+    with pytest.raises(DataError, match=message):
+        model(bad)
+
+
+def test_the_model_names_a_dtype_it_does_not_hold(run, batch):
+    with pytest.raises(DataError, match=r"torch.float32 weights.*torch.float64 images"):
+        flawscope.load_model(run)(batch.double())
+
+
+def test_nan_scores_from_valid_input_are_an_error_not_a_good_image(run, batch, monkeypatch):
+    inferencer = flawscope.load_inferencer(run, "cpu")
+    real = inferencer._forward
+
+    def broken(images):
+        outputs = list(real(images))
+        outputs[1] = np.full_like(outputs[1], np.nan)  # pred_score
+        return tuple(outputs)
+
+    monkeypatch.setattr(inferencer, "_forward", broken)
+    with pytest.raises(ModelFormatError, match=r"NaN or infinite scores for images \[0, 1\]"):
+        inferencer.predict(batch[:2])
+
+
+@pytest.mark.parametrize("form", ["torch", "onnx"])
+def test_two_threads_share_one_inferencer(run, batch, tmp_path, form):
+    model_path = run if form == "torch" else export_model(flawscope.load_model(run), tmp_path / "m.onnx", "onnx")
+    inferencer = flawscope.load_inferencer(model_path, "cpu")
+    order = list(range(len(batch)))
+    alone = [float(inferencer.run(batch[i : i + 1])["norm_score"][0]) for i in order]  # batch 1, as the threads
+
+    def score(indices: list[int]) -> dict[int, float]:
+        return {i: float(inferencer.run(batch[i : i + 1])["norm_score"][0]) for i in indices for _ in range(3)}
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(score, [order, order[::-1]]))
+    for result in results:
+        np.testing.assert_allclose([result[i] for i in order], alone, rtol=0, atol=1e-6)
+
+
+def test_predict_restores_the_callers_thread_count(run, tiny_dataset, tmp_path):
+    before = torch.get_num_threads()
+    flawscope.predict(run, [tiny_dataset / "test"], tmp_path / "out", overlays=False, quiet=True, threads=before + 1)
+    assert torch.get_num_threads() == before
