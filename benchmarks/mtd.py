@@ -393,7 +393,12 @@ def render_same_split(results: dict) -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO / "../shared/datasets/mtd")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO / "../shared/datasets/mtd",
+        help="the MTD folder in the MVTec layout (default: ../shared/datasets/mtd next to the checkout)",
+    )
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     parser.add_argument("--only", nargs="*", choices=sorted(SETTINGS), default=sorted(SETTINGS))
     parser.add_argument("--docs", type=Path, default=REPO / "docs/benchmarks.md", help="also keeps mtd_results.json")
