@@ -66,7 +66,7 @@ def test_hand_made_bank_neighbours_are_right():
 def test_reweighted_score_matches_eq7(monkeypatch):
     features = QUERIES.permute(0, 3, 1, 2)  # (B, D, h, w)
     model = _controlled_model(monkeypatch, features, BANK, BANK_NEIGHBORS_3, num_neighbors=3)
-    score = model.raw_scores(torch.zeros(2, 3, 2, 2))[1]
+    score = model(torch.zeros(2, 3, 2, 2)).pred_score
     worst = [(2.5, 2.0), (1.0, 1.0)]
     expected = [_eq7(q, BANK, BANK_NEIGHBORS_3) for q in worst]
     # Image 0 by hand: d* = sqrt(1.25) to (3, 3); its neighbours (0, 2) and (1, 0) are both 2.5 away.
@@ -79,7 +79,7 @@ def test_reweighted_score_matches_eq7(monkeypatch):
 def test_single_neighbour_gives_the_plain_max_distance(monkeypatch):
     features = QUERIES.permute(0, 3, 1, 2)
     model = _controlled_model(monkeypatch, features, BANK, torch.arange(5)[:, None], num_neighbors=1)
-    score = model.raw_scores(torch.zeros(2, 3, 2, 2))[1]
+    score = model(torch.zeros(2, 3, 2, 2)).pred_score
     expected = torch.cdist(QUERIES.reshape(2, 4, 2), BANK[None].expand(2, -1, -1)).amin(2).amax(1)
     torch.testing.assert_close(score, expected)
     torch.testing.assert_close(score, torch.tensor([math.sqrt(1.25), 1.0]))
@@ -95,11 +95,11 @@ def test_patch_map_is_the_brute_force_nearest_distance(monkeypatch):
 
     # No smoothing and no upsampling: the map is the grid itself.
     raw = _controlled_model(monkeypatch, features, bank, neighbors, num_neighbors=1, smoothing_sigma=0)
-    torch.testing.assert_close(raw.raw_scores(torch.zeros(2, 3, 3, 4))[0], grid)
+    torch.testing.assert_close(raw(torch.zeros(2, 3, 3, 4)).anomaly_map, grid)
 
     # Default path: bilinear upsampling (align_corners=False), then scipy's Gaussian with sigma 4.
     smooth = _controlled_model(monkeypatch, features, bank, neighbors, num_neighbors=1)
-    got = smooth.raw_scores(torch.zeros(2, 3, 24, 32))[0]
+    got = smooth(torch.zeros(2, 3, 24, 32)).anomaly_map
     upsampled = F.interpolate(grid, size=(24, 32), mode="bilinear", align_corners=False)
     expected = np.stack([scipy.ndimage.gaussian_filter(m.double().numpy(), sigma=4) for m in upsampled])
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)

@@ -89,6 +89,7 @@ def test_in_memory_sources_decode_like_the_file(tiny_dataset, tmp_path):
     ("change", "message"),
     [
         (lambda x: x * 255, r"values from .* to .*divide by 255"),
+        (lambda x: torch.cat([x[:, :, :1] * 0 + 1.02, x[:, :, 1:]], dim=2), r"values from .* to 1.02.*overshoot: clip"),
         (lambda x: (x * 255).round().to(torch.uint8), "dtype torch.uint8.*Divide uint8 images by 255"),
         (lambda x: (x - 0.45) / 0.22, "mean/std-normalised"),
         (lambda x: torch.where(torch.arange(len(x))[:, None, None, None] == 1, float("nan"), x), r"images \[1\].*NaN"),
@@ -103,12 +104,34 @@ def test_every_path_refuses_what_is_not_model_input(run, batch, tmp_path_factory
         with pytest.raises(DataError, match=message):
             runner.predict(bad)
     with pytest.raises(DataError, match=message):
-        model(bad)
+        model.check_input(bad)  # for direct model(images) calls; forward itself never branches on values
+
+
+def test_inferencers_take_any_strides_and_byte_order(run, batch):
+    inferencer = flawscope.load_inferencer(run, "cpu")
+    expected = inferencer.run(batch)["norm_score"]
+    reversed_channels = np.ascontiguousarray(batch.numpy()[:, ::-1])[:, ::-1]  # a negatively strided view
+    np.testing.assert_array_equal(inferencer.run(reversed_channels)["norm_score"], expected)
+    np.testing.assert_array_equal(inferencer.run(batch.numpy().astype(">f4"))["norm_score"], expected)
+
+
+def test_unusable_sources_get_a_data_error(tiny_dataset, tmp_path):
+    path = find_images([tiny_dataset / "test"])[0]
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        flawscope.read_image(Image.open(truncated))  # a lazy PIL image decodes inside read_image
+    with open(path, "rb") as stream:
+        pass
+    with pytest.raises(DataError, match="closed"):
+        flawscope.read_image(stream)
+    with open(path, encoding="latin-1") as text, pytest.raises(DataError, match="text mode"):
+        flawscope.read_image(text)
 
 
 def test_the_model_names_a_dtype_it_does_not_hold(run, batch):
     with pytest.raises(DataError, match=r"torch.float32 weights.*torch.float64 images"):
-        flawscope.load_model(run)(batch.double())
+        flawscope.load_model(run).check_input(batch.double())
 
 
 def test_nan_scores_from_valid_input_are_an_error_not_a_good_image(run, batch, monkeypatch):

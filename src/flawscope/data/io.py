@@ -44,10 +44,16 @@ def _existing_file(path: str | PathLike) -> Path:
     return path
 
 
-def _open_upright(source: Path | BinaryIO, path: Path | str) -> Image.Image:
-    """Decode a file or binary stream (``path`` names it in messages) fully and apply its EXIF orientation, turning
-    every decoder failure into a DataError."""
+def _open_upright(source: Path | BinaryIO | Image.Image, path: Path | str) -> Image.Image:
+    """Decode a file, binary stream or PIL image (``path`` names it in messages) fully and apply its EXIF
+    orientation, turning every decoder failure into a DataError."""
+    if isinstance(source, io.TextIOBase) or getattr(source, "closed", False):
+        what = "open in text mode: open it with 'rb'" if isinstance(source, io.TextIOBase) else "closed: open it again"
+        raise DataError(f"Cannot read {path}: the file object is {what}, or pass its path.")
     try:
+        if isinstance(source, Image.Image):  # possibly lazy (Image.open): decode it here too
+            source.load()
+            return ImageOps.exif_transpose(source)
         with Image.open(source) as image:
             image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
             return ImageOps.exif_transpose(image)
@@ -66,7 +72,7 @@ def _open_upright(source: Path | BinaryIO, path: Path | str) -> Image.Image:
             f"pixels (PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs). Downscale the image, or, if "
             f"the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS in Python before calling flawscope."
         ) from error
-    except (OSError, ValueError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError, AssertionError) as error:  # Pillow asserts on a closed lazy image
         raise DataError(
             f"Cannot decode {path}: the file is truncated or corrupt ({error}). Re-export or re-copy the file, or "
             f"remove it from the data folder."
@@ -116,7 +122,7 @@ def read_image(source: str | PathLike | bytes | BinaryIO | Image.Image) -> np.nd
             source is of another type; the message names the file and the fix.
     """
     if isinstance(source, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(source), "the PIL image")
+        return _to_rgb(_open_upright(source, "the PIL image"), "the PIL image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _to_rgb(_open_upright(io.BytesIO(source), "the image bytes"), "the image bytes")
     if hasattr(source, "read"):

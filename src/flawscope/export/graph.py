@@ -85,11 +85,12 @@ def _preprocessing_text(image_size: int, resize_size: int) -> str:
             f"round-half-to-even((resized - {image_size}) / 2) on each axis"
         )
     return (
-        "decode: apply the EXIF orientation; 16-bit grey -> round(v / 257); grey, palette, CMYK -> RGB; transparent "
-        "images composited on black ((c * alpha + 127) // 255); then divide the uint8 RGB values by 255 (float32) "
-        f"and, in float (never back to uint8), {geometry}; every resize is bilinear with antialiasing, half-pixel "
-        "centres (torch interpolate(antialias=True), Pillow's BILINEAR resize of a mode 'F' image); no mean/std "
-        "normalisation (it is inside the graph)"
+        "decode: apply the EXIF orientation; 16-bit grey -> round(v / 257), float grey -> round(v * 255) when its "
+        "maximum is at most 1, else as 16-bit (values clipped to the range first); grey, palette, CMYK -> RGB; "
+        "transparent images composited on black ((c * alpha + 127) // 255); then divide the uint8 RGB values by 255 "
+        f"(float32) and, in float (never back to uint8), {geometry}; every resize is bilinear with antialiasing, "
+        "half-pixel centres (torch interpolate(antialias=True), Pillow's BILINEAR resize of a mode 'F' image); no "
+        "mean/std normalisation (it is inside the graph)"
     )
 
 

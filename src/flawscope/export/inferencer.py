@@ -71,7 +71,7 @@ class Inferencer(Protocol):
     """What ``flawscope predict`` and deployments use: metadata plus ``predict``.
 
     An inferencer keeps no state between calls: one instance may serve several threads at once (torch modules in
-    eval mode and ONNX Runtime sessions allow concurrent calls; ``tests/test_export.py`` checks two threads).
+    eval mode and ONNX Runtime sessions allow concurrent calls; ``tests/test_serving.py`` checks two threads).
     """
 
     metadata: dict[str, Any]
@@ -117,32 +117,34 @@ class _BaseInferencer:
                 f"An inferencer takes a (B, 3, S, S) numpy array or torch tensor; got {type(images).__name__}. Decode "
                 "files with flawscope.data.read_image() and make model input with flawscope.data.preprocess()."
             )
+        images = np.ascontiguousarray(images)  # views with negative strides (bgr[:, ::-1]) become plain arrays
+        if not images.dtype.isnative:
+            images = images.astype(images.dtype.newbyteorder("="))
         check_images(images, self.image_size)
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = images.astype(np.float32, copy=False)
         batch = self.fixed_batch
         if batch is None or images.shape[0] == batch:
-            out = dict(zip(OUTPUT_NAMES, self._forward(images), strict=True))
-        else:
-            # A fixed-batch graph: run full chunks, zero-pad the last one and drop what the padding produced.
-            chunks = []
-            for start in range(0, images.shape[0], batch):
-                chunk = images[start : start + batch]
-                count = chunk.shape[0]
-                if count < batch:
-                    chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]), np.float32)])
-                chunks.append([output[:count] for output in self._forward(chunk)])
-            out = {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(OUTPUT_NAMES)}
-        broken = ~np.isfinite(out["pred_score"])
-        if broken.any():  # NaN > 0.5 is False: without this an unscorable image would pass as good
-            raise ModelFormatError(
-                f"The model gave NaN or infinite scores for images {np.flatnonzero(broken)[:10].tolist()} of the "
-                "batch (0-based) from valid input: its weights are damaged or its training diverged. Fit again."
-            )
-        return out
+            return dict(zip(OUTPUT_NAMES, self._forward(images), strict=True))
+        # A fixed-batch graph: run full chunks, zero-pad the last one and drop what the padding produced.
+        chunks = []
+        for start in range(0, images.shape[0], batch):
+            chunk = images[start : start + batch]
+            count = chunk.shape[0]
+            if count < batch:
+                chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]), np.float32)])
+            chunks.append([output[:count] for output in self._forward(chunk)])
+        return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(OUTPUT_NAMES)}
 
     def predict(self, images: np.ndarray | torch.Tensor, min_area: int = 0) -> list[Prediction]:
         """images (B, 3, S, S) float in [0, 1] -> B predictions with regions of at least ``min_area`` pixels."""
         out = self.run(images)
+        broken = ~np.isfinite(out["pred_score"])
+        if broken.any():  # NaN > 0.5 is False: without this an unscorable image would pass as good
+            raise ModelFormatError(
+                f"The model gave NaN or infinite scores for images {np.flatnonzero(broken)[:10].tolist()} of the "
+                "batch (0-based) from valid input: the model file is damaged, its training diverged, or a float16 "
+                "export overflowed. Fit or export again."
+            )
         predictions = []
         for i in range(out["pred_score"].shape[0]):
             norm_map, raw_map = out["norm_map"][i, 0], out["anomaly_map"][i, 0]

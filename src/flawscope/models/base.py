@@ -59,7 +59,7 @@ def check_images(images: Tensor | np.ndarray, image_size: int, owner: str = "Thi
         )
     if shape[0] == 0:
         raise DataError("The batch holds no images (B = 0); flawscope.data.find_images() lists a folder's images.")
-    values = torch.as_tensor(images)
+    values = torch.as_tensor(images).detach()
     if not values.is_floating_point():
         raise DataError(
             f"{owner} expects float images in [0, 1]; got dtype {values.dtype}. Divide uint8 images by 255 "
@@ -74,12 +74,13 @@ def check_images(images: Tensor | np.ndarray, image_size: int, owner: str = "Thi
         )
     low, high = (float(v) for v in torch.aminmax(values))
     if low < -INPUT_RANGE_TOLERANCE or high > 1 + INPUT_RANGE_TOLERANCE:
-        hint = (
-            "Values up to 255 look like 8-bit pixels: divide by 255."
-            if low >= -INPUT_RANGE_TOLERANCE
-            else "Negative values look like mean/std-normalised pixels: pass the [0, 1] image, the model normalises "
-            "it itself."
-        )
+        if low >= -INPUT_RANGE_TOLERANCE and high > 2:
+            hint = "Values up to 255 look like 8-bit pixels: divide by 255."
+        elif low < -0.5:
+            hint = "Values this negative look like mean/std-normalised pixels: pass the [0, 1] image, the model "
+            hint += "normalises it itself."
+        else:
+            hint = "Values just outside look like a bicubic or Lanczos resize's overshoot: clip them to [0, 1]."
         raise DataError(
             f"{owner} expects images in [0, 1]; got values from {low:.4g} to {high:.4g}. {hint} "
             "flawscope.data.preprocess() makes model input from a decoded image."
@@ -113,11 +114,9 @@ class AnomalyModel(nn.Module):
     def forward(self, images: Tensor) -> AnomalyOutput:
         """images (B, 3, S, S) float in [0, 1], S = ``config.image_size`` -> the four outputs.
 
-        Raises:
-            DataError: a batch of another shape, an integer dtype, values outside [0, 1], NaN or infinity.
+        The input is not checked here (``forward`` never branches on tensor values, so it traces and exports as is):
+        the inferencers check it, and ``check_input`` does for direct calls.
         """
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            self.check_input(images)
         anomaly_map, score = self.raw_scores(images)
         return AnomalyOutput(anomaly_map, score, self.normalize(anomaly_map), self.normalize(score))
 
@@ -142,10 +141,8 @@ class AnomalyModel(nn.Module):
             )
 
     def check_input(self, images: Tensor) -> None:
-        """Validates a batch before it reaches the graph, with a message that says what to change.
-
-        Called by ``forward`` in eager mode only: tracing and export skip it, so it is never part of a graph.
-        """
+        """Validates a batch for ``forward``, with a message that says what to change (the inferencers call it;
+        call it yourself before ``model(images)`` on input you did not make with ``flawscope.data.preprocess``)."""
         check_images(images, self.config.image_size, type(self).__name__)
         weight = next(self.parameters(), None)
         if weight is not None and images.dtype != weight.dtype:
