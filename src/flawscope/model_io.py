@@ -129,7 +129,8 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     Returns:
         The model. ``model(images)`` takes (B, 3, S, S) float in [0, 1] with S = ``model.config.image_size``, made
         with ``flawscope.data.preprocess(read_image(path), S, model.config.resize_size)``, and returns an
-        :class:`~flawscope.models.base.AnomalyOutput`; other input is refused with a DataError.
+        :class:`~flawscope.models.base.AnomalyOutput`. ``forward`` does not check its input (it never branches on
+        tensor values); call ``model.check_input(images)`` first, or serve through ``load_inferencer``, which does.
     """
     info = read_model_info(folder)
     folder = Path(info["folder"])
