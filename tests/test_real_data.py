@@ -67,7 +67,8 @@ def test_simplenet_on_mtd_half_training_set():
         SimpleNet(SimpleNetConfig.from_dict(options)), fit, train_every=2, test_every=(1, 1)
     )
     # Measured 0.959 / 0.799 / 0.655 (image AUROC / pixel AUROC / AUPRO) here, against 0.974 / 0.797 / 0.645 for the
-    # same schedule on every training image.
+    # same schedule on every training image; with the seed above 0.951 / 0.803 / 0.664 (AMD EPYC, 2 threads), and
+    # 0.597 AUPRO from the stream another test order left: the initialisation alone moves AUPRO by several points.
     assert metrics["image_auroc"] >= 0.93
     assert metrics["pixel_auroc"] >= 0.77
     assert metrics["pixel_aupro"] >= 0.62
