@@ -99,6 +99,22 @@ def test_exported_files_agree_with_torch(exported):
             np.testing.assert_array_equal(got["norm_score"] > 0.5, decisions)
 
 
+def _assert_no_fixed_device(path) -> None:
+    # A traced tensor factory keeps the tracing device as a constant: a file exported on the CPU would then build
+    # that tensor on the CPU when loaded on a GPU and fail at the next operation with a GPU tensor.
+    module = torch.jit.load(str(path))
+    fixed = [
+        line.strip()
+        for line in str(module.inlined_graph).splitlines()
+        if 'Device = prim::Constant[value="cpu"]' in line
+    ]
+    assert not fixed, f"{path}: device constants in the traced graph: {fixed[:3]}"
+
+
+def test_torchscript_graph_follows_the_device_it_is_loaded_on(exported):
+    _assert_no_fixed_device(exported[2]["torchscript"])
+
+
 def test_predictions_are_the_same_objects_from_every_path(exported):
     model, images, paths = exported
     predictions = [
@@ -171,6 +187,7 @@ def test_image_context_exports_with_parity(name, tiny_dataset, tmp_path):
     _calibrate(model, images)
     for fmt in ("onnx", "torchscript"):
         assert check_parity(model, export_model(model, tmp_path / f"context.{fmt}", fmt), images)["ok"]
+    _assert_no_fixed_device(tmp_path / "context.torchscript")
 
 
 @pytest.mark.parametrize("name", ["simplenet", "cfa", "mlff", "prn"])
@@ -185,6 +202,7 @@ def test_position_whitening_exports_with_parity(name, tiny_dataset, tmp_path):
     _calibrate(model, images)
     for fmt in ("onnx", "torchscript"):
         assert check_parity(model, export_model(model, tmp_path / f"position.{fmt}", fmt), images)["ok"]
+    _assert_no_fixed_device(tmp_path / "position.torchscript")
 
 
 def test_several_blocks_per_stage_export_with_parity(tiny_dataset, tmp_path):

@@ -122,3 +122,13 @@ def test_position_whitening_equals_numpy_per_position_whatever_the_chunking(monk
     whitened = layer(features).double()  # training features: zero mean, identity covariance
     np.testing.assert_allclose(whitened.mean(0).numpy(), 0, atol=1e-4)
     np.testing.assert_allclose(np.cov(whitened[:, 2].numpy(), rowvar=False), np.eye(6), atol=1e-3)
+
+
+def test_position_whitening_keeps_its_buffers_on_the_modules_device():
+    # PRN accumulates the statistics from CPU chunks while the model sits on the GPU; "meta" stands in for it.
+    from flawscope.layers import PositionWhitening
+
+    layer = PositionWhitening(4, shrinkage=0.01).to("meta")
+    layer.fit([torch.randn(6, 3, 4)])
+    assert layer.mean.device.type == layer.matrix.device.type == "meta"
+    assert layer.mean.dtype == torch.float32 and layer.mean.shape == (3, 4)

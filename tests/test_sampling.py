@@ -37,3 +37,9 @@ def test_nearest_in_bank_lists_self_first_then_neighbours():
     bank = torch.tensor([[0.0], [1.0], [3.0], [3.5]])
     neighbours = nearest_in_bank(bank, 2, chunk_size=3)
     assert neighbours.tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+
+
+def test_greedy_coreset_runs_on_the_features_device():
+    # A GPU fit selects there; "meta" stands in for the GPU (the projection is drawn on the generator's CPU).
+    index = greedy_coreset(torch.randn(50, 8, device="meta"), 5, 4, generator=torch.Generator().manual_seed(0))
+    assert index.device.type == "meta" and index.shape == (5,)

@@ -130,8 +130,8 @@ def fit(
     ``data``, stratified over defect types with ``seed``. Their paths go into config.json and ``flawscope test``
     leaves them out of the test set.
 
-    Training is seeded with ``seed`` (Python's, numpy's and torch's generators); the caller's global (CPU) random
-    states are restored afterwards.
+    Training is seeded with ``seed`` (Python's, numpy's and torch's generators); the caller's global random states
+    are restored afterwards (CPU, and CUDA's when the caller has used CUDA).
 
     Returns:
         The run folder.

@@ -79,10 +79,11 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def preserved_random_state() -> Iterator[None]:
-    """Restores Python's, numpy's and torch's (CPU) global random generators after the block, so seeding inside it
-    does not change the caller's random streams."""
+    """Restores Python's, numpy's and torch's global random generators (CPU, and CUDA once initialised) after the
+    block, so seeding inside it does not change the caller's random streams."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    # The GPUs' generators too once the caller has used them (forking them would otherwise start CUDA).
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
         try:
             yield
         finally:

@@ -164,7 +164,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten; the caller's stream is kept
         model = method.model_class(config, pretrained=False)
     load_state(model, state)
-    return model.requires_grad_(False).eval()
+    return model.to(map_location).requires_grad_(False).eval()  # parameters too, not only the resized buffers
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

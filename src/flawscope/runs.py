@@ -57,7 +57,10 @@ def environment(seed: int | None = None, device: str | None = None) -> dict[str,
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # The GPU a run used (cuda:N), else the first one there is.
+        "cuda": torch.cuda.get_device_name(device if str(device).startswith("cuda") else 0)
+        if torch.cuda.is_available()
+        else None,
         "device": device,
         "seed": seed,
         "git_revision": _git_revision(),

@@ -23,7 +23,7 @@ def greedy_coreset(
     (Johnson-Lindenstrauss), which PatchCore uses to make the search cheap.
 
     Args:
-        features: (N, D) features, any float dtype.
+        features: (N, D) features, any float dtype, on any device (the selection runs there).
         num_samples: rows to keep, 1 <= num_samples <= N.
         projection_dim: 0 keeps the original dimension.
         generator: seeds the projection and the first pick.
@@ -31,23 +31,24 @@ def greedy_coreset(
         chunk_size: rows processed at once when projecting (bounds the float32 copy).
 
     Returns:
-        (num_samples,) int64 indices into ``features``, in selection order.
+        (num_samples,) int64 indices into ``features`` on its device, in selection order.
     """
     num_rows, dim = features.shape
     if not 1 <= num_samples <= num_rows:
         raise ValueError(f"num_samples must be in [1, {num_rows}]; got {num_samples}.")
     if 0 < projection_dim < dim:
-        projection = torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
+        # Drawn on the CPU (the generator's device), so a GPU run selects the same rows.
+        projection = torch.randn(dim, projection_dim, generator=generator).to(features.device) / projection_dim**0.5
         reduced = torch.cat([chunk.float() @ projection for chunk in features.split(chunk_size)])
     else:
         reduced = features.float()
     sq_norms = reduced.pow(2).sum(1)  # (N,)
-    selected = torch.empty(num_samples, dtype=torch.long)
+    selected = torch.empty(num_samples, dtype=torch.long, device=features.device)
     selected[0] = int(torch.randint(num_rows, (1,), generator=generator))
-    min_dist = torch.full((num_rows,), float("inf"))
+    min_dist = torch.full((num_rows,), float("inf"), device=features.device)
     steps = range(1, num_samples)
     for step in progress(steps, "coreset", num_samples - 1) if progress else steps:
-        last = reduced[selected[step - 1]]
+        last = reduced.index_select(0, selected[step - 1 : step])[0]  # no sync with a GPU per step
         dist = torch.addmv(sq_norms, reduced, last, alpha=-2).add_(last.pow(2).sum())  # one pass over the rows
         torch.minimum(min_dist, dist, out=min_dist)
         selected[step] = torch.argmax(min_dist)

@@ -96,7 +96,11 @@ def parity_report(
     if images is None:
         size = model.config.image_size
         images = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(1))
-    reference = TorchInferencer(model, "cpu").run(images)
+    device = model.fitted.device  # the comparison runs on the CPU; the caller's model goes back where it was
+    try:
+        reference = TorchInferencer(model, "cpu").run(images)
+    finally:
+        model.to(device)
     other = exported.run(images)
     norm = max(float(np.abs(reference[k] - other[k]).max()) for k in ("norm_map", "norm_score"))
     spread = max(float(np.ptp(reference["anomaly_map"])), 1e-12)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ranges import arange_like
+
 MATRIX_MAX_SIDE = 1024
 
 
@@ -46,10 +48,10 @@ def _reflect_blur_matrix(kernel: Tensor, size: int, radius: int) -> Tensor:
     Tap t of output i reads position i + t - radius, mapped into [0, size) by scipy's reflection (period 2 * size:
     d c b a | a b c d | d c b a), which also covers kernels longer than the side.
     """
-    taps = torch.arange(size, device=kernel.device)[:, None] + torch.arange(2 * radius + 1, device=kernel.device)
+    taps = arange_like(kernel, size, torch.long)[:, None] + arange_like(kernel, 2 * radius + 1, torch.long)
     position = (taps - radius).remainder(2 * size)
     position = torch.where(position >= size, 2 * size - 1 - position, position)
-    matrix = torch.zeros(size, size, dtype=kernel.dtype, device=kernel.device)
+    matrix = kernel.new_zeros(size, size)
     return matrix.scatter_add_(1, position, kernel.expand(size, -1))
 
 

@@ -92,7 +92,8 @@ class PositionWhitening(nn.Module):
                     "images."
                 )
             matrix[part] = torch.linalg.solve_triangular(factor, eye.expand_as(cov), upper=False)
-        self.mean, self.matrix = mean.to(self.mean.dtype), matrix
+        # On the buffers' device, wherever the chunks were accumulated (PRN gathers them on the CPU).
+        self.mean, self.matrix = mean.to(self.mean), matrix.to(self.matrix.device)
 
     def fit_maps(self, maps: Iterable[Tensor]) -> None:
         """``fit`` on feature maps: (b, D, h, w) chunks, each grid cell a position."""

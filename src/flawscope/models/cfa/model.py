@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ...backbones import create_backbone
 from ...config import ModelConfig, option, position_shrinkage_option
 from ...errors import ConfigError
-from ...layers import GaussianBlur2d, PositionWhitening, pairwise_squared_distances
+from ...layers import GaussianBlur2d, PositionWhitening, linspace_like, pairwise_squared_distances
 from ..base import AnomalyModel
 
 
@@ -138,8 +138,7 @@ class AddCoords(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C, H, W) -> (B, C + 2, H, W); channel C is the row coordinate, C + 1 the column coordinate."""
         batch, _, height, width = x.shape
-        rows = torch.linspace(-1.0, 1.0, height, dtype=x.dtype, device=x.device)
-        cols = torch.linspace(-1.0, 1.0, width, dtype=x.dtype, device=x.device)
+        rows, cols = linspace_like(x, -1.0, 1.0, height), linspace_like(x, -1.0, 1.0, width)
         grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
         return torch.cat([x, grid.expand(batch, 2, height, width)], dim=1)
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...layers import arange_like
+
 
 def conv_bn_act(in_ch: int, out_ch: int, kernel: int = 1, act: nn.Module | None = None, dims: int = 2) -> nn.Sequential:
     """Conv (no bias) -> BatchNorm -> activation (ReLU unless given; ``nn.Identity()`` for none)."""
@@ -40,7 +42,7 @@ def quantize_count(similarity: Tensor, num_levels: int, window: str = "spacing")
     """
     low = similarity.amin(-1, keepdim=True)
     high = similarity.amax(-1, keepdim=True)
-    steps = torch.arange(num_levels, device=similarity.device, dtype=similarity.dtype)
+    steps = arange_like(similarity, num_levels)
     spacing = (high - low) / num_levels  # (..., 1)
     levels = low + (2 * steps + 1) / (2 * num_levels) * (high - low)  # (..., N)
     distance = (levels[..., :, None] - similarity[..., None, :]).abs()  # (..., N, K)

@@ -43,14 +43,14 @@ def fit(model: PatchCore, samples: Sequence[Sample], ctx: FitContext) -> dict[st
     cfg = model.config
     model.to(ctx.device).eval()
     start = time.perf_counter()
-    features = collect_features(model, samples, ctx)
+    features = collect_features(model, samples, ctx).to(ctx.device)  # float16, bounded by max_train_features
     extracted = time.perf_counter()
     num_features = features.shape[0]
     num_keep = max(1, round(cfg.coreset_ratio * num_features))
     if num_keep < num_features:
         index = greedy_coreset(features, num_keep, cfg.projection_dim, ctx.generator(2), ctx.progress)
         features = features[index]
-    bank = features.float().to(ctx.device)
+    bank = features.float()
     model.memory_bank = bank
     model.bank_neighbors = nearest_in_bank(bank, min(cfg.num_neighbors, bank.shape[0]))
     model.fitted.fill_(True)

@@ -92,8 +92,8 @@ class PatchCore(AnomalyModel):
         batch = max_score.shape[0]
         queries = queries.reshape(batch, -1, queries.shape[-1])  # (B, h*w, D)
         nearest_idx = nearest_idx.reshape(batch, -1)  # (B, h*w)
-        query = queries[torch.arange(batch), max_pos]  # (B, D)
-        anchor = nearest_idx[torch.arange(batch), max_pos]  # (B,)
+        query = queries.gather(1, max_pos[:, None, None].expand(-1, 1, queries.shape[-1]))[:, 0]  # (B, D)
+        anchor = nearest_idx.gather(1, max_pos[:, None])[:, 0]  # (B,)
         neighbours = self.memory_bank[self.bank_neighbors[anchor]]  # (B, b, D)
         neighbour_dist = (neighbours - query[:, None]).pow(2).sum(-1).sqrt()  # (B, b); column 0 is m* itself
         weight = 1 - torch.softmax(neighbour_dist, dim=1)[:, 0]

@@ -93,7 +93,10 @@ def fit_prototypes(model: PRN, normals: Tensor, ctx: FitContext) -> list[int]:
             whitening.fit_maps(stage.split(64))
         with torch.no_grad():
             # Only the prototype scales: the decoder's stage needs its statistics, not its whitened maps, here.
-            stages = [w.whiten_map(f) for w, f in zip(model.whitening, stages[: len(cfg.strides)], strict=False)]
+            stages = [
+                w.whiten_map(f.to(ctx.device))
+                for w, f in zip(model.whitening, stages[: len(cfg.strides)], strict=False)
+            ]  # the whitening sits on the model's device
     k = num_prototypes(len(normals), cfg.prototype_ratio)
     prototypes = []
     for j, features in enumerate(stages[: len(cfg.strides)]):
