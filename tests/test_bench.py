@@ -82,6 +82,8 @@ def test_bench_writes_one_table_and_json(tiny_dataset, tmp_path):
     table = (out / "bench.md").read_text()
     assert "| patchcore |" in table and "GFLOP/s" in table and "onnxruntime" in table
     assert row["cpu"] == data["environment"]["cpu"] and f"Hardware: {row['cpu']}, " in table
+    assert (data["category"], data["environment"]["seed"]) == ("grass", 0)
+    assert f"Data: `{tiny_dataset}` (category grass), seed 0." in table
 
     # Rows merged from runs on different machines name the CPU of each row.
     other = {**row, "name": "patchcore-elsewhere", "cpu": "Another CPU"}
@@ -99,3 +101,14 @@ def test_bench_writes_one_table_and_json(tiny_dataset, tmp_path):
     # Rows kept from runs before the counts were recorded are left out of the comparison, not listed as None.
     older = {k: v for k, v in few_shot.items() if k not in ("test_images", "excluded_seen")}
     assert "Test images differ" not in render_markdown({**data, "rows": [row, older]})
+
+
+def test_bench_without_a_category_on_several_fails_before_any_work(tiny_dataset, tmp_path):
+    import shutil
+
+    for name in ("brick", "grass"):
+        shutil.copytree(tiny_dataset, tmp_path / "data" / name)
+    args = ["bench", "--data", tmp_path / "data", "--models", "patchcore", "--out", tmp_path / "bench"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code != 0 and "holds several categories; found categories: brick, grass" in result.stderr
+    assert not (tmp_path / "bench").exists()

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,8 @@ def test_test_writes_metrics(run):
     assert metrics["image_auroc"] >= 0.6 and metrics["pixel_auroc"] >= 0.7
     assert (metrics["num_images"], metrics["num_good"], metrics["num_defective"]) == (10, 4, 6)
     assert metrics["method"] == "patchcore"
+    assert (metrics["category"], metrics["layout"], metrics["seed"]) == ("grass", "mvtec", 0)
+    assert json.loads((run / "config.json").read_text())["category"] == "grass"  # chosen by the layout, recorded
     for key in ("inference_seconds", "images_per_second", "metrics_seconds"):
         assert metrics[key] >= 0
     assert set(metrics["per_type"]) == {"scratch", "blob", "stain"}
@@ -171,6 +174,37 @@ def test_test_warns_about_a_mask_that_marks_nearly_the_whole_image(run, tiny_dat
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["nearly_full_masks"] == [str(image)] and metrics["unmarked_defective"] == []
+
+
+def test_test_finds_the_runs_category_and_warns_about_another_or_a_replaced_result(
+    whole_run_copy, tiny_dataset, tmp_path
+):
+    root = tmp_path / "categories"
+    for name in ("brick", "grass"):
+        shutil.copytree(tiny_dataset, root / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run's own category (grass) without --category, and no other warning
+        result = invoke("test", whole_run_copy, "--data", root, "--out", tmp_path / "eval", "--quiet", "--no-report")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["category"] == "grass"
+    with (
+        pytest.warns(UserWarning, match="trained on the category 'grass' and is tested on 'brick'"),
+        pytest.warns(UserWarning, match=r"holds the results on .*grass.* Give each test its own --out"),
+    ):
+        result = invoke(
+            "test",
+            whole_run_copy,
+            "--data",
+            root,
+            "--category",
+            "brick",
+            "--out",
+            tmp_path / "eval",
+            "--quiet",
+            "--no-report",
+        )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["category"] == "brick"
 
 
 def test_per_image_csv(run, tiny_dataset):
@@ -342,6 +376,12 @@ def test_counts_out_of_range_are_usage_errors(run, tiny_dataset, images, tmp_pat
     result = invoke(*[names.get(a, a) for a in args])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "Invalid value for" in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_size_given_twice_with_two_values_is_refused(tiny_dataset, tmp_path):
+    args = fit_args(tiny_dataset, tmp_path / "run", "--set", "image_size=128")
+    assert_clean_error(invoke(*args), "--image-size 64 and --set image_size=128 disagree")
+    assert not (tmp_path / "run").exists()
 
 
 def test_other_bad_options_are_named(run, tiny_dataset, tmp_path):

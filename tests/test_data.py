@@ -14,6 +14,7 @@ from flawscope.data import (
     Sample,
     collate,
     find_images,
+    list_categories,
     load_dataset,
     make_loader,
     preprocess,
@@ -299,8 +300,38 @@ def test_load_visa_csv(tmp_path):
     assert [s.path.name for s in split.train] == ["0000.JPG", "0001.JPG"]
     assert [(s.label, s.path.parent.name) for s in split.test] == [(1, "Anomaly"), (0, "Normal")]
     assert split.test[0].mask_path == root / "pcb1" / "Data" / "Masks" / "Anomaly" / "000.png"
-    with pytest.raises(DataError, match="has no object None; found objects: candle, pcb1"):
+    assert split.category == "pcb1"
+    with pytest.raises(DataError, match="holds several objects; found objects: candle, pcb1"):
         load_dataset(root)
+
+
+def test_visa_rows_listing_an_image_twice_are_refused_and_object_names_trimmed(tmp_path):
+    root = _make_visa(tmp_path)
+    csv_path = root / "split_csv" / "1cls.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([*lines, " " + lines[1].replace(",", " ,", 1)]) + "\n")
+    assert list_categories(root) == ["candle", "pcb1"]  # " candle " is candle
+    with pytest.raises(DataError, match=r"1cls\.csv, lines 2 and 10: the image .*0000\.JPG is listed twice"):
+        load_dataset(root, category="candle")
+    leak = lines[1].replace(",train,", ",test,")  # a training image also in the test split
+    csv_path.write_text("\n".join([*lines, leak]) + "\n")
+    with pytest.raises(DataError, match="lines 2 and 10: .* listed twice"):
+        load_dataset(root, category="candle")
+
+
+def test_list_categories_names_what_category_accepts(tmp_path):
+    _make_mvtec(tmp_path / "mv" / "bottle")
+    _make_mvtec(tmp_path / "mv" / "cable")
+    (tmp_path / "mv" / "notes").mkdir()
+    assert list_categories(tmp_path / "mv") == ["bottle", "cable"]
+    assert list_categories(tmp_path / "mv" / "cable") == ["cable"]
+    assert load_dataset(tmp_path / "mv", category="cable").category == "cable"
+    assert load_dataset(tmp_path / "mv" / "cable").category == "cable"
+    assert list_categories(_make_visa(tmp_path / "visa")) == ["candle", "pcb1"]
+    with pytest.raises(DataError, match="No 'train/good'"):
+        list_categories(tmp_path / "mv" / "notes")
+    with pytest.raises(DataError, match=r"split_csv/1cls\.csv exists: for the VisA layout use layout='visa'"):
+        load_dataset(tmp_path / "visa", layout="mvtec")
 
 
 def test_load_visa_bad_rows(tmp_path):

@@ -185,7 +185,7 @@ def fit(
             "seed": seed,
             "data": str(dataset.root.resolve()),
             "layout": dataset.layout,
-            "category": category,
+            "category": dataset.category,
             "val_ratio": val_ratio,
             "target_fpr": target_fpr,
             "num_train": len(train),

@@ -209,12 +209,15 @@ def run_bench(
     import onnx
     import onnxruntime
 
+    from .data import load_dataset
     from .outputs import check_outside, claim_out_folder
     from .runs import environment
 
     out = Path(out)
+    dataset = load_dataset(data, layout=layout, category=category)  # a wrong path or category fails before any work
+    category = dataset.category
     writes = ["bench.json", "bench.md", *(setting.name for setting in settings)]
-    check_outside(out, Path(data), writes)
+    check_outside(out, dataset.root, writes)
     claim_out_folder(out, writes)
     threads = threads or torch.get_num_threads()
     peak = matmul_peak_gflops(threads)
@@ -239,10 +242,11 @@ def run_bench(
                 "peak_fraction": achieved / peak,
             }
         )
-    env = environment()
+    env = environment(seed)
     env.update({"threads": threads, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__})
     result = {
         "data": str(data),
+        "category": category,
         "environment": env,
         "matmul_peak_gflops": peak,
         "throughput_batch": THROUGHPUT_BATCH,
@@ -283,7 +287,10 @@ def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope benc
     lines = [
         heading,
         "",
-        f"Data: `{result['data']}`. Command: `{env.get('command', '')}`.",
+        f"Data: `{result['data']}`"
+        + (f" (category {result['category']})" if result.get("category") else "")
+        + (f", seed {env['seed']}" if env.get("seed") is not None else "")
+        + f". Command: `{env.get('command', '')}`.",
         "",
         f"- Hardware: {cpu}, {env['cpu_count']} logical CPUs, {hardware}",
         f"- Software: flawscope {env['flawscope']}, Python {env['python']}, torch {env['torch']}, onnxruntime "

@@ -130,6 +130,10 @@ def fit(
     options = parse_overrides(overrides)
     for key, value in (("backbone", backbone), ("image_size", image_size), ("resize_size", resize_size)):
         if value is not None:
+            if key in options and options[key] != str(value):
+                raise ConfigError(
+                    f"--{key.replace('_', '-')} {value} and --set {key}={options[key]} disagree; give {key} once."
+                )
             options[key] = value
     run = run_fit(
         method,

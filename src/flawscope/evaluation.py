@@ -14,7 +14,7 @@ import torch
 
 from . import metrics as M
 from .api import ScoredImages, resolve_device, score_images
-from .data import ImageDataset, exclude_samples, load_dataset
+from .data import DatasetSplit, ImageDataset, exclude_samples, list_categories, load_dataset
 from .errors import ConfigError, DataError
 from .fitting import FitContext
 from .model_io import load_model, read_model_info
@@ -122,9 +122,53 @@ def seen_anomalies_of(run: str | Path) -> tuple[list[str], list[str]]:
 
     Runs fitted before the digests were recorded give paths only.
     """
-    config = Path(run) / "config.json"
-    record = json.loads(config.read_text()) if config.is_file() else {}
+    record = _run_record(run)
     return list(record.get("seen_anomalies", [])), list(record.get("seen_anomaly_sha256", []))
+
+
+def _run_record(run: str | Path) -> dict[str, Any]:
+    """The run's config.json (empty for a bare model folder)."""
+    config = Path(run) / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
+def _test_dataset(run: Path, data: str | Path, layout: str, category: str | None) -> DatasetSplit:
+    """The test data; without ``category``, the run's own category when ``data`` holds it. Warns when the run was
+    trained on another category than the one tested."""
+    trained_on = _run_record(run).get("category")
+    if category is None and trained_on:
+        try:
+            if trained_on in list_categories(data, layout):
+                category = trained_on
+        except DataError:
+            pass  # a test-only folder; load_dataset below reads it or says what is wrong
+    dataset = load_dataset(data, layout=layout, category=category, need_train=False)
+    if trained_on and dataset.category != trained_on:
+        warnings.warn(
+            f"{run} was trained on the category {trained_on!r} and is tested on {dataset.category!r} "
+            f"({dataset.root}). Pass --category {trained_on} (category=...) to test it on its own category; a "
+            "cross-category test is otherwise what you get.",
+            stacklevel=3,
+        )
+    return dataset
+
+
+def _warn_replaced(out: Path, dataset: DatasetSplit) -> None:
+    """Warns when ``out`` holds the metrics of another data set or category, which this test replaces."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    where = (previous.get("data"), previous.get("category", dataset.category))
+    if where != (str(dataset.root.resolve()), dataset.category):
+        warnings.warn(
+            f"{path} holds the results on {where[0]} (category {where[1]!r}); they are replaced by those on "
+            f"{dataset.root} (category {dataset.category!r}). Give each test its own --out to keep both.",
+            stacklevel=3,
+        )
 
 
 def test(
@@ -160,13 +204,14 @@ def test(
     run = Path(run)
     info = read_model_info(run)
     model = load_model(info["folder"])
-    dataset = load_dataset(data, layout=layout, category=category, need_train=False)
+    dataset = _test_dataset(run, data, layout, category)
     if not dataset.test:
         raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
     out = Path(out) if out else run
     writes = [name for name in TEST_FILES if report or name != "report.html"]
     check_outside(out, dataset.root, writes)
     claim_out_folder(out)  # the names are listed once they are written
+    _warn_replaced(out, dataset)
     paths, digests = seen_anomalies_of(run)
     if exclude_seen_of:
         other_paths, other_digests = seen_anomalies_of(exclude_seen_of)
@@ -211,7 +256,10 @@ def test(
             "metrics_seconds": round(metric_seconds, 3),
             "per_type": per_type_metrics(scored),
             "method": info["method"],
-            "data": str(dataset.root),
+            "data": str(dataset.root.resolve()),
+            "layout": dataset.layout,
+            "category": dataset.category,
+            "seed": _run_record(run).get("seed"),
             "num_excluded_seen": len(excluded),
             "excluded_seen": [str(s.path) for s in excluded],
             "unmarked_defective": unmarked,
@@ -225,7 +273,7 @@ def test(
         if report:
             write_report(
                 out / "report.html",
-                title=f"flawscope test report: {info['method']} on {dataset.root.name}",
+                title=f"flawscope test report: {info['method']} on {dataset.category}",
                 info={
                     "model": info["method"],
                     "backbone": info["config"].get("backbone", ""),

@@ -2,7 +2,14 @@
 
 from flawscope.data.dataset import ImageDataset, collate, make_loader, preprocess, preprocess_mask
 from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, read_mask
-from flawscope.data.layouts import DatasetSplit, Sample, find_images, load_dataset, split_validation
+from flawscope.data.layouts import (
+    DatasetSplit,
+    Sample,
+    find_images,
+    list_categories,
+    load_dataset,
+    split_validation,
+)
 from flawscope.data.seen import exclude_samples, load_anomaly_folder, select_seen_anomalies
 
 __all__ = [
@@ -14,6 +21,7 @@ __all__ = [
     "exclude_samples",
     "find_images",
     "is_image_file",
+    "list_categories",
     "load_anomaly_folder",
     "load_dataset",
     "make_loader",

@@ -56,12 +56,14 @@ class DatasetSplit:
         train: Good training images, sorted by path.
         test: Test images, good and defective, sorted by defect type then path; empty when there is no test set.
         layout: "mvtec" or "visa".
+        category: The category: the MVTec category folder's name, the VisA object.
     """
 
     root: Path
     train: list[Sample]
     test: list[Sample]
     layout: str
+    category: str
 
 
 def _join(names: Iterable[str]) -> str:
@@ -126,9 +128,14 @@ def _normal_folder(parent: Path) -> Path | None:
     return next((parent / name for name in NORMAL_NAMES if (parent / name).is_dir()), None)
 
 
+def _category_names(root: Path) -> list[str]:
+    """The subfolders of ``root`` that are MVTec-style categories (hold train/good)."""
+    return [folder.name for folder in _subfolders(root) if _normal_folder(folder / "train")]
+
+
 def _mvtec_root(root: Path, category: str | None) -> Path:
     """Resolve the category folder of an MVTec-style dataset, or explain why there is none."""
-    categories = [folder.name for folder in _subfolders(root) if _normal_folder(folder / "train")]
+    categories = _category_names(root)
     if _normal_folder(root / "train"):
         if category is None or category == root.name:
             return root
@@ -146,7 +153,12 @@ def _mvtec_root(root: Path, category: str | None) -> Path:
             f"{asked}; found categories: {_join(categories)}. Choose one with category=... (--category on the "
             f"command line)."
         )
-    raise DataError(f"No 'train/good' in {root}; found: {_contents(root)}. {MVTEC_HELP}.")
+    visa = (
+        f" {root / VISA_CSV} exists: for the VisA layout use layout='visa' (--layout visa)."
+        if (root / VISA_CSV).is_file()
+        else ""
+    )
+    raise DataError(f"No 'train/good' in {root}; found: {_contents(root)}. {MVTEC_HELP}.{visa}")
 
 
 def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
@@ -217,7 +229,7 @@ def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
         )
     test = _mvtec_test(root, ignored)
     _warn_ignored(root, ignored)
-    return DatasetSplit(root=root, train=train, test=test, layout="mvtec")
+    return DatasetSplit(root=root, train=train, test=test, layout="mvtec", category=root.name)
 
 
 def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
@@ -244,6 +256,7 @@ def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
                         f"{', '.join(VISA_COLUMNS)}. Complete the row or delete it (an empty value still needs its "
                         f"comma)."
                     )
+                row["object"] = row["object"].strip()
                 rows.append((reader.line_num, row))
             return rows
     except UnicodeDecodeError as error:
@@ -284,14 +297,22 @@ def _load_visa(root: Path, category: str | None) -> DatasetSplit:
     if category is None and len(objects) == 1:
         category = objects[0]
     if category not in objects:
+        asked = f"has no object {category!r}" if category is not None else "holds several objects"
         raise DataError(
-            f"{csv_path} has no object {category!r}; found objects: {_join(objects)}. Choose one with category=... "
-            f"(--category on the command line)."
+            f"{csv_path} {asked}; found objects: {_join(objects)}. Choose one with category=... (--category on the "
+            f"command line)."
         )
     parts: dict[str, list[Sample]] = {"train": [], "test": []}
+    lines: dict[Path, int] = {}
     for line, row in rows:
         if row["object"] == category:
             split, sample = _visa_sample(root, row, f"{csv_path}, line {line}")
+            if sample.path in lines:  # twice in one split would count it twice; in both would test on training
+                raise DataError(
+                    f"{csv_path}, lines {lines[sample.path]} and {line}: the image {sample.path} is listed twice. "
+                    "Delete one row: each image belongs to one split, once."
+                )
+            lines[sample.path] = line
             parts[split].append(sample)
     if not parts["train"]:
         raise DataError(f"{csv_path} has no 'train' rows labelled 'normal' for {category!r}; add some.")
@@ -300,6 +321,7 @@ def _load_visa(root: Path, category: str | None) -> DatasetSplit:
         train=sorted(parts["train"], key=lambda s: s.path),
         test=sorted(parts["test"], key=lambda s: (s.defect_type, s.path)),
         layout="visa",
+        category=category,
     )
 
 
@@ -329,11 +351,40 @@ def load_dataset(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"Data folder {root} does not exist or is not a folder. Check the path.")
-    if layout == "visa" or (layout == "auto" and (root / "split_csv").is_dir() and not (root / "train").is_dir()):
+    if _is_visa(root, layout):
         return _load_visa(root, category)
     if not need_train and category is None and (root / "test").is_dir() and not _normal_folder(root / "train"):
         return _load_mvtec(root, need_train=False)
     return _load_mvtec(_mvtec_root(root, category), need_train)
+
+
+def list_categories(root: str | Path, layout: str = "auto") -> list[str]:
+    """The names ``load_dataset(root, layout, category=...)`` accepts, sorted: the category folders of an MVTec-style
+    parent (a single category folder gives its own name) or the objects of a VisA split CSV.
+
+    Raises:
+        ConfigError: Unknown ``layout``.
+        DataError: ``root`` is neither, with what was found.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"Unknown dataset layout {layout!r}; expected one of: {', '.join(LAYOUTS)}.")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Data folder {root} does not exist or is not a folder. Check the path.")
+    if _is_visa(root, layout):
+        if not (root / VISA_CSV).is_file():
+            raise DataError(f"No {VISA_CSV} in {root}; found: {_contents(root)}. Copy VisA's split_csv/1cls.csv there.")
+        return sorted({row["object"] for _, row in _read_visa_rows(root / VISA_CSV)})
+    if _normal_folder(root / "train"):
+        return [root.name]
+    categories = _category_names(root)
+    if not categories:
+        _mvtec_root(root, None)  # raises with what was found
+    return categories
+
+
+def _is_visa(root: Path, layout: str) -> bool:
+    return layout == "visa" or (layout == "auto" and (root / "split_csv").is_dir() and not (root / "train").is_dir())
 
 
 def _images_below(folder: Path) -> list[Path]:
