@@ -384,6 +384,25 @@ def test_a_size_given_twice_with_two_values_is_refused(tiny_dataset, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to"),
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ],
+)
+def test_running_out_of_memory_names_what_uses_less(tiny_dataset, tmp_path, monkeypatch, error):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("flawscope.api.fit", fail)
+    line = assert_clean_error(invoke(*fit_args(tiny_dataset, tmp_path / "run")), "out of memory in `flawscope fit`")
+    assert "--set max_train_features=N" in line and "--batch-size" in line
+    monkeypatch.setattr("flawscope.api.fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    assert isinstance(invoke(*fit_args(tiny_dataset, tmp_path / "run")).exception, RuntimeError)  # others stay raw
+
+
 def test_other_bad_options_are_named(run, tiny_dataset, tmp_path):
     result = invoke("synth", "--data", tiny_dataset, "--out", tmp_path / "s", "--image-size", "0")
     assert result.exit_code == 2 and "Invalid value for '--image-size'" in result.output

@@ -23,6 +23,7 @@ from flawscope.data import (
     read_mask,
     split_validation,
 )
+from flawscope.data.io import set_pixel_limit_from_environment
 from flawscope.errors import ConfigError, DataError
 
 MTD = Path(__file__).parents[1] / ".." / "shared" / "datasets" / "mtd"
@@ -117,18 +118,22 @@ def test_read_image_truncated_jpeg(tmp_path):
         read_image(tmp_path / "cut.jpg")
 
 
-@pytest.mark.parametrize(("limit", "as_error"), [(500, False), (1000, True)])
-def test_read_image_above_the_decompression_bomb_limit(tmp_path, monkeypatch, limit, as_error):
-    # 40x30 = 1200 pixels: Pillow refuses above 2x its limit (500) and only warns above 1x (1000).
+@pytest.mark.parametrize("limit", [500, 1000])
+def test_read_image_above_the_decompression_bomb_limit(tmp_path, monkeypatch, limit):
+    # 40x30 = 1200 pixels: Pillow itself refuses above 2x its limit (500) and only warns above 1x (1000); flawscope
+    # refuses both, so the limit the message names is the one applied.
     Image.new("RGB", (40, 30)).save(tmp_path / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
-    expected = rf"huge\.png: the image has 1,200 pixels, above Pillow's safety limit of {limit:,} pixels.*Downscale"
-    with warnings.catch_warnings():
-        if as_error:
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with pytest.raises(DataError, match=expected) as caught:
-            read_image(tmp_path / "huge.png")
+    expected = rf"huge\.png: the image has 1,200 pixels, above the safety limit of {limit:,} pixels.*Downscale"
+    with pytest.raises(DataError, match=expected + ".*FLAWSCOPE_MAX_IMAGE_PIXELS=N") as caught:
+        read_image(tmp_path / "huge.png")
     assert "truncated or corrupt" not in str(caught.value)
+    monkeypatch.setenv("FLAWSCOPE_MAX_IMAGE_PIXELS", "1200")  # what the command line applies before each command
+    set_pixel_limit_from_environment()
+    assert read_image(tmp_path / "huge.png").shape == (30, 40, 3)
+    monkeypatch.setenv("FLAWSCOPE_MAX_IMAGE_PIXELS", "many")
+    with pytest.raises(ConfigError, match="FLAWSCOPE_MAX_IMAGE_PIXELS='many': expected a whole number"):
+        set_pixel_limit_from_environment()
 
 
 def test_read_image_not_an_image(tmp_path):

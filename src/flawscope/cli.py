@@ -12,6 +12,7 @@ import click
 from . import __version__
 from .calibration import DEFAULT_TARGET_FPR
 from .config import TRAIN_PRECISIONS, parse_overrides
+from .data.io import set_pixel_limit_from_environment
 from .errors import ConfigError, FlawscopeError, format_warning_line
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
@@ -44,6 +45,14 @@ def _fail(error: Exception) -> None:
     sys.exit(2)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (GPU) or its CPU allocator's failure."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError)
+        and (type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error))
+    )
+
+
 class _Group(click.Group):
     """Turns flawscope's own errors into one clear line instead of a traceback, and warnings into one line each."""
 
@@ -51,9 +60,21 @@ class _Group(click.Group):
         formatwarning = warnings.formatwarning
         warnings.formatwarning = format_warning_line
         try:
+            set_pixel_limit_from_environment()
             return super().invoke(ctx)
         except FlawscopeError as e:
             _fail(e)
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            said = " ".join(str(e).split())[:160] or type(e).__name__
+            _fail(
+                f"out of memory in `flawscope {ctx.invoked_subcommand}` ({said}). Use less: "
+                "a smaller --batch-size (test, predict) or --set batch_size=N (fit), a smaller --image-size, fewer "
+                "training images, and for PatchCore --set max_train_features=N (default 2,000,000 locations: about "
+                "4 GiB in float16 plus 1 GiB for the coreset search); `flawscope info --model NAME` lists each "
+                "model's options."
+            )
         finally:
             warnings.formatwarning = formatwarning
 

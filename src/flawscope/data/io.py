@@ -11,7 +11,9 @@ Decoding rules (the same for training, evaluation and prediction, so a model nev
 """
 
 import io
+import os
 import re
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import BinaryIO
@@ -19,10 +21,11 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flawscope.errors import DataError
+from flawscope.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
+PIXEL_LIMIT_ENV = "FLAWSCOPE_MAX_IMAGE_PIXELS"
 _SIXTEEN_BIT_MAX = 65535
 # Pillow's modes holding more than 8 bits per pixel in a single channel.
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -34,6 +37,21 @@ def is_image_file(path: Path) -> bool:
     Hidden files are excluded because macOS copies leave ``._name.png`` metadata files next to real images.
     """
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def set_pixel_limit_from_environment() -> None:
+    """Sets Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, the largest image flawscope reads)
+    from the environment variable ``FLAWSCOPE_MAX_IMAGE_PIXELS`` when it is set; 0 removes the limit.
+
+    Raises:
+        ConfigError: the variable is not a whole number >= 0.
+    """
+    value = os.environ.get(PIXEL_LIMIT_ENV)
+    if value is None:
+        return
+    if not value.strip().isdigit():
+        raise ConfigError(f"{PIXEL_LIMIT_ENV}={value!r}: expected a whole number of pixels (0: no limit).")
+    Image.MAX_IMAGE_PIXELS = int(value) or None
 
 
 def _existing_file(path: str | PathLike) -> Path:
@@ -51,12 +69,15 @@ def _open_upright(source: Path | BinaryIO | Image.Image, path: Path | str) -> Im
         what = "open in text mode: open it with 'rb'" if isinstance(source, io.TextIOBase) else "closed: open it again"
         raise DataError(f"Cannot read {path}: the file object is {what}, or pass its path.")
     try:
-        if isinstance(source, Image.Image):  # possibly lazy (Image.open): decode it here too
-            source.load()
-            return ImageOps.exif_transpose(source)
-        with Image.open(source) as image:
-            image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
-            return ImageOps.exif_transpose(image)
+        with warnings.catch_warnings():
+            # Pillow warns above its limit and refuses only above twice it; flawscope refuses above the limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):  # possibly lazy (Image.open): decode it here too
+                source.load()
+                return ImageOps.exif_transpose(source)
+            with Image.open(source) as image:
+                image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
+                return ImageOps.exif_transpose(image)
     except UnidentifiedImageError as error:
         raise DataError(
             f"Cannot read {path}: it is not an image format flawscope can decode (is the extension wrong, or is it "
@@ -64,13 +85,13 @@ def _open_upright(source: Path | BinaryIO | Image.Image, path: Path | str) -> Im
             f"data folder."
         ) from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        # The warning (above 1x the limit) only arrives here when warnings are errors; Pillow refuses above 2x.
         found = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(found[1]):,} pixels" if found else f"too many pixels ({error})"
         raise DataError(
-            f"Cannot read {path}: the image has {size}, above Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} "
-            f"pixels (PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs). Downscale the image, or, if "
-            f"the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS in Python before calling flawscope."
+            f"Cannot read {path}: the image has {size}, above the safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+            f"(a guard against decompression bombs). Downscale the image, or, if the file is trusted, raise the "
+            f"limit: the environment variable {PIXEL_LIMIT_ENV}=N for the command line (0: no limit), "
+            f"PIL.Image.MAX_IMAGE_PIXELS in Python."
         ) from error
     except (OSError, ValueError, SyntaxError, AssertionError) as error:  # Pillow asserts on a closed lazy image
         raise DataError(

@@ -23,19 +23,23 @@ def collect_features(model: PatchCore, samples: Sequence[Sample], ctx: FitContex
     cfg = model.config
     loader = ctx.loader(samples, cfg, cfg.batch_size)
     generator = ctx.generator(1)
-    chunks, per_image = [], None
+    store, filled = None, 0
     for batch in ctx.progress(loader, "features", len(loader)):
         features = model.local_features(batch["image"].to(ctx.device))  # (B, D, h, w)
         features = features.permute(0, 2, 3, 1).flatten(1, 2).cpu()  # (B, h*w, D)
-        if per_image is None:
+        if store is None:
             per_image = min(features.shape[1], max(1, cfg.max_train_features // len(samples)))
+            # Filled in place: concatenating per-batch chunks would hold every feature twice at the end.
+            store = torch.empty(len(samples) * per_image, features.shape[2], dtype=torch.float16)
         if per_image < features.shape[1]:
             keep = torch.stack(
                 [torch.randperm(features.shape[1], generator=generator)[:per_image] for _ in range(features.shape[0])]
             )
             features = torch.gather(features, 1, keep[..., None].expand(-1, -1, features.shape[2]))
-        chunks.append(features.reshape(-1, features.shape[2]).half())
-    return torch.cat(chunks)
+        rows = features.reshape(-1, features.shape[2])
+        store[filled : filled + len(rows)] = rows
+        filled += len(rows)
+    return store[:filled]
 
 
 def fit(model: PatchCore, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any]:

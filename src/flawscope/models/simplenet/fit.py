@@ -7,6 +7,7 @@ The backbone is frozen and there is no augmentation, so every image's local feat
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ...data import Sample
 from ...fitting import FitContext
@@ -55,6 +57,12 @@ def build_feature_cache(
                     cache = np.empty(shape, np.float16)
                 else:
                     # An unnamed temporary file: the mapping keeps it alive, the OS frees it when the cache goes.
+                    if not ctx.quiet:
+                        tqdm.write(
+                            f"features: {math.prod(shape) * 2 / 2**30:.1f} GiB, above {max_bytes / 2**30:.0f} GiB: "
+                            f"memory-mapped to a temporary file in {tempfile.gettempdir()} (set TMPDIR to move it)",
+                            file=sys.stderr,
+                        )
                     with tempfile.TemporaryFile(prefix="flawscope-cache-") as handle:
                         cache = np.memmap(handle, np.float16, "w+", shape=shape)
             cache[batch["index"].numpy()] = features.cpu().half().numpy()
@@ -146,18 +154,20 @@ def train_on_cache(model: SimpleNet, cache: np.ndarray, sigma: float, ctx: FitCo
     noise_generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 4)
     model.adaptor.train()
     model.discriminator.train()
-    epochs = ctx.progress(range(cfg.num_epochs), "training", cfg.num_epochs)
-    for epoch in epochs:
+    steps_per_epoch = math.ceil(len(cache) / cfg.batch_size)
+    bar = ctx.progress(range(cfg.num_epochs * steps_per_epoch), "training", cfg.num_epochs * steps_per_epoch)
+    for epoch in range(cfg.num_epochs):
         order = torch.randperm(len(cache), generator=generator).numpy()
-        totals, steps = np.zeros(3), 0
+        totals = np.zeros(3)
         for first in range(0, len(order), cfg.batch_size):
             index = np.sort(order[first : first + cfg.batch_size])
             batch = torch.from_numpy(np.asarray(cache[index], np.float32)).to(ctx.device)
             totals += train_step(model, batch, sigma, optimizers, noise_generator)
-            steps += 1
-        loss, real, fake = totals / steps
+            bar.update()  # by step: one epoch over thousands of images takes minutes
+        loss, real, fake = totals / steps_per_epoch
         ctx.log.append({"epoch": epoch + 1, "loss": loss, "real_score": real, "fake_score": fake})
-        epochs.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(epoch=f"{epoch + 1}/{cfg.num_epochs}", loss=f"{loss:.4f}")
+    bar.close()
     model.eval()
 
 
