@@ -188,7 +188,9 @@ def test_test_finds_the_runs_category_and_warns_about_another_or_a_replaced_resu
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["category"] == "grass"
     with (
-        pytest.warns(UserWarning, match="trained on the category 'grass' and is tested on 'brick'"),
+        pytest.warns(
+            UserWarning, match="trained on the category 'grass' and is evaluated on 'brick'.*pass --category grass"
+        ),
         pytest.warns(UserWarning, match=r"holds the results on .*grass.* Give each test its own --out"),
     ):
         result = invoke(
@@ -205,6 +207,17 @@ def test_test_finds_the_runs_category_and_warns_about_another_or_a_replaced_resu
         )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["category"] == "brick"
+    heldout = tmp_path / "heldout"  # a test-only folder: no category to compare, nothing to warn about
+    for part in ("test", "ground_truth"):
+        shutil.copytree(tiny_dataset / part, heldout / part)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for run, data in ((whole_run_copy / "model", root), (whole_run_copy, heldout)):  # model/: the run's record
+            result = invoke(
+                "test", run, "--data", data, "--out", tmp_path / f"eval-{data.name}", "--quiet", "--no-report"
+            )
+            assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval-categories" / "metrics.json").read_text())["seed"] == 0
 
 
 def test_per_image_csv(run, tiny_dataset):
@@ -382,6 +395,8 @@ def test_a_size_given_twice_with_two_values_is_refused(tiny_dataset, tmp_path):
     args = fit_args(tiny_dataset, tmp_path / "run", "--set", "image_size=128")
     assert_clean_error(invoke(*args), "--image-size 64 and --set image_size=128 disagree")
     assert not (tmp_path / "run").exists()
+    result = invoke(*fit_args(tiny_dataset, tmp_path / "run", "--set", "image_size=064"))  # the same value
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize(

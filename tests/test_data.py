@@ -118,6 +118,7 @@ def test_read_image_truncated_jpeg(tmp_path):
         read_image(tmp_path / "cut.jpg")
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # flawscope refuses; Pillow warns
 @pytest.mark.parametrize("limit", [500, 1000])
 def test_read_image_above_the_decompression_bomb_limit(tmp_path, monkeypatch, limit):
     # 40x30 = 1200 pixels: Pillow itself refuses above 2x its limit (500) and only warns above 1x (1000); flawscope
@@ -134,6 +135,31 @@ def test_read_image_above_the_decompression_bomb_limit(tmp_path, monkeypatch, li
     monkeypatch.setenv("FLAWSCOPE_MAX_IMAGE_PIXELS", "many")
     with pytest.raises(ConfigError, match="FLAWSCOPE_MAX_IMAGE_PIXELS='many': expected a whole number"):
         set_pixel_limit_from_environment()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # flawscope refuses; Pillow warns
+def test_the_pixel_limit_holds_with_several_threads_reading(tmp_path, monkeypatch):
+    # Turning Pillow's warning into an error with catch_warnings let one read in 1,200 through under four threads.
+    from concurrent.futures import ThreadPoolExecutor
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "huge.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # huge: between 1x and 2x, where Pillow only warns
+    filters = list(warnings.filters)
+
+    def refused(path: Path) -> bool:
+        try:
+            read_image(path)
+        except DataError:
+            return True
+        return False
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(refused, [tmp_path / "huge.png", tmp_path / "small.png"] * 200))
+    assert results == [True, False] * 200
+    assert warnings.filters == filters  # reading changes no process-wide warning filter
+    with pytest.raises(DataError, match="1,200 pixels, above the safety limit of 1,000"):
+        read_image(Image.open(tmp_path / "huge.png"))  # an opened PIL image too
 
 
 def test_read_image_not_an_image(tmp_path):
@@ -324,7 +350,7 @@ def test_visa_rows_listing_an_image_twice_are_refused_and_object_names_trimmed(t
         load_dataset(root, category="candle")
 
 
-def test_list_categories_names_what_category_accepts(tmp_path):
+def test_list_categories_names_what_category_accepts(tmp_path, monkeypatch):
     _make_mvtec(tmp_path / "mv" / "bottle")
     _make_mvtec(tmp_path / "mv" / "cable")
     (tmp_path / "mv" / "notes").mkdir()
@@ -333,6 +359,9 @@ def test_list_categories_names_what_category_accepts(tmp_path):
     assert load_dataset(tmp_path / "mv", category="cable").category == "cable"
     assert load_dataset(tmp_path / "mv" / "cable").category == "cable"
     assert list_categories(_make_visa(tmp_path / "visa")) == ["candle", "pcb1"]
+    monkeypatch.chdir(tmp_path / "mv" / "cable")  # the folder's own name, not "." or ""
+    assert list_categories(".") == ["cable"] and load_dataset(".", category="cable").category == "cable"
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="No 'train/good'"):
         list_categories(tmp_path / "mv" / "notes")
     with pytest.raises(DataError, match=r"split_csv/1cls\.csv exists: for the VisA layout use layout='visa'"):

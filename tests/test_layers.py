@@ -132,3 +132,15 @@ def test_position_whitening_keeps_its_buffers_on_the_modules_device():
     layer.fit([torch.randn(6, 3, 4)])
     assert layer.mean.device.type == layer.matrix.device.type == "meta"
     assert layer.mean.dtype == torch.float32 and layer.mean.shape == (3, 4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 28, 56, 224, 1000])
+def test_ranges_built_from_a_tensor_match_torch(n):
+    from flawscope.layers import arange_like, linspace_like
+
+    like = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(arange_like(like, n, torch.long), torch.arange(n))
+    assert arange_like(like, n).dtype == torch.float64
+    got = linspace_like(torch.zeros(1), -1.0, 1.0, n)
+    torch.testing.assert_close(got, torch.linspace(-1.0, 1.0, n), rtol=0, atol=6e-8)  # half an ulp of 1
+    assert got[0] == -1.0 and got[-1] == (1.0 if n > 1 else -1.0)

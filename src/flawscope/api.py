@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -19,8 +20,16 @@ import numpy as np
 import torch
 
 from .calibration import DEFAULT_TARGET_FPR, check_target_fpr, threshold_f1, threshold_from_normals
-from .data import Sample, load_anomaly_folder, load_dataset, select_seen_anomalies, split_validation
-from .errors import ConfigError
+from .data import (
+    DatasetSplit,
+    Sample,
+    list_categories,
+    load_anomaly_folder,
+    load_dataset,
+    select_seen_anomalies,
+    split_validation,
+)
+from .errors import ConfigError, DataError
 from .fitting import FitContext, preserved_random_state
 from .model_io import load_model, read_model_info, save_model
 from .models.base import AnomalyModel
@@ -131,7 +140,7 @@ def fit(
     leaves them out of the test set.
 
     Training is seeded with ``seed`` (Python's, numpy's and torch's generators); the caller's global random states
-    are restored afterwards (CPU, and CUDA's when the caller has used CUDA).
+    are restored afterwards (CPU, and CUDA's once CUDA is initialised).
 
     Returns:
         The run folder.
@@ -245,6 +254,43 @@ def _seen_anomalies(
     return seen, record
 
 
+def run_record(run: str | Path) -> dict[str, Any]:
+    """A run's config.json, given the run folder or its ``model`` folder; empty for a bare model folder."""
+    folder = Path(run)
+    if not (folder / "config.json").is_file() and folder.name == "model":
+        folder = folder.parent
+    config = folder / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
+def run_dataset(run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None) -> DatasetSplit:
+    """The labelled data a run is evaluated or calibrated on (``load_dataset`` with ``need_train=False``).
+
+    Without ``category``, a multi-category ``data`` gives the run's own category (config.json) when it holds it.
+    Warns when the run was trained on another category than the one read (a test-only folder has none to compare).
+    """
+    trained_on = run_record(run).get("category")
+    names = []
+    if trained_on:
+        with contextlib.suppress(DataError):  # a test-only folder has no categories; load_dataset reads it
+            names = list_categories(data, layout)
+    if category is None and trained_on in names:
+        category = trained_on
+    dataset = load_dataset(data, layout=layout, category=category, need_train=False)
+    if trained_on and dataset.train and dataset.category != trained_on:
+        how = (
+            f"pass --category {trained_on} (category=...)"
+            if trained_on in names
+            else f"give --data the folder of {trained_on!r}"
+        )
+        warnings.warn(
+            f"{run} was trained on the category {trained_on!r} and is evaluated on {dataset.category!r} "
+            f"({dataset.root}): a cross-category result. To use its own category, {how}.",
+            stacklevel=3,
+        )
+    return dataset
+
+
 def calibrate_run(
     run: str | Path,
     data: str | Path,
@@ -273,9 +319,8 @@ def calibrate_run(
     if rule == "fpr":
         check_target_fpr(target_fpr)  # before the images are scored
     info = read_model_info(run)
-    dataset = load_dataset(data, layout=layout, category=category, need_train=False)
-    config_path = Path(run) / "config.json"
-    trained_on = json.loads(config_path.read_text())["data"] if config_path.is_file() else None
+    dataset = run_dataset(run, data, layout, category)
+    trained_on = run_record(run).get("data")
     if trained_on and Path(trained_on).resolve() == dataset.root.resolve():
         raise ConfigError(
             f"{dataset.root} is the folder this run was trained on; its test split is the test set. Calibrate on a "

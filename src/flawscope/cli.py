@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import click
+from PIL import Image
 
 from . import __version__
 from .calibration import DEFAULT_TARGET_FPR
@@ -40,7 +41,7 @@ def threads_option(expose: bool = False):
     )
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception | str) -> None:
     click.echo(f"error: {error}", err=True)
     sys.exit(2)
 
@@ -61,7 +62,10 @@ class _Group(click.Group):
         warnings.formatwarning = format_warning_line
         try:
             set_pixel_limit_from_environment()
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # Pillow warns about images above its pixel limit before flawscope refuses them with the reason.
+                warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+                return super().invoke(ctx)
         except FlawscopeError as e:
             _fail(e)
         except (MemoryError, RuntimeError) as e:
@@ -70,7 +74,7 @@ class _Group(click.Group):
             said = " ".join(str(e).split())[:160] or type(e).__name__
             _fail(
                 f"out of memory in `flawscope {ctx.invoked_subcommand}` ({said}). Use less: "
-                "a smaller --batch-size (test, predict) or --set batch_size=N (fit), a smaller --image-size, fewer "
+                "a smaller --batch-size (test, predict) or --set batch_size=N (fit), a smaller fit --image-size, fewer "
                 "training images, and for PatchCore --set max_train_features=N (default 2,000,000 locations: about "
                 "4 GiB in float16 plus 1 GiB for the coreset search); `flawscope info --model NAME` lists each "
                 "model's options."
@@ -151,7 +155,7 @@ def fit(
     options = parse_overrides(overrides)
     for key, value in (("backbone", backbone), ("image_size", image_size), ("resize_size", resize_size)):
         if value is not None:
-            if key in options and options[key] != str(value):
+            if key in options and options[key].lstrip("0") != str(value).lstrip("0"):  # 064 is 64
                 raise ConfigError(
                     f"--{key.replace('_', '-')} {value} and --set {key}={options[key]} disagree; give {key} once."
                 )
@@ -203,7 +207,7 @@ def _threshold_line(run: Path) -> str:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="default: the run folder")
-@click.option("--category", default=None)
+@click.option("--category", default=None, help="category of a multi-category root; default: the run's own")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--no-report", is_flag=True, help="skip report.html")
@@ -337,7 +341,7 @@ def export(run, export_format, out, batch, half, no_check) -> None:
     help="f1: F1-optimal threshold; fpr: quantile of the good images at --target-fpr",
 )
 @click.option("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, show_default=True)
-@click.option("--category", default=None)
+@click.option("--category", default=None, help="category of a multi-category root; default: the run's own")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @threads_option()
 @DEVICE

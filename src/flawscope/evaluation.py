@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .api import ScoredImages, resolve_device, score_images
-from .data import DatasetSplit, ImageDataset, exclude_samples, list_categories, load_dataset
+from .api import ScoredImages, resolve_device, run_dataset, run_record, score_images
+from .data import DatasetSplit, ImageDataset, exclude_samples
 from .errors import ConfigError, DataError
 from .fitting import FitContext
 from .model_io import load_model, read_model_info
@@ -122,35 +122,8 @@ def seen_anomalies_of(run: str | Path) -> tuple[list[str], list[str]]:
 
     Runs fitted before the digests were recorded give paths only.
     """
-    record = _run_record(run)
+    record = run_record(run)
     return list(record.get("seen_anomalies", [])), list(record.get("seen_anomaly_sha256", []))
-
-
-def _run_record(run: str | Path) -> dict[str, Any]:
-    """The run's config.json (empty for a bare model folder)."""
-    config = Path(run) / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
-
-
-def _test_dataset(run: Path, data: str | Path, layout: str, category: str | None) -> DatasetSplit:
-    """The test data; without ``category``, the run's own category when ``data`` holds it. Warns when the run was
-    trained on another category than the one tested."""
-    trained_on = _run_record(run).get("category")
-    if category is None and trained_on:
-        try:
-            if trained_on in list_categories(data, layout):
-                category = trained_on
-        except DataError:
-            pass  # a test-only folder; load_dataset below reads it or says what is wrong
-    dataset = load_dataset(data, layout=layout, category=category, need_train=False)
-    if trained_on and dataset.category != trained_on:
-        warnings.warn(
-            f"{run} was trained on the category {trained_on!r} and is tested on {dataset.category!r} "
-            f"({dataset.root}). Pass --category {trained_on} (category=...) to test it on its own category; a "
-            "cross-category test is otherwise what you get.",
-            stacklevel=3,
-        )
-    return dataset
 
 
 def _warn_replaced(out: Path, dataset: DatasetSplit) -> None:
@@ -162,11 +135,13 @@ def _warn_replaced(out: Path, dataset: DatasetSplit) -> None:
         previous = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    where = (previous.get("data"), previous.get("category", dataset.category))
-    if where != (str(dataset.root.resolve()), dataset.category):
+    # Older metrics.json files hold the data path as typed and no category.
+    where = (str(Path(previous.get("data", "")).resolve()), previous.get("category", dataset.category))
+    now = (str(dataset.root.resolve()), dataset.category)
+    if where != now:
         warnings.warn(
             f"{path} holds the results on {where[0]} (category {where[1]!r}); they are replaced by those on "
-            f"{dataset.root} (category {dataset.category!r}). Give each test its own --out to keep both.",
+            f"{now[0]} (category {now[1]!r}). Give each test its own --out to keep both.",
             stacklevel=3,
         )
 
@@ -190,8 +165,11 @@ def test(
     set first; ``exclude_seen_of`` removes those of another run too, so an unsupervised model can be compared
     with a few-shot one on the very same images. The removed paths are listed in metrics.json.
 
+    ``data`` is read by ``run_dataset``: on a multi-category root, the run's own category unless ``category``
+    names another (which warns, as a cross-category result).
+
     Writes into ``out`` (default: the run folder) ``metrics.json``, ``per_image.csv``, ``curves.json`` and
-    ``report.html``.
+    ``report.html``; replacing the results of another data set or category there warns.
 
     Returns:
         The metrics dictionary written to metrics.json.
@@ -204,7 +182,7 @@ def test(
     run = Path(run)
     info = read_model_info(run)
     model = load_model(info["folder"])
-    dataset = _test_dataset(run, data, layout, category)
+    dataset = run_dataset(run, data, layout, category)
     if not dataset.test:
         raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
     out = Path(out) if out else run
@@ -259,7 +237,7 @@ def test(
             "data": str(dataset.root.resolve()),
             "layout": dataset.layout,
             "category": dataset.category,
-            "seed": _run_record(run).get("seed"),
+            "seed": run_record(run).get("seed"),
             "num_excluded_seen": len(excluded),
             "excluded_seen": [str(s.path) for s in excluded],
             "unmarked_defective": unmarked,

@@ -10,10 +10,10 @@ Decoding rules (the same for training, evaluation and prediction, so a model nev
   taken as [0, 1] when their maximum is at most 1 and as 16-bit values otherwise.
 """
 
+import contextlib
 import io
 import os
 import re
-import warnings
 from os import PathLike
 from pathlib import Path
 from typing import BinaryIO
@@ -43,15 +43,35 @@ def set_pixel_limit_from_environment() -> None:
     """Sets Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, the largest image flawscope reads)
     from the environment variable ``FLAWSCOPE_MAX_IMAGE_PIXELS`` when it is set; 0 removes the limit.
 
+    Applied when this module is imported (so also in worker processes), and again by every command line command,
+    which reports a bad value.
+
     Raises:
         ConfigError: the variable is not a whole number >= 0.
     """
     value = os.environ.get(PIXEL_LIMIT_ENV)
     if value is None:
         return
-    if not value.strip().isdigit():
+    if not re.fullmatch(r"\s*[0-9]+\s*", value):
         raise ConfigError(f"{PIXEL_LIMIT_ENV}={value!r}: expected a whole number of pixels (0: no limit).")
     Image.MAX_IMAGE_PIXELS = int(value) or None
+
+
+def _too_many_pixels(path: Path | str, pixels: int | None) -> DataError:
+    size = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
+    return DataError(
+        f"Cannot read {path}: the image has {size}, above the safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels (a "
+        f"guard against decompression bombs). Downscale the image, or, if the file is trusted, raise the limit: the "
+        f"environment variable {PIXEL_LIMIT_ENV}=N (0: no limit), or PIL.Image.MAX_IMAGE_PIXELS in Python."
+    )
+
+
+def _check_pixel_count(size: tuple[int, int], path: Path | str) -> None:
+    """Refuses an image above ``PIL.Image.MAX_IMAGE_PIXELS``. Pillow itself only warns up to twice that limit; a
+    check of the size, unlike turning its warning into an error, is safe with several threads reading at once."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise _too_many_pixels(path, size[0] * size[1])
 
 
 def _existing_file(path: str | PathLike) -> Path:
@@ -69,30 +89,25 @@ def _open_upright(source: Path | BinaryIO | Image.Image, path: Path | str) -> Im
         what = "open in text mode: open it with 'rb'" if isinstance(source, io.TextIOBase) else "closed: open it again"
         raise DataError(f"Cannot read {path}: the file object is {what}, or pass its path.")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns above its limit and refuses only above twice it; flawscope refuses above the limit.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if isinstance(source, Image.Image):  # possibly lazy (Image.open): decode it here too
-                source.load()
-                return ImageOps.exif_transpose(source)
-            with Image.open(source) as image:
-                image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
-                return ImageOps.exif_transpose(image)
+        if isinstance(source, Image.Image):  # possibly lazy (Image.open): decode it here too
+            _check_pixel_count(source.size, path)
+            source.load()
+            return ImageOps.exif_transpose(source)
+        with Image.open(source) as image:
+            _check_pixel_count(image.size, path)  # before decoding: Image.open reads only the header
+            image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
+            return ImageOps.exif_transpose(image)
+    except DataError:
+        raise  # a subclass of ValueError, caught below otherwise
     except UnidentifiedImageError as error:
         raise DataError(
             f"Cannot read {path}: it is not an image format flawscope can decode (is the extension wrong, or is it "
             f"another kind of file?). Supported: {', '.join(IMAGE_EXTENSIONS)}. Convert it or remove it from the "
             f"data folder."
         ) from error
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's own, above 2x
         found = re.search(r"\((\d+) pixels\)", str(error))
-        size = f"{int(found[1]):,} pixels" if found else f"too many pixels ({error})"
-        raise DataError(
-            f"Cannot read {path}: the image has {size}, above the safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
-            f"(a guard against decompression bombs). Downscale the image, or, if the file is trusted, raise the "
-            f"limit: the environment variable {PIXEL_LIMIT_ENV}=N for the command line (0: no limit), "
-            f"PIL.Image.MAX_IMAGE_PIXELS in Python."
-        ) from error
+        raise _too_many_pixels(path, int(found[1]) if found else None) from error
     except (OSError, ValueError, SyntaxError, AssertionError) as error:  # Pillow asserts on a closed lazy image
         raise DataError(
             f"Cannot decode {path}: the file is truncated or corrupt ({error}). Re-export or re-copy the file, or "
@@ -199,3 +214,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None, image_path:
             f"{size[0]}x{size[1]}."
         )
     return mask
+
+
+with contextlib.suppress(ConfigError):  # the command line reports a bad value; an import does not fail on it
+    set_pixel_limit_from_environment()

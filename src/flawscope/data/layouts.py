@@ -137,7 +137,7 @@ def _mvtec_root(root: Path, category: str | None) -> Path:
     """Resolve the category folder of an MVTec-style dataset, or explain why there is none."""
     categories = _category_names(root)
     if _normal_folder(root / "train"):
-        if category is None or category == root.name:
+        if category is None or category == root.resolve().name:  # the name of "." too
             return root
         raise DataError(
             f"Category {category!r} was given but {root} is already a single category (it has train/good). "
@@ -229,7 +229,7 @@ def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
         )
     test = _mvtec_test(root, ignored)
     _warn_ignored(root, ignored)
-    return DatasetSplit(root=root, train=train, test=test, layout="mvtec", category=root.name)
+    return DatasetSplit(root=root, train=train, test=test, layout="mvtec", category=root.resolve().name)
 
 
 def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
@@ -376,7 +376,7 @@ def list_categories(root: str | Path, layout: str = "auto") -> list[str]:
             raise DataError(f"No {VISA_CSV} in {root}; found: {_contents(root)}. Copy VisA's split_csv/1cls.csv there.")
         return sorted({row["object"] for _, row in _read_visa_rows(root / VISA_CSV)})
     if _normal_folder(root / "train"):
-        return [root.name]
+        return [root.resolve().name]
     categories = _category_names(root)
     if not categories:
         _mvtec_root(root, None)  # raises with what was found

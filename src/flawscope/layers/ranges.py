@@ -18,8 +18,9 @@ def arange_like(like: Tensor, n: int, dtype: torch.dtype | None = None) -> Tenso
 
 
 def linspace_like(like: Tensor, start: float, end: float, n: int) -> Tensor:
-    """(n,) ``torch.linspace(start, end, n)`` on ``like``'s device in its dtype, within one float32 rounding (the
-    first half counted from ``start``, the second from ``end``, as torch's CPU kernel does)."""
+    """(n,) ``torch.linspace(start, end, n)`` on ``like``'s device in its dtype, within one rounding of it (the
+    first half counted from ``start``, the second from ``end``; torch's vectorised CPU kernel counts per block, so
+    some values differ from its by half a unit in the last place)."""
     index = arange_like(like, n)
     if n == 1:
         return index + start
