@@ -288,11 +288,17 @@ def _visa_sample(root: Path, row: dict[str, str], where: str) -> tuple[str, Samp
     return split, Sample(image, 1, "anomaly", _existing(root, row["mask"].strip(), "mask", where))
 
 
-def _load_visa(root: Path, category: str | None) -> DatasetSplit:
+def _visa_rows(root: Path) -> list[tuple[int, dict[str, str]]]:
+    """The rows of ``root``'s split CSV, or why there are none."""
     csv_path = root / VISA_CSV
     if not csv_path.is_file():
         raise DataError(f"No {VISA_CSV} in {root}; found: {_contents(root)}. Copy VisA's split_csv/1cls.csv there.")
-    rows = _read_visa_rows(csv_path)
+    return _read_visa_rows(csv_path)
+
+
+def _load_visa(root: Path, category: str | None) -> DatasetSplit:
+    csv_path = root / VISA_CSV
+    rows = _visa_rows(root)
     objects = sorted({row["object"] for _, row in rows})
     if category is None and len(objects) == 1:
         category = objects[0]
@@ -346,11 +352,7 @@ def load_dataset(
         DataError: Missing or misnamed folders, empty ``train/good``, a defective image without its mask, or a
             bad VisA CSV; the message names the path and what was found.
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(f"Unknown dataset layout {layout!r}; expected one of: {', '.join(LAYOUTS)}.")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"Data folder {root} does not exist or is not a folder. Check the path.")
+    root = _checked_root(root, layout)
     if _is_visa(root, layout):
         return _load_visa(root, category)
     if not need_train and category is None and (root / "test").is_dir() and not _normal_folder(root / "train"):
@@ -366,21 +368,24 @@ def list_categories(root: str | Path, layout: str = "auto") -> list[str]:
         ConfigError: Unknown ``layout``.
         DataError: ``root`` is neither, with what was found.
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(f"Unknown dataset layout {layout!r}; expected one of: {', '.join(LAYOUTS)}.")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"Data folder {root} does not exist or is not a folder. Check the path.")
+    root = _checked_root(root, layout)
     if _is_visa(root, layout):
-        if not (root / VISA_CSV).is_file():
-            raise DataError(f"No {VISA_CSV} in {root}; found: {_contents(root)}. Copy VisA's split_csv/1cls.csv there.")
-        return sorted({row["object"] for _, row in _read_visa_rows(root / VISA_CSV)})
+        return sorted({row["object"] for _, row in _visa_rows(root)})
     if _normal_folder(root / "train"):
         return [root.resolve().name]
     categories = _category_names(root)
     if not categories:
         _mvtec_root(root, None)  # raises with what was found
     return categories
+
+
+def _checked_root(root: str | Path, layout: str) -> Path:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"Unknown dataset layout {layout!r}; expected one of: {', '.join(LAYOUTS)}.")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Data folder {root} does not exist or is not a folder. Check the path.")
+    return root
 
 
 def _is_visa(root: Path, layout: str) -> bool:
