@@ -7,6 +7,7 @@ fails before any training starts, so they cost little.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import re
 import shutil
@@ -27,6 +28,7 @@ from flawscope.calibration import threshold_from_normals
 from flawscope.cli import main
 from flawscope.data import load_dataset, preprocess, read_image
 from flawscope.data.demo import make_demo_dataset
+from flawscope.errors import DataError
 from flawscope.fitting import FitContext
 from flawscope.model_io import load_model, save_model
 
@@ -846,3 +848,92 @@ def test_demo_generates_trains_tests_and_reports(tmp_path):
     assert metrics["num_defective"] == 30
     # Measured on this schedule: image AUROC 0.913, pixel AUROC 0.940 (one epoch: 0.43 / 0.50, chance).
     assert metrics["image_auroc"] >= 0.85 and metrics["pixel_auroc"] >= 0.88
+
+
+# ------------------------------------------------------------------------------ file systems and edited run folders
+
+
+@pytest.mark.parametrize(
+    ("error", "fragments"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "run/model/weights.safetensors"), ["free space there"]),
+        (PermissionError(errno.EACCES, "Permission denied", "ro/.flawscope"), ["(ro/.flawscope)", "permissions"]),
+        (OSError(errno.ENAMETOOLONG, "File name too long", "x" * 300), ["shorten the path"]),
+    ],
+)
+def test_file_system_errors_are_one_line_naming_the_file(tiny_dataset, tmp_path, monkeypatch, error, fragments):
+    monkeypatch.setattr("flawscope.api.fit", lambda *a, **k: (_ for _ in ()).throw(error))
+    assert_clean_error(invoke(*fit_args(tiny_dataset, tmp_path / "run")), "`flawscope fit` stopped:", *fragments)
+
+
+def test_a_full_disk_inside_safetensors_is_an_os_error(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from flawscope import runs
+
+    message = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })'
+    monkeypatch.setattr(runs, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError(message)))
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        runs.save_safetensors({"x": torch.zeros(1)}, tmp_path / "w.safetensors", {})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "w.safetensors")
+
+
+def test_export_refuses_a_disk_too_small_before_writing(run, tmp_path, monkeypatch):
+    # torch.jit.save aborts the process on a full disk; the size is checked first.
+    import shutil as shutil_module
+
+    monkeypatch.setattr(
+        "flawscope.export.parity.shutil.disk_usage", lambda path: shutil_module._ntuple_diskusage(10, 10, 1 << 20)
+    )
+    out = tmp_path / "exports" / "m.pt"
+    line = assert_clean_error(invoke("export", run, "--format", "torchscript", "--out", out), "No space left on device")
+    assert "MiB free" in line and list((tmp_path / "exports").iterdir()) == []
+
+
+def test_edited_or_missing_run_files_are_named(whole_run_copy, tiny_dataset, tmp_path):
+    assert_clean_error(invoke("test", tmp_path / "nope", "--data", tiny_dataset), "nope does not exist")
+    config = whole_run_copy / "config.json"
+    record = json.loads(config.read_text())
+    for text in ("{", "[1, 2]"):
+        config.write_text(text)
+        for args in (("test", whole_run_copy, "--data", tiny_dataset), ("export", whole_run_copy)):
+            assert_clean_error(invoke(*args), "config.json is not the JSON object `flawscope fit` wrote")
+    config.write_text(json.dumps({**record, "val_images": [str(tmp_path / "moved" / "0.png")]}))
+    from flawscope.export.parity import held_out_images
+
+    with pytest.warns(UserWarning, match="None of the run's held-out images could be read.*data moved"):
+        assert held_out_images(whole_run_copy, load_model(whole_run_copy)) is None
+    args = ("synth", "--data", tiny_dataset, "--run", whole_run_copy, "--out", tmp_path / "synth")
+    assert_clean_error(invoke(*args), "1 of the 1 held-out images listed in", "are gone", "leave --run out")
+
+
+def test_an_unreadable_image_is_not_called_corrupt(tmp_path, monkeypatch):
+    # Root ignores permission bits, so the operating system's answer is simulated.
+    image = tmp_path / "locked.png"
+    Image.new("RGB", (8, 8)).save(image)
+    monkeypatch.setattr("PIL.Image.open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.raises(DataError, match=r"locked\.png: permission denied\. Give the user running flawscope read"):
+        read_image(image)
+
+
+def test_predict_cuts_long_file_names_for_its_images(run, tiny_dataset, tmp_path):
+    folder = tmp_path / "long"
+    folder.mkdir()
+    source = tiny_dataset / "test" / "good" / "000.png"
+    shutil.copy(source, folder / ("ü" * 120 + ".png"))  # 244 bytes: with the index, over 255
+    result = invoke("predict", run, folder, "--out", tmp_path / "pred", "--masks", "--quiet")
+    assert result.exit_code == 0, result.output
+    (overlay,) = (tmp_path / "pred" / "overlays").iterdir()
+    assert overlay.name == "00000_" + "ü" * 100 + ".png"
+
+
+def test_calibrating_on_a_differently_named_folder_is_not_a_cross_category_warning(
+    whole_run_copy, tiny_dataset, tmp_path
+):
+    validation = tmp_path / "synthval"
+    shutil.copytree(tiny_dataset, validation)  # flawscope synth's folders have a name of their own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*previous threshold")  # the run's old test outputs
+        result = invoke("calibrate", whole_run_copy, "--data", validation, "--quiet")
+    assert result.exit_code == 0, result.output

@@ -260,14 +260,29 @@ def run_record(run: str | Path) -> dict[str, Any]:
     if not (folder / "config.json").is_file() and folder.name == "model":
         folder = folder.parent
     config = folder / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
+    if not config.is_file():
+        return {}
+    try:
+        record = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        record = e
+    if not isinstance(record, dict):
+        raise ConfigError(
+            f"{config} is not the JSON object `flawscope fit` wrote ({str(record)[:80]}). Restore it from a copy of "
+            "the run, or fit again."
+        )
+    return record
 
 
-def run_dataset(run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None) -> DatasetSplit:
+def run_dataset(
+    run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None, *, warn_other: bool = True
+) -> DatasetSplit:
     """The labelled data a run is evaluated or calibrated on (``load_dataset`` with ``need_train=False``).
 
     Without ``category``, a multi-category ``data`` gives the run's own category (config.json) when it holds it.
-    Warns when the run was trained on another category than the one read (a test-only folder has none to compare).
+    With ``warn_other``, warns when the run was trained on another category than the one read (a test-only folder
+    has none to compare). Calibration turns it off: its folder is another one by design (``flawscope synth``'s has
+    a name of its own).
     """
     trained_on = run_record(run).get("category")
     names = []
@@ -277,7 +292,7 @@ def run_dataset(run: str | Path, data: str | Path, layout: str = "auto", categor
     if category is None and trained_on in names:
         category = trained_on
     dataset = load_dataset(data, layout=layout, category=category, need_train=False)
-    if trained_on and dataset.train and dataset.category != trained_on:
+    if warn_other and trained_on and dataset.train and dataset.category != trained_on:
         how = (
             f"pass --category {trained_on} (category=...)"
             if trained_on in names
@@ -319,7 +334,7 @@ def calibrate_run(
     if rule == "fpr":
         check_target_fpr(target_fpr)  # before the images are scored
     info = read_model_info(run)
-    dataset = run_dataset(run, data, layout, category)
+    dataset = run_dataset(run, data, layout, category, warn_other=False)
     trained_on = run_record(run).get("data")
     if trained_on and Path(trained_on).resolve() == dataset.root.resolve():
         raise ConfigError(

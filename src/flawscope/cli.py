@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import warnings
@@ -14,7 +15,7 @@ from . import __version__
 from .calibration import DEFAULT_TARGET_FPR
 from .config import TRAIN_PRECISIONS, parse_overrides
 from .data.io import set_pixel_limit_from_environment
-from .errors import ConfigError, FlawscopeError, format_warning_line
+from .errors import ConfigError, DataError, FlawscopeError, format_warning_line
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 QUIET = click.option("--quiet", is_flag=True, help="no progress bars")
@@ -54,6 +55,23 @@ def _out_of_memory(error: BaseException) -> bool:
     )
 
 
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "free space there or give --out on another disk, then run the command again (it replaces what it "
+    "wrote)",
+    errno.EDQUOT: "free space there or give --out on another disk, then run the command again",
+    errno.EACCES: "check the permissions of that path (flawscope only reads --data and writes --out)",
+    errno.EPERM: "check the permissions of that path (flawscope only reads --data and writes --out)",
+    errno.EROFS: "give --out on a writable file system",
+    errno.ENAMETOOLONG: "shorten the path or file name",
+}
+
+
+def _os_error_text(error: OSError, command: str | None) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    hint = _OS_ERROR_HINTS.get(error.errno, "check that path and the disk")
+    return f"`flawscope {command}` stopped: {error.strerror or error}{where}; {hint}."
+
+
 class _Group(click.Group):
     """Turns flawscope's own errors into one clear line instead of a traceback, and warnings into one line each."""
 
@@ -68,6 +86,8 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except FlawscopeError as e:
             _fail(e)
+        except OSError as e:  # the file system's answer, not flawscope's: one line with the file and what to do
+            _fail(_os_error_text(e, ctx.invoked_subcommand))
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise
@@ -297,6 +317,7 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
 @threads_option()
 def export(run, export_format, out, batch, half, no_check) -> None:
     """Export RUN's inference graph (normalisation, calibration and threshold included) to ONNX or TorchScript."""
+    from .api import run_record
     from .export import FORMATS, export_checked
     from .export.parity import held_out_images
     from .model_io import load_model, read_model_info, warn_if_uncalibrated
@@ -306,9 +327,7 @@ def export(run, export_format, out, batch, half, no_check) -> None:
     model.check_fitted()
     warn_if_uncalibrated(info, "exported model's outputs")
     path = out or Path(run) / "export" / f"model{FORMATS[export_format]}"
-    # The run's config.json (next to model/, also when RUN names the model folder) records the training data.
-    config_path = Path(info["folder"]).parent / "config.json"
-    data = json.loads(config_path.read_text()).get("data") if config_path.is_file() else None
+    data = run_record(Path(info["folder"]).parent).get("data")  # the training data, never written into
     images = None if no_check else held_out_images(run, model)
     path, report = export_checked(
         model, path, export_format, batch=batch, half=half, images=images, check=not no_check, data_root=data
@@ -533,6 +552,7 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
 
     Calibrate a run on it when no real defects exist: flawscope calibrate RUN --data OUT --rule f1
     """
+    from .api import run_record
     from .data import load_dataset
     from .outputs import check_outside
     from .synthesis import write_synthetic_validation_set
@@ -547,8 +567,16 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
                 f"--run {run} is not a run folder (no config.json in it); give the folder that `flawscope fit --out` "
                 "wrote, or leave --run out to use the data set's training images."
             )
-        config = json.loads(config_path.read_text())
-        images = [Path(p) for p in config.get("val_images", [])] or images
+        config = run_record(run)
+        held_out = [Path(p) for p in config.get("val_images", [])]
+        gone = [p for p in held_out if not p.is_file()]
+        if gone:
+            raise DataError(
+                f"{len(gone)} of the {len(held_out)} held-out images listed in {Path(run) / 'config.json'} "
+                f"(val_images) are gone, e.g. {gone[0]}: the data moved since the fit. Restore it there, or leave "
+                "--run out to use the training images of --data."
+            )
+        images = held_out or images
         image_size, resize_size = config["options"]["image_size"], config["options"]["resize_size"]
     summary = write_synthetic_validation_set(
         images,

@@ -71,6 +71,9 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
 def read_model_info(folder: str | Path) -> dict[str, Any]:
     """Reads and checks ``model.json``; raises ModelFormatError with the fix when it cannot be used."""
     folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a run folder" if folder.exists() else "does not exist"
+        raise ModelFormatError(f"{folder} {what}. Pass a run folder from `flawscope fit --out` or its model/.")
     path = folder / MODEL_JSON
     if not path.is_file():
         nested = folder / "model" / MODEL_JSON

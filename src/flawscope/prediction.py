@@ -21,6 +21,7 @@ from .fitting import FitContext, torch_threads
 from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_folder, owned_names
 from .report import heatmap_overlay, save_png
 
+MAX_STEM_BYTES = 200  # of an overlay or mask name: 5 digits, "_" and ".png" keep it under 255 bytes
 CSV_COLUMNS = [
     *("path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"),
     *("peak_x", "peak_y", "peak_score"),  # added after the first release's columns, so their positions hold
@@ -114,7 +115,10 @@ def predict(
                     continue
                 predictions = inferencer.predict(batch["image"], min_area=min_area)
                 for index, pixels, prediction in zip(batch["index"].tolist(), batch["image"], predictions, strict=True):
-                    name = f"{index:05d}_{images[index].stem}.png"
+                    # The index keeps names unique; the stem is cut so that the name stays within the file
+                    # systems' 255 bytes.
+                    stem = images[index].stem.encode()[:MAX_STEM_BYTES].decode(errors="ignore")
+                    name = f"{index:05d}_{stem}.png"
                     regions = _region_rows(prediction)
                     peak_x, peak_y, peak_score = prediction.peak
                     row = {

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import __version__
@@ -89,7 +92,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     safetensors 0.8 writes its files with mode 0600, so a model folder or teacher copied for a service account or a
     colleague could not be read by them.
     """
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # an OS error inside the Rust writer (a full disk): say so as Python's would
+        found = re.search(r"code: (\d+)", str(e))
+        code = int(found[1]) if found else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from e
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)

@@ -108,6 +108,11 @@ def _open_upright(source: Path | BinaryIO | Image.Image, path: Path | str) -> Im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's own, above 2x
         found = re.search(r"\((\d+) pixels\)", str(error))
         raise _too_many_pixels(path, int(found[1]) if found else None) from error
+    except PermissionError as error:
+        raise DataError(
+            f"Cannot read {path}: permission denied. Give the user running flawscope read access to it, or remove it "
+            f"from the data folder."
+        ) from error
     except (OSError, ValueError, SyntaxError, AssertionError) as error:  # Pillow asserts on a closed lazy image
         raise DataError(
             f"Cannot decode {path}: the file is truncated or corrupt ({error}). Re-export or re-copy the file, or "

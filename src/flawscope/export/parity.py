@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import errno
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -130,19 +131,24 @@ def held_out_images(run: str | Path, model: AnomalyModel, count: int = 4) -> tor
 
     Real images keep the calibrated outputs away from the clipping at 0 and 1 that random noise images reach.
     """
+    from ..api import run_record
     from ..data import preprocess, read_image
     from ..errors import DataError
 
-    config = Path(run) / "config.json"
-    if not config.is_file():
-        return None
+    listed = run_record(run).get("val_images", [])
     cfg = model.config
     images = []
-    for path in json.loads(config.read_text()).get("val_images", [])[:count]:
+    for path in listed[:count]:
         try:
             images.append(preprocess(read_image(path), cfg.image_size, cfg.resize_size))
         except (DataError, OSError):
             continue
+    if listed and not images:
+        warnings.warn(
+            f"None of the run's held-out images could be read (e.g. {listed[0]}: the data moved?); the export is "
+            "checked on random images instead, whose calibrated outputs mostly clip to 0 or 1.",
+            stacklevel=2,
+        )
     return torch.stack(images) if images else None
 
 
@@ -162,6 +168,20 @@ def check_parity(
             f"{report['decisions_equal']}. Please report this with the model's method and options."
         )
     return report
+
+
+def _check_free_space(model: AnomalyModel, folder: Path, half: bool) -> None:
+    """Raises OSError(ENOSPC) when ``folder``'s disk cannot hold the export: torch.jit.save aborts the whole process
+    on a full disk (a C++ exception nothing can catch), leaving its partial file behind."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) // (2 if half else 1)
+    needed = int(size * 1.1) + (16 << 20)  # the graph, the metadata, file-system blocks
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: the export needs about {needed >> 20} MiB, {free >> 20} MiB free",
+            str(folder),
+        )
 
 
 def export_checked(
@@ -198,6 +218,7 @@ def export_checked(
             "not write. Choose another --out, or move the file away."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    _check_free_space(model, path.parent, half)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         export_model(model, staging / path.name, export_format, batch=batch, half=half)
