@@ -209,12 +209,16 @@ def test_test_finds_the_runs_category_and_warns_about_another_or_a_replaced_resu
         )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["category"] == "brick"
-    heldout = tmp_path / "heldout"  # a test-only folder: no category to compare, nothing to warn about
+    heldout = tmp_path / "heldout"  # a test-only folder, or one category folder of another name: no warning
     for part in ("test", "ground_truth"):
         shutil.copytree(tiny_dataset / part, heldout / part)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for run, data in ((whole_run_copy / "model", root), (whole_run_copy, heldout)):  # model/: the run's record
+        for run, data in (
+            (whole_run_copy / "model", root),
+            (whole_run_copy, heldout),
+            (whole_run_copy, root / "brick"),
+        ):
             result = invoke(
                 "test", run, "--data", data, "--out", tmp_path / f"eval-{data.name}", "--quiet", "--no-report"
             )

@@ -274,15 +274,12 @@ def run_record(run: str | Path) -> dict[str, Any]:
     return record
 
 
-def run_dataset(
-    run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None, *, warn_other: bool = True
-) -> DatasetSplit:
+def run_dataset(run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None) -> DatasetSplit:
     """The labelled data a run is evaluated or calibrated on (``load_dataset`` with ``need_train=False``).
 
     Without ``category``, a multi-category ``data`` gives the run's own category (config.json) when it holds it.
-    With ``warn_other``, warns when the run was trained on another category than the one read (a test-only folder
-    has none to compare). Calibration turns it off: its folder is another one by design (``flawscope synth``'s has
-    a name of its own).
+    Warns when another of several categories is read than the one the run was trained on. A single category
+    folder of another name is not warned about: a copied, renamed or synthetic (``flawscope synth``) folder is one.
     """
     trained_on = run_record(run).get("category")
     names = []
@@ -292,15 +289,15 @@ def run_dataset(
     if category is None and trained_on in names:
         category = trained_on
     dataset = load_dataset(data, layout=layout, category=category, need_train=False)
-    if warn_other and trained_on and dataset.train and dataset.category != trained_on:
+    if trained_on and len(names) > 1 and dataset.category != trained_on:
         how = (
-            f"pass --category {trained_on} (category=...)"
+            f"To use its own category, pass --category {trained_on} (category=...)"
             if trained_on in names
-            else f"give --data the folder of {trained_on!r}"
+            else f"{data} has no category {trained_on!r}"
         )
         warnings.warn(
             f"{run} was trained on the category {trained_on!r} and is evaluated on {dataset.category!r} "
-            f"({dataset.root}): a cross-category result. To use its own category, {how}.",
+            f"({dataset.root}): a cross-category result. {how}.",
             stacklevel=3,
         )
     return dataset
@@ -334,7 +331,7 @@ def calibrate_run(
     if rule == "fpr":
         check_target_fpr(target_fpr)  # before the images are scored
     info = read_model_info(run)
-    dataset = run_dataset(run, data, layout, category, warn_other=False)
+    dataset = run_dataset(run, data, layout, category)
     trained_on = run_record(run).get("data")
     if trained_on and Path(trained_on).resolve() == dataset.root.resolve():
         raise ConfigError(
