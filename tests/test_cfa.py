@@ -305,6 +305,25 @@ def test_bank_pass_caches_the_patch_features_of_every_image(tiny_dataset):
     torch.testing.assert_close(build_memory_bank(model, train, ctx)[0], bank)
 
 
+def test_a_training_set_too_large_for_the_cache_trains_as_a_cached_one(tiny_dataset, monkeypatch):
+    # Streamed epochs draw the same order from the same generator and round p to float16 as the cache does; before,
+    # they were shuffled by a fresh loader (the same order every epoch) in float32, and gave another model.
+    import importlib
+
+    fit_module = importlib.import_module("flawscope.models.cfa.fit")  # the package's `fit` is the function
+    train = load_dataset(tiny_dataset).train[:6]
+    weights = []
+    for limit in (1 << 30, 0):
+        monkeypatch.setattr(fit_module, "MAX_CACHE_BYTES", limit)
+        torch.manual_seed(0)
+        model = _small_model(gamma_c=4, kmeans_max_iter=20, num_epochs=2, batch_size=2)
+        report = fit(model, train, FitContext(quiet=True))
+        assert report["cached_patch_features"] is (limit > 0)
+        weights.append(model.descriptor.state_dict())
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # --- scoring (Eqs. 4-5, spec 2.7) -----------------------------------------------------------------------------------
 
 

@@ -539,3 +539,28 @@ def test_learning_rate_drops_by_10_once():
 
     train(model, _OneImage(), None, ctx)
     assert [round(r["lr"], 12) for r in ctx.log] == [1e-4, 1e-5, 1e-5]
+
+
+def test_training_batches_are_the_same_cached_or_streamed(tiny_dataset, monkeypatch):
+    # Streamed epochs were shuffled by a fresh loader each epoch, so every epoch repeated one order.
+    import importlib
+
+    from flawscope.data import load_dataset
+    from flawscope.fitting import FitContext
+
+    fit_module = importlib.import_module("flawscope.models.efficientad.fit")
+    samples, cfg, ctx = (
+        load_dataset(tiny_dataset).train[:5],
+        EfficientADConfig.from_dict({**TINY}),
+        FitContext(quiet=True),
+    )
+    runs = []
+    for limit in (1 << 30, 0):
+        monkeypatch.setattr(fit_module, "MAX_CACHE_BYTES", limit)
+        images = fit_module._TrainImages(samples, cfg, ctx)
+        assert (images.cache is None) is (limit == 0)
+        stream = images.forever(torch.Generator().manual_seed(3))
+        runs.append([next(stream) for _ in range(12)])  # more than two epochs of batch size 1
+    for cached, streamed in zip(*runs, strict=True):
+        torch.testing.assert_close(streamed, cached, rtol=0, atol=0)
+    assert not torch.equal(torch.cat(runs[0][:5]), torch.cat(runs[0][5:10]))  # the second epoch has another order

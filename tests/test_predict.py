@@ -149,3 +149,43 @@ def test_prediction_streams_without_keeping_per_image_results(run, images, tmp_p
 def test_export_rejects_a_bad_batch(run):
     result = CliRunner().invoke(main, ["export", str(run), "--batch", "zero"])
     assert result.exit_code == 2 and "--batch must be 'dynamic' or a positive integer" in result.output
+
+
+def test_a_generator_of_folders_is_checked_like_a_list(run, images, tmp_path):
+    from flawscope.errors import ConfigError
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    with pytest.raises(ConfigError, match="inside the data folder"):
+        predict(run, (p for p in [data]), data / "P", quiet=True)
+    assert not (data / "P").exists()
+
+
+def test_an_interrupted_predict_keeps_its_rows_and_lists_the_skipped_files(run, images, tmp_path, monkeypatch):
+    data = tmp_path / "mixed"
+    shutil.copytree(images, data)
+    (data / "000_broken.png").write_bytes(b"not an image")  # sorted first: skipped before the interrupt
+    calls, save_png = [], prediction_module.save_png
+
+    def interrupt_on_the_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        save_png(*args)
+
+    monkeypatch.setattr(prediction_module, "save_png", interrupt_on_the_third)
+    result = CliRunner().invoke(
+        main, ["predict", str(run), str(data), "--out", str(tmp_path / "P"), "--batch-size", "2"]
+    )
+    assert result.exit_code == 130 and "interrupted:" in result.stderr and "run the command again" in result.stderr
+    rows = read_csv(tmp_path / "P" / "predictions.csv")
+    assert len(rows) == 2  # batches: (broken, image 1), (image 2, image 3 interrupted while writing its overlay)
+    assert len(list((tmp_path / "P" / "overlays").iterdir())) == 2  # every row written has its overlay
+    assert [r["path"] for r in read_csv(tmp_path / "P" / "skipped.csv")] == [str(data / "000_broken.png")]
+
+
+def test_progress_counts_images(run, images, tmp_path, capsys):
+    predict(run, [images], tmp_path / "P", batch_size=4, overlays=False)
+    count = len(list(images.iterdir()))
+    err = capsys.readouterr().err
+    assert f"0/{count} [" in err and "img/s" in err  # a total of images, not of batches of 4

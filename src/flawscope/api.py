@@ -82,7 +82,7 @@ def score_images(
     masks = np.zeros((count, size, size), bool) if keep_maps else None
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in ctx.progress(loader, "scoring", len(loader)):
+        for batch in ctx.progress_images(loader, "scoring"):
             index = batch["index"].numpy()
             out = model(batch["image"].to(ctx.device))
             raw[index] = out.pred_score.double().cpu().numpy()

@@ -286,23 +286,32 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
     """Score new images (files, folders or globs) with RUN: a run folder, or an exported .onnx / .pt file."""
     from .prediction import predict as run_predict
 
-    csv_path = run_predict(
-        run,
-        paths,
-        out,
-        device=device,
-        batch_size=batch_size,
-        overlays=not no_overlays,
-        masks=masks,
-        min_area=min_area,
-        strict=strict,
-        quiet=quiet,
-        threads=threads,
-    )
+    try:
+        csv_path = run_predict(
+            run,
+            paths,
+            out,
+            device=device,
+            batch_size=batch_size,
+            overlays=not no_overlays,
+            masks=masks,
+            min_area=min_area,
+            strict=strict,
+            quiet=quiet,
+            threads=threads,
+        )
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ninterrupted: {Path(out) / 'predictions.csv'} holds the images scored so far (and skipped.csv the "
+            "unreadable ones); run the command again to score all of them.",
+            err=True,
+        )
+        sys.exit(130)
     click.echo(f"predictions: {csv_path} and {csv_path.with_suffix('.jsonl')}")
     skipped = csv_path.parent / "skipped.csv"
     if skipped.is_file():
-        click.echo(f"some images could not be read and were skipped; see {skipped}", err=True)
+        count = len(skipped.read_text().splitlines()) - 1
+        click.echo(f"{count} image(s) could not be read and were skipped; see {skipped}", err=True)
 
 
 @main.command()

@@ -238,6 +238,8 @@ def test(
             "layout": dataset.layout,
             "category": dataset.category,
             "seed": run_record(run).get("seed"),
+            "torch_threads": torch.get_num_threads(),  # scores move at float rounding with the thread count
+            "batch_size": batch_size,
             "num_excluded_seen": len(excluded),
             "excluded_seen": [str(s.path) for s in excluded],
             "unmarked_defective": unmarked,

@@ -7,7 +7,7 @@ import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +59,14 @@ class FitContext:
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> tqdm:
         """Wraps ``iterable`` in a progress bar (hidden when quiet); ``set_postfix`` shows live values."""
         return tqdm(iterable, desc=desc, total=total, disable=self.quiet, leave=False, dynamic_ncols=True)
+
+    def progress_images(self, loader: DataLoader, desc: str) -> Iterator[Any]:
+        """The batches of ``loader`` (not shuffled), with a progress bar that counts images, not batches."""
+        total = len(loader.dataset)
+        with tqdm(total=total, desc=desc, unit="img", disable=self.quiet, leave=False, dynamic_ncols=True) as bar:
+            for batch in loader:
+                yield batch
+                bar.update(min(loader.batch_size or 1, total - bar.n))
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A torch RNG seeded from the run's seed (``offset`` separates independent streams)."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +36,31 @@ def _region_rows(prediction: Prediction) -> list[dict]:
     ]
 
 
+def _row(path: Path, index: int, prediction: Prediction, overlays: bool, masks: bool) -> dict[str, Any]:
+    """The CSV/JSONL record of one image; its overlay and mask names are ``NNNNN_<stem>.png``."""
+    # The index keeps names unique; the stem is cut so that the name stays within the file systems' 255 bytes.
+    name = f"{index:05d}_{path.stem.encode()[:MAX_STEM_BYTES].decode(errors='ignore')}.png"
+    regions = _region_rows(prediction)
+    peak_x, peak_y, peak_score = prediction.peak
+    return {
+        "path": str(path),
+        "raw_score": float(f"{prediction.raw_score:.6g}"),
+        "norm_score": round(prediction.norm_score, 4),
+        "decision": prediction.decision,
+        "num_regions": len(regions),
+        "defect_area": int(prediction.mask.sum()),
+        "peak_x": peak_x,
+        "peak_y": peak_y,
+        "peak_score": round(peak_score, 4),
+        "regions": regions,
+        "overlay": f"overlays/{name}" if overlays else None,
+        "mask": f"masks/{name}" if masks else None,
+    }
+
+
 def predict(
     run: str | Path,
-    paths: Sequence[str | Path],
+    paths: str | Path | Iterable[str | Path],
     out: str | Path,
     *,
     device: str = "auto",
@@ -74,6 +97,7 @@ def predict(
     Returns:
         The path of predictions.csv.
     """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)  # a generator is read more than once below
     with torch_threads(threads):
         inferencer = load_inferencer(run, device, threads)
         images = find_images(paths)
@@ -105,52 +129,39 @@ def predict(
         loader = make_loader(
             samples, inferencer.image_size, inferencer.resize_size, batch_size=batch_size, skip_bad=not strict
         )
-        progress = FitContext(quiet=quiet).progress
         csv_path = out / "predictions.csv"
-        with open(csv_path, "w", newline="") as csv_file, open(out / "predictions.jsonl", "w") as jsonl_file:
-            writer = csv.writer(csv_file)
-            writer.writerow(CSV_COLUMNS)
-            for batch in progress(loader, "predicting", len(loader)):
-                if batch is None:
-                    continue
-                predictions = inferencer.predict(batch["image"], min_area=min_area)
-                for index, pixels, prediction in zip(batch["index"].tolist(), batch["image"], predictions, strict=True):
-                    # The index keeps names unique; the stem is cut so that the name stays within the file
-                    # systems' 255 bytes.
-                    stem = images[index].stem.encode()[:MAX_STEM_BYTES].decode(errors="ignore")
-                    name = f"{index:05d}_{stem}.png"
-                    regions = _region_rows(prediction)
-                    peak_x, peak_y, peak_score = prediction.peak
-                    row = {
-                        "path": str(images[index]),
-                        "raw_score": float(f"{prediction.raw_score:.6g}"),
-                        "norm_score": round(prediction.norm_score, 4),
-                        "decision": prediction.decision,
-                        "num_regions": len(regions),
-                        "defect_area": int(prediction.mask.sum()),
-                        "peak_x": peak_x,
-                        "peak_y": peak_y,
-                        "peak_score": round(peak_score, 4),
-                        "regions": regions,
-                        "overlay": f"overlays/{name}" if overlays else None,
-                        "mask": f"masks/{name}" if masks else None,
-                    }
-                    writer.writerow(
-                        [row[c] if c != "regions" else json.dumps(regions, separators=(",", ":")) for c in CSV_COLUMNS]
-                    )
-                    jsonl_file.write(json.dumps(row) + "\n")
-                    if overlays:
-                        image = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                        save_png(out / row["overlay"], heatmap_overlay(image, prediction.norm_map, prediction.mask))
-                    if masks:
-                        save_png(out / row["mask"], prediction.mask.astype(np.uint8) * 255)
-                csv_file.flush()
-                jsonl_file.flush()
-        bad = getattr(loader.dataset, "bad_files", [])
         (out / "skipped.csv").unlink(missing_ok=True)  # a list left by an earlier run into this folder would mislead
-        if bad:
-            with open(out / "skipped.csv", "w", newline="") as f:
-                csv.writer(f).writerows([("path", "reason"), *bad])
+        try:
+            with open(csv_path, "w", newline="") as csv_file, open(out / "predictions.jsonl", "w") as jsonl_file:
+                writer = csv.writer(csv_file)
+                writer.writerow(CSV_COLUMNS)
+                for batch in FitContext(quiet=quiet).progress_images(loader, "predicting"):
+                    if batch is None:
+                        continue
+                    predictions = inferencer.predict(batch["image"], min_area=min_area)
+                    for index, pixels, prediction in zip(
+                        batch["index"].tolist(), batch["image"], predictions, strict=True
+                    ):
+                        row = _row(images[index], index, prediction, overlays, masks)
+                        if overlays:  # the images first: a row written is a row whose files exist
+                            image = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                            save_png(out / row["overlay"], heatmap_overlay(image, prediction.norm_map, prediction.mask))
+                        if masks:
+                            save_png(out / row["mask"], prediction.mask.astype(np.uint8) * 255)
+                        writer.writerow(
+                            [
+                                row[c] if c != "regions" else json.dumps(row[c], separators=(",", ":"))
+                                for c in CSV_COLUMNS
+                            ]
+                        )
+                        jsonl_file.write(json.dumps(row) + "\n")
+                    csv_file.flush()
+                    jsonl_file.flush()
+        finally:  # also when interrupted: the files skipped so far are listed next to the rows written so far
+            bad = getattr(loader.dataset, "bad_files", [])
+            if bad:
+                with open(out / "skipped.csv", "w", newline="") as f:
+                    csv.writer(f).writerows([("path", "reason"), *bad])
         if len(bad) == len(images):
             raise DataError(f"None of the {len(images)} images could be read; see {out / 'skipped.csv'}.")
         return csv_path

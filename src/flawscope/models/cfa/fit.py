@@ -232,13 +232,17 @@ def train_step(model: CFA, patches: Tensor, radius: Tensor, optimizer: torch.opt
 def _patch_batches(
     model: CFA, samples: Sequence[Sample], cache: Tensor | None, generator: torch.Generator, ctx: FitContext
 ) -> Iterator[Tensor]:
-    """One epoch of shuffled batches of patch features p (B, D, h, w): from the cache, or through the backbone."""
+    """One epoch of shuffled batches of patch features p (B, D, h, w): from the cache, or through the backbone.
+
+    Both draw the epoch's order from ``generator`` and round p to float16 as the cache stores it, so a training set
+    too large for the cache trains as a small one would.
+    """
     cfg = model.config
+    order = torch.randperm(len(samples), generator=generator)
     if cache is None:
-        for batch in ctx.loader(samples, cfg, batch_size=cfg.batch_size, shuffle=True):
-            yield model.patch_features(batch["image"].to(ctx.device))
+        for batch in ctx.loader([samples[i] for i in order.tolist()], cfg, batch_size=cfg.batch_size):
+            yield model.patch_features(batch["image"].to(ctx.device)).half().float()
         return
-    order = torch.randperm(len(cache), generator=generator)
     for first in range(0, len(order), cfg.batch_size):
         yield cache[order[first : first + cfg.batch_size]].to(ctx.device, torch.float32)
 

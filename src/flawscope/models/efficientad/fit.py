@@ -114,14 +114,15 @@ class _TrainImages:
                 yield batch["image"]
 
     def forever(self, generator: torch.Generator) -> Iterator[Tensor]:
-        """Random batches of ``batch_size`` images, reshuffled every epoch, without end."""
+        """Random batches of ``batch_size`` images, reshuffled every epoch from ``generator``, without end; the same
+        batches whether the images are cached or streamed."""
         size = self.cfg.batch_size
         while True:
+            order = torch.randperm(len(self.samples), generator=generator)
             if self.cache is None:
-                for batch in self.ctx.loader(self.samples, self.cfg, batch_size=size, shuffle=True):
+                for batch in self.ctx.loader([self.samples[i] for i in order.tolist()], self.cfg, batch_size=size):
                     yield batch["image"]
                 continue
-            order = torch.randperm(len(self.cache), generator=generator)
             for first in range(0, len(order), size):
                 yield self.cache[order[first : first + size]]
 
