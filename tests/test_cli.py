@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -868,6 +869,9 @@ def test_demo_generates_trains_tests_and_reports(tmp_path):
 def test_file_system_errors_are_one_line_naming_the_file(tiny_dataset, tmp_path, monkeypatch, error, fragments):
     monkeypatch.setattr("flawscope.api.fit", lambda *a, **k: (_ for _ in ()).throw(error))
     assert_clean_error(invoke(*fit_args(tiny_dataset, tmp_path / "run")), "`flawscope fit` stopped:", *fragments)
+    other = OSError(errno.EMFILE, "Too many open files")  # about no file: a traceback, as any other fault
+    monkeypatch.setattr("flawscope.api.fit", lambda *a, **k: (_ for _ in ()).throw(other))
+    assert invoke(*fit_args(tiny_dataset, tmp_path / "run")).exception is other
 
 
 def test_a_full_disk_inside_safetensors_is_an_os_error(tmp_path, monkeypatch):
@@ -925,10 +929,14 @@ def test_predict_cuts_long_file_names_for_its_images(run, tiny_dataset, tmp_path
     folder.mkdir()
     source = tiny_dataset / "test" / "good" / "000.png"
     shutil.copy(source, folder / ("ü" * 120 + ".png"))  # 244 bytes: with the index, over 255
+    latin1 = folder / os.fsdecode(b"z-caf\xe9.png")  # a name that is not UTF-8 (a Latin-1 file system)
+    shutil.copy(source, latin1)
     result = invoke("predict", run, folder, "--out", tmp_path / "pred", "--masks", "--quiet")
     assert result.exit_code == 0, result.output
-    (overlay,) = (tmp_path / "pred" / "overlays").iterdir()
-    assert overlay.name == "00000_" + "ü" * 100 + ".png"
+    overlays = sorted(p.name for p in (tmp_path / "pred" / "overlays").iterdir())
+    assert overlays == ["00000_z-caf.png", "00001_" + "ü" * 100 + ".png"]  # inputs sorted by path
+    rows = (tmp_path / "pred" / "predictions.csv").read_bytes()
+    assert b"z-caf\xe9.png" in rows  # the path as its bytes on disk
 
 
 def test_calibrating_on_a_differently_named_folder_is_not_a_cross_category_warning(

@@ -278,8 +278,9 @@ def run_dataset(run: str | Path, data: str | Path, layout: str = "auto", categor
     """The labelled data a run is evaluated or calibrated on (``load_dataset`` with ``need_train=False``).
 
     Without ``category``, a multi-category ``data`` gives the run's own category (config.json) when it holds it.
-    Warns when another of several categories is read than the one the run was trained on. A single category
-    folder of another name is not warned about: a copied, renamed or synthetic (``flawscope synth``) folder is one.
+    Warns when another of several categories (or another VisA object) is read than the one the run was trained on.
+    A single category folder of another name is not warned about: a copied, renamed or synthetic (``flawscope
+    synth``) folder is one.
     """
     trained_on = run_record(run).get("category")
     names = []
@@ -289,7 +290,8 @@ def run_dataset(run: str | Path, data: str | Path, layout: str = "auto", categor
     if category is None and trained_on in names:
         category = trained_on
     dataset = load_dataset(data, layout=layout, category=category, need_train=False)
-    if trained_on and len(names) > 1 and dataset.category != trained_on:
+    # VisA names its objects in its CSV, not by a folder's name: one object of another name is another category.
+    if trained_on and (len(names) > 1 or dataset.layout == "visa") and dataset.category != trained_on:
         how = (
             f"To use its own category, pass --category {trained_on} (category=...)"
             if trained_on in names

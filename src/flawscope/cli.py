@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -86,7 +88,9 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except FlawscopeError as e:
             _fail(e)
-        except OSError as e:  # the file system's answer, not flawscope's: one line with the file and what to do
+        except OSError as e:  # the file system's answer about a file: one line with the file and what to do
+            if e.errno not in _OS_ERROR_HINTS and not e.filename:
+                raise
             _fail(_os_error_text(e, ctx.invoked_subcommand))
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
@@ -286,6 +290,7 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
     """Score new images (files, folders or globs) with RUN: a run folder, or an exported .onnx / .pt file."""
     from .prediction import predict as run_predict
 
+    start = time.time()
     try:
         csv_path = run_predict(
             run,
@@ -301,16 +306,21 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
             threads=threads,
         )
     except KeyboardInterrupt:
+        written = Path(out) / "predictions.csv"
+        started = written.is_file() and written.stat().st_mtime >= start
         click.echo(
-            f"\ninterrupted: {Path(out) / 'predictions.csv'} holds the images scored so far (and skipped.csv the "
-            "unreadable ones); run the command again to score all of them.",
+            f"\ninterrupted: {written} holds the images scored so far (and skipped.csv the unreadable ones); run "
+            "the command again to score all of them."
+            if started
+            else "\ninterrupted before any image was scored.",
             err=True,
         )
         sys.exit(130)
     click.echo(f"predictions: {csv_path} and {csv_path.with_suffix('.jsonl')}")
     skipped = csv_path.parent / "skipped.csv"
     if skipped.is_file():
-        count = len(skipped.read_text().splitlines()) - 1
+        with open(skipped, newline="", errors="surrogateescape") as f:
+            count = sum(1 for _ in csv.reader(f)) - 1
         click.echo(f"{count} image(s) could not be read and were skipped; see {skipped}", err=True)
 
 

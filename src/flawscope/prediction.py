@@ -39,7 +39,9 @@ def _region_rows(prediction: Prediction) -> list[dict]:
 def _row(path: Path, index: int, prediction: Prediction, overlays: bool, masks: bool) -> dict[str, Any]:
     """The CSV/JSONL record of one image; its overlay and mask names are ``NNNNN_<stem>.png``."""
     # The index keeps names unique; the stem is cut so that the name stays within the file systems' 255 bytes.
-    name = f"{index:05d}_{path.stem.encode()[:MAX_STEM_BYTES].decode(errors='ignore')}.png"
+    # A name that is not UTF-8 (bytes kept by surrogateescape) loses those bytes here, never the whole image.
+    stem = path.stem.encode(errors="surrogateescape")[:MAX_STEM_BYTES].decode(errors="ignore")
+    name = f"{index:05d}_{stem}.png"
     regions = _region_rows(prediction)
     peak_x, peak_y, peak_score = prediction.peak
     return {
@@ -132,7 +134,11 @@ def predict(
         csv_path = out / "predictions.csv"
         (out / "skipped.csv").unlink(missing_ok=True)  # a list left by an earlier run into this folder would mislead
         try:
-            with open(csv_path, "w", newline="") as csv_file, open(out / "predictions.jsonl", "w") as jsonl_file:
+            # surrogateescape: a file name that is not UTF-8 is written back as the bytes it has on disk.
+            with (
+                open(csv_path, "w", newline="", errors="surrogateescape") as csv_file,
+                open(out / "predictions.jsonl", "w") as jsonl_file,
+            ):
                 writer = csv.writer(csv_file)
                 writer.writerow(CSV_COLUMNS)
                 for batch in FitContext(quiet=quiet).progress_images(loader, "predicting"):
@@ -160,7 +166,7 @@ def predict(
         finally:  # also when interrupted: the files skipped so far are listed next to the rows written so far
             bad = getattr(loader.dataset, "bad_files", [])
             if bad:
-                with open(out / "skipped.csv", "w", newline="") as f:
+                with open(out / "skipped.csv", "w", newline="", errors="surrogateescape") as f:
                     csv.writer(f).writerows([("path", "reason"), *bad])
         if len(bad) == len(images):
             raise DataError(f"None of the {len(images)} images could be read; see {out / 'skipped.csv'}.")

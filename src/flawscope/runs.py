@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -96,7 +95,9 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:  # an OS error inside the Rust writer (a full disk): say so as Python's would
         found = re.search(r"code: (\d+)", str(e))
-        code = int(found[1]) if found else errno.EIO
+        if not found:
+            raise
+        code = int(found[1])
         raise OSError(code, os.strerror(code), str(path)) from e
     mask = os.umask(0)
     os.umask(mask)

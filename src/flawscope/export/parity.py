@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import shutil
 import tempfile
 import warnings
@@ -173,7 +174,9 @@ def check_parity(
 def _check_free_space(model: AnomalyModel, folder: Path, half: bool) -> None:
     """Raises OSError(ENOSPC) when ``folder``'s disk cannot hold the export: torch.jit.save aborts the whole process
     on a full disk (a C++ exception nothing can catch), leaving its partial file behind."""
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) // (2 if half else 1)
+    tensors = {t.data_ptr(): t for t in itertools.chain(model.parameters(), model.buffers())}.values()  # also the
+    # non-persistent buffers (projections, normalisation constants), which the export holds but state_dict leaves out
+    size = sum(t.numel() * (2 if half and t.is_floating_point() else t.element_size()) for t in tensors)
     needed = int(size * 1.1) + (16 << 20)  # the graph, the metadata, file-system blocks
     free = shutil.disk_usage(folder).free
     if free < needed:
