@@ -949,3 +949,20 @@ def test_calibrating_on_a_differently_named_folder_is_not_a_cross_category_warni
         warnings.filterwarnings("ignore", message=".*previous threshold")  # the run's old test outputs
         result = invoke("calibrate", whole_run_copy, "--data", validation, "--quiet")
     assert result.exit_code == 0, result.output
+
+
+def test_fit_and_test_take_a_thread_count_and_restore_the_callers(tiny_dataset, tmp_path):
+    import flawscope
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        options = {"backbone": "efficientnet_lite0", "image_size": 64, "resize_size": 0, "coreset_ratio": 0.5}
+        options |= {"target_embed_dim": 64, "pretrain_embed_dim": 64}
+        run = flawscope.fit("patchcore", tiny_dataset, tmp_path / "run", options=options, quiet=True, threads=1)
+        assert json.loads((run / "environment.json").read_text())["torch_threads"] == 1
+        assert torch.get_num_threads() == 2
+        metrics = flawscope.test(run, tiny_dataset, quiet=True, report=False, threads=1)
+        assert metrics["torch_threads"] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

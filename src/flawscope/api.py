@@ -30,7 +30,7 @@ from .data import (
     split_validation,
 )
 from .errors import ConfigError, DataError
-from .fitting import FitContext, preserved_random_state
+from .fitting import FitContext, preserved_random_state, torch_threads
 from .model_io import load_model, read_model_info, save_model
 from .models.base import AnomalyModel
 from .outputs import RUN_FILES, TEST_FILES, check_outside, claim_out_folder
@@ -127,6 +127,7 @@ def fit(
     num_workers: int = 0,
     seen_anomalies: int | None = None,
     anomaly_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Trains ``method`` on the good training images of ``data`` and writes a run folder.
 
@@ -142,71 +143,74 @@ def fit(
     Training is seeded with ``seed`` (Python's, numpy's and torch's generators); the caller's global random states
     are restored afterwards (CPU, and CUDA's once CUDA is initialised).
 
+    ``threads`` sets torch's CPU threads during the call (None: unchanged); the caller's count is restored.
+
     Returns:
         The run folder.
     """
-    spec = get_method(method)
-    config = spec.config_class.from_dict(dict(options or {}))
-    check_target_fpr(target_fpr)  # before training, not after it
-    torch_device = resolve_device(device)
-    dataset = load_dataset(data, layout=layout, category=category)
-    out = Path(out)
-    check_outside(out, dataset.root, RUN_FILES)
-    if (out / "model" / "model.json").is_file():
-        stale = _run_outputs(out)
-        warnings.warn(
-            f"{out} already holds a run: its model will be replaced when this fit succeeds"
-            + (
-                f", and {', '.join(p.name for p in stale)} stay from the old model until test and export run again"
-                if stale
-                else ""
+    with torch_threads(threads):
+        spec = get_method(method)
+        config = spec.config_class.from_dict(dict(options or {}))
+        check_target_fpr(target_fpr)  # before training, not after it
+        torch_device = resolve_device(device)
+        dataset = load_dataset(data, layout=layout, category=category)
+        out = Path(out)
+        check_outside(out, dataset.root, RUN_FILES)
+        if (out / "model" / "model.json").is_file():
+            stale = _run_outputs(out)
+            warnings.warn(
+                f"{out} already holds a run: its model will be replaced when this fit succeeds"
+                + (
+                    f", and {', '.join(p.name for p in stale)} stay from the old model until test and export run again"
+                    if stale
+                    else ""
+                )
+                + ". Give a new --out to keep both.",
+                stacklevel=2,
             )
-            + ". Give a new --out to keep both.",
-            stacklevel=2,
+        # At least 3 held-out images, so the threshold and the normalised scale rest on more than one score.
+        train, val = split_validation(dataset.train, val_ratio, seed, min_count=3 if val_ratio > 0 else 1)
+        with preserved_random_state():  # the seed makes the run repeatable without resetting the caller's streams
+            seed_everything(seed)
+            seen, seen_record = _seen_anomalies(spec, dataset.test, seen_anomalies, anomaly_dir, seed)
+            ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers, seen_anomalies=seen)
+            model = spec.model_class(config, pretrained=True, weights_path=weights_path)
+            start = time.perf_counter()
+            training = spec.fit(model, train, ctx)
+            fit_seconds = time.perf_counter() - start
+        if val:
+            calibration = calibrate(model, val, ctx, target_fpr)
+        else:
+            calibration = {"rule": "none (no held-out images)"}
+            warnings.warn(
+                "No good images were held out (val_ratio=0), so the threshold is not calibrated: the decisions and "
+                "normalised scores of this run mean nothing until `flawscope calibrate RUN --data DIR` sets it on a "
+                "labelled validation folder (or fit again with --val-ratio 0.1).",
+                stacklevel=2,
+            )
+        claim_out_folder(out, RUN_FILES)
+        save_model(model.cpu(), out / "model", metadata={"calibration_details": calibration, "training": training})
+        write_json(
+            out / "config.json",
+            {
+                "method": method,
+                "options": config.to_dict(),
+                "seed": seed,
+                "data": str(dataset.root.resolve()),
+                "layout": dataset.layout,
+                "category": dataset.category,
+                "val_ratio": val_ratio,
+                "target_fpr": target_fpr,
+                "num_train": len(train),
+                "num_val": len(val),
+                "fit_seconds": round(fit_seconds, 2),
+                "val_images": [str(s.path.resolve()) for s in val],  # absolute: read from any working folder
+                **seen_record,
+            },
         )
-    # At least 3 held-out images, so the threshold and the normalised scale rest on more than one score.
-    train, val = split_validation(dataset.train, val_ratio, seed, min_count=3 if val_ratio > 0 else 1)
-    with preserved_random_state():  # the seed makes the run repeatable without resetting the caller's streams
-        seed_everything(seed)
-        seen, seen_record = _seen_anomalies(spec, dataset.test, seen_anomalies, anomaly_dir, seed)
-        ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers, seen_anomalies=seen)
-        model = spec.model_class(config, pretrained=True, weights_path=weights_path)
-        start = time.perf_counter()
-        training = spec.fit(model, train, ctx)
-        fit_seconds = time.perf_counter() - start
-    if val:
-        calibration = calibrate(model, val, ctx, target_fpr)
-    else:
-        calibration = {"rule": "none (no held-out images)"}
-        warnings.warn(
-            "No good images were held out (val_ratio=0), so the threshold is not calibrated: the decisions and "
-            "normalised scores of this run mean nothing until `flawscope calibrate RUN --data DIR` sets it on a "
-            "labelled validation folder (or fit again with --val-ratio 0.1).",
-            stacklevel=2,
-        )
-    claim_out_folder(out, RUN_FILES)
-    save_model(model.cpu(), out / "model", metadata={"calibration_details": calibration, "training": training})
-    write_json(
-        out / "config.json",
-        {
-            "method": method,
-            "options": config.to_dict(),
-            "seed": seed,
-            "data": str(dataset.root.resolve()),
-            "layout": dataset.layout,
-            "category": dataset.category,
-            "val_ratio": val_ratio,
-            "target_fpr": target_fpr,
-            "num_train": len(train),
-            "num_val": len(val),
-            "fit_seconds": round(fit_seconds, 2),
-            "val_images": [str(s.path.resolve()) for s in val],  # absolute: read from any working folder
-            **seen_record,
-        },
-    )
-    write_json(out / "environment.json", environment(seed, str(torch_device)))
-    write_json(out / "fit_log.json", ctx.log)
-    return out
+        write_json(out / "environment.json", environment(seed, str(torch_device)))
+        write_json(out / "fit_log.json", ctx.log)
+        return out
 
 
 DEFAULT_SEEN_ANOMALIES = 10  # PRN's "general setting" (DRA, DevNet): 10 labelled defects per category

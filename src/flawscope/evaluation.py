@@ -16,7 +16,7 @@ from . import metrics as M
 from .api import ScoredImages, resolve_device, run_dataset, run_record, score_images
 from .data import DatasetSplit, ImageDataset, exclude_samples
 from .errors import ConfigError, DataError
-from .fitting import FitContext
+from .fitting import FitContext, torch_threads
 from .model_io import load_model, read_model_info
 from .models.base import AnomalyModel
 from .outputs import TEST_FILES, check_outside, claim_out_folder
@@ -158,6 +158,7 @@ def test(
     quiet: bool = False,
     report: bool = True,
     exclude_seen_of: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluates a run on the test split of ``data``.
 
@@ -171,118 +172,125 @@ def test(
     Writes into ``out`` (default: the run folder) ``metrics.json``, ``per_image.csv``, ``curves.json`` and
     ``report.html``; replacing the results of another data set or category there warns.
 
+    ``threads`` sets torch's CPU threads during the call (None: unchanged); the caller's count is restored.
+
     Returns:
         The metrics dictionary written to metrics.json.
     """
-    if exclude_seen_of is not None and not (Path(exclude_seen_of) / "config.json").is_file():
-        raise ConfigError(
-            f"--exclude-seen-of {exclude_seen_of} is not a run folder (no config.json in it); give the folder that "
-            "`flawscope fit --out` wrote for the few-shot run whose seen defects should be left out."
-        )
-    run = Path(run)
-    info = read_model_info(run)
-    model = load_model(info["folder"])
-    dataset = run_dataset(run, data, layout, category)
-    if not dataset.test:
-        raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
-    out = Path(out) if out else run
-    writes = [name for name in TEST_FILES if report or name != "report.html"]
-    check_outside(out, dataset.root, writes)
-    claim_out_folder(out)  # the names are listed once they are written
-    _warn_replaced(out, dataset)
-    paths, digests = seen_anomalies_of(run)
-    if exclude_seen_of:
-        other_paths, other_digests = seen_anomalies_of(exclude_seen_of)
-        paths, digests = paths + other_paths, digests + other_digests
-    test_samples, excluded = exclude_samples(dataset.test, paths, digests)
-    ctx = FitContext(device=resolve_device(device), quiet=quiet)
-    scored = score_images(model, test_samples, ctx, batch_size, keep_maps=True)
-    model.cpu()
-    start = time.perf_counter()
-    metrics, curves = compute_metrics(scored)
-    metric_seconds = time.perf_counter() - start
-    labels = np.array([s.label for s in scored.samples])
-    unmarked = [str(s.path) for s, mask in zip(scored.samples, scored.masks, strict=True) if s.label and not mask.any()]
-    if unmarked:
-        warnings.warn(
-            f"{len(unmarked)} defective test image(s) have no defect pixel in their mask at the model's input size "
-            f"(the mask file is empty, or the defect is under a pixel after resizing), e.g. {unmarked[0]}: pixel "
-            "metrics count all their pixels as normal and AUPRO has no region of theirs. Check those masks "
-            "(listed in metrics.json under unmarked_defective).",
-            stacklevel=2,
-        )
-    full = [str(s.path) for s, mask in zip(scored.samples, scored.masks, strict=True) if s.label and mask.mean() > 0.95]
-    if full:
-        warnings.warn(
-            f"{len(full)} defective test image(s) have a mask that marks more than 95 % of the image as defect, e.g. "
-            f"{full[0]}: an inverted mask, or one drawn only in its alpha channel (flawscope reads a mask's colour "
-            "and ignores alpha) would look like this. Check those masks (listed in metrics.json under "
-            "nearly_full_masks).",
-            stacklevel=2,
-        )
-    threshold = float(model.threshold)
-    decisions = scored.raw_scores > threshold
-    metrics.update(
-        {
-            "num_images": int(labels.size),
-            "num_good": int((labels == 0).sum()),
-            "num_defective": int(labels.sum()),
-            "threshold": threshold,
-            "accuracy_at_threshold": float((decisions == (labels == 1)).mean()),
-            "inference_seconds": round(scored.seconds, 3),
-            "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
-            "metrics_seconds": round(metric_seconds, 3),
-            "per_type": per_type_metrics(scored),
-            "method": info["method"],
-            "data": str(dataset.root.resolve()),
-            "layout": dataset.layout,
-            "category": dataset.category,
-            "seed": run_record(run).get("seed"),
-            "torch_threads": torch.get_num_threads(),  # scores move at float rounding with the thread count
-            "batch_size": batch_size,
-            "num_excluded_seen": len(excluded),
-            "excluded_seen": [str(s.path) for s in excluded],
-            "unmarked_defective": unmarked,
-            "nearly_full_masks": full,
-        }
-    )
-    try:
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "curves.json", {c.name: c.to_dict() for c in curves})
-        write_per_image(out / "per_image.csv", scored, threshold)
-        if report:
-            write_report(
-                out / "report.html",
-                title=f"flawscope test report: {info['method']} on {dataset.category}",
-                info={
-                    "model": info["method"],
-                    "backbone": info["config"].get("backbone", ""),
-                    "run": str(run),
-                    "data": str(dataset.root),
-                    "threshold (raw)": f"{threshold:.6g}",
-                    "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)",
-                    **(
-                        {"excluded": f"{len(excluded)} seen defects used in training (listed in metrics.json)"}
-                        if excluded
-                        else {}
-                    ),
-                },
-                metrics={
-                    k: metrics[k]
-                    for k in (
-                        "image_auroc",
-                        "image_ap",
-                        "image_f1max",
-                        "pixel_auroc",
-                        "pixel_ap",
-                        "pixel_f1max",
-                        "pixel_aupro",
-                    )
-                },
-                per_type=metrics["per_type"],
-                curves=curves,
-                gallery=_gallery(model, scored),
+    with torch_threads(threads):
+        if exclude_seen_of is not None and not (Path(exclude_seen_of) / "config.json").is_file():
+            raise ConfigError(
+                f"--exclude-seen-of {exclude_seen_of} is not a run folder (no config.json in it); give the folder that "
+                "`flawscope fit --out` wrote for the few-shot run whose seen defects should be left out."
             )
-    finally:  # what this call wrote is flawscope's, also when it stops half-way (check_outside refused the rest)
-        claim_out_folder(out, [name for name in writes if (out / name).exists()])
-    return metrics
+        run = Path(run)
+        info = read_model_info(run)
+        model = load_model(info["folder"])
+        dataset = run_dataset(run, data, layout, category)
+        if not dataset.test:
+            raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
+        out = Path(out) if out else run
+        writes = [name for name in TEST_FILES if report or name != "report.html"]
+        check_outside(out, dataset.root, writes)
+        claim_out_folder(out)  # the names are listed once they are written
+        _warn_replaced(out, dataset)
+        paths, digests = seen_anomalies_of(run)
+        if exclude_seen_of:
+            other_paths, other_digests = seen_anomalies_of(exclude_seen_of)
+            paths, digests = paths + other_paths, digests + other_digests
+        test_samples, excluded = exclude_samples(dataset.test, paths, digests)
+        ctx = FitContext(device=resolve_device(device), quiet=quiet)
+        scored = score_images(model, test_samples, ctx, batch_size, keep_maps=True)
+        model.cpu()
+        start = time.perf_counter()
+        metrics, curves = compute_metrics(scored)
+        metric_seconds = time.perf_counter() - start
+        labels = np.array([s.label for s in scored.samples])
+        unmarked = [
+            str(s.path) for s, mask in zip(scored.samples, scored.masks, strict=True) if s.label and not mask.any()
+        ]
+        if unmarked:
+            warnings.warn(
+                f"{len(unmarked)} defective test image(s) have no defect pixel in their mask at the model's input size "
+                f"(the mask file is empty, or the defect is under a pixel after resizing), e.g. {unmarked[0]}: pixel "
+                "metrics count all their pixels as normal and AUPRO has no region of theirs. Check those masks "
+                "(listed in metrics.json under unmarked_defective).",
+                stacklevel=2,
+            )
+        full = [
+            str(s.path) for s, mask in zip(scored.samples, scored.masks, strict=True) if s.label and mask.mean() > 0.95
+        ]
+        if full:
+            warnings.warn(
+                f"{len(full)} defective test image(s) have a mask that marks more than 95 % of the image as defect, "
+                f"e.g. {full[0]}: an inverted mask, or one drawn only in its alpha channel (flawscope reads a mask's "
+                "colour and ignores alpha) would look like this. Check those masks (listed in metrics.json under "
+                "nearly_full_masks).",
+                stacklevel=2,
+            )
+        threshold = float(model.threshold)
+        decisions = scored.raw_scores > threshold
+        metrics.update(
+            {
+                "num_images": int(labels.size),
+                "num_good": int((labels == 0).sum()),
+                "num_defective": int(labels.sum()),
+                "threshold": threshold,
+                "accuracy_at_threshold": float((decisions == (labels == 1)).mean()),
+                "inference_seconds": round(scored.seconds, 3),
+                "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
+                "metrics_seconds": round(metric_seconds, 3),
+                "per_type": per_type_metrics(scored),
+                "method": info["method"],
+                "data": str(dataset.root.resolve()),
+                "layout": dataset.layout,
+                "category": dataset.category,
+                "seed": run_record(run).get("seed"),
+                "torch_threads": torch.get_num_threads(),  # scores move at float rounding with the thread count
+                "batch_size": batch_size,
+                "num_excluded_seen": len(excluded),
+                "excluded_seen": [str(s.path) for s in excluded],
+                "unmarked_defective": unmarked,
+                "nearly_full_masks": full,
+            }
+        )
+        try:
+            write_json(out / "metrics.json", metrics)
+            write_json(out / "curves.json", {c.name: c.to_dict() for c in curves})
+            write_per_image(out / "per_image.csv", scored, threshold)
+            if report:
+                write_report(
+                    out / "report.html",
+                    title=f"flawscope test report: {info['method']} on {dataset.category}",
+                    info={
+                        "model": info["method"],
+                        "backbone": info["config"].get("backbone", ""),
+                        "run": str(run),
+                        "data": str(dataset.root),
+                        "threshold (raw)": f"{threshold:.6g}",
+                        "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)",
+                        **(
+                            {"excluded": f"{len(excluded)} seen defects used in training (listed in metrics.json)"}
+                            if excluded
+                            else {}
+                        ),
+                    },
+                    metrics={
+                        k: metrics[k]
+                        for k in (
+                            "image_auroc",
+                            "image_ap",
+                            "image_f1max",
+                            "pixel_auroc",
+                            "pixel_ap",
+                            "pixel_f1max",
+                            "pixel_aupro",
+                        )
+                    },
+                    per_type=metrics["per_type"],
+                    curves=curves,
+                    gallery=_gallery(model, scored),
+                )
+        finally:  # what this call wrote is flawscope's, also when it stops half-way (check_outside refused the rest)
+            claim_out_folder(out, [name for name in writes if (out / name).exists()])
+        return metrics
