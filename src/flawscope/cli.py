@@ -57,12 +57,13 @@ def _out_of_memory(error: BaseException) -> bool:
     )
 
 
+_FULL = "free space there or give --out on another disk, then run the command again (it replaces what it wrote)"
+_DENIED = "check the permissions of that path (flawscope only reads --data and writes --out)"
 _OS_ERROR_HINTS = {
-    errno.ENOSPC: "free space there or give --out on another disk, then run the command again (it replaces what it "
-    "wrote)",
-    errno.EDQUOT: "free space there or give --out on another disk, then run the command again",
-    errno.EACCES: "check the permissions of that path (flawscope only reads --data and writes --out)",
-    errno.EPERM: "check the permissions of that path (flawscope only reads --data and writes --out)",
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EACCES: _DENIED,
+    errno.EPERM: _DENIED,
     errno.EROFS: "give --out on a writable file system",
     errno.ENAMETOOLONG: "shorten the path or file name",
 }
@@ -346,7 +347,7 @@ def export(run, export_format, out, batch, half, no_check) -> None:
     model.check_fitted()
     warn_if_uncalibrated(info, "exported model's outputs")
     path = out or Path(run) / "export" / f"model{FORMATS[export_format]}"
-    data = run_record(Path(info["folder"]).parent).get("data")  # the training data, never written into
+    data = run_record(run).get("data")  # the training data, never written into
     images = None if no_check else held_out_images(run, model)
     path, report = export_checked(
         model, path, export_format, batch=batch, half=half, images=images, check=not no_check, data_root=data
