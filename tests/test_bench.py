@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from flawscope import bench
 from flawscope.bench import count_flops, matmul_peak_gflops, parse_settings, render_markdown
 from flawscope.cli import main
 from flawscope.errors import ConfigError
@@ -112,3 +114,9 @@ def test_bench_without_a_category_on_several_fails_before_any_work(tiny_dataset,
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code != 0 and "holds several categories; found categories: brick, grass" in result.stderr
     assert not (tmp_path / "bench").exists()
+
+
+def test_peak_memory_is_measured_where_the_system_can(monkeypatch):
+    assert bench.peak_memory_mib() > 10  # this process has torch loaded
+    monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows, which has no resource module
+    assert bench.peak_memory_mib() is None

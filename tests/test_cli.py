@@ -79,8 +79,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+def read_csv(path: Path, errors: str = "strict") -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8", errors=errors) as f:
         return list(csv.DictReader(f))
 
 
@@ -225,6 +225,44 @@ def test_test_finds_the_runs_category_and_warns_about_another_or_a_replaced_resu
             )
             assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval-categories" / "metrics.json").read_text())["seed"] == 0
+
+
+def test_test_without_masks_gives_the_image_metrics(run, tiny_dataset, tmp_path):
+    data = tmp_path / "labels-only"
+    shutil.copytree(tiny_dataset / "test", data / "test")  # no ground_truth/ folder: OK/NOK labels only
+    with pytest.warns(UserWarning, match=r"6 defective test image\(s\) have no mask .*no ground_truth/ folder"):
+        result = invoke("test", run, "--data", data, "--out", tmp_path / "eval", "--quiet")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    reference = json.loads((run / "metrics.json").read_text())
+    assert metrics["image_auroc"] == reference["image_auroc"] and metrics["pixel_auroc"] is None
+    assert len(metrics["defective_without_mask"]) == 6 and metrics["unmarked_defective"] == []
+    assert all("pixel_auroc" not in row for row in metrics["per_type"].values())
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "needs masks" in html and "<dt>masks</dt><dd>none (no ground_<wbr>truth/<wbr> folder)" in html
+
+
+def test_report_counts_the_decisions_and_shows_each_image_once(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = read_csv(run / "per_image.csv")
+    flagged = sum(r["decision"] == "defective" and r["label"] == "0" for r in rows)
+    missed = sum(r["decision"] == "good" and r["label"] == "1" for r in rows)
+    assert (metrics["num_false_alarms"], metrics["num_missed"]) == (flagged, missed)
+    assert metrics["threshold_calibrated"] is True and metrics["threshold_rule"].startswith("threshold ")
+    html = (run / "report.html").read_text()
+    assert f"{flagged} of 4 good images flagged, {missed} of 6 defective missed" in html
+    assert html.count("<figure><img") == 4 + 6  # 6 defective: all among the highest, so no "lowest" list repeats them
+
+
+def test_test_and_predict_write_file_names_that_are_not_utf8(run, tiny_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    os.rename(bytes(data / "test" / "good" / "000.png"), bytes(data / "test" / "good") + b"/caf\xe9.png")
+    result = invoke("test", run, "--data", data, "--out", tmp_path / "eval", "--quiet")
+    assert result.exit_code == 0, result.output
+    names = [Path(r["path"]).name for r in read_csv(tmp_path / "eval" / "per_image.csv", errors="surrogateescape")]
+    assert os.fsencode(next(n for n in names if n.startswith("caf"))) == b"caf\xe9.png"
+    assert (tmp_path / "eval" / "report.html").read_bytes().decode("utf-8")  # valid UTF-8 ("?" for the byte)
 
 
 def test_per_image_csv(run, tiny_dataset):
@@ -449,6 +487,15 @@ def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_datas
         assert invoke("predict", tmp_path / "run", images, "--out", tmp_path / "pred", "--quiet").exit_code == 0
     with pytest.warns(UserWarning, match="no calibrated threshold.*exported model"):
         assert invoke("export", tmp_path / "run", "--no-check").exit_code == 0
+    # and test reports raw scores and AUROCs but no decisions
+    result = invoke("test", tmp_path / "run", "--data", tiny_dataset, "--quiet")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["threshold_calibrated"] is False and metrics["accuracy_at_threshold"] is None
+    assert metrics["num_false_alarms"] is None and metrics["image_auroc"] is not None
+    assert {row["decision"] for row in read_csv(tmp_path / "run" / "per_image.csv")} == {"n/a"}
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "not calibrated" in html and "→" not in html  # no caption names a decision
 
 
 def test_commands_never_overwrite_files_they_did_not_write(run, tiny_dataset, images, tmp_path):
@@ -966,3 +1013,9 @@ def test_fit_and_test_take_a_thread_count_and_restore_the_callers(tiny_dataset, 
         assert metrics["torch_threads"] == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_python_m_flawscope_runs_the_command_line():
+    command = [sys.executable, "-m", "flawscope", "--version"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"flawscope, version {__version__}"

@@ -1,6 +1,8 @@
 """Tests of flawscope.data: decoding, layouts, splits and the torch dataset, on tiny fixtures under tmp_path."""
 
+import pickle
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -570,3 +572,81 @@ def test_a_one_pixel_strip_is_preprocessed_without_a_huge_intermediate():
     # Resizing this 1 x 30000 strip whole to a shorter side of 256 would take 7.7 M x 256 x 3 floats (about 24 GB).
     out = preprocess(np.zeros((1, 30000, 3), np.uint8), 224, 256)
     assert out.shape == (3, 224, 224)
+
+
+# --- data prepared on other systems -----------------------------------------------------------------------------------
+
+
+def test_folder_names_match_in_any_case_and_masks_in_any_unicode_form(tmp_path):
+    root = _make_mvtec(tmp_path / "cat")
+    (root / "train" / "good").rename(root / "train" / "Good")
+    (root / "test" / "good").rename(root / "test" / "OK")
+    # macOS stores "é" decomposed (e + combining accent); the image name here is composed.
+    _save_rgb(root / "test" / "crack" / "d\u00e9faut.png")
+    _save_mask(root / "ground_truth" / "crack" / "de\u0301faut_mask.png")
+    split = load_dataset(root)
+    assert len(split.train) == 5
+    assert sorted((s.label, s.defect_type) for s in split.test) == [(0, "good")] * 2 + [(1, "crack")] * 3 + [
+        (1, "scratch")
+    ]
+    accented = next(s for s in split.test if s.path.name == "d\u00e9faut.png")
+    assert accented.mask_path.name == "de\u0301faut_mask.png"
+
+
+def test_lists_are_sorted_by_characters_not_by_the_systems_path_order(tmp_path):
+    for name in ("b.png", "A.png", "a.png", "B.png"):
+        _save_rgb(tmp_path / "train" / "good" / name)
+    _save_rgb(tmp_path / "test" / "good" / "x.png")
+    # Windows' Path order ignores case (A, a, B, b); the characters' order is the same on every system.
+    assert [s.path.name for s in load_dataset(tmp_path).train] == ["A.png", "B.png", "a.png", "b.png"]
+    assert [p.name for p in find_images(tmp_path / "train")] == ["A.png", "B.png", "a.png", "b.png"]
+
+
+def test_a_test_set_without_ground_truth_folder_has_image_labels_only(tmp_path):
+    root = _make_mvtec(tmp_path)
+    shutil.rmtree(root / "ground_truth")
+    defective = [s for s in load_dataset(root).test if s.label == 1]
+    assert len(defective) == 3 and all(s.mask_path is None for s in defective)
+    item = ImageDataset(defective, 16)[0]
+    assert item["mask"].sum() == 0 and item["size"] == (24, 32)
+    (root / "ground_truth" / "crack").mkdir(parents=True)  # with the folder, a missing mask is a mistake again
+    with pytest.raises(DataError, match="has no mask"):
+        load_dataset(root)
+
+
+def test_visa_csv_from_a_spreadsheet_on_windows(tmp_path):
+    root = _make_visa(tmp_path)
+    csv_path = root / "split_csv" / "1cls.csv"
+    header, *rows = csv_path.read_text().splitlines()
+    # Capitalised, padded column names; backslash separators; the empty rows a spreadsheet leaves below the table.
+    rows = [row.replace("/", "\\") for row in rows]
+    csv_path.write_text("\r\n".join(["Object, Split ,Label,IMAGE,Mask", *rows, ",,,,", ",,,,"]) + "\r\n")
+    split = load_dataset(root, category="candle")
+    assert [s.path for s in split.train] == [root / "candle/Data/Images/Normal" / f"{i:04d}.JPG" for i in range(2)]
+    assert split.test[0].mask_path == root / "candle" / "Data" / "Masks" / "Anomaly" / "000.png"
+    csv_path.write_text("\n".join([header, *rows]).replace("0000.JPG", "0000.jpg") + "\n")
+    with pytest.raises(DataError, match=r"0000\.jpg does not exist \(0000\.JPG exists there: names are case-sens"):
+        load_dataset(root, category="candle")
+    csv_path.write_text("\n".join(line.replace(",", ";") for line in [header, *rows]) + "\n")
+    with pytest.raises(DataError, match="separated by ';': save it with commas"):
+        load_dataset(root, category="candle")
+
+
+def test_find_images_reads_a_path_once_and_expands_the_home_folder(tmp_path, monkeypatch):
+    image = _save_rgb(tmp_path / "imgs" / "x.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    found = find_images(["imgs/x.png", image, "imgs", "./imgs/x.png"])
+    assert len(found) == 1 and found[0].resolve() == image
+    assert find_images("~/imgs") == [image]
+    with pytest.raises(DataError, match=r"'\*\.png' does not find 'a\.PNG'"):
+        find_images("imgs/*.PNG")
+
+
+def test_the_pixel_limit_travels_with_a_dataset_into_spawned_workers(monkeypatch):
+    dataset = ImageDataset([], 16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1234)
+    payload = pickle.dumps(dataset)  # what a spawned DataLoader worker receives
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 99)  # a fresh process: the limit at import
+    copy = pickle.loads(payload)
+    assert Image.MAX_IMAGE_PIXELS == 1234 and copy.image_size == 16 and "_pixel_limit" not in vars(copy)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 import flawscope.prediction as prediction_module
 from flawscope.cli import main
@@ -189,3 +190,26 @@ def test_progress_counts_images(run, images, tmp_path, capsys):
     count = len(list(images.iterdir()))
     err = capsys.readouterr().err
     assert f"0/{count} [" in err and "img/s" in err  # a total of images, not of batches of 4
+
+
+def test_rows_give_each_files_upright_size_and_the_input_size(run, tmp_path):
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    Image.new("RGB", (96, 40), (90, 120, 60)).save(folder / "wide.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80 x 30, shown rotated by 90 degrees: 30 wide, 80 high
+    Image.new("RGB", (80, 30), (90, 120, 60)).save(folder / "rotated.jpg", exif=exif)
+    invoke("predict", run, folder, "--out", tmp_path / "pred", "--quiet", "--no-overlays")
+    rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "pred" / "predictions.csv")}
+    assert [(rows[n]["width"], rows[n]["height"], rows[n]["input_size"]) for n in ("wide.png", "rotated.jpg")] == [
+        ("96", "40", "64"),
+        ("30", "80", "64"),
+    ]
+    lines = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert {(line["width"], line["height"], line["input_size"]) for line in lines} == {(96, 40, 64), (30, 80, 64)}
+
+
+def test_export_takes_a_suffix_in_any_case(run, images, tmp_path):
+    invoke("export", run, "--format", "onnx", "--out", tmp_path / "model.ONNX")
+    invoke("predict", tmp_path / "model.ONNX", images, "--out", tmp_path / "pred", "--quiet", "--no-overlays")
+    assert len(read_csv(tmp_path / "pred" / "predictions.csv")) == len(list(images.iterdir()))

@@ -267,7 +267,7 @@ def run_record(run: str | Path) -> dict[str, Any]:
     if not config.is_file():
         return {}
     try:
-        record = json.loads(config.read_text())
+        record = json.loads(config.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         record = e
     if not isinstance(record, dict):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +46,7 @@ def parse_settings(
     settings: list[BenchSetting] = []
     if settings_file:
         try:
-            entries = json.loads(Path(settings_file).read_text())
+            entries = json.loads(Path(settings_file).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"--settings {settings_file} cannot be read as JSON ({e}).") from e
         if not isinstance(entries, dict) or not all(isinstance(entry, dict) for entry in entries.values()):
@@ -77,6 +77,16 @@ def parse_settings(
         get_method(s.method).config_class.from_dict(options)  # fail before any fitting starts
         result.append(BenchSetting(s.name, s.method, options))
     return result
+
+
+def peak_memory_mib() -> float | None:
+    """Peak resident memory of this process in MiB (fit, test, export and timing together); None on Windows."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
@@ -178,8 +188,7 @@ def bench_setting(
         "parity_max_abs_norm": parity["max_abs_norm"],
         "gflop_per_image": flops["total"] / 1e9,
         "backbone_flop_share": flops["backbone"] / flops["total"] if flops["total"] else None,
-        # ru_maxrss is KiB on Linux: the peak of this whole process (fit, test, export, timing).
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mib": peak_memory_mib(),
     }
 
 
@@ -254,9 +263,13 @@ def run_bench(
         "rows": rows,
         "settings": [asdict(s) for s in settings],
     }
-    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / "bench.md").write_text(render_markdown(result))
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    (out / "bench.md").write_text(render_markdown(result), encoding="utf-8")
     return result
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _pct(value: float | None) -> str:
@@ -309,7 +322,7 @@ def render_markdown(result: Mapping[str, Any], heading: str = "## flawscope benc
             f"| {r['name']} | {_pct(r['image_auroc'])} | {_pct(r['pixel_auroc'])} | {_pct(r['pixel_aupro'])} "
             f"| {r['fit_seconds']:.1f} | {r['torch']['latency_ms']:.1f} | {r['torch']['images_per_second']:.1f} "
             f"| {r['onnxruntime']['latency_ms']:.1f} | {r['onnxruntime']['images_per_second']:.1f} "
-            f"| {r['gflop_per_image']:.2f} | {100 * r['peak_fraction']:.0f} | {r['peak_mib']:.0f} "
+            f"| {r['gflop_per_image']:.2f} | {100 * r['peak_fraction']:.0f} | {_number(r['peak_mib'], '.0f')} "
             f"| {r.get('threads', env['threads'])} |"
         )
     # Rows kept from runs before the counts were recorded have none and are left out of the comparison.

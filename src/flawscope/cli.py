@@ -108,6 +108,16 @@ class _Group(click.Group):
             warnings.formatwarning = formatwarning
 
 
+class _UserPath(click.Path):
+    """A path parameter whose leading ``~`` is expanded, also where the shell left it (``--out=~/runs``, cmd.exe)."""
+
+    def convert(self, value, param, ctx) -> Path:
+        return Path(super().convert(value, param, ctx)).expanduser()
+
+
+PATH = _UserPath(path_type=Path)
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="flawscope")
 def main() -> None:
@@ -116,8 +126,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "method", required=True, help="method name (see `flawscope info`)")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="data set root (MVTec layout or VisA)")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="run folder to write")
+@click.option("--data", required=True, type=PATH, help="data set root (MVTec layout or VisA)")
+@click.option("--out", required=True, type=PATH, help="run folder to write")
 @click.option("--backbone", default=None, help="feature extractor, e.g. efficientnet_lite0")
 @click.option("--image-size", type=int, default=None, help="model input side in pixels")
 @click.option("--resize-size", type=int, default=None, help="shorter side before the centre crop; 0 = no crop")
@@ -135,7 +145,7 @@ def main() -> None:
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @click.option(
     "--weights",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=None,
     help="explicit backbone weights file (efficientad: the distilled teacher file, in place of teacher_path)",
 )
@@ -148,7 +158,7 @@ def main() -> None:
 )
 @click.option(
     "--anomaly-dir",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=None,
     help="few-shot methods: a separate folder of labelled defects (<type>/ + ground_truth/<type>/)",
 )
@@ -203,7 +213,7 @@ def fit(
     )
     click.echo(f"model written to {run / 'model'}")
     click.echo(f"  {_threshold_line(run)}")
-    record = json.loads((run / "config.json").read_text())
+    record = json.loads((run / "config.json").read_text(encoding="utf-8"))
     if record.get("seen_anomalies"):
         click.echo(
             f"  trained on {len(record['seen_anomalies'])} labelled defects from "
@@ -214,31 +224,22 @@ def fit(
 
 def _threshold_line(run: Path) -> str:
     """The run's decision threshold and how it was set, as one line."""
-    from .model_io import read_model_info
+    from .model_io import describe_threshold, read_model_info
 
-    info = read_model_info(run)
-    details = info.get("calibration_details") or {}
-    if "threshold" not in details:
-        return f"threshold: not calibrated ({details.get('rule', 'no details')})"
-    counts = f"{details['num_normal']} good" + (
-        f" and {details['num_defective']} defective" if "num_defective" in details else ""
-    )
-    f1 = f", F1 {details['f1']:.3f}" if "f1" in details else ""
-    # The stored threshold, which set_calibration may have lifted just above the typical normal score.
-    return f"threshold {info['calibration']['threshold']:.6g} ({details['rule']}; {counts} images{f1})"
+    return describe_threshold(read_model_info(run))[1]
 
 
 @main.command()
-@click.argument("run", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="default: the run folder")
+@click.argument("run", type=PATH)
+@click.option("--data", required=True, type=PATH)
+@click.option("--out", type=PATH, default=None, help="default: the run folder")
 @click.option("--category", default=None, help="category of a multi-category root; default: the run's own")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--no-report", is_flag=True, help="skip report.html")
 @click.option(
     "--exclude-seen-of",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=None,
     help="also leave out the defects another (few-shot) run trained on, to compare on the same images",
 )
@@ -274,9 +275,9 @@ def _print_metrics(metrics: dict) -> None:
 
 
 @main.command()
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("run", type=PATH)
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=PATH)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--no-overlays", is_flag=True, help="no heat-map overlays (CSV and JSON lines only)")
 @click.option("--masks", is_flag=True, help="also write binary defect masks (masks/*.png, 255 = defect)")
@@ -320,17 +321,17 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
     click.echo(f"predictions: {csv_path} and {csv_path.with_suffix('.jsonl')}")
     skipped = csv_path.parent / "skipped.csv"
     if skipped.is_file():
-        with open(skipped, newline="", errors="surrogateescape") as f:
+        with open(skipped, newline="", encoding="utf-8", errors="surrogateescape") as f:
             count = sum(1 for _ in csv.reader(f)) - 1
         click.echo(f"{count} image(s) could not be read and were skipped; see {skipped}", err=True)
 
 
 @main.command()
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("run", type=PATH)
 @click.option(
     "--format", "export_format", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True
 )
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="default: RUN/export/model.onnx or .pt")
+@click.option("--out", type=PATH, default=None, help="default: RUN/export/model.onnx or .pt")
 @click.option("--batch", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size N")
 @click.option("--half", is_flag=True, help="float16 weights (inputs, outputs and threshold stay float32)")
 @click.option("--no-check", is_flag=True, help="skip the parity check against the torch model")
@@ -365,11 +366,11 @@ def export(run, export_format, out, batch, half, no_check) -> None:
 
 
 @main.command()
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("run", type=PATH)
 @click.option(
     "--data",
     required=True,
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="a labelled validation folder (its test/ split), never the data you report test metrics on",
 )
 @click.option(
@@ -438,11 +439,11 @@ def info(method, as_json) -> None:
 @click.option(
     "--images",
     required=True,
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="folder of natural images (ImageNet train in the paper); searched recursively, never written to",
 )
 @click.option("--size", type=click.Choice(["small", "medium"]), default="small", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="teacher file to write (.safetensors)")
+@click.option("--out", required=True, type=PATH, help="teacher file to write (.safetensors)")
 @click.option("--steps", type=int, default=60_000, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
@@ -458,7 +459,7 @@ def info(method, as_json) -> None:
 @click.option(
     "--num-workers", type=click.IntRange(min=0), default=4, show_default=True, help="image decoding processes"
 )
-@click.option("--weights", type=click.Path(path_type=Path), default=None, help="explicit backbone weights file")
+@click.option("--weights", type=PATH, default=None, help="explicit backbone weights file")
 @click.option(
     "--cache-gib",
     type=click.FloatRange(min=0),
@@ -547,11 +548,11 @@ def distill(
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="data set root whose good images to use")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="new folder for the validation set")
+@click.option("--data", required=True, type=PATH, help="data set root whose good images to use")
+@click.option("--out", required=True, type=PATH, help="new folder for the validation set")
 @click.option(
     "--run",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=None,
     help="use this run's held-out good images and input geometry (recommended: the model never saw them)",
 )
@@ -562,7 +563,7 @@ def distill(
 @click.option(
     "--resize-size", type=click.IntRange(min=0), default=0, show_default=True, help="0: resize the whole image"
 )
-@click.option("--textures", type=click.Path(path_type=Path), default=None, help="texture folder (e.g. DTD)")
+@click.option("--textures", type=PATH, default=None, help="texture folder (e.g. DTD)")
 @click.option("--foreground", is_flag=True, help="place defects on the Otsu foreground (object categories)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--category", default=None)
@@ -625,7 +626,7 @@ DEMO_OPTIONS = {
 @main.command()
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=Path("flawscope-demo"),
     show_default=True,
     help="folder for the generated data set and the run",
@@ -662,11 +663,11 @@ def demo(out, texture, epochs, device, quiet) -> None:
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="labelled data set (MVTec layout or VisA)")
+@click.option("--data", required=True, type=PATH, help="labelled data set (MVTec layout or VisA)")
 @click.option("--models", default=None, help="comma-separated methods, e.g. patchcore,simplenet")
 @click.option("--set", "overrides", multiple=True, metavar="[MODEL:]KEY=VALUE", help="option for all or one model")
-@click.option("--settings", type=click.Path(path_type=Path), default=None, help='JSON {"name": {"model", "options"}}')
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for runs, bench.md, bench.json")
+@click.option("--settings", type=PATH, default=None, help='JSON {"name": {"model", "options"}}')
+@click.option("--out", required=True, type=PATH, help="folder for runs, bench.md, bench.json")
 @threads_option(expose=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="timed calls at batch 1")
 @click.option("--category", default=None)
@@ -687,7 +688,7 @@ def bench(data, models, overrides, settings, out, threads, repeats, category, la
         category=category,
         progress=lambda line: click.echo(line, err=True),
     )
-    click.echo((Path(out) / "bench.md").read_text())
+    click.echo((Path(out) / "bench.md").read_text(encoding="utf-8"))
     click.echo(f"written: {Path(out) / 'bench.md'}, {Path(out) / 'bench.json'} ({len(result['rows'])} rows)")
 
 

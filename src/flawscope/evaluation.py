@@ -17,7 +17,7 @@ from .api import ScoredImages, resolve_device, run_dataset, run_record, score_im
 from .data import DatasetSplit, ImageDataset, exclude_samples
 from .errors import ConfigError, DataError
 from .fitting import FitContext, torch_threads
-from .model_io import load_model, read_model_info
+from .model_io import describe_threshold, load_model, read_model_info
 from .models.base import AnomalyModel
 from .outputs import TEST_FILES, check_outside, claim_out_folder
 from .report import Curve, GalleryItem, heatmap_overlay, write_report
@@ -77,28 +77,33 @@ def per_type_metrics(scored: ScoredImages) -> dict[str, dict[str, Any]]:
     return table
 
 
-def write_per_image(path: Path, scored: ScoredImages, threshold: float) -> None:
-    """per_image.csv: path, defect type, label, raw and normalised score, decision at the calibrated threshold."""
-    with open(path, "w", newline="") as f:
+def write_per_image(path: Path, scored: ScoredImages, threshold: float | None) -> None:
+    """per_image.csv: path, defect type, label, raw and normalised score, decision at the calibrated threshold
+    ("n/a" when ``threshold`` is None: not calibrated)."""
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "defect_type", "label", "raw_score", "norm_score", "decision"])
         for sample, raw, norm in zip(scored.samples, scored.raw_scores, scored.norm_scores, strict=True):
-            decision = "defective" if raw > threshold else "good"
+            decision = "n/a" if threshold is None else "defective" if raw > threshold else "good"
             writer.writerow([sample.path, sample.defect_type, sample.label, f"{raw:.6g}", f"{norm:.4f}", decision])
 
 
-def _gallery(model: AnomalyModel, scored: ScoredImages) -> dict[str, list[GalleryItem]]:
-    """Worst-scored good images and best/worst-scored defective images with overlays."""
+def _gallery(model: AnomalyModel, scored: ScoredImages, calibrated: bool) -> dict[str, list[GalleryItem]]:
+    """Worst-scored good images and best/worst-scored defective images with overlays (each image shown once);
+    captions give the decision only when the threshold was ``calibrated``."""
     cfg = model.config
     dataset = ImageDataset(scored.samples, cfg.image_size, cfg.resize_size)
     labels = np.array([s.label for s in scored.samples])
     order = np.argsort(-scored.raw_scores, kind="stable")
     good = [i for i in order if labels[i] == 0]
     defective = [i for i in order if labels[i] == 1]
+    highest = defective[:GALLERY_SIZE]
     sections = {
         "Good images with the highest scores (possible false alarms)": good[:GALLERY_SIZE],
-        "Defective images with the highest scores": defective[:GALLERY_SIZE],
-        "Defective images with the lowest scores (possible misses)": defective[::-1][:GALLERY_SIZE],
+        "Defective images with the highest scores": highest,
+        "Defective images with the lowest scores (possible misses)": [i for i in defective[::-1] if i not in highest][
+            :GALLERY_SIZE
+        ],
     }
     gallery = {}
     for title, indices in sections.items():
@@ -110,7 +115,8 @@ def _gallery(model: AnomalyModel, scored: ScoredImages) -> dict[str, list[Galler
             sample = scored.samples[i]
             score = scored.norm_scores[i]  # rounded, 0.503 reads "0.50"; the decision is named for that reason
             decision = "defective" if score > 0.5 else "good"
-            caption = f"{sample.defect_type} · score {score:.3f} → {decision} (raw {scored.raw_scores[i]:.4g})"
+            raw = f"raw {scored.raw_scores[i]:.4g}"
+            caption = f"{sample.defect_type} · " + (f"score {score:.3f} → {decision} ({raw})" if calibrated else raw)
             items.append(GalleryItem(sample.path.name, caption, overlay))
         if items:
             gallery[title] = items
@@ -132,7 +138,7 @@ def _warn_replaced(out: Path, dataset: DatasetSplit) -> None:
     if not path.is_file():
         return
     try:
-        previous = json.loads(path.read_text())
+        previous = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
     # Older metrics.json files hold the data path as typed and no category.
@@ -206,8 +212,18 @@ def test(
         metrics, curves = compute_metrics(scored)
         metric_seconds = time.perf_counter() - start
         labels = np.array([s.label for s in scored.samples])
+        maskless = [str(s.path) for s in scored.samples if s.label and s.mask_path is None]
+        if maskless:
+            warnings.warn(
+                f"{len(maskless)} defective test image(s) have no mask ({dataset.root} has no ground_truth/ folder), "
+                "so only the image metrics are computed. For pixel metrics add ground_truth/<type>/<stem>_mask.png "
+                "for each of them.",
+                stacklevel=2,
+            )
         unmarked = [
-            str(s.path) for s, mask in zip(scored.samples, scored.masks, strict=True) if s.label and not mask.any()
+            str(s.path)
+            for s, mask in zip(scored.samples, scored.masks, strict=True)
+            if s.label and s.mask_path is not None and not mask.any()
         ]
         if unmarked:
             warnings.warn(
@@ -229,14 +245,22 @@ def test(
                 stacklevel=2,
             )
         threshold = float(model.threshold)
+        calibrated, threshold_line = describe_threshold(info)
         decisions = scored.raw_scores > threshold
+        # Without a calibrated threshold there are no decisions to count.
+        false_alarms = int((decisions & (labels == 0)).sum()) if calibrated else None
+        misses = int((~decisions & (labels == 1)).sum()) if calibrated else None
         metrics.update(
             {
                 "num_images": int(labels.size),
                 "num_good": int((labels == 0).sum()),
                 "num_defective": int(labels.sum()),
                 "threshold": threshold,
-                "accuracy_at_threshold": float((decisions == (labels == 1)).mean()),
+                "threshold_calibrated": calibrated,
+                "threshold_rule": threshold_line,
+                "accuracy_at_threshold": float((decisions == (labels == 1)).mean()) if calibrated else None,
+                "num_false_alarms": false_alarms,
+                "num_missed": misses,
                 "inference_seconds": round(scored.seconds, 3),
                 "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
                 "metrics_seconds": round(metric_seconds, 3),
@@ -250,31 +274,47 @@ def test(
                 "batch_size": batch_size,
                 "num_excluded_seen": len(excluded),
                 "excluded_seen": [str(s.path) for s in excluded],
+                "defective_without_mask": maskless,
                 "unmarked_defective": unmarked,
                 "nearly_full_masks": full,
             }
         )
+        num_good, num_defective = metrics["num_good"], metrics["num_defective"]
+        if calibrated:
+            decided = f"{false_alarms} of {num_good} good images flagged, {misses} of {num_defective} defective missed"
+        else:
+            decided = "none: the threshold is not calibrated (run `flawscope calibrate`); use the raw scores"
+        cards = {
+            "model": info["method"],
+            "backbone": info["config"].get("backbone", ""),
+            "run": str(run.resolve()),
+            "data": str(dataset.root.resolve()),
+            "threshold": threshold_line,
+            "images": f"{labels.size} ({num_good} good, {num_defective} defective)",
+            "decisions": decided,
+        }
+        if excluded:
+            whose = "this run" + (f" and {exclude_seen_of}" if exclude_seen_of else "")
+            cards["excluded"] = f"{len(excluded)} seen defects that {whose} trained on (listed in metrics.json)"
+        if maskless:
+            cards["masks"] = "none (no ground_truth/ folder): image metrics only"
+        elif unmarked or full:
+            cards["masks"] = (
+                f"{len(unmarked)} with no defect pixel, {len(full)} marking over 95 % of the image: check them "
+                "(unmarked_defective and nearly_full_masks in metrics.json)"
+            )
+        reasons = {}
+        if maskless:
+            reasons = dict.fromkeys(("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"), "needs masks")
         try:
             write_json(out / "metrics.json", metrics)
             write_json(out / "curves.json", {c.name: c.to_dict() for c in curves})
-            write_per_image(out / "per_image.csv", scored, threshold)
+            write_per_image(out / "per_image.csv", scored, threshold if calibrated else None)
             if report:
                 write_report(
                     out / "report.html",
                     title=f"flawscope test report: {info['method']} on {dataset.category}",
-                    info={
-                        "model": info["method"],
-                        "backbone": info["config"].get("backbone", ""),
-                        "run": str(run),
-                        "data": str(dataset.root),
-                        "threshold (raw)": f"{threshold:.6g}",
-                        "images": f"{labels.size} ({int((labels == 0).sum())} good, {int(labels.sum())} defective)",
-                        **(
-                            {"excluded": f"{len(excluded)} seen defects used in training (listed in metrics.json)"}
-                            if excluded
-                            else {}
-                        ),
-                    },
+                    info=cards,
                     metrics={
                         k: metrics[k]
                         for k in (
@@ -289,7 +329,8 @@ def test(
                     },
                     per_type=metrics["per_type"],
                     curves=curves,
-                    gallery=_gallery(model, scored),
+                    gallery=_gallery(model, scored, calibrated),
+                    reasons=reasons,
                 )
         finally:  # what this call wrote is flawscope's, also when it stops half-way (check_outside refused the rest)
             claim_out_folder(out, [name for name in writes if (out / name).exists()])

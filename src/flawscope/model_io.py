@@ -64,7 +64,7 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
         "weights_sha256": file_sha256(weights),
         **(metadata or {}),
     }
-    (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
+    (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return folder
 
 
@@ -81,7 +81,7 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
             return read_model_info(folder / "model")
         raise ModelFormatError(f"No {MODEL_JSON} in {folder}. Pass a run folder from `flawscope fit` or its model/.")
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path} is not valid JSON ({e}). The model folder is damaged; fit again.") from e
     if not isinstance(info, dict):
@@ -103,6 +103,23 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
             )
     info["folder"] = str(folder)
     return info
+
+
+def describe_threshold(info: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a model's threshold was calibrated, and the threshold and how it was set as one line.
+
+    Args:
+        info: ``read_model_info``'s dictionary.
+    """
+    details = info.get("calibration_details") or {}
+    if "threshold" not in details:
+        return False, f"threshold: not calibrated ({details.get('rule', 'no details')})"
+    counts = f"{details['num_normal']} good" + (
+        f" and {details['num_defective']} defective" if "num_defective" in details else ""
+    )
+    f1 = f", F1 {details['f1']:.3f}" if "f1" in details else ""
+    # The stored threshold, which set_calibration may have lifted just above the typical normal score.
+    return True, f"threshold {info['calibration']['threshold']:.6g} ({details['rule']}; {counts} images{f1})"
 
 
 def warn_if_uncalibrated(info: dict[str, Any], action: str) -> None:

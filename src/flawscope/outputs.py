@@ -27,7 +27,7 @@ _LEGACY_RUN = (*RUN_FILES, *TEST_FILES, "export")  # owned by a run folder that 
 def _read_manifest(folder: Path) -> set[str] | None:
     """The names ``folder``'s manifest lists; None when it has none or it cannot be read as one."""
     try:
-        manifest = json.loads((folder / OUTPUT_MARKER).read_text())
+        manifest = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     if not isinstance(manifest, dict) or manifest.get("written_by") != "flawscope":
@@ -41,7 +41,7 @@ def _read_manifest(folder: Path) -> set[str] | None:
 def _is_older_run(folder: Path) -> bool:
     """A run folder written before manifests existed: its model/model.json is flawscope's (format and method)."""
     try:
-        info = json.loads((folder / "model" / "model.json").read_text())
+        info = json.loads((folder / "model" / "model.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(info, dict) and "format" in info and "method" in info
@@ -97,7 +97,7 @@ def claim_out_folder(out: Path, writes: Iterable[str] = ()) -> None:
     marker = out / OUTPUT_MARKER
     owned = {name for name in owned_names(out) if (out / name).exists()}
     manifest = {"written_by": "flawscope", "written": sorted(owned | set(writes))}
-    marker.write_text(json.dumps(manifest, indent=1) + "\n")
+    marker.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
 def is_output_image(path: Path, top: Path | None = None, owned: dict[Path, set[str]] | None = None) -> bool:

@@ -26,6 +26,7 @@ MAX_STEM_BYTES = 200  # of an overlay or mask name: 5 digits, "_" and ".png" kee
 CSV_COLUMNS = [
     *("path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"),
     *("peak_x", "peak_y", "peak_score"),  # added after the first release's columns, so their positions hold
+    *("width", "height", "input_size"),  # the file's upright size and S, to map input pixels back (docs/deploy.md)
 ]
 
 
@@ -36,8 +37,11 @@ def _region_rows(prediction: Prediction) -> list[dict]:
     ]
 
 
-def _row(path: Path, index: int, prediction: Prediction, overlays: bool, masks: bool) -> dict[str, Any]:
-    """The CSV/JSONL record of one image; its overlay and mask names are ``NNNNN_<stem>.png``."""
+def _row(
+    path: Path, index: int, prediction: Prediction, size: tuple[int, int], overlays: bool, masks: bool
+) -> dict[str, Any]:
+    """The CSV/JSONL record of one image (``size``: its upright height and width); its overlay and mask names are
+    ``NNNNN_<stem>.png``."""
     # The index keeps names unique; the stem is cut so that the name stays within the file systems' 255 bytes.
     # A name that is not UTF-8 (bytes kept by surrogateescape) loses those bytes here, never the whole image.
     stem = path.stem.encode(errors="surrogateescape")[:MAX_STEM_BYTES].decode(errors="ignore")
@@ -54,6 +58,9 @@ def _row(path: Path, index: int, prediction: Prediction, overlays: bool, masks: 
         "peak_x": peak_x,
         "peak_y": peak_y,
         "peak_score": round(peak_score, 4),
+        "width": size[1],
+        "height": size[0],
+        "input_size": int(prediction.mask.shape[-1]),
         "regions": regions,
         "overlay": f"overlays/{name}" if overlays else None,
         "mask": f"masks/{name}" if masks else None,
@@ -136,8 +143,8 @@ def predict(
         try:
             # surrogateescape: a file name that is not UTF-8 is written back as the bytes it has on disk.
             with (
-                open(csv_path, "w", newline="", errors="surrogateescape") as csv_file,
-                open(out / "predictions.jsonl", "w") as jsonl_file,
+                open(csv_path, "w", newline="", encoding="utf-8", errors="surrogateescape") as csv_file,
+                open(out / "predictions.jsonl", "w", encoding="utf-8") as jsonl_file,
             ):
                 writer = csv.writer(csv_file)
                 writer.writerow(CSV_COLUMNS)
@@ -145,10 +152,10 @@ def predict(
                     if batch is None:
                         continue
                     predictions = inferencer.predict(batch["image"], min_area=min_area)
-                    for index, pixels, prediction in zip(
-                        batch["index"].tolist(), batch["image"], predictions, strict=True
+                    for index, size, pixels, prediction in zip(
+                        batch["index"].tolist(), batch["size"].tolist(), batch["image"], predictions, strict=True
                     ):
-                        row = _row(images[index], index, prediction, overlays, masks)
+                        row = _row(images[index], index, prediction, size, overlays, masks)
                         if overlays:  # the images first: a row written is a row whose files exist
                             image = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                             save_png(out / row["overlay"], heatmap_overlay(image, prediction.norm_map, prediction.mask))
@@ -166,7 +173,7 @@ def predict(
         finally:  # also when interrupted: the files skipped so far are listed next to the rows written so far
             bad = getattr(loader.dataset, "bad_files", [])
             if bad:
-                with open(out / "skipped.csv", "w", newline="", errors="surrogateescape") as f:
+                with open(out / "skipped.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
                     csv.writer(f).writerows([("path", "reason"), *bad])
         if len(bad) == len(images):
             raise DataError(f"None of the {len(images)} images could be read; see {out / 'skipped.csv'}.")

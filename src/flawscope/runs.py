@@ -82,7 +82,7 @@ def file_sha256(path: str | Path) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Writes pretty JSON with a trailing newline."""
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from flawscope.data.io import read_image, read_mask
+from flawscope.data.io import ImageReadingDataset, read_image, read_mask
 from flawscope.data.layouts import Sample
 from flawscope.errors import ConfigError, DataError
 
@@ -123,7 +123,7 @@ def preprocess_mask(mask: np.ndarray, image_size: int, resize_size: int | None =
     return (soft > 0.5).float()
 
 
-class ImageDataset(Dataset):
+class ImageDataset(ImageReadingDataset):
     """Decoded, resized and cropped images with their masks.
 
     Items are dicts: ``image`` (3, S, S) float32 in [0, 1], ``mask`` (1, S, S) float32 in {0, 1} (zeros for good
@@ -153,23 +153,24 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         sample = self.samples[index]
         try:
-            image, mask = self._load(sample)
+            image, mask, size = self._load(sample)
         except DataError as error:
             if not self.skip_bad:
                 raise
             if (sample.path, str(error)) not in self.bad_files:  # a second epoch must not list a file twice
                 self.bad_files.append((sample.path, str(error)))
             return None
-        return {"image": image, "mask": mask, "label": sample.label, "index": index}
+        return {"image": image, "mask": mask, "label": sample.label, "index": index, "size": size}
 
-    def _load(self, sample: Sample) -> tuple[Tensor, Tensor]:
-        """Return the (3, S, S) image and (1, S, S) mask of one sample."""
+    def _load(self, sample: Sample) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """Return the (3, S, S) image, the (1, S, S) mask and the upright (height, width) of one sample."""
         pixels = read_image(sample.path)
         image = preprocess(pixels, self.image_size, self.resize_size)
+        size = (int(pixels.shape[0]), int(pixels.shape[1]))
         if sample.mask_path is None:
-            return image, torch.zeros(1, self.image_size, self.image_size)
+            return image, torch.zeros(1, self.image_size, self.image_size), size
         mask = read_mask(sample.mask_path, size=pixels.shape[:2], image_path=sample.path)
-        return image, preprocess_mask(mask, self.image_size, self.resize_size)
+        return image, preprocess_mask(mask, self.image_size, self.resize_size), size
 
 
 def collate(items: list[dict | None]) -> dict | None:
@@ -180,7 +181,7 @@ def collate(items: list[dict | None]) -> dict | None:
 
     Returns:
         None when every item was skipped, else a dict with ``image`` (B, 3, S, S), ``mask`` (B, 1, S, S),
-        ``label`` (B,) int64 and ``index`` (B,) int64.
+        ``label`` (B,) int64, ``index`` (B,) int64 and ``size`` (B, 2) int64: each file's upright height and width.
     """
     kept = [item for item in items if item is not None]
     if not kept:
@@ -190,6 +191,7 @@ def collate(items: list[dict | None]) -> dict | None:
         "mask": torch.stack([item["mask"] for item in kept]),
         "label": torch.tensor([item["label"] for item in kept], dtype=torch.int64),
         "index": torch.tensor([item["index"] for item in kept], dtype=torch.int64),
+        "size": torch.tensor([item["size"] for item in kept], dtype=torch.int64),
     }
 
 

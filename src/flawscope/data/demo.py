@@ -123,7 +123,7 @@ def _mask_path(folder: Path, image_path: Path, kind: str) -> Path:
 
 def _read_marker(folder: Path) -> dict:
     try:
-        return json.loads((folder / MARKER_NAME).read_text())
+        return json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}  # unreadable marker: still our folder, but not known to be complete
 
@@ -173,7 +173,7 @@ def _write_category(folder: Path, settings: dict, progress: bool) -> None:
     folder.mkdir(parents=True)
     # The marker goes in first so an interrupted run still marks the folder as ours; 'complete' is set last.
     marker = folder / MARKER_NAME
-    marker.write_text(json.dumps({**settings, "complete": False}, indent=2))
+    marker.write_text(json.dumps({**settings, "complete": False}, indent=2), encoding="utf-8")
     texture, size = settings["texture"], settings["image_size"]
     source = getattr(skimage.data, texture)()
     # Keyed by the texture's fixed position, so asking for a subset of textures gives the same images.
@@ -185,7 +185,7 @@ def _write_category(folder: Path, settings: dict, progress: bool) -> None:
             image, mask = draw_defect(image, kind, rng)
             _save_png(mask.astype(np.uint8) * 255, _mask_path(folder, path, kind))
         _save_png(image, path)
-    marker.write_text(json.dumps({**settings, "complete": True}, indent=2))
+    marker.write_text(json.dumps({**settings, "complete": True}, indent=2), encoding="utf-8")
 
 
 def _check_arguments(textures: Sequence[str], image_size: int, counts: dict[str, int]) -> None:

@@ -16,10 +16,11 @@ import os
 import re
 from os import PathLike
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 from flawscope.errors import ConfigError, DataError
 
@@ -55,6 +56,22 @@ def set_pixel_limit_from_environment() -> None:
     if not re.fullmatch(r"\s*[0-9]+\s*", value):
         raise ConfigError(f"{PIXEL_LIMIT_ENV}={value!r}: expected a whole number of pixels (0: no limit).")
     Image.MAX_IMAGE_PIXELS = int(value) or None
+
+
+class ImageReadingDataset(Dataset):
+    """Base of the datasets that read image files: carries the pixel limit into DataLoader worker processes.
+
+    Workers started with ``spawn`` (the default on Windows and macOS) import flawscope afresh, so a limit set in
+    Python (``PIL.Image.MAX_IMAGE_PIXELS``) would be lost there; it travels with the pickled dataset instead.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pixel_limit": Image.MAX_IMAGE_PIXELS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        Image.MAX_IMAGE_PIXELS = state.pop("_pixel_limit", Image.MAX_IMAGE_PIXELS)
+        self.__dict__.update(state)
 
 
 def _too_many_pixels(path: Path | str, pixels: int | None) -> DataError:

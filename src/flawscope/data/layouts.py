@@ -1,12 +1,16 @@
 """Dataset layouts: MVTec AD style folders (also BTAD, MPDD, MTD), the VisA split CSV, plain image lists.
 
 Only listing happens here: files are checked to exist, never opened for writing, and nothing is created in a data
-folder. Every list is sorted by path so runs are reproducible across file systems.
+folder. Every list is sorted by the path's characters (``Path`` sorts without case on Windows), so a run holds out
+and numbers the same images on every system. Folder names (good, ok) and mask names match in any case and Unicode
+normal form (macOS stores names decomposed).
 """
 
 import csv
 import glob
+import os
 import random
+import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +31,16 @@ MVTEC_HELP = (
 VISA_CSV = Path("split_csv") / "1cls.csv"
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 _MAX_LISTED = 12
-_SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # written by Windows Explorer into image folders
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini", "icon\r")  # written by Windows Explorer or macOS Finder into folders
+
+
+def _name_key(name: str) -> str:
+    """A file name compared as the user sees it: in any case and Unicode normal form."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _sorted_paths(paths: Iterable[Path]) -> list[Path]:
+    return sorted(paths, key=Path.as_posix)
 
 
 @dataclass(frozen=True)
@@ -38,7 +51,8 @@ class Sample:
         path: Image file.
         label: 0 for a good image, 1 for a defective one.
         defect_type: Name of the defect folder ("good" for good images).
-        mask_path: Ground-truth mask of a defective image; None for good images (their mask is all zeros).
+        mask_path: Ground-truth mask of a defective image; None for good images (their mask is all zeros) and for
+            the defective images of a test set without a ground_truth/ folder (image labels only).
     """
 
     path: Path
@@ -92,7 +106,7 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
                 ignored.append((path, "a broken link"))
             else:
                 ignored.append((path, "not an image extension"))
-    return sorted(images)
+    return _sorted_paths(images)
 
 
 _MVTEC_READS = "the images directly in train/good and test/<type> and the masks in ground_truth/<type>"
@@ -112,7 +126,7 @@ def _warn_ignored(root: Path, ignored: list[tuple[Path, str]], reads: str = _MVT
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return _sorted_paths(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _contents(root: Path) -> str:
@@ -125,7 +139,9 @@ def _contents(root: Path) -> str:
 
 
 def _normal_folder(parent: Path) -> Path | None:
-    return next((parent / name for name in NORMAL_NAMES if (parent / name).is_dir()), None)
+    """The folder of defect-free images in ``parent`` (good, then ok; in any case), or None."""
+    folders = {_name_key(folder.name): folder for folder in _subfolders(parent)} if parent.is_dir() else {}
+    return next((folders[name] for name in NORMAL_NAMES if name in folders), None)
 
 
 def _category_names(root: Path) -> list[str]:
@@ -165,7 +181,7 @@ def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
     """Find ``<stem>_mask.<ext>`` (MVTec, MPDD) or ``<stem>.<ext>`` (BTAD), any extension case, .png first."""
     for suffix in ("_mask", ""):
         for extension in (".png", *IMAGE_EXTENSIONS):
-            found = index.get(f"{image.stem}{suffix}{extension}".lower())
+            found = index.get(_name_key(f"{image.stem}{suffix}{extension}"))
             if found is not None:
                 return found
     raise DataError(
@@ -174,22 +190,28 @@ def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
     )
 
 
-def _typed_samples(parent: Path, ground_truth: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
+def _typed_samples(
+    parent: Path, ground_truth: Path, ignored: list[tuple[Path, str]], masks: bool = True
+) -> list[Sample]:
     """The images of every type folder in ``parent`` (good ones in a NORMAL_NAMES folder, defective ones with their
-    mask in ``ground_truth/<type>``); entries not read, masks without an image among them, go to ``ignored``."""
+    mask in ``ground_truth/<type>``, or with none when ``masks`` is False); entries not read, masks without an image
+    among them, go to ``ignored``."""
     samples = []
     for type_dir in _subfolders(parent):
         if type_dir == ground_truth:  # an anomaly folder may keep ground_truth/ next to its type folders
             continue
         images = _list_images(type_dir, ignored)
-        if type_dir.name in NORMAL_NAMES:
+        if _name_key(type_dir.name) in NORMAL_NAMES:
             samples += [Sample(path) for path in images]
             continue
+        if not masks:
+            samples += [Sample(path, 1, type_dir.name) for path in images]
+            continue
         masks_dir = ground_truth / type_dir.name
-        index = {p.name.lower(): p for p in _list_images(masks_dir, ignored)} if masks_dir.is_dir() else {}
-        masks = [_mask_for(path, masks_dir, index) for path in images]
-        samples += [Sample(path, 1, type_dir.name, mask) for path, mask in zip(images, masks, strict=True)]
-        unused = sorted(set(index.values()) - set(masks))
+        index = {_name_key(p.name): p for p in _list_images(masks_dir, ignored)} if masks_dir.is_dir() else {}
+        found = [_mask_for(path, masks_dir, index) for path in images]
+        samples += [Sample(path, 1, type_dir.name, mask) for path, mask in zip(images, found, strict=True)]
+        unused = _sorted_paths(set(index.values()) - set(found))
         ignored += [(mask, "a mask with no test image of its name") for mask in unused]
     return samples
 
@@ -200,7 +222,9 @@ def _mvtec_test(root: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
     if not test_dir.is_dir():
         return []
     ground_truth = root / "ground_truth"
-    samples = _typed_samples(test_dir, ground_truth, ignored)
+    # Without a ground_truth/ folder at all the test set has image labels only (pixel metrics are left out); with
+    # one, every defective image needs its mask, as a missing one is then a mistake.
+    samples = _typed_samples(test_dir, ground_truth, ignored, masks=ground_truth.is_dir())
     loose = [path for path in filter(_visible, test_dir.iterdir()) if not path.is_dir()]
     ignored += [(path, "a file directly in test/: test images go in test/<type>") for path in loose]
     if ground_truth.is_dir():
@@ -237,14 +261,20 @@ def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
+            if reader.fieldnames:  # "Image " or "MASK" from a spreadsheet
+                reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
             missing = [column for column in VISA_COLUMNS if column not in (reader.fieldnames or [])]
             if missing:
+                names = reader.fieldnames or []
+                semicolons = " Its values are separated by ';': save it with commas." if ";" in "".join(names) else ""
                 raise DataError(
-                    f"{csv_path} lacks the column(s) {', '.join(missing)}; got {reader.fieldnames}. The VisA split "
-                    f"file needs the columns {', '.join(VISA_COLUMNS)} (as in VisA's split_csv/1cls.csv)."
+                    f"{csv_path} lacks the column(s) {', '.join(missing)}; got {names}. The VisA split "
+                    f"file needs the columns {', '.join(VISA_COLUMNS)} (as in VisA's split_csv/1cls.csv).{semicolons}"
                 )
             rows = []
             for row in reader:
+                if not any(value.strip() for key, value in row.items() if key is not None and value):
+                    continue  # a blank row, or the ",,,," a spreadsheet leaves below the table
                 # DictReader fills the columns a short row lacks with None. A normal image's mask is empty, so a
                 # row that stops before it reads as an empty mask; the mask check later asks for it when needed.
                 if row["mask"] is None:
@@ -266,12 +296,16 @@ def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
 
 
 def _existing(root: Path, relative: str, what: str, where: str) -> Path:
-    path = root / relative
-    if not relative or not path.is_file():
-        raise DataError(
-            f"{where}: the {what} {path if relative else '(empty)'} does not exist. Fix the path in the CSV."
-        )
-    return path
+    """The file a CSV row names, relative to ``root`` (a Windows path's backslashes read as separators)."""
+    path = root / relative.replace("\\", "/")
+    if relative and path.is_file():
+        return path
+    hint = ""
+    if relative and path.parent.is_dir():
+        other = next((p for p in path.parent.iterdir() if _name_key(p.name) == _name_key(path.name)), None)
+        hint = f" ({other.name} exists there: names are case-sensitive on this system)" if other else ""
+    shown = path if relative else "(empty)"
+    raise DataError(f"{where}: the {what} {shown} does not exist{hint}. Fix the path in the CSV.")
 
 
 def _visa_sample(root: Path, row: dict[str, str], where: str) -> tuple[str, Sample]:
@@ -324,8 +358,8 @@ def _load_visa(root: Path, category: str | None) -> DatasetSplit:
         raise DataError(f"{csv_path} has no 'train' rows labelled 'normal' for {category!r}; add some.")
     return DatasetSplit(
         root=root,
-        train=sorted(parts["train"], key=lambda s: s.path),
-        test=sorted(parts["test"], key=lambda s: (s.defect_type, s.path)),
+        train=sorted(parts["train"], key=lambda s: s.path.as_posix()),
+        test=sorted(parts["test"], key=lambda s: (s.defect_type, s.path.as_posix())),
         layout="visa",
         category=category,
     )
@@ -382,7 +416,7 @@ def list_categories(root: str | Path, layout: str = "auto") -> list[str]:
 def _checked_root(root: str | Path, layout: str) -> Path:
     if layout not in LAYOUTS:
         raise ConfigError(f"Unknown dataset layout {layout!r}; expected one of: {', '.join(LAYOUTS)}.")
-    root = Path(root)
+    root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"Data folder {root} does not exist or is not a folder. Check the path.")
     return root
@@ -394,11 +428,12 @@ def _is_visa(root: Path, layout: str) -> bool:
 
 def _images_below(folder: Path) -> list[Path]:
     """The images anywhere below ``folder``, hidden folders left out: they hold tool caches (.ipynb_checkpoints,
-    .thumbnails) with copies of the images."""
+    .thumbnails, a Synology NAS's @eaDir) with copies of the images."""
     return [
         path
         for path in folder.rglob("*")
-        if is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if is_image_file(path)
+        and not any(part.startswith(".") or part == "@eaDir" for part in path.relative_to(folder).parts)
     ]
 
 
@@ -420,7 +455,7 @@ def _expand(item: Path) -> list[Path]:
         matches = [Path(match) for match in glob.glob(str(item), recursive=True)]
         found = [path for path in matches if is_image_file(path)]
         found += [path for folder in matches if folder.is_dir() for path in _images_below(folder)]
-        return drop_output_images(sorted(set(found)), item)
+        return drop_output_images(_sorted_paths(set(found)), item)
     raise DataError(f"{item} does not exist. Pass image files, folders or glob patterns such as 'images/*.png'.")
 
 
@@ -432,17 +467,27 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
             patterns (``**`` allowed). A single str or Path is accepted too.
 
     Returns:
-        Unique image paths, sorted.
+        Image paths sorted by their characters, each path once (also when named twice, e.g. relative and absolute);
+        ``~`` is expanded.
 
     Raises:
         DataError: A path does not exist, a file is not an image, or nothing was found.
     """
     items = [paths] if isinstance(paths, str | Path) else list(paths)
-    found = sorted({path for item in items for path in _expand(Path(item))})
+    # The same name given twice (relative and absolute, or a file also in a folder given) is read once; links to one
+    # file under other names are kept, each under its own name.
+    unique = {os.path.abspath(path): path for item in items for path in _expand(Path(item).expanduser())}
+    found = _sorted_paths(unique.values())
     if not found:
         searched = ", ".join(str(item) for item in items) or "(no paths given)"
+        patterns = any(char in str(item) for item in items for char in "*?[")
         raise DataError(
-            f"No images found in: {searched}. Looked for the extensions {', '.join(IMAGE_EXTENSIONS)} (any case)."
+            f"No images found in: {searched}. Looked for the extensions {', '.join(IMAGE_EXTENSIONS)} (any case)"
+            + (
+                "; a pattern's own letters match in their case only, e.g. '*.png' does not find 'a.PNG'."
+                if patterns
+                else "."
+            )
         )
     return found
 

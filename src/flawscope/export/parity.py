@@ -32,7 +32,7 @@ def _check_export_path(path: str | Path, export_format: str) -> Path:
     if path.is_dir():
         example = path / f"model{FORMATS[export_format]}"
         raise ConfigError(f"{path} is a folder; give the file to write, e.g. {example}.")
-    if (path.suffix == ".onnx") != (export_format == "onnx"):  # open_exported() reads the format off the suffix
+    if (path.suffix.lower() == ".onnx") != (export_format == "onnx"):  # open_exported() reads the format off the suffix
         raise ConfigError(
             f"{path}: an ONNX export must end in .onnx and a TorchScript one must not (the file is read back by its "
             f"suffix); use {path.with_suffix(FORMATS[export_format])} or choose the other --format."
@@ -46,7 +46,7 @@ def _written_by_export(path: Path) -> bool:
     from .onnx import read_onnx_metadata
     from .torchscript import EXTRA_FILE
 
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         try:
             read_onnx_metadata(path)
         except ModelFormatError:
@@ -74,7 +74,7 @@ def export_model(
 def open_exported(path: str | Path, device: str = "cpu") -> _BaseInferencer:
     """The inferencer of an exported file, by its suffix."""
     path = Path(path)
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         return OnnxInferencer(path, device)
     return TorchScriptInferencer(path, device)
 

@@ -46,7 +46,10 @@ def export_torchscript(model: AnomalyModel, path: str | Path, *, batch: int | No
         metadata = export_metadata(model, "torchscript", batch, half)
         # torch 2.14 marks torch.jit deprecated in favour of torch.export, whose files need torch >= 2.x to load and
         # are not yet a stable runtime format; TorchScript still loads in libtorch (C++) on an edge box.
-        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: metadata_json(metadata)})
+        # A file object, not a path string: libtorch opens path strings with the ANSI code page on Windows, which
+        # fails for names outside it (pytorch/pytorch#75171).
+        with open(path, "wb") as handle:
+            torch.jit.save(traced, handle, _extra_files={EXTRA_FILE: metadata_json(metadata)})
     return path
 
 
@@ -61,7 +64,8 @@ def load_torchscript(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+            with open(path, "rb") as handle:  # a file object, as in export_torchscript
+                module = torch.jit.load(handle, map_location=map_location, _extra_files=extra)
         except RuntimeError as e:
             raise ModelFormatError(f"{path} cannot be read as TorchScript ({str(e)[:200]}).") from e
     if not extra[EXTRA_FILE]:

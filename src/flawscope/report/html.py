@@ -29,7 +29,7 @@ _LABELS = {
 }
 _DEFAULT_REASONS = {
     "image": "needs both good and defective test images",
-    "pixel": "needs ground-truth masks",
+    "pixel": "needs defective test images with masks",
 }
 _PER_TYPE_REASON = "needs good test images"
 
@@ -122,7 +122,7 @@ def write_report(
     page = _PAGE.format(title=escape(title), css=_CSS, body=content, version=__version__)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page, encoding="utf-8", errors="replace")  # a file name that is not UTF-8 shows as "?"
     return path
 
 

@@ -142,7 +142,7 @@ def write_synthetic_validation_set(
             "seed": seed,
             "sources": [str(p) for p in paths],
         }
-        (staging / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (staging / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         for child in staging.iterdir():
             child.rename(out / child.name)
         staging.rmdir()

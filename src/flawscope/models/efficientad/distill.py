@@ -30,13 +30,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from ...backbones import create_backbone
 from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
 from ...data import find_images, preprocess, read_image
+from ...data.io import ImageReadingDataset
 from ...errors import ConfigError, DataError
 from ...fitting import autocast, check_precision
 from ...layers import LocalFeatureAggregator
@@ -104,7 +105,7 @@ class PatchCoreTarget(nn.Module):
         return self.aggregator(self.backbone(images))
 
 
-class _Views(Dataset):
+class _Views(ImageReadingDataset):
     """An image resized whole to each of ``sizes`` (2s: Psi's view, s: the PDN's view), each (3, ., .) in [0, 1].
 
     With ``report_errors`` each item ends with the reason the image could not be read ("" when it could; its views
@@ -267,7 +268,7 @@ def _save_checkpoint(path: Path, teacher: PDN, optimizer: torch.optim.Optimizer,
     partial = path.with_name(path.name + ".partial")
     save_safetensors(tensors, partial, {CHECKPOINT_KEY: json.dumps(state, sort_keys=True)})
     os.replace(partial, path)  # atomic: an interrupted save leaves the previous checkpoint intact
-    path.with_suffix(".json").write_text(json.dumps(state, indent=2) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
 def _load_checkpoint(path: Path, teacher: PDN, optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, Tensor]]:

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ...config import naming_option
 from ...data import Sample, find_images, preprocess, read_image, split_validation
+from ...data.io import ImageReadingDataset
 from ...fitting import FitContext, autocast
 from .model import EfficientAD, EfficientADConfig
 
@@ -127,7 +128,7 @@ class _TrainImages:
                 yield self.cache[order[first : first + size]]
 
 
-class _PenaltyImages(Dataset):
+class _PenaltyImages(ImageReadingDataset):
     """Penalty images resized whole to twice the model input (spec 2.2: resize 512, later a centre crop 256)."""
 
     def __init__(self, paths: Sequence[Path], image_size: int) -> None:
