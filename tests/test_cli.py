@@ -978,10 +978,11 @@ def test_predict_cuts_long_file_names_for_its_images(run, tiny_dataset, tmp_path
     shutil.copy(source, folder / ("ü" * 120 + ".png"))  # 244 bytes: with the index, over 255
     latin1 = folder / os.fsdecode(b"z-caf\xe9.png")  # a name that is not UTF-8 (a Latin-1 file system)
     shutil.copy(source, latin1)
+    shutil.copy(source, folder / 'we:ird?|"name. .png')  # names Windows cannot hold, nor copy from a Linux share
     result = invoke("predict", run, folder, "--out", tmp_path / "pred", "--masks", "--quiet")
     assert result.exit_code == 0, result.output
     overlays = sorted(p.name for p in (tmp_path / "pred" / "overlays").iterdir())
-    assert overlays == ["00000_z-caf.png", "00001_" + "ü" * 100 + ".png"]  # inputs sorted by path
+    assert overlays == ["00000_we_ird___name.png", "00001_z-caf.png", "00002_" + "ü" * 100 + ".png"]
     rows = (tmp_path / "pred" / "predictions.csv").read_bytes()
     assert b"z-caf\xe9.png" in rows  # the path as its bytes on disk
 

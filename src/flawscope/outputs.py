@@ -11,6 +11,7 @@ manifest lists, so a predict's pictures are not scored by the next predict over 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +23,18 @@ RUN_FILES = ("model", "config.json", "environment.json", "fit_log.json")  # what
 TEST_FILES = ("metrics.json", "per_image.csv", "curves.json", "report.html")  # what `test` writes into its --out
 IMAGE_OUTPUTS = ("overlays", "masks")  # folders of images that predict writes
 _LEGACY_RUN = (*RUN_FILES, *TEST_FILES, "export")  # owned by a run folder that predates the manifest
+
+
+MAX_STEM_BYTES = 200  # of an output name's stem: a number, "_", "_mask" and ".png" keep it under 255 bytes
+
+
+def portable_stem(path: Path) -> str:
+    """``path``'s stem as part of an output file name that every common file system can hold: the characters
+    Windows refuses (``<>:"/\\|?*`` and control characters) become "_", trailing dots and spaces go, and the name is
+    cut to MAX_STEM_BYTES. A name that is not UTF-8 (bytes kept by surrogateescape) loses those bytes only."""
+    stem = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "_", path.stem)
+    stem = stem.encode(errors="surrogateescape")[:MAX_STEM_BYTES].decode(errors="ignore")
+    return stem.rstrip(" .")
 
 
 def _read_manifest(folder: Path) -> set[str] | None:

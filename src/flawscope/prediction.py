@@ -19,10 +19,9 @@ from .data import Sample, find_images, make_loader
 from .errors import ConfigError, DataError
 from .export import Prediction, load_inferencer
 from .fitting import FitContext, torch_threads
-from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_folder, owned_names
+from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_folder, owned_names, portable_stem
 from .report import heatmap_overlay, save_png
 
-MAX_STEM_BYTES = 200  # of an overlay or mask name: 5 digits, "_" and ".png" keep it under 255 bytes
 CSV_COLUMNS = [
     *("path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"),
     *("peak_x", "peak_y", "peak_score"),  # added after the first release's columns, so their positions hold
@@ -42,10 +41,7 @@ def _row(
 ) -> dict[str, Any]:
     """The CSV/JSONL record of one image (``size``: its upright height and width); its overlay and mask names are
     ``NNNNN_<stem>.png``."""
-    # The index keeps names unique; the stem is cut so that the name stays within the file systems' 255 bytes.
-    # A name that is not UTF-8 (bytes kept by surrogateescape) loses those bytes here, never the whole image.
-    stem = path.stem.encode(errors="surrogateescape")[:MAX_STEM_BYTES].decode(errors="ignore")
-    name = f"{index:05d}_{stem}.png"
+    name = f"{index:05d}_{portable_stem(path)}.png"  # the index keeps names unique
     regions = _region_rows(prediction)
     peak_x, peak_y, peak_score = prediction.peak
     return {

@@ -27,6 +27,7 @@ from PIL import Image
 
 from flawscope.data import Sample, preprocess, read_image
 from flawscope.errors import ConfigError, DataError
+from flawscope.outputs import portable_stem
 from flawscope.synthesis.anomalies import homologous_source, simulated_anomaly
 from flawscope.synthesis.perlin import texture_source
 from flawscope.synthesis.regions import foreground_mask
@@ -123,12 +124,13 @@ def write_synthetic_validation_set(
     try:
         # Numbered names: two sources may share a stem (000.png and 000.jpg).
         for n, path in enumerate(good_paths):
-            _save(_load(path, image_size, resize_size), staging / "test" / "good" / f"{n:04d}_{path.stem}.png")
+            name = f"{n:04d}_{portable_stem(path)}.png"
+            _save(_load(path, image_size, resize_size), staging / "test" / "good" / name)
         for n, path in enumerate(defect_paths):
             image = _load(path, image_size, resize_size)
             other = _load(paths[int(rng.integers(len(paths)))], image_size, resize_size)
             defective, mask = synthetic_defect(image, other, rng, textures, use_foreground=use_foreground)
-            name = f"{n:04d}_{path.stem}"
+            name = f"{n:04d}_{portable_stem(path)}"
             _save(image, staging / "train" / "good" / f"{name}.png")
             _save(defective, staging / "test" / "synthetic" / f"{name}.png")
             _save(mask, staging / "ground_truth" / "synthetic" / f"{name}_mask.png")
