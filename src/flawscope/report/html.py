@@ -246,10 +246,10 @@ def _hex(rgb: np.ndarray | tuple[int, int, int]) -> str:
 
 _GRADIENT = ", ".join(_hex(COLORMAP[i]) for i in np.linspace(0, len(COLORMAP) - 1, 11).astype(int))
 _LEGEND = (
-    '<div class="legend"><span>normal</span>'
+    '<div class="legend"><span>calibrated score 0</span>'
     f'<span class="colorbar" style="background:linear-gradient(to right, {_GRADIENT})"></span>'
-    f'<span>anomalous</span><span class="swatch" style="background:{_hex(OUTLINE_COLOR)}"></span>'
-    "<span>ground-truth outline</span></div>"
+    "<span>1 (inferno colour map; the mark is the threshold, 0.5)</span>"
+    f'<span class="swatch" style="background:{_hex(OUTLINE_COLOR)}"></span><span>ground-truth outline</span></div>'
 )
 
 _CSS = """
@@ -290,7 +290,9 @@ svg .label { font-size: 12px; fill: var(--ink); }
 svg .line { fill: none; stroke: var(--accent); stroke-width: 2; stroke-linejoin: round; }
 svg .fill { fill: var(--accent); opacity: .08; }
 .legend { display: flex; align-items: center; gap: 8px; font-size: 12px; color: var(--muted); margin: -6px 0 14px; }
-.colorbar { width: 150px; height: 10px; border-radius: 3px; }
+.colorbar { width: 150px; height: 10px; border-radius: 3px; position: relative; }
+.colorbar::after { content: ""; position: absolute; left: 50%; top: -3px; bottom: -3px;
+  border-left: 2px solid var(--ink); }
 .swatch { width: 18px; height: 4px; margin-left: 14px; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: 16px; }
 .gallery img { width: 100%; height: auto; display: block; border-radius: 6px; border: 1px solid var(--line); }
