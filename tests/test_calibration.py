@@ -21,7 +21,7 @@ def test_quantile_threshold_with_few_normals_is_their_maximum():
 
 
 def test_quantile_threshold_rejects_bad_input():
-    with pytest.raises(DataError, match="held-out"):
+    with pytest.raises(DataError, match=r"No good images .*--val-ratio > 0.*test/good"):
         threshold_from_normals([])
     with pytest.raises(ConfigError, match="target_fpr"):
         threshold_from_normals([1.0], target_fpr=1.0)
@@ -91,3 +91,33 @@ def test_f1_threshold_below_most_normals_keeps_score_low_below_it():
     # Defects score lower than most normals: the F1-optimal threshold sits low, score_low must stay under it.
     result = threshold_f1([1.0, 5.0, 6.0, 7.0], [4.0, 4.5])
     assert result["score_low"] < result["threshold"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_thresholds_refuse_scores_that_are_not_finite(bad):
+    with pytest.raises(DataError, match="1 of 3 good images' scores are NaN or infinite"):
+        threshold_from_normals([97.0, 98.0, bad])
+    with pytest.raises(DataError, match="1 of 2 defective images' scores are NaN or infinite"):
+        threshold_f1([1.0, 2.0], [3.0, bad])
+
+
+def test_quantile_threshold_counts_the_target_share_exactly():
+    scores = np.arange(100, dtype=float)
+    # 0.29 * 100 is 28.999... in floating point; 29 normals may lie above, not 28.
+    assert (scores > threshold_from_normals(scores, target_fpr=0.29)["threshold"]).sum() == 29
+    assert (scores > threshold_from_normals(scores, target_fpr=0.57)["threshold"]).sum() == 57
+
+
+def test_f1_threshold_says_what_is_missing():
+    with pytest.raises(DataError, match=r"got 3 good and 0 defective.*--rule fpr"):
+        threshold_f1([1.0, 2.0, 3.0], [])
+    with pytest.raises(DataError, match=r"got 0 good and 1 defective\. Add the missing kind"):
+        threshold_f1([], [1.0])
+
+
+def test_a_model_refuses_a_threshold_that_is_not_finite():
+    model = AnomalyModel(PatchCoreConfig())
+    with pytest.raises(ConfigError, match="must be finite"):
+        model.set_calibration(float("nan"), 0.0)
+    with pytest.raises(ConfigError, match="must be finite"):
+        model.set_calibration(1.0, float("-inf"))

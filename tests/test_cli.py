@@ -886,6 +886,25 @@ def test_test_and_calibrate_read_a_folder_without_training_images(whole_run_copy
     assert_clean_error(invoke(*fit_args(labelled, tmp_path / "r")), "train/good")  # fitting still needs it
 
 
+def test_calibrate_warns_about_an_ignored_option_and_a_threshold_from_too_few_images(
+    whole_run_copy, tiny_dataset, tmp_path
+):
+    few = tmp_path / "few"
+    shutil.copytree(tiny_dataset / "test", few / "test")
+    shutil.copytree(tiny_dataset / "ground_truth", few / "ground_truth")
+    for extra in sorted((few / "test" / "good").iterdir())[1:]:
+        extra.unlink()  # one good image left
+    with (
+        pytest.warns(UserWarning, match=r"--target-fpr\) is used by the 'fpr' rule only"),
+        pytest.warns(UserWarning, match="Only 1 good image"),
+        pytest.warns(UserWarning, match="previous threshold"),
+    ):
+        result = invoke("calibrate", whole_run_copy, "--data", few, "--target-fpr", "0.05", "--quiet")
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(few / "test" / "good")
+    assert_clean_error(invoke("calibrate", whole_run_copy, "--data", few, "--quiet"), "got 0 good and 6 defective")
+
+
 def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):
     assert_clean_error(invoke("calibrate", whole_run_copy, "--data", tiny_dataset), "trained on", "test set")
 

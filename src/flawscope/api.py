@@ -314,7 +314,7 @@ def calibrate_run(
     data: str | Path,
     *,
     rule: str = "f1",
-    target_fpr: float = DEFAULT_TARGET_FPR,
+    target_fpr: float | None = None,
     layout: str = "auto",
     category: str | None = None,
     device: str = "auto",
@@ -327,7 +327,7 @@ def calibrate_run(
 
     Args:
         rule: "f1" for the F1-optimal threshold (needs good and defective images), "fpr" for the quantile of the
-            good images at ``target_fpr``.
+            good images at ``target_fpr`` (None: 0.01; only the "fpr" rule uses it).
 
     Returns:
         The calibration details written to model.json.
@@ -335,7 +335,13 @@ def calibrate_run(
     if rule not in ("f1", "fpr"):
         raise ConfigError(f"Unknown calibration rule {rule!r}; use 'f1' or 'fpr'.")
     if rule == "fpr":
+        target_fpr = DEFAULT_TARGET_FPR if target_fpr is None else target_fpr
         check_target_fpr(target_fpr)  # before the images are scored
+    elif target_fpr is not None:
+        warnings.warn(
+            f"target_fpr={target_fpr} (--target-fpr) is used by the 'fpr' rule only; the 'f1' rule ignores it.",
+            stacklevel=2,
+        )
     info = read_model_info(run)
     dataset = run_dataset(run, data, layout, category)
     trained_on = run_record(run).get("data")
@@ -347,9 +353,29 @@ def calibrate_run(
     model = load_model(info["folder"])
     scored = score_images(model, dataset.test, FitContext(device=resolve_device(device), quiet=quiet))
     labels = np.array([s.label for s in dataset.test], bool)
+    broken = [s.path for s, score in zip(dataset.test, scored.raw_scores, strict=True) if not np.isfinite(score)]
+    if broken:
+        raise DataError(
+            f"The {model.method} model in {info['folder']} gives no finite score (NaN or infinity) for {len(broken)} "
+            f"of {len(labels)} images in {dataset.root}, e.g. {broken[0]}, so no threshold was set. The model is "
+            "damaged or its training diverged: fit it again."
+        )
     normal, defect = scored.raw_scores[~labels], scored.raw_scores[labels]
     result = threshold_f1(normal, defect) if rule == "f1" else threshold_from_normals(normal, target_fpr)
-    result["data"] = str(dataset.root)
+    result["data"] = str(dataset.root.resolve())
+    if normal.size < 3:
+        warnings.warn(
+            f"Only {normal.size} good image(s) in {dataset.root}: a threshold from so few is a guess (the fit holds "
+            "out at least 3). Add good images to the validation folder.",
+            stacklevel=2,
+        )
+    elif (normal > result["threshold"]).all():
+        warnings.warn(
+            f"The threshold ({result['threshold']:.6g}, rule {rule!r}) calls every good image of {dataset.root} "
+            "defective: its defective images score no higher than its good ones. Check the folder, add images, or "
+            "use --rule fpr.",
+            stacklevel=2,
+        )
     model.set_calibration(result["threshold"], result["score_low"])
     metadata = {key: info[key] for key in ("training",) if key in info}
     save_model(model.cpu(), info["folder"], metadata={"calibration_details": result, **metadata})

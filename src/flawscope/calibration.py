@@ -23,7 +23,19 @@ def _typical_normal(normal_scores: np.ndarray, threshold: float) -> float:
 def check_target_fpr(target_fpr: float) -> None:
     """Raises ConfigError unless ``target_fpr`` is in [0, 1) (NaN is not)."""
     if not 0 <= target_fpr < 1:
-        raise ConfigError(f"target_fpr must be in [0, 1); got {target_fpr}.")
+        raise ConfigError(f"target_fpr (--target-fpr) must be in [0, 1); got {target_fpr}.")
+
+
+def _finite(scores: np.ndarray, what: str) -> np.ndarray:
+    """``scores`` as float64, refused when any is NaN or infinite: a threshold set from them would be one too."""
+    scores = np.asarray(scores, dtype=np.float64)
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise DataError(
+            f"{bad} of {scores.size} {what} scores are NaN or infinite, so no threshold can be set; the model "
+            "gives no usable score for those images (fit it again)."
+        )
+    return scores
 
 
 def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAULT_TARGET_FPR) -> dict[str, Any]:
@@ -41,11 +53,15 @@ def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAUL
         by the normalised score),
         ``rule`` and the counts used.
     """
-    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    scores = np.sort(_finite(normal_scores, "good images'"))
     if scores.size == 0:
-        raise DataError("No held-out good images to calibrate the threshold on; use --val-ratio > 0.")
+        raise DataError(
+            "No good images to calibrate the threshold on: hold some out at fit time (--val-ratio > 0), or give "
+            "`flawscope calibrate` a folder with test/good images."
+        )
     check_target_fpr(target_fpr)
-    allowed = int(np.floor(target_fpr * scores.size))  # normals allowed above the threshold
+    # Normals allowed above the threshold; the epsilon keeps 0.29 * 100 (28.999...) at 29.
+    allowed = int(np.floor(target_fpr * scores.size + 1e-9))
     threshold = scores[scores.size - 1 - allowed]
     return {
         "threshold": float(threshold),
@@ -63,10 +79,13 @@ def threshold_f1(normal_scores: np.ndarray, defect_scores: np.ndarray) -> dict[s
     """
     from .metrics import f1max
 
-    normal = np.asarray(normal_scores, dtype=np.float64)
-    defect = np.asarray(defect_scores, dtype=np.float64)
+    normal, defect = _finite(normal_scores, "good images'"), _finite(defect_scores, "defective images'")
     if normal.size == 0 or defect.size == 0:
-        raise DataError("F1-optimal calibration needs both good and defective held-out images.")
+        fix = " (or the rule 'fpr', --rule fpr, which needs good images only)" if normal.size else ""
+        raise DataError(
+            f"F1-optimal calibration needs both good and defective held-out images; got {normal.size} good and "
+            f"{defect.size} defective. Add the missing kind (test/good, test/<type>){fix}."
+        )
     scores = np.concatenate([normal, defect])
     labels = np.concatenate([np.zeros(normal.size, bool), np.ones(defect.size, bool)])
     best_f1, cut = f1max(scores, labels)

@@ -380,7 +380,7 @@ def export(run, export_format, out, batch, half, no_check) -> None:
     show_default=True,
     help="f1: F1-optimal threshold; fpr: quantile of the good images at --target-fpr",
 )
-@click.option("--target-fpr", type=float, default=DEFAULT_TARGET_FPR, show_default=True)
+@click.option("--target-fpr", type=float, default=None, help=f"with --rule fpr  [default: {DEFAULT_TARGET_FPR}]")
 @click.option("--category", default=None, help="category of a multi-category root; default: the run's own")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @threads_option()
@@ -391,12 +391,12 @@ def calibrate(run, data, rule, target_fpr, category, layout, device, quiet) -> N
     from .api import calibrate_run
     from .model_io import read_model_info
 
-    before = read_model_info(run)["calibration"]["threshold"]  # also checks RUN before any image is scored
+    before = (read_model_info(run).get("calibration") or {}).get("threshold")  # also checks RUN before scoring
     calibrate_run(
         run, data, rule=rule, target_fpr=target_fpr, layout=layout, category=category, device=device, quiet=quiet
     )
     click.echo(f"{_threshold_line(run)} written to {run}")
-    click.echo(f"  previous threshold: {before:.6g}")
+    click.echo(f"  previous threshold: {'none' if before is None else format(before, '.6g')}")
 
 
 @main.command()

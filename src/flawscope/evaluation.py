@@ -77,14 +77,14 @@ def per_type_metrics(scored: ScoredImages) -> dict[str, dict[str, Any]]:
     return table
 
 
-def write_per_image(path: Path, scored: ScoredImages, threshold: float | None) -> None:
+def write_per_image(path: Path, scored: ScoredImages, calibrated: bool) -> None:
     """per_image.csv: path, defect type, label, raw and normalised score, decision at the calibrated threshold
-    ("n/a" when ``threshold`` is None: not calibrated)."""
+    (``norm_score > 0.5``, as predict and exported models decide; "n/a" when the threshold is not ``calibrated``)."""
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "defect_type", "label", "raw_score", "norm_score", "decision"])
         for sample, raw, norm in zip(scored.samples, scored.raw_scores, scored.norm_scores, strict=True):
-            decision = "n/a" if threshold is None else "defective" if raw > threshold else "good"
+            decision = "n/a" if not calibrated else "defective" if norm > 0.5 else "good"
             writer.writerow([sample.path, sample.defect_type, sample.label, f"{raw:.6g}", f"{norm:.4f}", decision])
 
 
@@ -246,7 +246,9 @@ def test(
             )
         threshold = float(model.threshold)
         calibrated, threshold_line = describe_threshold(info)
-        decisions = scored.raw_scores > threshold
+        # The deployed decision: the calibrated score above 0.5, computed in the model's graph. It equals
+        # raw > threshold but for raw scores a float32 rounding step above the threshold.
+        decisions = scored.norm_scores > 0.5
         # Without a calibrated threshold there are no decisions to count.
         false_alarms = int((decisions & (labels == 0)).sum()) if calibrated else None
         misses = int((~decisions & (labels == 1)).sum()) if calibrated else None
@@ -309,7 +311,7 @@ def test(
         try:
             write_json(out / "metrics.json", metrics)
             write_json(out / "curves.json", {c.name: c.to_dict() for c in curves})
-            write_per_image(out / "per_image.csv", scored, threshold if calibrated else None)
+            write_per_image(out / "per_image.csv", scored, calibrated)
             if report:
                 write_report(
                     out / "report.html",

@@ -511,12 +511,13 @@ def split_validation(
         DataError: Too few samples to leave ``min_count`` in each part.
     """
     if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"The validation ratio must be in [0, 1); got {ratio}.")
+        raise ConfigError(f"The validation ratio (val_ratio, --val-ratio) must be in [0, 1); got {ratio}.")
     n_val = max(min_count, round(ratio * len(samples))) if ratio > 0 else 0
     if len(samples) - n_val < min_count:
         raise DataError(
-            f"Only {len(samples)} training image(s): holding out {n_val} for validation leaves fewer than "
-            f"{min_count} for training. Add good images or lower the validation ratio (now {ratio})."
+            f"Only {len(samples)} training image(s): holding out {n_val} for validation (at least {min_count} "
+            f"whenever val_ratio > 0; now {ratio}) leaves fewer than {min_count} for training. Add good images, or fit "
+            "with --val-ratio 0 and set the threshold afterwards with `flawscope calibrate RUN --data DIR`."
         )
     held_out = set(random.Random(seed).sample(range(len(samples)), n_val))
     train = [sample for i, sample in enumerate(samples) if i not in held_out]

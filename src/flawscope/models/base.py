@@ -8,6 +8,7 @@ upsampling, smoothing, score normalisation with the calibrated threshold) lives 
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..errors import DataError, NotFittedError
+from ..errors import ConfigError, DataError, NotFittedError
 
 
 class AnomalyOutput(NamedTuple):
@@ -125,7 +126,9 @@ class AnomalyModel(nn.Module):
         return normalize_scores(raw, self.threshold, self.score_low)
 
     def set_calibration(self, threshold: float, score_low: float) -> None:
-        """Stores the decision threshold and the typical normal score (raw units)."""
+        """Stores the decision threshold and the typical normal score (raw units); both must be finite."""
+        if not (math.isfinite(threshold) and math.isfinite(score_low)):
+            raise ConfigError(f"A threshold and typical score must be finite numbers; got {threshold}, {score_low}.")
         if not threshold > score_low:
             # A threshold at or below the typical normal score would call half the normals defective.
             threshold = score_low + max(abs(score_low) * 1e-3, 1e-6)
