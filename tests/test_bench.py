@@ -84,7 +84,7 @@ def test_bench_writes_one_table_and_json(tiny_dataset, tmp_path):
     table = (out / "bench.md").read_text()
     assert "| patchcore |" in table and "GFLOP/s" in table and "onnxruntime" in table
     assert row["cpu"] == data["environment"]["cpu"] and f"Hardware: {row['cpu']}, " in table
-    assert (data["category"], data["environment"]["seed"]) == ("grass", 0)
+    assert (data["category"], data["layout"], data["seed"], data["environment"]["seed"]) == ("grass", "mvtec", 0, 0)
     assert f"Data: `{tiny_dataset}` (category grass), seed 0." in table
 
     # Rows merged from runs on different machines name the CPU of each row.

@@ -392,10 +392,11 @@ def test_out_that_is_an_existing_file_is_refused_before_any_work(run, tiny_datas
     ("args", "fragment"),
     [
         (["--format", "onnx", "--out", "model.txt"], "an ONNX export must end in .onnx"),
-        (["--format", "torchscript", "--out", "model.onnx"], "a TorchScript one must not"),
+        (["--format", "torchscript", "--out", "model.onnx"], "a TorchScript one in .pt, .ts, .torchscript"),
+        (["--format", "torchscript", "--out", "model.bin"], "a TorchScript one in .pt"),  # predict could not read it
         (["--out", "."], "is a folder"),
     ],
-    ids=["onnx-suffix", "torchscript-suffix", "folder"],
+    ids=["onnx-suffix", "torchscript-suffix", "torchscript-unknown-suffix", "folder"],
 )
 def test_export_checks_its_out_path_before_exporting(run, tmp_path, args, fragment):
     args = [str(tmp_path / a) if a in ("model.txt", "model.onnx", ".") else a for a in args]

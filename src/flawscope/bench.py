@@ -254,8 +254,10 @@ def run_bench(
     env = environment(seed)
     env.update({"threads": threads, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__})
     result = {
-        "data": str(data),
+        "data": str(dataset.root.resolve()),
         "category": category,
+        "layout": dataset.layout,
+        "seed": seed,
         "environment": env,
         "matmul_peak_gflops": peak,
         "throughput_batch": THROUGHPUT_BATCH,

@@ -169,8 +169,9 @@ def read_image(source: str | PathLike | bytes | BinaryIO | Image.Image) -> np.nd
     """Read an image as upright RGB, following the module's decoding rules whatever the source.
 
     Args:
-        source: An image file path in one of ``IMAGE_EXTENSIONS`` (the format is detected from the content), the
-            encoded bytes of such a file (a service's upload), an open binary file object, or a PIL image.
+        source: An image file path (the format is detected from the content, whatever the name; folder listings
+            pick files by ``IMAGE_EXTENSIONS``), the encoded bytes of such a file (a service's upload), an open
+            binary file object, or a PIL image.
 
     Returns:
         Array of shape (H, W, 3), dtype uint8, RGB.

@@ -243,7 +243,7 @@ class OnnxInferencer(_BaseInferencer):
 
 
 def load_inferencer(path: str | Path, device: str = "auto", threads: int | None = None) -> Inferencer:
-    """An inferencer for a run or model folder (torch), an .onnx file or a TorchScript file (.pt, .ts)."""
+    """An inferencer for a run or model folder (torch), an .onnx file or a TorchScript file (.pt, .ts, .torchscript)."""
     from ..api import resolve_device
     from ..model_io import load_model, read_model_info, warn_if_uncalibrated
 

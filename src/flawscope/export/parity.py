@@ -17,7 +17,14 @@ import torch
 from ..errors import ConfigError, ModelFormatError
 from ..models.base import AnomalyModel
 from .graph import parse_batch
-from .inferencer import OnnxInferencer, TorchInferencer, TorchScriptInferencer, _BaseInferencer
+from .inferencer import (
+    ONNX_SUFFIXES,
+    TORCHSCRIPT_SUFFIXES,
+    OnnxInferencer,
+    TorchInferencer,
+    TorchScriptInferencer,
+    _BaseInferencer,
+)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 # Agreement required on the calibrated outputs ([0, 1]); float16 weights change the maps by about 1e-3.
@@ -32,10 +39,12 @@ def _check_export_path(path: str | Path, export_format: str) -> Path:
     if path.is_dir():
         example = path / f"model{FORMATS[export_format]}"
         raise ConfigError(f"{path} is a folder; give the file to write, e.g. {example}.")
-    if (path.suffix.lower() == ".onnx") != (export_format == "onnx"):  # open_exported() reads the format off the suffix
+    suffixes = ONNX_SUFFIXES if export_format == "onnx" else TORCHSCRIPT_SUFFIXES
+    if path.suffix.lower() not in suffixes:  # predict and load_inferencer read the format off the suffix
         raise ConfigError(
-            f"{path}: an ONNX export must end in .onnx and a TorchScript one must not (the file is read back by its "
-            f"suffix); use {path.with_suffix(FORMATS[export_format])} or choose the other --format."
+            f"{path}: an ONNX export must end in .onnx and a TorchScript one in {', '.join(TORCHSCRIPT_SUFFIXES)} "
+            f"(the file is read back by its suffix); use {path.with_suffix(FORMATS[export_format])} or choose the "
+            "other --format."
         )
     return path
 
