@@ -650,3 +650,18 @@ def test_the_pixel_limit_travels_with_a_dataset_into_spawned_workers(monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 99)  # a fresh process: the limit at import
     copy = pickle.loads(payload)
     assert Image.MAX_IMAGE_PIXELS == 1234 and copy.image_size == 16 and "_pixel_limit" not in vars(copy)
+
+
+def test_only_the_listed_image_formats_are_decoded_whatever_the_content(tmp_path):
+    # Pillow guesses a format from the content, and for PostScript it would run Ghostscript on a stranger's file.
+    fake = tmp_path / "part.png"
+    fake.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(DataError, match="not an image format flawscope can decode"):
+        read_image(fake)
+    gif = tmp_path / "anim.png"
+    Image.new("RGB", (4, 4)).save(gif, "GIF")
+    with pytest.raises(DataError, match="not an image format"):
+        read_image(gif)
+    mpo = tmp_path / "camera.jpg"  # many cameras write multi-picture JPEGs
+    Image.new("RGB", (4, 3), (10, 20, 30)).save(mpo, "MPO")
+    assert read_image(mpo).shape == (3, 4, 3)

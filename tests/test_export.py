@@ -82,7 +82,7 @@ def exported(request, tiny_dataset, tmp_path_factory):
 def test_exported_files_agree_with_torch(exported):
     model, images, paths = exported
     reference = TorchInferencer(model)
-    runners = [OnnxInferencer(paths["onnx"], "cpu"), TorchScriptInferencer(paths["torchscript"])]
+    runners = [OnnxInferencer(paths["onnx"], "cpu"), TorchScriptInferencer(paths["torchscript"], trust_code=True)]
     for batch in (images[:1], images):  # one graph, any batch size
         expected = reference.run(batch)
         decisions = expected["norm_score"] > 0.5
@@ -122,7 +122,7 @@ def test_predictions_are_the_same_objects_from_every_path(exported):
         for runner in (
             TorchInferencer(model),
             load_inferencer(paths["onnx"], "cpu"),
-            load_inferencer(paths["torchscript"]),
+            load_inferencer(paths["torchscript"], trust_code=True),
         )
     ]
     for other in predictions[1:]:
@@ -140,7 +140,7 @@ def test_predictions_are_the_same_objects_from_every_path(exported):
 def test_exported_metadata_says_what_a_deployer_needs(exported):
     model, _, paths = exported
     for fmt, path in paths.items():
-        meta = load_inferencer(path, "cpu").metadata
+        meta = load_inferencer(path, "cpu", trust_code=True).metadata
         assert meta["export_format"] == fmt
         assert meta["method"] == model.method
         size = model.config.image_size
@@ -327,7 +327,10 @@ def test_inferencers_name_a_wrong_shape_or_an_empty_batch(exported):
 
     model, images, paths = exported
     size = model.config.image_size
-    exported_runners = [OnnxInferencer(paths["onnx"], "cpu"), TorchScriptInferencer(paths["torchscript"])]
+    exported_runners = [
+        OnnxInferencer(paths["onnx"], "cpu"),
+        TorchScriptInferencer(paths["torchscript"], trust_code=True),
+    ]
     for runner in [TorchInferencer(model), *exported_runners]:
         with pytest.raises(DataError, match=rf"\(B, 3, {size}, {size}\).*preprocess"):
             runner.run(images[:, :, :-1])

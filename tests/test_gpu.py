@@ -56,7 +56,9 @@ def test_a_gpu_fit_loads_on_either_device_and_exports_for_either(name, tiny_data
         path = export_model(gpu, tmp_path / f"model.{fmt}", fmt)
         assert check_parity(gpu, path, images)["ok"]
         assert gpu.fitted.device.type == "cuda"  # the parity check ran on the CPU and put the model back
-    scripted = load_inferencer(tmp_path / "model.torchscript", "cuda").run(images)  # built with device constants once
+    scripted = load_inferencer(tmp_path / "model.torchscript", "cuda", trust_code=True).run(
+        images
+    )  # built with device constants once
     assert abs(scripted["anomaly_map"] - expected["anomaly_map"]).max() <= 1e-3 * spread
 
 

@@ -4,11 +4,15 @@ permissions of the weight files it writes."""
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+import flawscope
 from flawscope.errors import ConfigError, ModelFormatError
 from flawscope.model_io import load_model, read_model_info
 from flawscope.runs import save_safetensors
@@ -90,3 +94,52 @@ def test_weights_of_another_method_are_refused_even_with_a_matching_hash(tmp_pat
     (run / "model" / "model.json").write_text(json.dumps(info))
     with pytest.raises(ModelFormatError, match="holds a simplenet model but model.json says patchcore"):
         load_model(run)
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, '{"format": 1' + "0" * 5000 + "}"])
+def test_model_json_too_deep_or_too_long_is_a_clean_error(tmp_path, content):
+    run = _run_with_model_json(tmp_path, content)
+    with pytest.raises(ModelFormatError, match="is not valid JSON"):
+        read_model_info(run)
+
+
+def test_model_json_with_calibration_details_that_are_not_an_object(tmp_path):
+    run = _run_with_model_json(tmp_path, json.dumps({**GOOD_INFO, "calibration_details": [1]}))
+    with pytest.raises(ModelFormatError, match="has a 'calibration_details' that is not a JSON object"):
+        read_model_info(run)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_dataset, tmp_path_factory) -> Path:
+    options = {"backbone": "efficientnet_lite0", "image_size": 64, "resize_size": 0, "coreset_ratio": 0.1}
+    return flawscope.fit("patchcore", tiny_dataset, tmp_path_factory.mktemp("io") / "run", options=options, quiet=True)
+
+
+def _with_weights(run: Path, tmp_path: Path, change) -> Path:
+    """A copy of ``run``'s model folder whose weights ``change`` edited (model.json's hash dropped, as an attacker
+    would)."""
+    copy = tmp_path / "edited"
+    shutil.copytree(run / "model", copy)
+    with safe_open(str(copy / "weights.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(str(copy / "weights.safetensors"))
+    change(state)
+    save_safetensors(state, copy / "weights.safetensors", metadata)
+    info = json.loads((copy / "model.json").read_text())
+    del info["weights_sha256"]
+    (copy / "model.json").write_text(json.dumps(info))
+    return copy
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_threshold_that_is_not_finite_is_refused(fitted, tmp_path, value):
+    # A NaN threshold would call every image good: comparisons with NaN are False.
+    edited = _with_weights(fitted, tmp_path, lambda state: state["threshold"].fill_(value))
+    with pytest.raises(ModelFormatError, match="must be finite numbers"):
+        load_model(edited)
+
+
+def test_a_buffer_with_other_dimensions_is_refused(fitted, tmp_path):
+    edited = _with_weights(fitted, tmp_path, lambda state: state.update(threshold=torch.zeros(1000)))
+    with pytest.raises(ModelFormatError, match=r"threshold has shape \(1000,\), expected 0 dimensions"):
+        load_model(edited)

@@ -92,3 +92,21 @@ def test_searches_leave_out_listed_overlays_but_not_a_folder_the_user_names(tmp_
         kept = drop_output_images(found, line, top=line)
     assert kept == found[:3]
     assert not is_output_image(line / "overlays" / "00000_a.png", top=line / "overlays")  # named: read
+
+
+def test_links_in_the_output_folder_are_never_written_through(tmp_path):
+    out, victim = tmp_path / "run", tmp_path / "victim.txt"
+    victim.write_text("mine")
+    claim_out_folder(out, ["per_image.csv", "report.html"])  # flawscope's names, then replaced by links
+    (out / "per_image.csv").symlink_to(victim)
+    (out / "report.html").symlink_to(tmp_path / "not-there.html")  # dangling: exists() is False
+    with pytest.raises(ConfigError, match=r"holds per_image\.csv, report\.html as a symbolic link"):
+        check_out_folder(out, ["per_image.csv", "report.html"])
+    with pytest.raises(ConfigError, match=r"holds report\.html as a symbolic link"):
+        check_out_folder(out, ["report.html"])
+    assert victim.read_text() == "mine" and not (tmp_path / "not-there.html").exists()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.json").symlink_to(tmp_path / "gone.json")  # not flawscope's and dangling: still a clash
+    with pytest.raises(ConfigError, match="symbolic link"):
+        check_out_folder(fresh, ["metrics.json"])

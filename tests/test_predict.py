@@ -60,7 +60,7 @@ def images(tiny_dataset, tmp_path_factory) -> Path:
 def test_every_form_of_a_model_predicts_the_same(run, exported, images, tmp_path):
     results = {}
     for name, model in {"run": run, **exported}.items():
-        invoke("predict", model, images, "--out", tmp_path / name, "--quiet", "--no-overlays")
+        invoke("predict", model, images, "--out", tmp_path / name, "--quiet", "--no-overlays", "--trust-code")
         results[name] = read_csv(tmp_path / name / "predictions.csv")
     reference = results.pop("run")
     assert any(r["decision"] == "defective" for r in reference) and any(r["decision"] == "good" for r in reference)
@@ -213,3 +213,26 @@ def test_export_takes_a_suffix_in_any_case(run, images, tmp_path):
     invoke("export", run, "--format", "onnx", "--out", tmp_path / "model.ONNX")
     invoke("predict", tmp_path / "model.ONNX", images, "--out", tmp_path / "pred", "--quiet", "--no-overlays")
     assert len(read_csv(tmp_path / "pred" / "predictions.csv")) == len(list(images.iterdir()))
+
+
+def test_a_torchscript_file_is_loaded_only_when_trusted(exported, images, tmp_path):
+    # Loading TorchScript runs code from the file; without --trust-code it is refused before it is opened.
+    result = CliRunner().invoke(
+        main, ["predict", str(exported["torchscript"]), str(images), "--out", str(tmp_path / "p"), "--quiet"]
+    )
+    assert result.exit_code != 0 and "runs the code it holds" in result.output and "--trust-code" in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_predict_never_deletes_or_writes_through_a_linked_overlays_folder(run, images, tmp_path):
+    out, photos = tmp_path / "pred", tmp_path / "photos"
+    invoke("predict", run, images, "--out", out, "--quiet")
+    photos.mkdir()
+    for name in ("00001_part.png", "20240101_120000.png"):  # names like predict's own numbered overlays
+        (photos / name).write_bytes(b"a user's picture")
+    shutil.rmtree(out / "overlays")
+    (out / "overlays").symlink_to(photos)
+    invoke("predict", run, images, "--out", out, "--quiet", "--no-overlays")  # the stale-overlay cleanup skips it
+    result = CliRunner().invoke(main, ["predict", str(run), str(images), "--out", str(out), "--quiet"])
+    assert result.exit_code != 0 and "overlays as a symbolic link" in result.output
+    assert sorted(p.name for p in photos.iterdir()) == ["00001_part.png", "20240101_120000.png"]

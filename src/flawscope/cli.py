@@ -285,10 +285,17 @@ def _print_metrics(metrics: dict) -> None:
     "--min-area", type=click.IntRange(min=0), default=0, show_default=True, help="drop defect regions under N pixels"
 )
 @click.option("--strict", is_flag=True, help="stop at the first unreadable image instead of skipping it")
+@click.option(
+    "--trust-code",
+    is_flag=True,
+    help="load a TorchScript RUN file: loading runs the code it holds, so only for files you made or trust",
+)
 @threads_option(expose=True)
 @DEVICE
 @QUIET
-def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, threads, device, quiet) -> None:
+def predict(
+    run, paths, out, batch_size, no_overlays, masks, min_area, strict, trust_code, threads, device, quiet
+) -> None:
     """Score new images (files, folders or globs) with RUN: a run folder, or an exported .onnx / .pt file."""
     from .prediction import predict as run_predict
 
@@ -306,6 +313,7 @@ def predict(run, paths, out, batch_size, no_overlays, masks, min_area, strict, t
             strict=strict,
             quiet=quiet,
             threads=threads,
+            trust_code=trust_code,
         )
     except KeyboardInterrupt:
         written = Path(out) / "predictions.csv"

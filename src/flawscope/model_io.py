@@ -7,6 +7,7 @@ network and no other file. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
         raise ModelFormatError(f"No {MODEL_JSON} in {folder}. Pass a run folder from `flawscope fit` or its model/.")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit number, nesting thousands deep
         raise ModelFormatError(f"{path} is not valid JSON ({e}). The model folder is damaged; fit again.") from e
     if not isinstance(info, dict):
         raise ModelFormatError(
@@ -100,6 +101,12 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
             problem = f"lacks the {key!r} key" if key not in info else f"has a {key!r} that is not a JSON {name}"
             raise ModelFormatError(
                 f"{path} {problem}. The model folder is damaged; re-run `flawscope fit` or re-copy the folder."
+            )
+    for key in ("calibration", "calibration_details", "training"):
+        if not isinstance(info.get(key, {}), dict | None):
+            raise ModelFormatError(
+                f"{path} has a {key!r} that is not a JSON object. The model folder is damaged; re-run `flawscope fit` "
+                "or re-copy the folder."
             )
     info["folder"] = str(folder)
     return info
@@ -174,8 +181,10 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         state = load_file(str(weights), device=str(map_location))
         with safe_open(str(weights), framework="pt") as handle:
             header = json.loads((handle.metadata() or {}).get("flawscope", "{}"))
-    except (SafetensorError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{weights} cannot be read as safetensors ({e}).") from e
+    except (SafetensorError, ValueError, RecursionError) as e:
+        raise ModelFormatError(f"{weights} cannot be read as safetensors ({str(e)[:200]}).") from e
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{weights} has metadata that is not a JSON object: it was not written by flawscope.")
     if header.get("method", info["method"]) != info["method"]:
         raise ModelFormatError(
             f"{weights} holds a {header['method']} model but {MODEL_JSON} says {info['method']}: the files come "
@@ -184,6 +193,13 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten; the caller's stream is kept
         model = method.model_class(config, pretrained=False)
     load_state(model, state)
+    threshold, score_low = float(model.threshold), float(model.score_low)
+    if not (math.isfinite(threshold) and math.isfinite(score_low) and threshold > score_low):
+        # A NaN threshold would call every image good (NaN comparisons are False).
+        raise ModelFormatError(
+            f"{weights} holds the threshold {threshold} and typical score {score_low}; both must be finite numbers, "
+            "the threshold the larger. The file is damaged; restore the model folder from a copy or fit again."
+        )
     return model.to(map_location).requires_grad_(False).eval()  # parameters too, not only the resized buffers
 
 
@@ -192,10 +208,21 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     buffers = dict(model.named_buffers())
     for name, tensor in state.items():
         if name in buffers and buffers[name].shape != tensor.shape:
+            if buffers[name].dim() != tensor.dim():  # a learned size changes lengths, never the number of dims
+                raise ModelFormatError(
+                    f"Weights do not fit {type(model).__name__}: {name} has shape {tuple(tensor.shape)}, expected "
+                    f"{buffers[name].dim()} dimensions. The file was written for another configuration or is damaged."
+                )
             owner_name, _, buffer_name = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             owner.register_buffer(buffer_name, torch.empty_like(tensor))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ModelFormatError(
+            f"Weights do not fit {type(model).__name__}: {str(e)[:300]}. The file was written for another "
+            "configuration or is damaged."
+        ) from e
     if missing or unexpected:
         raise ModelFormatError(
             f"Weights do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}. "

@@ -11,6 +11,7 @@ manifest lists, so a predict's pictures are not scored by the next predict over 
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
@@ -76,13 +77,19 @@ def check_out_folder(out: Path, writes: Sequence[str] = ()) -> None:
     if not out.is_dir():
         return
     marker = out / OUTPUT_MARKER
+    links = [name for name in (OUTPUT_MARKER, *writes) if (out / name).is_symlink()]
+    if links:  # writing through a link (even a dangling one) would write, or delete, outside --out
+        raise ConfigError(
+            f"--out {out} holds {', '.join(links)} as a symbolic link; flawscope does not write through links, which "
+            "could change files outside the output folder. Choose another --out, or remove the link."
+        )
     if marker.exists() and _read_manifest(out) is None:  # the user's own file of that name, or a damaged list
         raise ConfigError(
             f"{marker} is not flawscope's list of what it wrote there (a folder, another program's file, or damaged), "
             "and flawscope would have to replace it. Choose another --out, or move that file away."
         )
     owned = owned_names(out)
-    clashes = [name for name in writes if (out / name).exists() and name not in owned]
+    clashes = [name for name in writes if os.path.lexists(out / name) and name not in owned]
     if clashes:
         why = f"its {OUTPUT_MARKER} file does not list them" if marker.exists() else f"it has no {OUTPUT_MARKER} file"
         raise ConfigError(

@@ -76,6 +76,7 @@ def predict(
     strict: bool = False,
     quiet: bool = False,
     threads: int | None = None,
+    trust_code: bool = False,
 ) -> Path:
     """Scores every image found under ``paths`` (files, folders, globs).
 
@@ -93,6 +94,7 @@ def predict(
         threads: CPU threads for torch and ONNX Runtime during this call (default: torch's setting; the caller's
             count is restored afterwards). On a machine shared with other
             jobs, fewer threads than cores is often faster: threads of one operation wait for each other.
+        trust_code: load a TorchScript ``run`` file, whose loading runs the code it holds (see ``load_inferencer``).
 
     Writes ``out/predictions.csv`` (one row per image: path, raw and normalised score, decision, number of regions,
     defect area in pixels, the regions as JSON, where the map peaks and the calibrated value there) and
@@ -104,7 +106,7 @@ def predict(
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)  # a generator is read more than once below
     with torch_threads(threads):
-        inferencer = load_inferencer(run, device, threads)
+        inferencer = load_inferencer(run, device, threads, trust_code=trust_code)
         images = find_images(paths)
         out = Path(out)
         # Files written into an input folder would be read back as images by the next run on it. Only folders given as
@@ -126,8 +128,10 @@ def predict(
                 "choose another --out (or copy those images elsewhere first)."
             )
         for folder in (out / name for name in IMAGE_OUTPUTS if name in owned):
+            if folder.is_symlink() or not folder.is_dir():  # a link could lead to another folder's pictures
+                continue
             for stale in folder.glob("*_*.png"):
-                if re.fullmatch(r"\d{5,}_.*\.png", stale.name):
+                if re.fullmatch(r"\d{5,}_.*\.png", stale.name) and not stale.is_symlink():
                     stale.unlink()
         claim_out_folder(out, writes)
         samples = [Sample(path) for path in images]

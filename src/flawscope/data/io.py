@@ -19,12 +19,28 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import (
+    BmpImagePlugin,
+    Image,
+    ImageOps,
+    JpegImagePlugin,
+    MpoImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 from torch.utils.data import Dataset
 
 from flawscope.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+# The only decoders Pillow may use, whatever a file's name says: Pillow otherwise guesses the format from the content,
+# and some formats (EPS) run external programs (Ghostscript) on a stranger's file. MPO is the JPEG of many cameras.
+# The imports above register their decoders (Pillow loads most plugins lazily; Image.open(formats=...) needs them).
+# Which names a plugin registers depends on the Pillow version (MPO opens through JPEG in newer ones).
+DECODER_FORMATS = tuple(name for name in ("PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF", "WEBP") if name in Image.OPEN)
+_PLUGINS = (BmpImagePlugin, JpegImagePlugin, MpoImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin)
 
 PIXEL_LIMIT_ENV = "FLAWSCOPE_MAX_IMAGE_PIXELS"
 _SIXTEEN_BIT_MAX = 65535
@@ -110,7 +126,7 @@ def _open_upright(source: Path | BinaryIO | Image.Image, path: Path | str) -> Im
             _check_pixel_count(source.size, path)
             source.load()
             return ImageOps.exif_transpose(source)
-        with Image.open(source) as image:
+        with Image.open(source, formats=DECODER_FORMATS) as image:
             _check_pixel_count(image.size, path)  # before decoding: Image.open reads only the header
             image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
             return ImageOps.exif_transpose(image)

@@ -138,7 +138,7 @@ class _BaseInferencer:
     def predict(self, images: np.ndarray | torch.Tensor, min_area: int = 0) -> list[Prediction]:
         """images (B, 3, S, S) float in [0, 1] -> B predictions with regions of at least ``min_area`` pixels."""
         out = self.run(images)
-        broken = ~np.isfinite(out["pred_score"])
+        broken = ~(np.isfinite(out["pred_score"]) & np.isfinite(out["norm_score"]))  # norm: a damaged threshold
         if broken.any():  # NaN > 0.5 is False: without this an unscorable image would pass as good
             raise ModelFormatError(
                 f"The model gave NaN or infinite scores for images {np.flatnonzero(broken)[:10].tolist()} of the "
@@ -174,12 +174,26 @@ class TorchInferencer(_BaseInferencer):
         return tuple(t.float().cpu().numpy() for t in out)
 
 
-class TorchScriptInferencer(_BaseInferencer):
-    """Runs an exported TorchScript file."""
+TORCHSCRIPT_TRUST = (
+    "is a TorchScript file: loading one runs the code it holds, with this user's full access to files and network "
+    "(a stranger's file can read, change or delete anything this user can). Load only files you exported yourself or "
+    "trust, with trust_code=True (--trust-code on the command line); an ONNX export (--format onnx) runs no code of "
+    "its own."
+)
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+
+class TorchScriptInferencer(_BaseInferencer):
+    """Runs an exported TorchScript file.
+
+    Loading TorchScript runs code from the file (its ``__setstate__`` methods and more), so the file must be
+    trusted: ``trust_code=True`` says it is, and without it the file is refused before it is opened.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", *, trust_code: bool = False) -> None:
         from .torchscript import load_torchscript
 
+        if not trust_code:
+            raise ConfigError(f"{path} {TORCHSCRIPT_TRUST}")
         self.device = torch.device(device)
         self.module, self.metadata = load_torchscript(path, self.device)
         self.path = Path(path)
@@ -242,8 +256,14 @@ class OnnxInferencer(_BaseInferencer):
         return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))
 
 
-def load_inferencer(path: str | Path, device: str = "auto", threads: int | None = None) -> Inferencer:
-    """An inferencer for a run or model folder (torch), an .onnx file or a TorchScript file (.pt, .ts, .torchscript)."""
+def load_inferencer(
+    path: str | Path, device: str = "auto", threads: int | None = None, *, trust_code: bool = False
+) -> Inferencer:
+    """An inferencer for a run or model folder (torch), an .onnx file or a TorchScript file (.pt, .ts, .torchscript).
+
+    ``trust_code=True`` is needed for a TorchScript file: loading one runs the code it holds (a run folder's weights
+    are safetensors and an ONNX graph runs no code of its own, so neither needs it).
+    """
     from ..api import resolve_device
     from ..model_io import load_model, read_model_info, warn_if_uncalibrated
 
@@ -256,7 +276,7 @@ def load_inferencer(path: str | Path, device: str = "auto", threads: int | None 
     if suffix in ONNX_SUFFIXES:
         return OnnxInferencer(path, device, threads)
     if suffix in TORCHSCRIPT_SUFFIXES:
-        return TorchScriptInferencer(path, resolve_device(device))
+        return TorchScriptInferencer(path, resolve_device(device), trust_code=trust_code)
     if not path.exists():
         raise ModelFormatError(f"{path} does not exist. Pass a run folder, an .onnx file or a TorchScript .pt file.")
     raise ModelFormatError(

@@ -85,7 +85,7 @@ def open_exported(path: str | Path, device: str = "cpu") -> _BaseInferencer:
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return OnnxInferencer(path, device)
-    return TorchScriptInferencer(path, device)
+    return TorchScriptInferencer(path, device, trust_code=True)  # the file export has just written
 
 
 def parity_report(

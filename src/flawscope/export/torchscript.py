@@ -4,8 +4,9 @@ Tracing (``torch.jit.trace``) works for every model because the contract forbids
 ``forward``: the only branches depend on the configuration and on buffer shapes, which are fixed once a model is
 fitted. The traced graph keeps the batch dimension symbolic, so one file serves any batch size.
 
-Loading uses ``torch.jit.load``, which reads the archive with TorchScript's own restricted loader (tensors and
-TorchScript code only, no Python pickle). A TorchScript file does carry code: load files you trust, or use ONNX.
+Loading uses ``torch.jit.load``, which reads the archive with TorchScript's own loader (tensors and TorchScript code,
+no Python pickle). That code runs while the file loads, with the user's full access to files: load only files you
+trust (``TorchScriptInferencer`` asks for ``trust_code=True``), or use ONNX.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def export_torchscript(model: AnomalyModel, path: str | Path, *, batch: int | No
 def load_torchscript(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Loads an exported TorchScript file and its metadata."""
+    """Loads an exported TorchScript file and its metadata. This runs code from the file: trusted files only."""
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path} does not exist; export one with `flawscope export RUN --format torchscript`.")
