@@ -25,6 +25,10 @@ def test_settings_from_models_shared_and_per_model_options(tmp_path):
     path.write_text(json.dumps({"pc-small": {"model": "patchcore", "options": {"coreset_ratio": 0.01}}}))
     (from_file,) = parse_settings(None, [], path)
     assert from_file.name == "pc-small" and from_file.options == {"coreset_ratio": 0.01}
+    for name in ("../elsewhere", "/abs", "..", "a\\b"):  # each name is a folder in --out
+        path.write_text(json.dumps({name: {"model": "patchcore"}}))
+        with pytest.raises(ConfigError, match="used as a folder name in --out"):
+            parse_settings(None, [], path)
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,12 @@ def parse_settings(
                 f'--settings {settings_file} must hold an object {{"name": {{"model": ..., "options": {{...}}}}}}.'
             )
         for name, entry in entries.items():
+            # Each name becomes a folder in --out: a path in it would put a run elsewhere.
+            if not name or name in (".", "..") or any(char in name for char in '/\\<>:"|?*'):
+                raise ConfigError(
+                    f"--settings {settings_file}: the setting name {name!r} is used as a folder name in --out; use "
+                    "letters, digits, '-', '_' and '.' (no path separators)."
+                )
             settings.append(BenchSetting(name, entry.get("model", name), dict(entry.get("options", {}))))
     for method in [m.strip() for m in (models or "").split(",") if m.strip()]:
         settings.append(BenchSetting(method, method, {}))
