@@ -980,6 +980,12 @@ def test_edited_or_missing_run_files_are_named(whole_run_copy, tiny_dataset, tmp
         assert held_out_images(whole_run_copy, load_model(whole_run_copy)) is None
     args = ("synth", "--data", tiny_dataset, "--run", whole_run_copy, "--out", tmp_path / "synth")
     assert_clean_error(invoke(*args), "1 of the 1 held-out images listed in", "are gone", "leave --run out")
+    elsewhere = tmp_path / "elsewhere.png"  # a received run listing a file outside the data: synth would copy it
+    Image.new("RGB", (8, 8)).save(elsewhere)
+    config.write_text(json.dumps({**record, "val_images": [str(elsewhere)]}))
+    assert_clean_error(invoke(*args), "1 of the held-out images listed in", "are not in --data")
+    config.write_text(json.dumps({**record, "options": {**record["options"], "image_size": 10**6}}))
+    assert_clean_error(invoke(*args), "image_size")
 
 
 def test_an_unreadable_image_is_not_called_corrupt(tmp_path, monkeypatch):

@@ -584,6 +584,7 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
     from .api import run_record
     from .data import load_dataset
     from .outputs import check_outside
+    from .registry import get_method
     from .synthesis import write_synthetic_validation_set
 
     dataset = load_dataset(data, layout=layout, category=category)
@@ -605,8 +606,19 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
                 f"(val_images) are gone, e.g. {gone[0]}: the data moved since the fit. Restore it there, or leave "
                 "--run out to use the training images of --data."
             )
+        root = dataset.root.resolve()
+        outside = [p for p in held_out if root not in p.resolve().parents]
+        if outside:  # synth copies them into OUT: a received run must not choose files from elsewhere
+            raise DataError(
+                f"{len(outside)} of the held-out images listed in {config_path} (val_images) are not in --data "
+                f"{dataset.root}, e.g. {outside[0]}. Give the data folder the run was trained on, or leave --run out."
+            )
         images = held_out or images
-        image_size, resize_size = config["options"]["image_size"], config["options"]["resize_size"]
+        try:
+            options = get_method(config["method"]).config_class.from_dict(config["options"])  # checks the sizes
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{config_path} lacks the run's method or options ({e}); fit the run again.") from e
+        image_size, resize_size = options.image_size, options.resize_size
     summary = write_synthetic_validation_set(
         images,
         out,
