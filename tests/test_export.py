@@ -281,6 +281,31 @@ def test_unknown_files_are_refused_with_a_message(tmp_path):
         load_inferencer(tmp_path / "broken.onnx", "cpu")
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"input": {"image_size": 200_000, "resize_size": 0}},  # would allocate 480 GB per image
+        {"input": {"image_size": "64", "resize_size": 0}},
+        {"batch": 0},
+        {"input": None},
+    ],
+)
+def test_crafted_export_metadata_is_refused(exported, tmp_path, change):
+    import onnx
+
+    _, _, paths = exported
+    proto = onnx.load(str(paths["onnx"]), load_external_data=False)
+    prop = next(p for p in proto.metadata_props if p.key == "flawscope")
+    prop.value = json.dumps({**json.loads(prop.value), **change})
+    onnx.save(proto, str(tmp_path / "crafted.onnx"))
+    with pytest.raises(ModelFormatError, match="without a usable input size or batch"):
+        load_inferencer(tmp_path / "crafted.onnx", "cpu")
+    prop.value = "[" * 100_000
+    onnx.save(proto, str(tmp_path / "crafted.onnx"))
+    with pytest.raises(ModelFormatError, match="not valid JSON"):
+        load_inferencer(tmp_path / "crafted.onnx", "cpu")
+
+
 def test_regions_are_connected_components_with_box_area_and_peak():
     norm = np.zeros((10, 12), np.float32)
     norm[1:4, 2:5] = 0.7  # 3x3 square

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..data.dataset import MAX_CROP_ASPECT
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelFormatError
 from ..models.base import AnomalyModel, AnomalyOutput, normalize_scores
 
 INPUT_NAME = "images"
@@ -133,6 +133,36 @@ def export_metadata(model: AnomalyModel, export_format: str, batch: int | None, 
 
 def metadata_json(metadata: dict[str, Any]) -> str:
     return json.dumps(metadata, sort_keys=True)
+
+
+def read_metadata(text: str, source: str) -> dict[str, Any]:
+    """An exported file's metadata JSON, checked where inference relies on it: the input geometry and batch, within
+    the bounds a model's options have (a crafted file must not make the reader allocate gigabytes).
+
+    Raises:
+        ModelFormatError: not JSON, not an object, or the input geometry or batch is missing or out of range.
+    """
+    try:
+        metadata = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ModelFormatError(f"{source} has metadata that is not valid JSON ({str(e)[:100]}).") from e
+    geometry = metadata.get("input") if isinstance(metadata, dict) else None
+    batch = metadata.get("batch", "dynamic") if isinstance(metadata, dict) else None
+
+    def whole(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    if not (
+        isinstance(geometry, dict)
+        and whole(geometry.get("image_size"), 32, 4096)
+        and whole(geometry.get("resize_size"), 0, 8192)
+        and (batch == "dynamic" or whole(batch, 1, 65536))
+    ):
+        raise ModelFormatError(
+            f"{source} has flawscope metadata without a usable input size or batch (image_size 32-4096, resize_size "
+            "0-8192, batch 'dynamic' or >= 1): it is damaged or was not written by `flawscope export`. Export again."
+        )
+    return metadata
 
 
 def example_input(model: AnomalyModel, batch: int | None) -> Tensor:

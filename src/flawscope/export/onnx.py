@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,16 @@ import torch
 
 from ..errors import ConfigError, ModelFormatError
 from ..models.base import AnomalyModel
-from .graph import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ExportGraph, example_input, export_metadata, metadata_json
+from .graph import (
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    ExportGraph,
+    example_input,
+    export_metadata,
+    metadata_json,
+    read_metadata,
+)
 
 OPSET = 18
 
@@ -93,4 +101,4 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} has no '{METADATA_KEY}' metadata: it was not written by `flawscope export`. Export the run "
             "again, or run the file with onnxruntime directly."
         )
-    return json.loads(props[METADATA_KEY])
+    return read_metadata(props[METADATA_KEY], str(path))

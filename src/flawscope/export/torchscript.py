@@ -11,7 +11,6 @@ trust (``TorchScriptInferencer`` asks for ``trust_code=True``), or use ONNX.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 
 from ..errors import ModelFormatError
 from ..models.base import AnomalyModel
-from .graph import ExportGraph, example_input, export_metadata, metadata_json
+from .graph import ExportGraph, example_input, export_metadata, metadata_json, read_metadata
 
 EXTRA_FILE = "flawscope.json"
 
@@ -71,4 +70,4 @@ def load_torchscript(
             raise ModelFormatError(f"{path} cannot be read as TorchScript ({str(e)[:200]}).") from e
     if not extra[EXTRA_FILE]:
         raise ModelFormatError(f"{path} has no {EXTRA_FILE} inside: it was not written by `flawscope export`.")
-    return module.eval(), json.loads(extra[EXTRA_FILE])
+    return module.eval(), read_metadata(extra[EXTRA_FILE], str(path))

@@ -44,6 +44,7 @@ class CFAConfig(ModelConfig):
         "descriptor width factor: D' = descriptor_expansion * D // gamma_d (paper: 1; the CFA code's EfficientNet "
         "descriptor: 2)",
         low=1,
+        high=64,
     )
     gamma_c: int = option(1, "memory compression: bank items = h*w // gamma_c (Table 6)", low=1)
     memory_init: str = option(

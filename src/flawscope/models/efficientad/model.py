@@ -52,7 +52,7 @@ class EfficientADConfig(ModelConfig):
     teacher_path: str = option(
         "", "distilled teacher (.safetensors from `flawscope distill`); needed to fit with pretrained weights"
     )
-    out_channels: int = option(384, "teacher output channels C; the student has 2C", low=1)
+    out_channels: int = option(384, "teacher output channels C; the student has 2C", low=1, high=4096)
     padding: str = option(
         "paper",
         "paper: padded PDN (64x64 maps at 256 px), quantiles on maps resized to the input; code: the public "

@@ -37,7 +37,7 @@ class MLFFConfig(ModelConfig):
 
     backbone: str = option("resnet50", "feature extractor; stages at stride 4, 8, 16 are used (ResNet layer1-3)")
     image_size: int = option(256, "side of the square model input, pixels", low=32, high=4096)
-    resize_size: int = option(256, "shorter side before the centre crop; 0 = resize the whole image", low=0)
+    resize_size: int = option(256, "shorter side before the centre crop; 0 = resize the whole image", low=0, high=8192)
     freeze_backbone: bool = option(False, "keep the backbone's ImageNet weights fixed (paper: fine-tuned, M6)")
     feature_norm: str = option(
         "none",
@@ -49,8 +49,8 @@ class MLFFConfig(ModelConfig):
     position_shrinkage: float = position_shrinkage_option()
     texture_branch: bool = option(True, "STLNet texture branch on stages 1+2 (False: plain fusion, Table 4 baseline)")
     sc_branch: bool = option(True, "self-calibrated convolution on stage 3 (False: stage 3 as is)")
-    texture_dim: int = option(256, "width of X0, T1 and T2 in the texture branch [proposal, M3]", low=1)
-    feat_dim: int = option(256, "channels C of the fused feature psi [proposal, M2]", low=1)
+    texture_dim: int = option(256, "width of X0, T1 and T2 in the texture branch [proposal, M3]", low=1, high=4096)
+    feat_dim: int = option(256, "channels C of the fused feature psi [proposal, M2]", low=1, high=4096)
     texture_stride: int = option(
         8,
         "grid of the fused stages 1+2 that the texture branch works on: 8 (stage 1 average-pooled) or 4 (stage 2 "
@@ -61,7 +61,7 @@ class MLFFConfig(ModelConfig):
         8, "grid of the fused features psi and the score map: 8 or 4 (the finer stage's) [proposal, M2]", choices=(4, 8)
     )
     tem_levels: int = option(128, "TEM quantisation levels N [M3]", low=2)
-    tem_stat_dim: int = option(128, "TEM statistics width [M3]", low=1)
+    tem_stat_dim: int = option(128, "TEM statistics width [M3]", low=1, high=4096)
     ptfem_scales: tuple[int, ...] = option(
         (1, 2, 4, 8), "PTFEM pyramid scales (paper; public STLNet code: 1,2,3,6)", low=1
     )
@@ -72,7 +72,9 @@ class MLFFConfig(ModelConfig):
         choices=("spacing", "half"),
     )
     sc_pooling_r: int = option(4, "SCConv down-sampling rate r [M5]", low=1)
-    sc_reduce: int = option(0, "1x1 conv to this many channels before SCConv; 0 = none (literal) [M5]", low=0)
+    sc_reduce: int = option(
+        0, "1x1 conv to this many channels before SCConv; 0 = none (literal) [M5]", low=0, high=4096
+    )
     score_source: str = option(
         "head",
         "map from the score head eta (paper) or the hypersphere distance A (Table 4 baseline)",

@@ -24,12 +24,14 @@ class PatchCoreConfig(ModelConfig):
     )
     patch_size: int = option(3, "neighbourhood aggregated at each location (odd: centred)", choices=(1, 3, 5, 7, 9))
     context_weight: float = context_weight_option()
-    pretrain_embed_dim: int = option(1024, "per-stage feature length after pooling", low=1)
-    target_embed_dim: int = option(1024, "memory bank feature length", low=1)
+    pretrain_embed_dim: int = option(1024, "per-stage feature length after pooling", low=1, high=16384)
+    target_embed_dim: int = option(1024, "memory bank feature length", low=1, high=16384)
     coreset_ratio: float = option(
         0.1, "fraction of training features kept by the greedy coreset", low=0, high=1, low_open=True
     )
-    projection_dim: int = option(128, "random projection used to speed up the coreset search; 0 = none", low=0)
+    projection_dim: int = option(
+        128, "random projection used to speed up the coreset search; 0 = none", low=0, high=16384
+    )
     num_neighbors: int = option(9, "b, the bank neighbourhood of the paper's score reweighting; 1 = off", low=1)
     max_train_features: int = option(
         2_000_000, "features collected before the coreset, at most (or one per image if larger)", low=1

@@ -73,7 +73,9 @@ class PRNConfig(ModelConfig):
     msa_attn_scale: str = option(
         "1/d", "softmax(QK^T x scale): 1/d (paper Eq. 3) or 1/sqrt(d)", choices=("1/d", "1/sqrt(d)")
     )
-    decoder_channels: tuple[int, ...] = option((256, 128, 64, 64), "decoder widths at strides 16, 8, 4, 1", low=1)
+    decoder_channels: tuple[int, ...] = option(
+        (256, 128, 64, 64), "decoder widths at strides 16, 8, 4, 1", low=1, high=4096
+    )
     image_score_topk: int = option(100, "image score = mean of the top-k pixels of the map", low=1)
     # Training (fit.py)
     num_epochs: int = option(700, "epochs of ceil(N_normal / batch_normal) steps (paper: 700)", low=1)

@@ -31,9 +31,9 @@ class SimpleNetConfig(ModelConfig):
     strides: tuple[int, ...] = option((8, 16), "backbone stages used, by stride (layer2+layer3)", low=4, high=32)
     patch_size: int = option(3, "neighbourhood aggregated at each location (odd: centred)", choices=(1, 3, 5, 7, 9))
     context_weight: float = context_weight_option()
-    embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1)
+    embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1, high=16384)
     adaptor_bias: bool = option(False, "bias in the adaptor (paper: none; public code: bias)")
-    discriminator_hidden: int = option(1024, "hidden width of the discriminator (public code)", low=1)
+    discriminator_hidden: int = option(1024, "hidden width of the discriminator (public code)", low=1, high=16384)
     noise_std: float = option(
         0.015, "sigma of the Gaussian noise that makes fake features (absolute mode)", low=0, low_open=True
     )
