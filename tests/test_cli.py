@@ -482,7 +482,7 @@ def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_datas
     with pytest.warns(UserWarning, match="threshold is not calibrated.*flawscope calibrate"):
         result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert "threshold: not calibrated (none (no held-out images))" in result.output
+    assert "threshold: not calibrated (no held-out images)" in result.output
     # and so do predict and export of that run, until `flawscope calibrate` has set a threshold
     with pytest.warns(UserWarning, match="no calibrated threshold.*predictions.*flawscope calibrate"):
         assert invoke("predict", tmp_path / "run", images, "--out", tmp_path / "pred", "--quiet").exit_code == 0

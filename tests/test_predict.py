@@ -149,7 +149,7 @@ def test_prediction_streams_without_keeping_per_image_results(run, images, tmp_p
 
 def test_export_rejects_a_bad_batch(run):
     result = CliRunner().invoke(main, ["export", str(run), "--batch", "zero"])
-    assert result.exit_code == 2 and "--batch must be 'dynamic' or a positive integer" in result.output
+    assert result.exit_code == 2 and "--batch must be 'dynamic' or an integer from 1 to 4096" in result.output
 
 
 def test_a_generator_of_folders_is_checked_like_a_list(run, images, tmp_path):
@@ -236,3 +236,20 @@ def test_predict_never_deletes_or_writes_through_a_linked_overlays_folder(run, i
     result = CliRunner().invoke(main, ["predict", str(run), str(images), "--out", str(out), "--quiet"])
     assert result.exit_code != 0 and "overlays as a symbolic link" in result.output
     assert sorted(p.name for p in photos.iterdir()) == ["00001_part.png", "20240101_120000.png"]
+
+
+def test_predict_replaces_a_linked_overlay_file_instead_of_writing_through_it(run, images, tmp_path):
+    out, victim = tmp_path / "pred", tmp_path / "victim.png"
+    invoke("predict", run, images, "--out", out, "--quiet")
+    victim.write_bytes(b"a user's picture")
+    first = sorted((out / "overlays").iterdir())[0]
+    first.unlink()
+    first.symlink_to(victim)
+    invoke("predict", run, images, "--out", out, "--quiet")
+    assert victim.read_bytes() == b"a user's picture" and not first.is_symlink()
+
+
+def test_predict_sees_a_quoted_home_folder_as_the_input_folder(run, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(images.parent))
+    result = CliRunner().invoke(main, ["predict", str(run), f"~/{images.name}", "--out", f"~/{images.name}/res"])
+    assert result.exit_code != 0 and "inside the data folder" in result.output

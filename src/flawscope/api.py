@@ -93,18 +93,28 @@ def score_images(
     return ScoredImages(list(samples), raw, norm, maps, masks, time.perf_counter() - start)
 
 
+def _refuse_non_finite(scored: ScoredImages, model: str, images: str, fix: str) -> None:
+    """Raises ConfigError when any image scored NaN or infinity: no threshold can be set from such scores."""
+    broken = [s.path for s, score in zip(scored.samples, scored.raw_scores, strict=True) if not np.isfinite(score)]
+    if broken:
+        raise ConfigError(
+            f"{model} gives non-finite scores (NaN or infinity) for {len(broken)} of {len(scored.samples)} {images}, "
+            f"e.g. {broken[0]}, so no threshold can be set: {fix}."
+        )
+
+
 def calibrate(
     model: AnomalyModel, normals: Sequence[Sample], ctx: FitContext, target_fpr: float = DEFAULT_TARGET_FPR
 ) -> dict[str, Any]:
     """Sets the model's threshold from held-out good images and returns what was done."""
     scored = score_images(model, normals, ctx)
-    if not np.isfinite(scored.raw_scores).all():
-        bad = int((~np.isfinite(scored.raw_scores)).sum())
-        raise ConfigError(
-            f"The trained {model.method} model gives non-finite scores (NaN or infinity) on {bad} of "
-            f"{len(normals)} held-out good images, so no threshold can be set: training diverged or an option is "
-            "out of its sensible range. Check the --set values (learning rates, weights) and fit again."
-        )
+    _refuse_non_finite(
+        scored,
+        f"The trained {model.method} model",
+        "held-out good images",
+        "training diverged or an option is out of its sensible range. Check the --set values (learning rates, "
+        "weights) and fit again",
+    )
     result = threshold_from_normals(scored.raw_scores, target_fpr)
     model.set_calibration(result["threshold"], result["score_low"])
     return result
@@ -353,13 +363,12 @@ def calibrate_run(
     model = load_model(info["folder"])
     scored = score_images(model, dataset.test, FitContext(device=resolve_device(device), quiet=quiet))
     labels = np.array([s.label for s in dataset.test], bool)
-    broken = [s.path for s, score in zip(dataset.test, scored.raw_scores, strict=True) if not np.isfinite(score)]
-    if broken:
-        raise DataError(
-            f"The {model.method} model in {info['folder']} gives no finite score (NaN or infinity) for {len(broken)} "
-            f"of {len(labels)} images in {dataset.root}, e.g. {broken[0]}, so no threshold was set. The model is "
-            "damaged or its training diverged: fit it again."
-        )
+    _refuse_non_finite(
+        scored,
+        f"The {model.method} model in {info['folder']}",
+        f"images in {dataset.root}",
+        "the model is damaged or its training diverged: fit it again",
+    )
     normal, defect = scored.raw_scores[~labels], scored.raw_scores[labels]
     result = threshold_f1(normal, defect) if rule == "f1" else threshold_from_normals(normal, target_fpr)
     result["data"] = str(dataset.root.resolve())

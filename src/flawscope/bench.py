@@ -277,6 +277,7 @@ def run_bench(
 
 
 def _number(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``, or "n/a" when it was not measured."""
     return "n/a" if value is None else format(value, spec)
 
 

@@ -111,7 +111,7 @@ class _Group(click.Group):
 class _UserPath(click.Path):
     """A path parameter whose leading ``~`` is expanded, also where the shell left it (``--out=~/runs``, cmd.exe)."""
 
-    def convert(self, value, param, ctx) -> Path:
+    def convert(self, value: str | Path, param: click.Parameter | None, ctx: click.Context | None) -> Path:
         return Path(super().convert(value, param, ctx)).expanduser()
 
 

@@ -20,7 +20,7 @@ from . import __version__
 from .errors import ConfigError, ModelFormatError
 from .models.base import AnomalyModel
 from .registry import get_method
-from .runs import file_sha256, save_safetensors
+from .runs import file_sha256, save_safetensors, write_json
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -65,7 +65,7 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
         "weights_sha256": file_sha256(weights),
         **(metadata or {}),
     }
-    (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    write_json(folder / MODEL_JSON, info)
     return folder
 
 
@@ -120,7 +120,8 @@ def describe_threshold(info: dict[str, Any]) -> tuple[bool, str]:
     """
     details = info.get("calibration_details") or {}
     if "threshold" not in details:
-        return False, f"threshold: not calibrated ({details.get('rule', 'no details')})"
+        why = str(details.get("rule", "no details")).removeprefix("none (").removesuffix(")")  # "none (no held-out...)"
+        return False, f"threshold: not calibrated ({why})"
     counts = f"{details['num_normal']} good" + (
         f" and {details['num_defective']} defective" if "num_defective" in details else ""
     )
@@ -192,7 +193,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         )
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten; the caller's stream is kept
         model = method.model_class(config, pretrained=False)
-    load_state(model, state)
+    load_state(model, state, weights)
     threshold, score_low = float(model.threshold), float(model.score_low)
     if not (math.isfinite(threshold) and math.isfinite(score_low) and threshold > score_low):
         # A NaN threshold would call every image good (NaN comparisons are False).
@@ -203,14 +204,15 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     return model.to(map_location).requires_grad_(False).eval()  # parameters too, not only the resized buffers
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``load_state_dict`` that first resizes buffers whose size is learned (memory banks, statistics)."""
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path = "The weights") -> None:
+    """``load_state_dict`` that first resizes buffers whose size is learned (memory banks, statistics); ``source``
+    names the file in messages."""
     buffers = dict(model.named_buffers())
     for name, tensor in state.items():
         if name in buffers and buffers[name].shape != tensor.shape:
             if buffers[name].dim() != tensor.dim():  # a learned size changes lengths, never the number of dims
                 raise ModelFormatError(
-                    f"Weights do not fit {type(model).__name__}: {name} has shape {tuple(tensor.shape)}, expected "
+                    f"{source} does not fit {type(model).__name__}: {name} has shape {tuple(tensor.shape)}, expected "
                     f"{buffers[name].dim()} dimensions. The file was written for another configuration or is damaged."
                 )
             owner_name, _, buffer_name = name.rpartition(".")
@@ -220,11 +222,11 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of another shape
         raise ModelFormatError(
-            f"Weights do not fit {type(model).__name__}: {str(e)[:300]}. The file was written for another "
+            f"{source} does not fit {type(model).__name__}: {str(e)[:300]}. The file was written for another "
             "configuration or is damaged."
         ) from e
     if missing or unexpected:
         raise ModelFormatError(
-            f"Weights do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+            f"{source} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}. "
             "The file was written for another configuration."
         )

@@ -105,10 +105,11 @@ def predict(
         The path of predictions.csv.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)  # a generator is read more than once below
+    paths = [Path(p).expanduser() for p in paths]  # "~/imgs" quoted: the input-folder check below must see it
     with torch_threads(threads):
         inferencer = load_inferencer(run, device, threads, trust_code=trust_code)
         images = find_images(paths)
-        out = Path(out)
+        out = Path(out).expanduser()
         # Files written into an input folder would be read back as images by the next run on it. Only folders given as
         # inputs count: the folder of a file given by name (often the working folder) is not treated as a data folder.
         for folder in (Path(p) for p in paths):
@@ -131,7 +132,7 @@ def predict(
             if folder.is_symlink() or not folder.is_dir():  # a link could lead to another folder's pictures
                 continue
             for stale in folder.glob("*_*.png"):
-                if re.fullmatch(r"\d{5,}_.*\.png", stale.name) and not stale.is_symlink():
+                if re.fullmatch(r"\d{5,}_.*\.png", stale.name):  # a link goes too (the link, not its target)
                     stale.unlink()
         claim_out_folder(out, writes)
         samples = [Sample(path) for path in images]

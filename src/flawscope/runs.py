@@ -80,8 +80,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _unlink_if_link(path: str | Path) -> None:
+    """Removes ``path`` when it is a symbolic link (the link only), so that the write that follows makes a new file
+    there instead of writing through the link into a file elsewhere."""
+    if Path(path).is_symlink():
+        Path(path).unlink()
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Writes pretty JSON with a trailing newline."""
+    """Writes pretty JSON with a trailing newline (a link at ``path`` is replaced, never written through)."""
+    _unlink_if_link(path)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
@@ -89,8 +97,9 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     """``safetensors``' ``save_file``, leaving the file readable as any file the user creates (umask) would be.
 
     safetensors 0.8 writes its files with mode 0600, so a model folder or teacher copied for a service account or a
-    colleague could not be read by them.
+    colleague could not be read by them. A link at ``path`` is replaced, never written through.
     """
+    _unlink_if_link(path)
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:  # an OS error inside the Rust writer (a full disk): say so as Python's would

@@ -186,7 +186,8 @@ def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
                 return found
     raise DataError(
         f"Defective test image {image} has no mask: expected {ground_truth / (image.stem + '_mask.png')}. Every "
-        f"image in test/<type> other than test/good needs one; add the mask or move the image out of the test set."
+        f"image in test/<type> other than test/good needs one; add the mask or move the image out of the test set (a "
+        "folder without any ground_truth/ is read as a test set with image labels only)."
     )
 
 
@@ -310,7 +311,7 @@ def _existing(root: Path, relative: str, what: str, where: str) -> Path:
 
 def _visa_sample(root: Path, row: dict[str, str], where: str) -> tuple[str, Sample]:
     """Return (split, sample) for one CSV row, checking its label, split and files."""
-    split, label = row["split"].strip(), row["label"].strip()
+    split, label = row["split"].strip().lower(), row["label"].strip().lower()  # "Train", "Normal" from a spreadsheet
     if split not in ("train", "test") or label not in ("normal", "anomaly") or (split, label) == ("train", "anomaly"):
         raise DataError(
             f"{where}: got split {split!r} with label {label!r}; expected split 'train' or 'test' and label 'normal' "
@@ -474,9 +475,12 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
         DataError: A path does not exist, a file is not an image, or nothing was found.
     """
     items = [paths] if isinstance(paths, str | Path) else list(paths)
-    # The same name given twice (relative and absolute, or a file also in a folder given) is read once; links to one
-    # file under other names are kept, each under its own name.
-    unique = {os.path.abspath(path): path for item in items for path in _expand(Path(item).expanduser())}
+    # The same name given twice (relative and absolute, or a file also in a folder given; in any case where the file
+    # system ignores case) is read once, under its first spelling; links to one file under other names are kept.
+    unique: dict[str, Path] = {}
+    for item in items:
+        for path in _expand(Path(item).expanduser()):
+            unique.setdefault(os.path.normcase(os.path.abspath(path)), path)
     found = _sorted_paths(unique.values())
     if not found:
         searched = ", ".join(str(item) for item in items) or "(no paths given)"

@@ -60,6 +60,9 @@ class ExportGraph(nn.Module):
         )
 
 
+MAX_BATCH = 4096  # of a fixed-batch export
+
+
 def parse_batch(batch: str | int) -> int | None:
     """'dynamic' -> None (any batch size); 'N' or N -> N, the fixed batch size of the exported graph."""
     if isinstance(batch, str) and batch.strip().lower() == "dynamic":
@@ -68,8 +71,8 @@ def parse_batch(batch: str | int) -> int | None:
         value = int(batch)
     except (TypeError, ValueError):
         value = 0
-    if value < 1:
-        raise ConfigError(f"--batch must be 'dynamic' or a positive integer; got {batch!r}.")
+    if not 1 <= value <= MAX_BATCH:
+        raise ConfigError(f"--batch must be 'dynamic' or an integer from 1 to {MAX_BATCH}; got {batch!r}.")
     return value
 
 
@@ -156,11 +159,12 @@ def read_metadata(text: str, source: str) -> dict[str, Any]:
         isinstance(geometry, dict)
         and whole(geometry.get("image_size"), 32, 4096)
         and whole(geometry.get("resize_size"), 0, 8192)
-        and (batch == "dynamic" or whole(batch, 1, 65536))
+        and (batch == "dynamic" or whole(batch, 1, MAX_BATCH))
     ):
         raise ModelFormatError(
             f"{source} has flawscope metadata without a usable input size or batch (image_size 32-4096, resize_size "
-            "0-8192, batch 'dynamic' or >= 1): it is damaged or was not written by `flawscope export`. Export again."
+            f"0-8192, batch 'dynamic' or 1-{MAX_BATCH}): it is damaged or was not written by `flawscope export`. "
+            "Export again."
         )
     return metadata
 

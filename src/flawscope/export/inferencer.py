@@ -192,7 +192,7 @@ class TorchScriptInferencer(_BaseInferencer):
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", *, trust_code: bool = False) -> None:
         from .torchscript import load_torchscript
 
-        if not trust_code:
+        if not trust_code and Path(path).is_file():  # a missing file is named as such by load_torchscript
             raise ConfigError(f"{path} {TORCHSCRIPT_TRUST}")
         self.device = torch.device(device)
         self.module, self.metadata = load_torchscript(path, self.device)

@@ -60,7 +60,7 @@ class MLFFConfig(ModelConfig):
     out_stride: int = option(
         8, "grid of the fused features psi and the score map: 8 or 4 (the finer stage's) [proposal, M2]", choices=(4, 8)
     )
-    tem_levels: int = option(128, "TEM quantisation levels N [M3]", low=2)
+    tem_levels: int = option(128, "TEM quantisation levels N [M3]", low=2, high=4096)
     tem_stat_dim: int = option(128, "TEM statistics width [M3]", low=1, high=4096)
     ptfem_scales: tuple[int, ...] = option(
         (1, 2, 4, 8), "PTFEM pyramid scales (paper; public STLNet code: 1,2,3,6)", low=1
