@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -168,3 +169,38 @@ def test_predict_restores_the_callers_thread_count(run, tiny_dataset, tmp_path):
     before = torch.get_num_threads()
     flawscope.predict(run, [tiny_dataset / "test"], tmp_path / "out", overlays=False, quiet=True, threads=before + 1)
     assert torch.get_num_threads() == before
+
+
+def test_a_service_can_cap_the_pixels_of_an_upload():
+    upload = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(upload, "PNG")
+    assert flawscope.read_image(upload.getvalue(), max_pixels=60_000).shape == (200, 300, 3)
+    with pytest.raises(DataError, match=r"has 60,000 pixels, above max_pixels=59,999"):
+        flawscope.read_image(upload.getvalue(), max_pixels=59_999)
+
+
+def test_odd_arrays_get_flawscopes_error_and_the_inferencer_goes_on(run, batch):
+    inferencer = flawscope.load_inferencer(run, "cpu")
+    reference = inferencer.predict(batch[:1])[0]
+    for bad in (np.full(batch[:1].shape, 0.5, dtype=object), np.full(batch[:1].shape, "a")):
+        with pytest.raises(DataError, match="expects float images"):
+            inferencer.predict(bad)
+    with pytest.raises(DataError, match=r"H, W >= 1"):
+        flawscope.preprocess(np.zeros((0, 5, 3), np.uint8), 64)
+    bf16 = inferencer.predict(batch[:1].to(torch.bfloat16))[0]  # numpy has no bfloat16; it is read as float32
+    assert bf16.raw_score == pytest.approx(reference.raw_score, rel=0.05)
+    again = inferencer.predict(batch[:1])[0]
+    assert again.raw_score == reference.raw_score
+
+
+def test_a_prediction_owns_its_maps_and_converts_to_json(run, batch):
+    first = flawscope.load_inferencer(run, "cpu").predict(batch[:2])[0]
+    assert first.anomaly_map.base is None and first.norm_map.base is None  # not views that keep the whole batch
+    record = first.to_dict()
+    assert json.loads(json.dumps(record)) == record
+    assert record["decision"] == first.decision and len(record["regions"]) == len(first.regions)
+
+
+def test_threads_for_a_torch_model_warn_that_torch_sets_them(run):
+    with pytest.warns(UserWarning, match=r"torch's process-wide \d+ threads. Call torch.set_num_threads"):
+        flawscope.load_inferencer(run, "cpu", threads=torch.get_num_threads() + 1)

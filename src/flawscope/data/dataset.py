@@ -98,11 +98,11 @@ def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = Non
         )
     if image.ndim == 2 and image.dtype == np.uint8:
         image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
         raise DataError(
-            f"preprocess() expects an (H, W, 3) uint8 RGB array as read_image() returns; got shape {image.shape}, "
-            f"dtype {image.dtype}. Other pixel types (16-bit, float) are decoded by read_image() from their files "
-            "or PIL images."
+            f"preprocess() expects an (H, W, 3) uint8 RGB array (H, W >= 1) as read_image() returns; got shape "
+            f"{image.shape}, dtype {image.dtype}. Other pixel types (16-bit, float) are decoded by read_image() from "
+            "their files or PIL images."
         )
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     return _resize_crop(tensor, image_size, _resize_size(image_size, resize_size))

@@ -90,8 +90,10 @@ class ImageReadingDataset(Dataset):
         self.__dict__.update(state)
 
 
-def _too_many_pixels(path: Path | str, pixels: int | None) -> DataError:
+def _too_many_pixels(path: Path | str, pixels: int | None, limit: int | None = None) -> DataError:
     size = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
+    if limit is not None:  # the caller's own limit (read_image's max_pixels)
+        return DataError(f"Cannot read {path}: the image has {size}, above max_pixels={limit:,}.")
     return DataError(
         f"Cannot read {path}: the image has {size}, above the safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels (a "
         f"guard against decompression bombs). Downscale the image, or, if the file is trusted, raise the limit: the "
@@ -99,12 +101,16 @@ def _too_many_pixels(path: Path | str, pixels: int | None) -> DataError:
     )
 
 
-def _check_pixel_count(size: tuple[int, int], path: Path | str) -> None:
-    """Refuses an image above ``PIL.Image.MAX_IMAGE_PIXELS``. Pillow itself only warns up to twice that limit; a
-    check of the size, unlike turning its warning into an error, is safe with several threads reading at once."""
+def _check_pixel_count(size: tuple[int, int], path: Path | str, max_pixels: int | None = None) -> None:
+    """Refuses an image above ``max_pixels`` or ``PIL.Image.MAX_IMAGE_PIXELS``. Pillow itself only warns up to twice
+    its limit; a check of the size, unlike turning its warning into an error, is safe with several threads reading
+    at once."""
+    pixels = size[0] * size[1]
+    if max_pixels is not None and pixels > max_pixels:
+        raise _too_many_pixels(path, pixels, max_pixels)
     limit = Image.MAX_IMAGE_PIXELS
-    if limit and size[0] * size[1] > limit:
-        raise _too_many_pixels(path, size[0] * size[1])
+    if limit and pixels > limit:
+        raise _too_many_pixels(path, pixels)
 
 
 def _existing_file(path: str | PathLike) -> Path:
@@ -115,7 +121,9 @@ def _existing_file(path: str | PathLike) -> Path:
     return path
 
 
-def _open_upright(source: Path | BinaryIO | Image.Image, path: Path | str) -> Image.Image:
+def _open_upright(
+    source: Path | BinaryIO | Image.Image, path: Path | str, max_pixels: int | None = None
+) -> Image.Image:
     """Decode a file, binary stream or PIL image (``path`` names it in messages) fully and apply its EXIF
     orientation, turning every decoder failure into a DataError."""
     if isinstance(source, io.TextIOBase) or getattr(source, "closed", False):
@@ -123,11 +131,11 @@ def _open_upright(source: Path | BinaryIO | Image.Image, path: Path | str) -> Im
         raise DataError(f"Cannot read {path}: the file object is {what}, or pass its path.")
     try:
         if isinstance(source, Image.Image):  # possibly lazy (Image.open): decode it here too
-            _check_pixel_count(source.size, path)
+            _check_pixel_count(source.size, path, max_pixels)
             source.load()
             return ImageOps.exif_transpose(source)
         with Image.open(source, formats=DECODER_FORMATS) as image:
-            _check_pixel_count(image.size, path)  # before decoding: Image.open reads only the header
+            _check_pixel_count(image.size, path, max_pixels)  # before decoding: Image.open reads only the header
             image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
             return ImageOps.exif_transpose(image)
     except DataError:
@@ -181,13 +189,15 @@ def _to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
         ) from error
 
 
-def read_image(source: str | PathLike | bytes | BinaryIO | Image.Image) -> np.ndarray:
+def read_image(source: str | PathLike | bytes | BinaryIO | Image.Image, max_pixels: int | None = None) -> np.ndarray:
     """Read an image as upright RGB, following the module's decoding rules whatever the source.
 
     Args:
         source: An image file path (the format is detected from the content, whatever the name; folder listings
             pick files by ``IMAGE_EXTENSIONS``), the encoded bytes of such a file (a service's upload), an open
             binary file object, or a PIL image.
+        max_pixels: refuse images of more pixels than this, before decoding (a service can set its camera's size:
+            decoding a 9000 x 9000 upload takes over a gigabyte); None: only the process-wide limit applies.
 
     Returns:
         Array of shape (H, W, 3), dtype uint8, RGB.
@@ -197,15 +207,15 @@ def read_image(source: str | PathLike | bytes | BinaryIO | Image.Image) -> np.nd
             source is of another type; the message names the file and the fix.
     """
     if isinstance(source, Image.Image):
-        return _to_rgb(_open_upright(source, "the PIL image"), "the PIL image")
+        return _to_rgb(_open_upright(source, "the PIL image", max_pixels), "the PIL image")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _to_rgb(_open_upright(io.BytesIO(source), "the image bytes"), "the image bytes")
+        return _to_rgb(_open_upright(io.BytesIO(source), "the image bytes", max_pixels), "the image bytes")
     if hasattr(source, "read"):
         name = str(getattr(source, "name", "the image stream"))
-        return _to_rgb(_open_upright(source, name), name)
+        return _to_rgb(_open_upright(source, name, max_pixels), name)
     if isinstance(source, (str, PathLike)):
         path = _existing_file(source)
-        return _to_rgb(_open_upright(path, path), path)
+        return _to_rgb(_open_upright(path, path, max_pixels), path)
     raise DataError(
         f"read_image() takes a file path, encoded bytes, a binary file object or a PIL image; got "
         f"{type(source).__name__}. An (H, W, 3) uint8 RGB array is already decoded: give it to preprocess()."

@@ -9,6 +9,7 @@ per image, computed the same way from the graph's four outputs, so the three pat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,9 @@ class Prediction:
         regions: connected components of ``norm_map > 0.5`` of at least ``min_area`` pixels, largest first.
         mask: (S, S) bool, the pixels of ``regions``.
 
+    The arrays are this image's own (not views of the batch), so keeping a prediction keeps only its maps.
+    ``to_dict()`` gives the JSON-ready part (scores, decision, peak, regions).
+
     The decision comes from the image score and the regions from the map. Where a method's image score is not the
     map's maximum (PatchCore: its worst patch re-weighted, SimpleNet: the unsmoothed grid's maximum; the maps are
     smoothed), a defective image can have no region: ``peak`` says where its map is highest.
@@ -54,6 +58,19 @@ class Prediction:
     @property
     def decision(self) -> str:
         return "defective" if self.is_defective else "good"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Scores, decision, peak and regions as JSON-ready Python values (the maps are left out)."""
+        x, y, peak_score = self.peak
+        return {
+            "raw_score": self.raw_score,
+            "norm_score": self.norm_score,
+            "decision": self.decision,
+            "peak_x": x,
+            "peak_y": y,
+            "peak_score": peak_score,
+            "regions": [region.to_dict() for region in self.regions],
+        }
 
     @property
     def peak(self) -> tuple[int, int, float]:
@@ -111,6 +128,8 @@ class _BaseInferencer:
     def run(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """images (B, 3, S, S) float in [0, 1] -> the graph's four outputs as float32 numpy arrays, by name."""
         if isinstance(images, torch.Tensor):
+            if images.is_floating_point():
+                images = images.float()  # numpy has no bfloat16
             images = images.detach().cpu().numpy()
         if not isinstance(images, np.ndarray):
             raise DataError(
@@ -147,7 +166,7 @@ class _BaseInferencer:
             )
         predictions = []
         for i in range(out["pred_score"].shape[0]):
-            norm_map, raw_map = out["norm_map"][i, 0], out["anomaly_map"][i, 0]
+            norm_map, raw_map = out["norm_map"][i, 0].copy(), out["anomaly_map"][i, 0].copy()  # not batch views
             regions, mask = find_regions(norm_map, raw_map, min_area=min_area)
             norm_score = float(out["norm_score"][i])
             predictions.append(
@@ -263,19 +282,29 @@ def load_inferencer(
 
     ``trust_code=True`` is needed for a TorchScript file: loading one runs the code it holds (a run folder's weights
     are safetensors and an ONNX graph runs no code of its own, so neither needs it).
+
+    ``threads`` is ONNX Runtime's thread count for this session. Torch models (run folders, TorchScript) use torch's
+    process-wide count instead: call ``torch.set_num_threads(N)`` once at start-up; asking for another count here
+    warns, as it would otherwise be ignored.
     """
     from ..api import resolve_device
     from ..model_io import load_model, read_model_info, warn_if_uncalibrated
 
     path = Path(path)
+    onnx = path.suffix.lower() in ONNX_SUFFIXES
+    if threads is not None and not onnx and threads != torch.get_num_threads():
+        warnings.warn(
+            f"threads={threads} sets ONNX Runtime's threads; {path} runs in torch, with torch's process-wide "
+            f"{torch.get_num_threads()} threads. Call torch.set_num_threads({threads}) once at start-up.",
+            stacklevel=2,
+        )
     if path.is_dir():
         info = read_model_info(path)
         warn_if_uncalibrated(info, "predictions")
         return TorchInferencer(load_model(info["folder"]), resolve_device(device))
-    suffix = path.suffix.lower()
-    if suffix in ONNX_SUFFIXES:
+    if onnx:
         return OnnxInferencer(path, device, threads)
-    if suffix in TORCHSCRIPT_SUFFIXES:
+    if path.suffix.lower() in TORCHSCRIPT_SUFFIXES:
         return TorchScriptInferencer(path, resolve_device(device), trust_code=trust_code)
     if not path.exists():
         raise ModelFormatError(f"{path} does not exist. Pass a run folder, an .onnx file or a TorchScript .pt file.")

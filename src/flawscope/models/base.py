@@ -60,6 +60,11 @@ def check_images(images: Tensor | np.ndarray, image_size: int, owner: str = "Thi
         )
     if shape[0] == 0:
         raise DataError("The batch holds no images (B = 0); flawscope.data.find_images() lists a folder's images.")
+    if isinstance(images, np.ndarray) and images.dtype.kind not in "biuf":  # object, str, complex: torch cannot hold
+        raise DataError(
+            f"{owner} expects float images in [0, 1]; got a numpy array of dtype {images.dtype}. Make model input with "
+            "flawscope.data.preprocess()."
+        )
     values = torch.as_tensor(images).detach()
     if not values.is_floating_point():
         raise DataError(
