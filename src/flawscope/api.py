@@ -380,9 +380,9 @@ def calibrate_run(
         )
     elif (normal > result["threshold"]).all():
         warnings.warn(
-            f"The threshold ({result['threshold']:.6g}, rule {rule!r}) calls every good image of {dataset.root} "
-            "defective: its defective images score no higher than its good ones. Check the folder, add images, or "
-            "use --rule fpr.",
+            f"The threshold ({result['threshold']:.6g}, rule {rule!r}) calls all {normal.size} good images of "
+            f"{dataset.root} defective: on this folder calling everything defective gives the best F1 (likely with "
+            "few good images among many defective ones). Add good images, or use --rule fpr.",
             stacklevel=2,
         )
     model.set_calibration(result["threshold"], result["score_low"])
