@@ -980,6 +980,8 @@ def test_edited_or_missing_run_files_are_named(whole_run_copy, tiny_dataset, tmp
         assert held_out_images(whole_run_copy, load_model(whole_run_copy)) is None
     args = ("synth", "--data", tiny_dataset, "--run", whole_run_copy, "--out", tmp_path / "synth")
     assert_clean_error(invoke(*args), "1 of the 1 held-out images listed in", "are gone", "leave --run out")
+    config.write_text(json.dumps({**record, "val_images": ["grass/train/good/000.png"]}))  # an older run's form
+    assert_clean_error(invoke(*args), "relative to the folder it was fitted from: run the command from there")
     elsewhere = tmp_path / "elsewhere.png"  # a received run listing a file outside the data: synth would copy it
     Image.new("RGB", (8, 8)).save(elsewhere)
     config.write_text(json.dumps({**record, "val_images": [str(elsewhere)]}))

@@ -143,3 +143,30 @@ def test_a_buffer_with_other_dimensions_is_refused(fitted, tmp_path):
     edited = _with_weights(fitted, tmp_path, lambda state: state.update(threshold=torch.zeros(1000)))
     with pytest.raises(ModelFormatError, match=r"threshold has shape \(1000,\), expected 0 dimensions"):
         load_model(edited)
+
+
+@pytest.fixture(scope="module")
+def simplenet_run(tiny_dataset, tmp_path_factory) -> Path:
+    options = {"backbone": "efficientnet_lite0", "image_size": 64, "resize_size": 0, "num_epochs": 1, "embed_dim": 64}
+    return flawscope.fit("simplenet", tiny_dataset, tmp_path_factory.mktemp("io") / "sn", options=options, quiet=True)
+
+
+def test_a_folder_from_before_a_layer_was_added_loads_with_it_unfitted(simplenet_run, tmp_path):
+    # Folders written before per-position whitening existed have no whitening.* entries; the layer is empty until
+    # fitted, which is what they mean. With feature_norm=position, missing statistics are damage, not age.
+    def drop_whitening(state: dict) -> None:
+        names = [name for name in state if name.startswith("whitening.")]
+        assert names == ["whitening.matrix", "whitening.mean"]
+        for name in names:
+            del state[name]
+
+    reference = load_model(simplenet_run)
+    old = _with_weights(simplenet_run, tmp_path, drop_whitening)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_model(old)(images).pred_score, reference(images).pred_score)
+    info = json.loads((old / "model.json").read_text())
+    info["config"]["feature_norm"] = "position"
+    (old / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ModelFormatError, match="has no whitening statistics .* feature_norm=position"):
+        load_model(old)

@@ -268,6 +268,14 @@ def _seen_anomalies(
     return seen, record
 
 
+def missing_images_reason(paths: Sequence[str | Path]) -> str:
+    """Why images a run's config.json lists cannot be read, for messages: runs before the paths were made absolute
+    list them relative to the folder the fit ran in."""
+    if any(not Path(p).is_absolute() for p in paths):
+        return "this older run lists them relative to the folder it was fitted from: run the command from there"
+    return "the data moved since the fit"
+
+
 def run_record(run: str | Path) -> dict[str, Any]:
     """A run's config.json, given the run folder or its ``model`` folder; empty for a bare model folder."""
     folder = Path(run)

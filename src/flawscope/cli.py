@@ -581,7 +581,7 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
 
     Calibrate a run on it when no real defects exist: flawscope calibrate RUN --data OUT --rule f1
     """
-    from .api import run_record
+    from .api import missing_images_reason, run_record
     from .data import load_dataset
     from .outputs import check_outside
     from .registry import get_method
@@ -603,8 +603,8 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
         if gone:
             raise DataError(
                 f"{len(gone)} of the {len(held_out)} held-out images listed in {Path(run) / 'config.json'} "
-                f"(val_images) are gone, e.g. {gone[0]}: the data moved since the fit. Restore it there, or leave "
-                "--run out to use the training images of --data."
+                f"(val_images) are gone, e.g. {gone[0]}: {missing_images_reason(held_out)}. Restore the data there, "
+                "or leave --run out to use the training images of --data."
             )
         root = dataset.root.resolve()
         outside = [p for p in held_out if root not in p.resolve().parents]

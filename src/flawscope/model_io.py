@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .errors import ConfigError, ModelFormatError
+from .layers import PositionWhitening
 from .models.base import AnomalyModel
 from .registry import get_method
 from .runs import file_sha256, save_safetensors, write_json
@@ -194,6 +195,13 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten; the caller's stream is kept
         model = method.model_class(config, pretrained=False)
     load_state(model, state, weights)
+    unfitted = [name for name, module in model.named_modules() if isinstance(module, PositionWhitening)]
+    unfitted = [name for name in unfitted if not model.get_submodule(name).fitted]
+    if getattr(config, "feature_norm", None) == "position" and unfitted:
+        raise ModelFormatError(
+            f"{weights} has no whitening statistics ({unfitted[0]}) although {MODEL_JSON} says feature_norm=position. "
+            "The file is damaged; restore the model folder from a copy or fit again."
+        )
     threshold, score_low = float(model.threshold), float(model.score_low)
     if not (math.isfinite(threshold) and math.isfinite(score_low) and threshold > score_low):
         # A NaN threshold would call every image good (NaN comparisons are False).
@@ -218,8 +226,12 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
             owner_name, _, buffer_name = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             owner.register_buffer(buffer_name, torch.empty_like(tensor))
+    # A layer added to a method after the file was written (per-position whitening) is empty until fitted, which is
+    # what such a file means: an older folder loads with it unfitted. load_model checks that the options agree.
+    unfitted = [name for name, buffer in buffers.items() if name not in state and buffer.numel() == 0]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [name for name in missing if name not in unfitted]
     except RuntimeError as e:  # a tensor of another shape
         raise ModelFormatError(
             f"{source} does not fit {type(model).__name__}: {str(e)[:300]}. The file was written for another "

@@ -141,7 +141,7 @@ def held_out_images(run: str | Path, model: AnomalyModel, count: int = 4) -> tor
 
     Real images keep the calibrated outputs away from the clipping at 0 and 1 that random noise images reach.
     """
-    from ..api import run_record
+    from ..api import missing_images_reason, run_record
     from ..data import preprocess, read_image
     from ..errors import DataError
 
@@ -155,8 +155,8 @@ def held_out_images(run: str | Path, model: AnomalyModel, count: int = 4) -> tor
             continue
     if listed and not images:
         warnings.warn(
-            f"None of the run's held-out images could be read (e.g. {listed[0]}: the data moved?); the export is "
-            "checked on random images instead, whose calibrated outputs mostly clip to 0 or 1.",
+            f"None of the run's held-out images could be read (e.g. {listed[0]}: {missing_images_reason(listed)}); "
+            "the export is checked on random images instead, whose calibrated outputs mostly clip to 0 or 1.",
             stacklevel=2,
         )
     return torch.stack(images) if images else None
