@@ -156,7 +156,7 @@ def test_a_folder_from_before_a_layer_was_added_loads_with_it_unfitted(simplenet
     # fitted, which is what they mean. With feature_norm=position, missing statistics are damage, not age.
     def drop_whitening(state: dict) -> None:
         names = [name for name in state if name.startswith("whitening.")]
-        assert names == ["whitening.matrix", "whitening.mean"]
+        assert sorted(names) == ["whitening.matrix", "whitening.mean"]
         for name in names:
             del state[name]
 
@@ -170,3 +170,17 @@ def test_a_folder_from_before_a_layer_was_added_loads_with_it_unfitted(simplenet
     (old / "model.json").write_text(json.dumps(info))
     with pytest.raises(ModelFormatError, match="has no whitening statistics .* feature_norm=position"):
         load_model(old)
+
+
+@pytest.mark.parametrize("name", ["memory_bank", "bank_neighbors"])
+def test_a_missing_entry_that_starts_empty_is_still_damage(fitted, tmp_path, name):
+    # Only a whitening layer missing whole is read as age; a memory bank that starts empty must be in the file.
+    edited = _with_weights(fitted, tmp_path, lambda state: state.pop(name))
+    with pytest.raises(ModelFormatError, match=rf"does not fit PatchCore: missing \['{name}'\]"):
+        load_model(edited)
+
+
+def test_half_a_whitening_layer_is_damage(simplenet_run, tmp_path):
+    edited = _with_weights(simplenet_run, tmp_path, lambda state: state.pop("whitening.matrix"))
+    with pytest.raises(ModelFormatError, match=r"missing \['whitening.matrix'\]"):
+        load_model(edited)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -204,3 +205,7 @@ def test_a_prediction_owns_its_maps_and_converts_to_json(run, batch):
 def test_threads_for_a_torch_model_warn_that_torch_sets_them(run):
     with pytest.warns(UserWarning, match=r"torch's process-wide \d+ threads. Call torch.set_num_threads"):
         flawscope.load_inferencer(run, "cpu", threads=torch.get_num_threads() + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0 and None leave the count alone, and the count in effect is no news
+        for threads in (0, None, torch.get_num_threads()):
+            flawscope.load_inferencer(run, "cpu", threads=threads)

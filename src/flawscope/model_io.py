@@ -226,9 +226,16 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
             owner_name, _, buffer_name = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             owner.register_buffer(buffer_name, torch.empty_like(tensor))
-    # A layer added to a method after the file was written (per-position whitening) is empty until fitted, which is
-    # what such a file means: an older folder loads with it unfitted. load_model checks that the options agree.
-    unfitted = [name for name, buffer in buffers.items() if name not in state and buffer.numel() == 0]
+    # Per-position whitening was added to methods after their first folders were written; it is empty until fitted,
+    # which is what such a file means, so a folder without any of its entries loads with it unfitted (load_model
+    # checks that the options agree). Any other missing entry, or half a layer, is damage.
+    layers = [name for name, module in model.named_modules() if isinstance(module, PositionWhitening)]
+    unfitted = [
+        f"{prefix}{key}"
+        for prefix in (f"{name}." if name else "" for name in layers)
+        if f"{prefix}mean" not in state and f"{prefix}matrix" not in state
+        for key in ("mean", "matrix")
+    ]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [name for name in missing if name not in unfitted]

@@ -60,7 +60,8 @@ class Prediction:
         return "defective" if self.is_defective else "good"
 
     def to_dict(self) -> dict[str, Any]:
-        """Scores, decision, peak and regions as JSON-ready Python values (the maps are left out)."""
+        """Scores, decision, peak and regions as JSON-ready Python values, unrounded (the maps are left out;
+        predict's files also give ``num_regions`` and ``defect_area``, which follow from the regions)."""
         x, y, peak_score = self.peak
         return {
             "raw_score": self.raw_score,
@@ -291,20 +292,24 @@ def load_inferencer(
     from ..model_io import load_model, read_model_info, warn_if_uncalibrated
 
     path = Path(path)
-    onnx = path.suffix.lower() in ONNX_SUFFIXES
-    if threads is not None and not onnx and threads != torch.get_num_threads():
-        warnings.warn(
-            f"threads={threads} sets ONNX Runtime's threads; {path} runs in torch, with torch's process-wide "
-            f"{torch.get_num_threads()} threads. Call torch.set_num_threads({threads}) once at start-up.",
-            stacklevel=2,
-        )
+
+    def torch_threads_differ() -> None:
+        if threads and threads != torch.get_num_threads():  # 0 and None: leave the count as it is
+            warnings.warn(
+                f"threads={threads} sets ONNX Runtime's threads; {path} runs in torch, with torch's process-wide "
+                f"{torch.get_num_threads()} threads. Call torch.set_num_threads({threads}) once at start-up.",
+                stacklevel=3,
+            )
+
     if path.is_dir():
+        torch_threads_differ()
         info = read_model_info(path)
         warn_if_uncalibrated(info, "predictions")
         return TorchInferencer(load_model(info["folder"]), resolve_device(device))
-    if onnx:
+    if path.suffix.lower() in ONNX_SUFFIXES:
         return OnnxInferencer(path, device, threads)
     if path.suffix.lower() in TORCHSCRIPT_SUFFIXES:
+        torch_threads_differ()
         return TorchScriptInferencer(path, resolve_device(device), trust_code=trust_code)
     if not path.exists():
         raise ModelFormatError(f"{path} does not exist. Pass a run folder, an .onnx file or a TorchScript .pt file.")
