@@ -134,8 +134,7 @@ def describe_threshold(info: dict[str, Any]) -> tuple[bool, str]:
 def warn_if_uncalibrated(info: dict[str, Any], action: str) -> None:
     """Warns that ``action`` (e.g. "predictions") will not mean much when the model's threshold was never set: it
     was fitted with no held-out good images, and `flawscope calibrate` has not run on it since."""
-    rule = str((info.get("calibration_details") or {}).get("rule", ""))
-    if rule.startswith("none"):
+    if not describe_threshold(info)[0]:  # one definition of "calibrated" for every command
         warnings.warn(
             f"The model in {info['folder']} has no calibrated threshold (it was fitted with --val-ratio 0), so the "
             f"{action} have meaningless decisions, normalised scores and regions; raw scores are fine. Run "
@@ -195,8 +194,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten; the caller's stream is kept
         model = method.model_class(config, pretrained=False)
     load_state(model, state, weights)
-    unfitted = [name for name, module in model.named_modules() if isinstance(module, PositionWhitening)]
-    unfitted = [name for name in unfitted if not model.get_submodule(name).fitted]
+    unfitted = [name for name, m in model.named_modules() if isinstance(m, PositionWhitening) and not m.fitted]
     if getattr(config, "feature_norm", None) == "position" and unfitted:
         raise ModelFormatError(
             f"{weights} has no whitening statistics ({unfitted[0]}) although {MODEL_JSON} says feature_norm=position. "
