@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import subprocess
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -209,3 +211,19 @@ def test_threads_for_a_torch_model_warn_that_torch_sets_them(run):
         warnings.simplefilter("error")  # 0 and None leave the count alone, and the count in effect is no news
         for threads in (0, None, torch.get_num_threads()):
             flawscope.load_inferencer(run, "cpu", threads=threads)
+
+
+def test_an_onnx_service_does_not_load_the_training_code(run, batch, tmp_path):
+    onnx = export_model(flawscope.load_model(run), tmp_path / "m.onnx", "onnx")
+    np.save(tmp_path / "batch.npy", batch[:1].numpy())
+    script = (
+        "import sys, numpy, flawscope\n"
+        "assert not [m for m in sys.modules if m.startswith('flawscope.models.') and m != 'flawscope.models.base']\n"
+        f"inferencer = flawscope.load_inferencer({str(onnx)!r}, 'cpu')\n"
+        f"inferencer.predict(numpy.load({str(tmp_path / 'batch.npy')!r}))\n"
+        "heavy = ('timm', 'torchvision', 'skimage', 'flawscope.models.patchcore')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -37,7 +37,8 @@ def register(
 
 
 def _load_builtin() -> None:
-    from . import models  # noqa: F401  (registers the built-in methods)
+    # Imported on first use, so `import flawscope` and ONNX-only services do not load timm, torchvision and scipy.
+    from .models import cfa, efficientad, mlff, patchcore, prn, simplenet  # noqa: F401  (they register themselves)
 
 
 def available_methods() -> list[str]:

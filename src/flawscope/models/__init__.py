@@ -1,3 +1,1 @@
-"""Built-in methods. Importing this package registers them (see flawscope.registry)."""
-
-from . import cfa, efficientad, mlff, patchcore, prn, simplenet  # noqa: F401
+"""Built-in methods, one package each; flawscope.registry imports them when a method is first looked up."""
