@@ -23,7 +23,8 @@ from flawscope.backbones import (
 )
 from flawscope.errors import ConfigError, ModelFormatError, WeightsNotFoundError
 
-NAMED = ["resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2"] + [f"efficientnet_lite{v}" for v in range(3)]
+RESNETS = ["resnet18", "resnet50", "resnet101", "wide_resnet50_2", "wide_resnet101_2"]
+NAMED = RESNETS + [f"efficientnet_lite{v}" for v in range(3)]
 RESNET18_FILE = "resnet18-f37072fd.pth"
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE_CLASSES = {504, 967, 968}  # coffee mug, espresso, cup
@@ -89,9 +90,9 @@ def _stage_lengths(name: str, strides: tuple[int, ...]) -> tuple[int, ...]:
 @pytest.mark.parametrize("every_block", [False, True])
 @pytest.mark.parametrize("name", NAMED)
 def test_feature_info_matches_outputs(name, every_block):
-    # wide_resnet101_2 (127M parameters) runs on the meta device: same shape rules, no compute or memory.
+    # resnet101 and wide_resnet101_2 (45M and 127M parameters) run on the meta device: same shape rules, no compute.
     # every_block: each stage returns the outputs of all its blocks, so declared channels must match every block's.
-    device = torch.device("meta" if name == "wide_resnet101_2" else "cpu")
+    device = torch.device("meta" if name in ("resnet101", "wide_resnet101_2") else "cpu")
     blocks = _stage_lengths(name, (4, 8, 16)) if every_block else 1
     with device:
         backbone = create_backbone(name, strides=(4, 8, 16), pretrained=False, blocks=blocks)
@@ -114,7 +115,7 @@ def test_efficientnet_is_truncated_after_deepest_stride():
     assert list(dict(backbone.body.named_children()))[-1] == "blocks_2"  # the stride-8 stage
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2"])
+@pytest.mark.parametrize("name", RESNETS)
 def test_resnet_architecture_is_torchvision(name):
     with torch.device("meta"):
         expected = {k: v.shape for k, v in getattr(torchvision.models, name)().state_dict().items()}

@@ -85,6 +85,17 @@ def test_single_neighbour_gives_the_plain_max_distance(monkeypatch):
     torch.testing.assert_close(score, torch.tensor([math.sqrt(1.25), 1.0]))
 
 
+def test_squared_distance_is_the_reference_codes_score(monkeypatch):
+    features = QUERIES.permute(0, 3, 1, 2)
+    model = _controlled_model(
+        monkeypatch, features, BANK, torch.arange(5)[:, None], num_neighbors=1, smoothing_sigma=0, distance="squared"
+    )
+    output = model(torch.zeros(2, 3, 2, 2))
+    grid = torch.cdist(QUERIES.reshape(2, 4, 2), BANK[None].expand(2, -1, -1)).amin(2)
+    torch.testing.assert_close(output.anomaly_map, (grid**2).reshape(2, 1, 2, 2))
+    torch.testing.assert_close(output.pred_score, torch.tensor([1.25, 1.0]))
+
+
 def test_patch_map_is_the_brute_force_nearest_distance(monkeypatch):
     torch.manual_seed(0)
     features = torch.randn(2, 5, 3, 4)  # (B, D, h, w)

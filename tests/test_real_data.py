@@ -59,8 +59,8 @@ def test_simplenet_on_mtd_half_training_set():
 
     from flawscope.models.simplenet import SimpleNet, SimpleNetConfig, fit
 
-    # The discriminator's initialisation and the noise draw from torch's global stream: seed it, so the result does
-    # not depend on which tests ran before (flawscope.fit and load_model no longer advance the caller's stream).
+    # The Xavier initialisation draws from torch's global stream (the noise has its own seeded generator): seed it, so
+    # the result does not depend on which tests ran before.
     torch.manual_seed(0)
     options = {**WHOLE_IMAGE_224, "embed_dim": 384, "num_epochs": 4, "feature_norm": "position"}
     metrics = _fit_subset_and_score(

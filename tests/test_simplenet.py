@@ -149,6 +149,19 @@ def test_scoring_path_matches_a_direct_computation(paper_model):
     assert out.anomaly_map.max().item() < out.pred_score.item() - 1e-3
 
 
+def test_defaults_are_the_papers():
+    # Sec. 4.2 of the paper: WRN-50 layer2+3, p = 3, 1536 channels, no adaptor bias, sigma 0.015, th = 0.5, Adam
+    # 1e-4 / 2e-4 with weight decay 1e-5, 160 epochs at batch 4; Eq. 10's sigma 4 smoothing; Table 4's backbones.
+    cfg = SimpleNetConfig()
+    assert (cfg.backbone, cfg.strides, cfg.patch_size, cfg.embed_dim) == ("wide_resnet50_2", (8, 16), 3, 1536)
+    assert (cfg.adaptor_bias, cfg.discriminator_hidden, cfg.noise_std, cfg.margin) == (False, 1024, 0.015, 0.5)
+    assert (cfg.adaptor_optimizer, cfg.lr_adaptor, cfg.lr_discriminator, cfg.weight_decay) == ("adam", 1e-4, 2e-4, 1e-5)
+    assert (cfg.num_epochs, cfg.batch_size, cfg.smoothing_sigma) == (160, 4, 4.0)
+    assert (cfg.image_size, cfg.resize_size) == (224, 256)
+    assert (cfg.resolved_feature_norm(), cfg.resolved_noise_mode()) == ("none", "absolute")
+    assert sorted(PAPER_BACKBONES) == ["resnet101", "resnet18", "resnet50", "wide_resnet50_2"]
+
+
 # --- noise sigma resolution -----------------------------------------------------------------------------------------
 
 

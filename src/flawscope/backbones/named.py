@@ -63,6 +63,7 @@ def _lite(variant: int) -> NamedBackbone:
 NAMED_BACKBONES: dict[str, NamedBackbone] = {
     "resnet18": _torchvision("resnet18", "f37072fd"),
     "resnet50": _torchvision("resnet50", "0676ba61"),
+    "resnet101": _torchvision("resnet101", "63fe2227"),
     "wide_resnet50_2": _torchvision("wide_resnet50_2", "95faca4d"),
     "wide_resnet101_2": _torchvision("wide_resnet101_2", "32ee1156"),
     "efficientnet_lite0": _lite(0),

@@ -33,6 +33,12 @@ class PatchCoreConfig(ModelConfig):
         128, "random projection used to speed up the coreset search; 0 = none", low=0, high=16384
     )
     num_neighbors: int = option(9, "b, the bank neighbourhood of the paper's score reweighting; 1 = off", low=1)
+    distance: str = option(
+        "euclidean",
+        "patch score: euclidean distance to the nearest bank feature (paper) or squared (the reference code's FAISS "
+        "L2); the map is smoothed after this, so the two maps differ by more than a monotone change",
+        choices=("euclidean", "squared"),
+    )
     max_train_features: int = option(
         2_000_000, "features collected before the coreset, at most (or one per image if larger)", low=1
     )
@@ -78,7 +84,8 @@ class PatchCore(AnomalyModel):
         batch, dim, height, width = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, dim)  # (B*h*w, D)
         nearest_sq, nearest_idx = pairwise_squared_distances(queries, self.memory_bank).min(dim=1)
-        patch_scores = nearest_sq.sqrt().reshape(batch, height * width)  # (B, h*w)
+        patch_scores = nearest_sq if self.config.distance == "squared" else nearest_sq.sqrt()
+        patch_scores = patch_scores.reshape(batch, height * width)  # (B, h*w)
 
         max_score, max_pos = patch_scores.max(dim=1)  # (B,)
         if self.bank_neighbors.shape[1] == 1:  # b = 1 (or a one-row bank): nothing to reweight against
