@@ -17,6 +17,7 @@ from flawscope.data import Sample, load_anomaly_folder, load_dataset, read_image
 from flawscope.errors import ConfigError, DataError
 from flawscope.evaluation import test as run_test
 from flawscope.fitting import FitContext, autocast, recalibrate_batchnorm
+from flawscope.models.mlff import MLFFConfig
 from flawscope.models.prn import PRN, PRNConfig
 from flawscope.models.prn.blocks import MultiScaleFusion, MultiSizeAttention
 from flawscope.models.prn.fit import (
@@ -146,6 +147,28 @@ def test_residual_is_the_difference_to_the_nearest_whole_map_prototype(residual)
             diff = f[i] - p[nearest]
             expected = diff.abs() if residual == "abs" else diff**2
             torch.testing.assert_close(d[i], expected)
+
+
+@pytest.mark.parametrize("config_class", [PRNConfig, MLFFConfig])
+def test_the_whole_image_is_resized_to_256_as_in_the_papers(config_class):
+    cfg = config_class()
+    assert (cfg.image_size, cfg.resize_size) == (256, 0)
+
+
+def test_bfloat16_training_picks_the_prototype_inference_picks():
+    # Two prototypes nearly equidistant from each map: bfloat16 distances cannot tell them apart, float32 can.
+    model = _tiny()
+    shapes = [(64, 16, 16), (128, 8, 8), (256, 4, 4)]
+    torch.manual_seed(0)
+    base = [torch.randn(1, *s) for s in shapes]
+    prototypes = [torch.cat([b + 0.05, b - 0.045]) for b in base]  # the second is nearer
+    model.set_prototypes(prototypes)
+    features = [b.clone() for b in base]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = model.residuals(features)
+    for f, p, d in zip(features, prototypes, in_bf16, strict=True):
+        assert (torch.linalg.vector_norm(f - p[1]) < torch.linalg.vector_norm(f - p[0])).item()
+        torch.testing.assert_close(d, (f - p[1]).abs())
 
 
 def _direct_head(q, k, v, patch, scale):

@@ -100,6 +100,41 @@ def test_generators_respect_the_foreground(name, generate):
     assert hits >= 3
 
 
+def test_extended_anomalies_keep_their_target_area(monkeypatch):
+    # The paper draws one target area and redraws Aug_2 until the moved defect overlaps it; when the tries run out
+    # a new area is centred on the moved defect, so the cut is never dropped.
+    import flawscope.synthesis.anomalies as anomalies
+
+    drawn = []
+
+    def recording_area(shape, rng, foreground=None, kind=None):
+        drawn.append(target_area(shape, rng, foreground, kind))
+        return drawn[-1]
+
+    monkeypatch.setattr(anomalies, "target_area", recording_area)
+    image, other = _image(0), _image(1)
+    defect_mask = np.zeros((SIZE, SIZE), bool)
+    defect_mask[20:40, 25:35] = True
+    rng = np.random.default_rng(5)
+    areas_per_sample = []
+    for _ in range(40):
+        drawn.clear()
+        _, mask = extended_anomaly(image, other, defect_mask, rng)
+        areas_per_sample.append(len(drawn))
+        assert mask.any()
+        assert not (mask & ~drawn[-1]).any()  # inside the (last) target area
+    assert set(areas_per_sample) <= {1, 2}
+    assert 1 in areas_per_sample
+
+
+def test_one_simulated_draw_may_leave_a_normal_sample():
+    image, texture = _image(0), _image(1)
+    once = [simulated_anomaly(image, texture, np.random.default_rng(i), tries=1)[1].any() for i in range(40)]
+    redrawn = [simulated_anomaly(image, texture, np.random.default_rng(i))[1].any() for i in range(40)]
+    assert 5 <= once.count(False) <= 35  # the target area misses the Perlin mask in a good share of single draws
+    assert redrawn.count(False) < once.count(False)
+
+
 def test_blend_formula_and_forced_change():
     image = np.full((4, 4, 3), 0.5, np.float32)
     source = np.full((4, 4, 3), 0.9, np.float32)

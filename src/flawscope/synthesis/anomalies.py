@@ -23,7 +23,7 @@ from flawscope.synthesis.regions import target_area
 
 OPACITY_RANGE = (0.0, 0.8)  # beta ~ U(0, 0.8), the share of the good image kept under the mask (DRAEM, PRN)
 MIN_CHANGE = 1.0 / 255.0
-_MAX_TRIES = 10
+MAX_TRIES = 10
 
 
 def _check_pair(image: np.ndarray, other: np.ndarray, what: str) -> None:
@@ -116,6 +116,7 @@ def simulated_anomaly(
     threshold: float = PERLIN_THRESHOLD,
     opacity: tuple[float, float] = OPACITY_RANGE,
     use_target_area: bool = True,
+    tries: int = MAX_TRIES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PRN Eq. 6: S = M̄ ⊙ N + (1 - β)(M ⊙ A) + β(M ⊙ N), M = threshold(Perlin) ∩ target area.
 
@@ -128,12 +129,13 @@ def simulated_anomaly(
             mask is still cut to the foreground.
         num_ops: colour operations applied to ``source`` (Aug_1).
         use_target_area: False drops the target area (PRN's ablation without TA).
+        tries: mask draws until one is non-empty; 1 is DRAEM's rule (an empty mask leaves a normal sample).
 
     Returns:
         (image, mask): (H, W, 3) float32 and (H, W) bool, the mask exactly the changed pixels.
     """
     _check_pair(image, source, "simulated_anomaly's image and source")
-    for _ in range(_MAX_TRIES):
+    for _ in range(tries):
         # Redrawn while it misses the target area, as PRN redraws Aug_2 for extended anomalies; the Perlin
         # threshold alone leaves ~5 % of masks empty, the intersection with a target area ~40 %.
         mask = perlin_mask(image.shape[:2], rng, max_exponent, threshold)
@@ -161,9 +163,10 @@ def extended_anomaly(
 ) -> tuple[np.ndarray, np.ndarray]:
     """PRN Eq. 4: a seen defect, Aug_1 then Aug_2, cut by a target area, blended into a good image.
 
-    The affine map is redrawn (up to 10 times) until the moved defect overlaps the target area; if it never does
-    the last moved defect is used without the cut, so a non-empty defect always gives a non-empty mask unless it
-    was moved entirely outside the image or the foreground.
+    The target area is drawn once; Aug_2 (the affine map) is redrawn, up to 10 times, until the moved defect
+    overlaps it (and the foreground), as the paper does. If it never does, a new target area is centred on a pixel
+    of the last moved defect, so the cut is kept and a non-empty defect gives a non-empty mask unless every
+    try moved it entirely outside the image or the foreground.
 
     Args:
         image: the good image N, (H, W, 3) float32 in [0, 1].
@@ -176,15 +179,17 @@ def extended_anomaly(
     """
     _check_pair(image, defect, "extended_anomaly's image and defect")
     coloured = colour_augment(defect, rng, num_ops) if num_ops else defect
-    moved, region = coloured, defect_mask
-    for _ in range(_MAX_TRIES):
+    area = target_area(image.shape[:2], rng, foreground) if use_target_area else None
+    for _ in range(MAX_TRIES):
         moved, moved_mask = random_affine(coloured, defect_mask, rng)
-        region = moved_mask & target_area(image.shape[:2], rng, foreground) if use_target_area else moved_mask
+        if foreground is not None:
+            moved_mask &= foreground
+        region = moved_mask if area is None else moved_mask & area
         if region.any():
             break
-        region = moved_mask
-    if foreground is not None:
-        region = region & foreground
+    else:
+        if area is not None and moved_mask.any():  # Aug_2 kept missing the area: centre one on the moved defect
+            region = moved_mask & target_area(image.shape[:2], rng, moved_mask)
     if not region.any():
         return image.copy(), region
     return blend(image, moved, region, float(rng.uniform(*opacity))), region

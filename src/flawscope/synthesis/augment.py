@@ -26,8 +26,11 @@ def _equalize(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _solarize(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # imgaug Solarize(0.5, threshold=(32, 128)): invert the pixels above the threshold (per image here).
+    # imgaug Solarize(0.5, threshold=(32, 128)): with probability 0.5 invert the pixels above the threshold (per
+    # image here), else leave the image unchanged.
     threshold = rng.uniform(32, 128) / 255.0
+    if rng.random() >= 0.5:
+        return image.copy()
     return np.where(image >= threshold, 1.0 - image, image).astype(np.float32)
 
 

@@ -37,7 +37,13 @@ class MLFFConfig(ModelConfig):
 
     backbone: str = option("resnet50", "feature extractor; stages at stride 4, 8, 16 are used (ResNet layer1-3)")
     image_size: int = option(256, "side of the square model input, pixels", low=32, high=4096)
-    resize_size: int = option(256, "shorter side before the centre crop; 0 = resize the whole image", low=0, high=8192)
+    resize_size: int = option(
+        0,
+        "0 = resize the whole image to image_size (paper: input resolution 256 x 256); else the shorter side "
+        "before the centre crop",
+        low=0,
+        high=8192,
+    )
     freeze_backbone: bool = option(False, "keep the backbone's ImageNet weights fixed (paper: fine-tuned, M6)")
     feature_norm: str = option(
         "none",

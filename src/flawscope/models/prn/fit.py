@@ -30,7 +30,7 @@ from ...data import ImageDataset, Sample
 from ...errors import ConfigError
 from ...fitting import FitContext, autocast, recalibrate_batchnorm
 from ...layers import kmeans
-from ...synthesis.anomalies import extended_anomaly, homologous_source, match_grey, simulated_anomaly
+from ...synthesis.anomalies import MAX_TRIES, extended_anomaly, homologous_source, match_grey, simulated_anomaly
 from ...synthesis.perlin import texture_source
 from ...synthesis.regions import foreground_mask
 from .model import PRN, PRNConfig
@@ -178,6 +178,7 @@ class AnomalyBatches:
             cfg.perlin_threshold,
             tuple(cfg.opacity_range),
             cfg.use_target_area,
+            MAX_TRIES if cfg.redraw_empty_simulated else 1,
         )
         return match_grey(image, *made) if cfg.grey_pseudo else made
 
