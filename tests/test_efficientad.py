@@ -243,6 +243,20 @@ def test_quantile_normalize_maps_qa_to_0_and_qb_to_01():
     torch.testing.assert_close(out, torch.tensor([0.0, 0.1, 0.05, 0.2]))
 
 
+@pytest.mark.parametrize("weight", [0.5, 1.0, 0.2])
+def test_combined_map_weighs_the_normalised_maps(weight):
+    model = _tiny(out_channels=8, map_weight_st=weight).eval()
+    model.qa_st, model.qb_st, model.qa_ae, model.qb_ae = (torch.tensor(v) for v in (0.1, 0.5, 0.2, 0.3))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        map_st, map_ae = model.raw_maps(images)
+        anomaly_map, score = model.raw_scores(images)
+    expected = weight * 0.1 * (map_st - 0.1) / 0.4 + (1 - weight) * 0.1 * (map_ae - 0.2) / 0.1
+    expected = F.interpolate(expected, size=64, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(anomaly_map, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(score, expected.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
+
+
 def test_teacher_stats_equal_direct_population_statistics():
     model = _tiny(out_channels=8)
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -515,6 +529,18 @@ def test_cli_distill_then_fit_test_save_load(tiny_dataset, tmp_path):
     assert report["penalty"]["num_images"] == 4 and "penalty" in ctx.log[-1]
     assert report["teacher"]["backbone"] == "efficientnet_lite0" and bool(model.fitted)
     assert not torch.equal(model.qa_st, torch.tensor(0.0)) and model.qb_st > model.qa_st
+
+    # The same through the command line: fit, then test on the labelled split.
+    run = tmp_path / "run"
+    fitted = CliRunner().invoke(main, [
+        "fit", "--model", "efficientad", "--data", str(tiny_dataset), "--out", str(run), "--image-size", "64",
+        "--set", "num_steps=3", "--set", f"teacher_path={teacher}", "--device", "cpu", "--quiet",
+    ])  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    tested = CliRunner().invoke(main, ["test", str(run), "--data", str(tiny_dataset), "--device", "cpu", "--quiet"])
+    assert tested.exit_code == 0, tested.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in ("image_auroc", "pixel_auroc", "pixel_aupro"))
 
     teacher.unlink()  # the model folder must not need the teacher file
     model.eval()

@@ -59,6 +59,9 @@ class EfficientADConfig(ModelConfig):
         "code's unpadded PDN (56x56 maps), quantiles on the raw maps, combined map zero-padded by 4",
         choices=("paper", "code"),
     )
+    map_weight_st: float = option(
+        0.5, "weight of the local (student-teacher) map in the combined map; the global map gets 1 - it", low=0, high=1
+    )
     num_steps: int = option(70_000, "training iterations", low=1)
     batch_size: int = option(1, "training images per iteration", low=1)
     lr: float = option(1e-4, "Adam learning rate (student and autoencoder)", low=0, low_open=True)
@@ -275,7 +278,8 @@ class EfficientAD(AnomalyModel):
 
     def raw_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
         map_st, map_ae = self.raw_maps(images)
-        combined = 0.5 * quantile_normalize(map_st, self.qa_st, self.qb_st) + 0.5 * quantile_normalize(
+        weight = self.config.map_weight_st
+        combined = weight * quantile_normalize(map_st, self.qa_st, self.qb_st) + (1 - weight) * quantile_normalize(
             map_ae, self.qa_ae, self.qb_ae
         )
         if not self.config.padded:
