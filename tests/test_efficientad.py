@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flawscope.cli import main
-from flawscope.data import load_dataset, split_validation
+from flawscope.data import find_images, load_dataset, split_validation
 from flawscope.errors import ConfigError, DataError, ModelFormatError, WeightsNotFoundError
 from flawscope.fitting import FitContext, autocast
 from flawscope.model_io import load_model, save_model
@@ -280,6 +280,18 @@ def test_map_quantiles_send_validation_quantiles_to_0_and_01(tiny_dataset, paddi
     normalised = quantile_normalize(map_st, model.qa_st, model.qb_st)
     assert tensor_quantile(normalised, 0.9).item() == pytest.approx(0.0, abs=1e-6)
     assert tensor_quantile(normalised, 0.995).item() == pytest.approx(0.1, abs=1e-6)
+
+
+def test_quantile_images_replace_the_held_out_share(tiny_dataset, tmp_path):
+    folder = tiny_dataset / "test" / "good"
+    model = _tiny(out_channels=8, num_steps=1, quantile_images=str(folder))
+    train = load_dataset(tiny_dataset).train
+    report = fit(model, train, FitContext(quiet=True))
+    assert report["num_train"] == len(train)  # nothing held out
+    assert report["validation_images"] == [str(p) for p in find_images(folder)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="quantile_images="):
+        fit(_tiny(out_channels=8, num_steps=1, quantile_images=str(tmp_path / "empty")), train, FitContext(quiet=True))
 
 
 def _images(samples):

@@ -272,12 +272,17 @@ def map_quantiles(model: EfficientAD, samples: Sequence[Sample], ctx: FitContext
 def fit(model: EfficientAD, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any]:
     """Trains student and autoencoder on ``samples`` (good images) and sets the map-normalisation quantiles.
 
-    A seeded ``validation_ratio`` share of ``samples`` is held out for the quantiles (at least one image).
-    The final state is kept; nothing is selected on test images.
+    The quantiles come from the good images of ``quantile_images`` when it names a folder, else from a seeded
+    ``validation_ratio`` share of ``samples`` held out of training (at least one image). The final state is kept;
+    nothing is selected on test images.
     """
     cfg = model.config
     start = time.perf_counter()
-    train_samples, val_samples = split_validation(samples, cfg.validation_ratio, seed=ctx.seed, min_count=1)
+    if cfg.quantile_images:
+        with naming_option("quantile_images", cfg.quantile_images):
+            train_samples, val_samples = list(samples), [Sample(p) for p in find_images(cfg.quantile_images)]
+    else:
+        train_samples, val_samples = split_validation(samples, cfg.validation_ratio, seed=ctx.seed, min_count=1)
     with naming_option("penalty_images", cfg.penalty_images):
         penalty_paths = find_images(cfg.penalty_images) if cfg.penalty_images else []
     model.to(ctx.device)

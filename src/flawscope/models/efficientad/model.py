@@ -82,9 +82,14 @@ class EfficientADConfig(ModelConfig):
     )
     quantile_a: float = option(0.9, "validation quantile mapped to 0", low=0, high=1, low_open=True, high_open=True)
     quantile_b: float = option(0.995, "validation quantile mapped to 0.1", low=0, high=1, low_open=True, high_open=True)
+    quantile_images: str = option(
+        "",
+        "folder of good images for the map quantiles (MVTec LOCO's validation/, as the public code); the model then "
+        "trains on every training image; '' = hold out validation_ratio of them",
+    )
     validation_ratio: float = option(
         0.1,
-        "share of the training images fit holds out for the map quantiles",
+        "share of the training images fit holds out for the map quantiles (without quantile_images)",
         low=0,
         high=1,
         low_open=True,
