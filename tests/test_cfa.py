@@ -111,6 +111,16 @@ def test_several_blocks_per_stage_widen_the_descriptor(tmp_path):
         assert loaded.config.backbone_blocks == (2, 2, 1)
         torch.testing.assert_close(model.raw_scores(images)[0], loaded.raw_scores(images)[0])
 
+    # The CFA code's EfficientNet descriptor divides each block's pooled map by its channel count (spec A14).
+    divided = _small_model(backbone_blocks="2,2,1", channel_division=True)
+    assert divided.descriptor.divisors == (64, 128, 256)
+    stages = [torch.rand(1, c, 16 // 2**i, 16 // 2**i) for i, c in enumerate((128, 256, 256))]
+    plain = model.descriptor.patch_features(stages)
+    scaled = divided.descriptor.patch_features(stages)
+    torch.testing.assert_close(scaled[:, :128], plain[:, :128] / 64)
+    torch.testing.assert_close(scaled[:, 128:384], plain[:, 128:384] / 128)
+    torch.testing.assert_close(scaled[:, 384:], plain[:, 384:] / 256)
+
 
 def test_he_init_and_the_pytorch_and_orthogonal_variants():
     torch.manual_seed(0)

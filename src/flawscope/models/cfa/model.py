@@ -38,6 +38,11 @@ class CFAConfig(ModelConfig):
         "(1 = the stage's output, paper's ResNets; the CFA code's EfficientNet-B5 takes 5, 3, 1); named backbones only",
         low=1,
     )
+    channel_division: bool = option(
+        False,
+        "divide each block's pooled map by its channel count (the CFA code's EfficientNet descriptor, spec A14; the "
+        "paper: 'divided into channel dimension values'); off for the paper's ResNets",
+    )
     gamma_d: int = option(1, "descriptor channel reduction: D' = descriptor_expansion * D // gamma_d (Table 6)", low=1)
     descriptor_expansion: int = option(
         1,
@@ -158,13 +163,20 @@ class PatchDescriptor(nn.Module):
             "orthogonal" (orthonormal rows times He's gain sqrt(2), zero bias: every distance in the rows' span is
             scaled by exactly sqrt(2), where He's random matrix stretches some directions and nearly drops others).
         pool_size: odd kernel k of the average pooling: one for every stage, or one per stage, finest first.
+        divisors: each stage's pooled map is divided by its divisor (one per stage, finest first); None = 1.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, init: str = "he", pool_size: int | tuple[int, ...] = 3
+        self,
+        in_channels: int,
+        out_channels: int,
+        init: str = "he",
+        pool_size: int | tuple[int, ...] = 3,
+        divisors: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         self.pool_size = (pool_size,) if isinstance(pool_size, int) else tuple(pool_size)
+        self.divisors = divisors
         self.add_coords = AddCoords()
         self.projection = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1, bias=True)
         if init == "he":
@@ -179,9 +191,12 @@ class PatchDescriptor(nn.Module):
         size = stages[0].shape[-2:]
         pooled = []
         sizes = self.pool_size * len(stages) if len(self.pool_size) == 1 else self.pool_size
-        for stage, kernel in zip(stages, sizes, strict=True):
+        divisors = self.divisors or (1.0,) * len(stages)
+        for stage, kernel, divisor in zip(stages, sizes, divisors, strict=True):
             if kernel > 1:
                 stage = F.avg_pool2d(stage, kernel_size=kernel, stride=1, padding=kernel // 2)
+            if divisor != 1:
+                stage = stage / divisor
             if stage.shape[-2:] != size:
                 stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
             pooled.append(stage)
@@ -219,7 +234,12 @@ class CFA(AnomalyModel):
                 f"D = {in_channels} channels at strides {config.strides} (descriptor_expansion="
                 f"{config.descriptor_expansion}). Set gamma_d <= {config.descriptor_expansion * in_channels}."
             )
-        self.descriptor = PatchDescriptor(in_channels, out_channels, config.descriptor_init, config.pool_size)
+        divisors = None
+        if config.channel_division:  # every block of a stage has the stage's channels / its number of blocks
+            channels, blocks = self.backbone.feature_info.channels, config.backbone_blocks
+            blocks = blocks * len(channels) if len(blocks) == 1 else blocks
+            divisors = tuple(c / n for c, n in zip(channels, blocks, strict=True))
+        self.descriptor = PatchDescriptor(in_channels, out_channels, config.descriptor_init, config.pool_size, divisors)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         self.register_buffer("memory_bank", torch.zeros(0, out_channels))
         self.whitening = PositionWhitening(in_channels, config.position_shrinkage)  # fitted with feature_norm=position
