@@ -1,5 +1,6 @@
 """MLFF: shapes through each module (ResNet-50 at 256 px), QCO against loops, losses on hand-made tensors, data plan."""
 
+import importlib
 import math
 
 import numpy as np
@@ -137,6 +138,8 @@ def test_score_head_without_score_loss_is_rejected():
         MLFFConfig(loss_weights=(1, 0, 1))
     with pytest.raises(ConfigError, match="pseudo_kinds"):
         MLFFConfig(pseudo_kinds=("scratch",))
+    with pytest.raises(ConfigError, match="one non-negative weight per pseudo_kinds entry"):
+        MLFFConfig(pseudo_probs=(1.0,))
 
 
 # --- quantisation and counting (spec 2.3, 2.4) ----------------------------------------------------------------------
@@ -273,6 +276,31 @@ def test_pseudo_anomaly_plan_selects_exactly_half_of_the_repeated_set():
     assert pseudo_anomaly_plan(7, 10, 0.0, np.random.default_rng(0)).sum() == 0
     assert pseudo_anomaly_plan(7, 10, 1.0, np.random.default_rng(0)).all()
     assert plan.sum(0).min() > 0 and plan.sum(0).max() < 10  # spread over images, not whole images
+
+
+def test_bernoulli_selection_draws_each_copy_with_the_ratio():
+    plan = pseudo_anomaly_plan(100, 10, 0.5, np.random.default_rng(0), bernoulli=True)
+    assert plan.shape == (10, 100) and 400 < plan.sum() < 600 and plan.sum() != 500
+    assert not pseudo_anomaly_plan(7, 10, 0.0, np.random.default_rng(0), bernoulli=True).any()
+    assert pseudo_anomaly_plan(7, 10, 1.0, np.random.default_rng(0), bernoulli=True).all()
+
+
+@pytest.mark.parametrize(("probs", "low", "high"), [((), 70, 130), ((1.0, 0.0), 200, 200), ((0.2, 0.8), 20, 60)])
+def test_pseudo_kinds_are_drawn_with_their_probabilities(monkeypatch, probs, low, high):
+    mlff_fit = importlib.import_module("flawscope.models.mlff.fit")  # the package exports a function named fit
+    drawn = []
+    monkeypatch.setattr(mlff_fit, "confetti_noise", lambda pixels, rng: drawn.append("confetti") or _marked(pixels))
+    monkeypatch.setattr(mlff_fit, "cutpaste", lambda pixels, rng, *a, **k: drawn.append("cutpaste") or _marked(pixels))
+    cfg = MLFFConfig.from_dict({**SMALL, "pseudo_probs": probs})
+    images = torch.rand(200, 3, 8, 8)
+    add_pseudo_anomalies(images, torch.arange(200), np.ones(200, dtype=bool), cfg, seed=0, repetition=0)
+    assert len(drawn) == 200 and low <= drawn.count("confetti") <= high
+
+
+def _marked(pixels):
+    mask = np.zeros(pixels.shape[:2], bool)
+    mask[0, 0] = True
+    return np.where(mask[..., None], 1 - pixels, pixels), mask
 
 
 def test_pseudo_anomalies_are_applied_only_to_planned_images_and_are_seeded():

@@ -26,14 +26,19 @@ from .losses import consistency_loss, feature_loss, normal_patch_mask, score_los
 from .model import MLFF, MLFFConfig, hypersphere_distance
 
 
-def pseudo_anomaly_plan(num_images: int, repeat_factor: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+def pseudo_anomaly_plan(
+    num_images: int, repeat_factor: int, ratio: float, rng: np.random.Generator, bernoulli: bool = False
+) -> np.ndarray:
     """Which copies of the repeated training set get a pseudo-anomaly (the paper's "repeat 10x, then pick half").
 
     Returns:
         (repeat_factor, num_images) bool; exactly round(ratio * repeat_factor * num_images) entries are True,
-        drawn uniformly among all copies. Row r is the plan of the r-th pass over the images.
+        drawn uniformly among all copies, or with ``bernoulli`` each entry True with probability ``ratio``. Row r
+        is the plan of the r-th pass over the images.
     """
     total = repeat_factor * num_images
+    if bernoulli:
+        return (rng.random(total) < ratio).reshape(repeat_factor, num_images)
     plan = np.zeros(total, dtype=bool)
     plan[rng.permutation(total)[: int(round(ratio * total))]] = True
     return plan.reshape(repeat_factor, num_images)
@@ -68,7 +73,11 @@ def add_pseudo_anomalies(
         if not plan[index]:
             continue
         rng = np.random.default_rng([seed, repetition, index])
-        kind = cfg.pseudo_kinds[int(rng.integers(len(cfg.pseudo_kinds)))]
+        if cfg.pseudo_probs:
+            probs = np.asarray(cfg.pseudo_probs, float)
+            kind = cfg.pseudo_kinds[int(rng.choice(len(probs), p=probs / probs.sum()))]
+        else:
+            kind = cfg.pseudo_kinds[int(rng.integers(len(cfg.pseudo_kinds)))]
         pixels = images[row].permute(1, 2, 0).numpy()
         if kind == "confetti":
             new, mask = confetti_noise(pixels, rng)
@@ -172,7 +181,8 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
     start = time.perf_counter()
     pseudo, seen, steps = 0, 0, 0
     for epoch in range(cfg.num_epochs):
-        plans = pseudo_anomaly_plan(len(samples), cfg.repeat_factor, cfg.pseudo_ratio, plan_rng)
+        bernoulli = cfg.pseudo_selection == "bernoulli"
+        plans = pseudo_anomaly_plan(len(samples), cfg.repeat_factor, cfg.pseudo_ratio, plan_rng, bernoulli)
         for offset, plan in enumerate(plans):
             repetition = epoch * cfg.repeat_factor + offset
             totals: dict[str, float] = {}

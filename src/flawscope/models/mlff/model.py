@@ -118,6 +118,15 @@ class MLFFConfig(ModelConfig):
         "pseudo-anomaly generators, drawn with equal probability; 'perlin' (not in the paper) adds a Perlin-mask blend "
         "of a texture or the image itself grid-shuffled",
     )
+    pseudo_probs: tuple[float, ...] = option(
+        (), "probability of each pseudo_kinds entry, in order (normalised to sum 1); empty = equal", low=0
+    )
+    pseudo_selection: str = option(
+        "exact",
+        "exact: exactly pseudo_ratio of the repeated set, drawn per epoch (the paper's 'select half'); bernoulli: "
+        "each copy independently with probability pseudo_ratio (the spec's proposal M13, FCDD's online supervisor)",
+        choices=("exact", "bernoulli"),
+    )
     texture_dir: str = option("", "folder of texture images for the 'perlin' kind; empty = procedural textures")
     grey_pseudo: bool = option(
         False, "make pseudo-anomalies grey on grey training images (flawscope's; the paper's confetti is coloured)"
@@ -137,6 +146,11 @@ class MLFFConfig(ModelConfig):
         unknown = [k for k in self.pseudo_kinds if k not in known]
         if unknown or not self.pseudo_kinds:
             raise ConfigError(f"pseudo_kinds must be a non-empty subset of {known}; got {self.pseudo_kinds}.")
+        if self.pseudo_probs and (len(self.pseudo_probs) != len(self.pseudo_kinds) or sum(self.pseudo_probs) <= 0):
+            raise ConfigError(
+                f"pseudo_probs needs one non-negative weight per pseudo_kinds entry {self.pseudo_kinds}, not all 0; "
+                f"got {self.pseudo_probs}."
+            )
         if len(self.loss_weights) != 3:
             raise ConfigError(f"loss_weights needs three values (alpha, beta, xi); got {self.loss_weights}.")
         if self.feature_norm == "position" and not self.freeze_backbone:
