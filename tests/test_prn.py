@@ -155,6 +155,17 @@ def test_the_whole_image_is_resized_to_256_as_in_the_papers(config_class):
     assert (cfg.image_size, cfg.resize_size) == (256, 0)
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_fusion_upsampling_follows_align_corners(align_corners):
+    torch.manual_seed(0)
+    fusion = MultiScaleFusion([2, 3], align_corners=align_corners)
+    fine, coarse = torch.randn(1, 2, 8, 8), torch.randn(1, 3, 4, 4)
+    up = F.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=align_corners)
+    torch.testing.assert_close(fusion([fine, coarse])[0], fine + fusion.paths["1to0"](up))
+    model = _tiny(mf_align_corners=align_corners)
+    assert {m.align_corners for m in model.modules() if isinstance(m, MultiScaleFusion)} == {align_corners}
+
+
 def test_bfloat16_training_picks_the_prototype_inference_picks():
     # Two prototypes nearly equidistant from each map: bfloat16 distances cannot tell them apart, float32 can.
     model = _tiny()
@@ -513,6 +524,8 @@ def test_shared_fusion_weights_save_and_load(tiny_dataset, tmp_path):
         ({"opacity_range": (0.1,)}, "opacity_range must be two numbers"),
         ({"decoder_stride": 16}, "decoder_stride (16) must be deeper than every stage in strides (4,8,16)"),
         ({"perlin_threshold": 1.0}, "'perlin_threshold' parameter of PRNConfig must be in [0, 1)"),
+        ({"target_area_shapes": ("star",)}, "target_area_shapes must be a non-empty subset of"),
+        ({"aug2_ranges": (45.0, 16.0)}, "aug2_ranges needs three values"),
     ],
 )
 def test_options_that_would_fail_after_training_are_refused_when_the_config_is_built(options, fragment):

@@ -10,6 +10,7 @@ from PIL import Image
 from flawscope.data import load_dataset, read_image, read_mask
 from flawscope.errors import DataError
 from flawscope.synthesis import (
+    TARGET_SHAPES,
     FolderTextures,
     ProceduralTextures,
     blend,
@@ -107,8 +108,8 @@ def test_extended_anomalies_keep_their_target_area(monkeypatch):
 
     drawn = []
 
-    def recording_area(shape, rng, foreground=None, kind=None):
-        drawn.append(target_area(shape, rng, foreground, kind))
+    def recording_area(shape, rng, foreground=None, kind=None, shapes=TARGET_SHAPES):
+        drawn.append(target_area(shape, rng, foreground, kind, shapes))
         return drawn[-1]
 
     monkeypatch.setattr(anomalies, "target_area", recording_area)
@@ -133,6 +134,32 @@ def test_one_simulated_draw_may_leave_a_normal_sample():
     redrawn = [simulated_anomaly(image, texture, np.random.default_rng(i))[1].any() for i in range(40)]
     assert 5 <= once.count(False) <= 35  # the target area misses the Perlin mask in a good share of single draws
     assert redrawn.count(False) < once.count(False)
+
+
+def test_generators_draw_only_the_allowed_target_shapes(monkeypatch):
+    import flawscope.synthesis.anomalies as anomalies
+
+    kinds = []
+
+    def recording_area(shape, rng, foreground=None, kind=None, shapes=()):
+        area = target_area(shape, rng, foreground, kind, shapes)
+        kinds.append(tuple(shapes))
+        return area
+
+    monkeypatch.setattr(anomalies, "target_area", recording_area)
+    image, other = _image(0), _image(1)
+    defect_mask = np.zeros((SIZE, SIZE), bool)
+    defect_mask[20:40, 25:35] = True
+    rng = np.random.default_rng(0)
+    extended_anomaly(image, other, defect_mask, rng, shapes=("circle",), affine=(0.0, 0.0, 0.0))
+    simulated_anomaly(image, other, rng, shapes=("circle",))
+    assert kinds and set(kinds) == {("circle",)}
+    for seed in range(5):  # a rectangle fills its bounding box
+        rows, cols = np.nonzero(target_area((SIZE, SIZE), np.random.default_rng(seed), shapes=("rectangle",)))
+        assert len(rows) == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+    # With a zero affine range the defect stays where it was.
+    _, mask = extended_anomaly(image, other, defect_mask, rng, use_target_area=False, affine=(0.0, 0.0, 0.0))
+    np.testing.assert_array_equal(mask, defect_mask)
 
 
 def test_blend_formula_and_forced_change():

@@ -14,12 +14,14 @@ one that stays empty leaves the good image unchanged, and the sample counts as n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from flawscope.errors import DataError
-from flawscope.synthesis.augment import colour_augment, random_affine
+from flawscope.synthesis.augment import AFFINE_RANGES, colour_augment, random_affine
 from flawscope.synthesis.perlin import PERLIN_MAX_EXPONENT, PERLIN_THRESHOLD, perlin_mask
-from flawscope.synthesis.regions import target_area
+from flawscope.synthesis.regions import TARGET_SHAPES, target_area
 
 OPACITY_RANGE = (0.0, 0.8)  # beta ~ U(0, 0.8), the share of the good image kept under the mask (DRAEM, PRN)
 MIN_CHANGE = 1.0 / 255.0
@@ -117,6 +119,7 @@ def simulated_anomaly(
     opacity: tuple[float, float] = OPACITY_RANGE,
     use_target_area: bool = True,
     tries: int = MAX_TRIES,
+    shapes: Sequence[str] = TARGET_SHAPES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PRN Eq. 6: S = M̄ ⊙ N + (1 - β)(M ⊙ A) + β(M ⊙ N), M = threshold(Perlin) ∩ target area.
 
@@ -130,6 +133,7 @@ def simulated_anomaly(
         num_ops: colour operations applied to ``source`` (Aug_1).
         use_target_area: False drops the target area (PRN's ablation without TA).
         tries: mask draws until one is non-empty; 1 is DRAEM's rule (an empty mask leaves a normal sample).
+        shapes: the target-area shapes drawn from.
 
     Returns:
         (image, mask): (H, W, 3) float32 and (H, W) bool, the mask exactly the changed pixels.
@@ -140,7 +144,7 @@ def simulated_anomaly(
         # threshold alone leaves ~5 % of masks empty, the intersection with a target area ~40 %.
         mask = perlin_mask(image.shape[:2], rng, max_exponent, threshold)
         if use_target_area:
-            mask &= target_area(image.shape[:2], rng, foreground)
+            mask &= target_area(image.shape[:2], rng, foreground, shapes=shapes)
         if foreground is not None:
             mask &= foreground
         if mask.any():
@@ -160,6 +164,8 @@ def extended_anomaly(
     num_ops: int = 2,
     opacity: tuple[float, float] = OPACITY_RANGE,
     use_target_area: bool = True,
+    shapes: Sequence[str] = TARGET_SHAPES,
+    affine: Sequence[float] = AFFINE_RANGES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PRN Eq. 4: a seen defect, Aug_1 then Aug_2, cut by a target area, blended into a good image.
 
@@ -173,15 +179,17 @@ def extended_anomaly(
         defect: (H, W, 3) float32, a seen defective image at the same size.
         defect_mask: (H, W) bool, its ground truth.
         foreground: (H, W) bool, where the target area may be centred and the defect may land.
+        shapes: the target-area shapes drawn from.
+        affine: Aug_2's ranges: rotation and shear (degrees), shift (fraction of the side), see random_affine.
 
     Returns:
         (image, mask) as :func:`simulated_anomaly`.
     """
     _check_pair(image, defect, "extended_anomaly's image and defect")
     coloured = colour_augment(defect, rng, num_ops) if num_ops else defect
-    area = target_area(image.shape[:2], rng, foreground) if use_target_area else None
+    area = target_area(image.shape[:2], rng, foreground, shapes=shapes) if use_target_area else None
     for _ in range(MAX_TRIES):
-        moved, moved_mask = random_affine(coloured, defect_mask, rng)
+        moved, moved_mask = random_affine(coloured, defect_mask, rng, *affine)
         if foreground is not None:
             moved_mask &= foreground
         region = moved_mask if area is None else moved_mask & area
@@ -189,7 +197,7 @@ def extended_anomaly(
             break
     else:
         if area is not None and moved_mask.any():  # Aug_2 kept missing the area: centre one on the moved defect
-            region = moved_mask & target_area(image.shape[:2], rng, moved_mask)
+            region = moved_mask & target_area(image.shape[:2], rng, moved_mask, shapes=shapes)
     if not region.any():
         return image.copy(), region
     return blend(image, moved, region, float(rng.uniform(*opacity))), region

@@ -82,13 +82,16 @@ def colour_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int = 2
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
+AFFINE_RANGES = (45.0, 16.0, 0.25)  # Aug_2: rotation and shear in degrees, shift as a fraction of the side
+
+
 def random_affine(
     image: np.ndarray,
     mask: np.ndarray,
     rng: np.random.Generator,
-    rotate: float = 45.0,
-    shear: float = 16.0,
-    translate: float = 0.25,
+    rotate: float = AFFINE_RANGES[0],
+    shear: float = AFFINE_RANGES[1],
+    translate: float = AFFINE_RANGES[2],
 ) -> tuple[np.ndarray, np.ndarray]:
     """PRN's Aug_2: rotation, shear and shift about the image centre, applied identically to image and mask.
 

@@ -8,6 +8,8 @@ polygon of 3-8 vertices inside such a rectangle.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage, spatial
 from skimage import draw
@@ -46,7 +48,11 @@ def foreground_mask(image: np.ndarray, blur_sigma: float = 2.0, closing: int = 5
 
 
 def target_area(
-    shape: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None, kind: str | None = None
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    foreground: np.ndarray | None = None,
+    kind: str | None = None,
+    shapes: Sequence[str] = TARGET_SHAPES,
 ) -> np.ndarray:
     """A random circle, rectangle or convex polygon centred on a foreground pixel.
 
@@ -54,7 +60,8 @@ def target_area(
         shape: (H, W).
         rng: source of randomness.
         foreground: (H, W) bool; None or all False means anywhere.
-        kind: one of ``TARGET_SHAPES``; None draws one.
+        kind: one of ``TARGET_SHAPES``; None draws one of ``shapes``.
+        shapes: the shapes drawn from, a subset of ``TARGET_SHAPES``.
 
     Returns:
         (H, W) bool, never empty (the centre pixel is always inside).
@@ -67,7 +74,7 @@ def target_area(
         centre = np.array([rows[pick], cols[pick]], float)
     else:
         centre = np.array([rng.integers(height), rng.integers(width)], float)
-    kind = kind or str(rng.choice(TARGET_SHAPES))
+    kind = kind or str(rng.choice(tuple(shapes)))
     mask = np.zeros(shape, bool)
     if kind == "circle":
         radius = rng.uniform(0.05, 0.25) * side

@@ -20,10 +20,12 @@ class MultiScaleFusion(nn.Module):
     Args:
         channels: c_j of each scale, finest first; scale j has twice the stride of scale j - 1.
         downsample: "separable" or "grouped".
+        align_corners: of the bilinear upsampling (xcyao00: True).
     """
 
-    def __init__(self, channels: Sequence[int], downsample: str = "separable") -> None:
+    def __init__(self, channels: Sequence[int], downsample: str = "separable", align_corners: bool = False) -> None:
         super().__init__()
+        self.align_corners = align_corners
         self.paths = nn.ModuleDict()
         for r, c_r in enumerate(channels):
             for j, c_j in enumerate(channels):
@@ -46,7 +48,9 @@ class MultiScaleFusion(nn.Module):
                 if r < j:
                     total = total + self.paths[f"{r}to{j}"](source)
                 elif r > j:
-                    up = F.interpolate(source, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                    up = F.interpolate(
+                        source, size=target.shape[-2:], mode="bilinear", align_corners=self.align_corners
+                    )
                     total = total + self.paths[f"{r}to{j}"](up)
             out.append(total)
         return out

@@ -155,7 +155,16 @@ class AnomalyBatches:
         image, foreground = self._normal()
         cfg = self.cfg
         made = extended_anomaly(
-            image, defect, mask, self.rng, foreground, cfg.aug_num_ops, tuple(cfg.opacity_range), cfg.use_target_area
+            image,
+            defect,
+            mask,
+            self.rng,
+            foreground,
+            cfg.aug_num_ops,
+            tuple(cfg.opacity_range),
+            cfg.use_target_area,
+            cfg.target_area_shapes,
+            cfg.aug2_ranges,
         )
         return match_grey(image, *made) if cfg.grey_pseudo else made
 
@@ -179,6 +188,7 @@ class AnomalyBatches:
             tuple(cfg.opacity_range),
             cfg.use_target_area,
             MAX_TRIES if cfg.redraw_empty_simulated else 1,
+            cfg.target_area_shapes,
         )
         return match_grey(image, *made) if cfg.grey_pseudo else made
 

@@ -21,6 +21,8 @@ from ...backbones import create_backbone
 from ...config import ModelConfig, option, position_shrinkage_option, train_precision_option
 from ...errors import ConfigError
 from ...layers import PositionWhitening, pairwise_squared_distances
+from ...synthesis.augment import AFFINE_RANGES
+from ...synthesis.regions import TARGET_SHAPES
 from ..base import AnomalyModel
 from .blocks import MultiScaleFusion, MultiSizeAttention, UNetDecoder
 
@@ -68,6 +70,7 @@ class PRNConfig(ModelConfig):
         choices=("separable", "grouped"),
     )
     mf_share_weights: bool = option(False, "one MF block for features and residuals (xcyao00) instead of two")
+    mf_align_corners: bool = option(False, "align_corners of MF's bilinear upsampling (paper: silent; xcyao00: true)")
     msa_patch_divisors: tuple[int, ...] = option((1, 2, 4, 8), "MSA heads: patch size p = ceil(h / d)", low=1)
     msa_depth: int = option(3, "stacked MSA blocks per scale (N)", low=1)
     msa_qkv: str = option(
@@ -122,6 +125,15 @@ class PRNConfig(ModelConfig):
     )
     hoa_grid: int = option(8, "grid of the homologous shuffle", low=1)
     use_target_area: bool = option(True, "confine generated anomalies to a random target area (TA)")
+    target_area_shapes: tuple[str, ...] = option(
+        TARGET_SHAPES, "shapes a target area is drawn from (circle, rectangle, polygon: the spec's proposal P21)"
+    )
+    aug2_ranges: tuple[float, ...] = option(
+        AFFINE_RANGES,
+        "Aug_2 of extended anomalies: rotation (+-degrees), shear (+-degrees), shift (+-fraction of the side); the "
+        "spec's proposal P20",
+        low=0,
+    )
     redraw_empty_simulated: bool = option(
         True,
         "redraw a simulated anomaly's mask (up to 10 times) while it misses the target area; false: one draw, and "
@@ -136,6 +148,12 @@ class PRNConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.target_area_shapes or set(self.target_area_shapes) - set(TARGET_SHAPES):
+            raise ConfigError(
+                f"target_area_shapes must be a non-empty subset of {TARGET_SHAPES}; got {self.target_area_shapes}."
+            )
+        if len(self.aug2_ranges) != 3:
+            raise ConfigError(f"aug2_ranges needs three values (rotate, shear, shift); got {self.aug2_ranges}.")
         if self.strides and self.decoder_stride <= max(self.strides):
             raise ConfigError(
                 f"decoder_stride ({self.decoder_stride}) must be deeper than every stage in strides "
@@ -164,10 +182,9 @@ class PRN(AnomalyModel):
             PositionWhitening(c, config.position_shrinkage) for c in self.backbone.feature_info.channels
         )
         sizes = [math.ceil(config.image_size / s) for s in config.strides]
-        self.feature_fusion = MultiScaleFusion(channels, config.mf_downsample)
-        self.residual_fusion = (
-            self.feature_fusion if config.mf_share_weights else MultiScaleFusion(channels, config.mf_downsample)
-        )
+        fusion = (config.mf_downsample, config.mf_align_corners)
+        self.feature_fusion = MultiScaleFusion(channels, *fusion)
+        self.residual_fusion = self.feature_fusion if config.mf_share_weights else MultiScaleFusion(channels, *fusion)
         self.attention = nn.ModuleList(
             nn.Sequential(
                 *(
@@ -177,7 +194,7 @@ class PRN(AnomalyModel):
             )
             for c, size in zip(channels, sizes, strict=True)
         )
-        self.attention_fusion = MultiScaleFusion([2 * c for c in channels], config.mf_downsample)
+        self.attention_fusion = MultiScaleFusion([2 * c for c in channels], *fusion)
         self.decoder = UNetDecoder(deep_channels, [2 * c for c in channels][::-1], config.decoder_channels)
         # One zero prototype per scale until fit sets K of them (load_state resizes these buffers).
         for j, (c, size) in enumerate(zip(channels, sizes, strict=True)):
