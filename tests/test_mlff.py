@@ -66,8 +66,21 @@ def test_backbone_is_fine_tuned_by_default_and_frozen_on_request():
     assert all(p.requires_grad for p in small.backbone.parameters())
     frozen = MLFF(MLFFConfig.from_dict({**SMALL, "freeze_backbone": True}), pretrained=False)
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
-    small.train()
-    assert not small.backbone.training  # batch-norm statistics stay the ImageNet ones
+
+    def batchnorm_modes(model):
+        return {m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    small.train()  # a plain fine-tune: the backbone's batch-norm layers train and update their statistics
+    assert batchnorm_modes(small) == {True}
+    before = next(m for m in small.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean.clone()
+    small.stages(torch.rand(2, 3, 64, 64))
+    after = next(m for m in small.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_mean
+    assert not torch.equal(before, after)
+    small.eval()
+    assert batchnorm_modes(small) == {False}
+    kept = MLFF(MLFFConfig.from_dict({**SMALL, "backbone_batchnorm": "frozen"}), pretrained=False).train()
+    assert batchnorm_modes(kept) == {False} and all(p.requires_grad for p in kept.backbone.parameters())
+    assert batchnorm_modes(frozen.train()) == {False}
 
 
 def test_ablation_baseline_fuses_the_three_stages_and_scores_by_distance():

@@ -45,6 +45,12 @@ class MLFFConfig(ModelConfig):
         high=8192,
     )
     freeze_backbone: bool = option(False, "keep the backbone's ImageNet weights fixed (paper: fine-tuned, M6)")
+    backbone_batchnorm: str = option(
+        "train",
+        "when fine-tuning: train = the backbone's batch-norm layers train with the rest (a plain fine-tune, M6); "
+        "frozen = they keep their ImageNet statistics (flawscope before this option)",
+        choices=("train", "frozen"),
+    )
     feature_norm: str = option(
         "none",
         "none: the backbone's stages (paper); position: whiten each stage's grid positions with their training mean "
@@ -206,8 +212,8 @@ class MLFF(AnomalyModel):
     def __init__(self, config: MLFFConfig, pretrained: bool = True, weights_path: str | Path | None = None):
         super().__init__(config)
         self.backbone = create_backbone(config.backbone, (4, 8, 16), pretrained=pretrained, weights_path=weights_path)
-        # The shared Backbone is frozen and always in eval mode; fine-tuning makes its weights trainable while
-        # its batch-norm statistics stay the ImageNet ones.
+        # The shared Backbone is frozen and always in eval mode; fine-tuning makes its weights trainable, and train()
+        # below lets its batch-norm layers train too unless backbone_batchnorm=frozen.
         self.backbone.body.requires_grad_(not config.freeze_backbone)
         c1, c2, c3 = self.backbone.feature_info.channels
         # Fitted by fit() with feature_norm=position; the identity otherwise, which keeps the paper's graph.
@@ -222,6 +228,13 @@ class MLFF(AnomalyModel):
         self.fuse = nn.Conv2d(low_ch + high_ch, config.feat_dim, 1)
         self.score_head = nn.Conv2d(config.feat_dim, 1, 1)
         self.blur = GaussianBlur2d(config.smoothing_sigma)  # the identity at the paper's sigma = 0
+
+    def train(self, mode: bool = True) -> MLFF:
+        """As nn.Module.train; a fine-tuned backbone's body follows ``mode`` (the Backbone wrapper stays in eval)."""
+        super().train(mode)
+        if not self.config.freeze_backbone and self.config.backbone_batchnorm == "train":
+            nn.Module.train(self.backbone.body, mode)
+        return self
 
     def features(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> psi (B, C, H/s, W/s), s = ``out_stride`` (8 by default)."""
