@@ -251,6 +251,26 @@ def test_consistency_loss_matches_direct_computation():
     assert loss.item() == pytest.approx(expected)  # image 1 is skipped, not averaged in as zero
 
 
+def test_consistency_loss_on_three_hand_made_patches():
+    # Patches F = 0, 1, 3 and Z = 0, 2, 2 on a 1 x 4 grid; the fourth patch is anomalous and left out.
+    features = torch.tensor([0.0, 1.0, 3.0, 10.0]).view(1, 1, 1, 4)
+    scores = torch.tensor([0.0, 2.0, 2.0, -5.0]).view(1, 1, 1, 4)
+    keep = torch.tensor([[[True, True, True, False]]])
+
+    def softmax(values):
+        total = sum(math.exp(-v) for v in values)
+        return [math.exp(-v) / total for v in values]
+
+    def kl(q, p):
+        return sum(a * math.log(a / b) for a, b in zip(q, p, strict=True))
+
+    # Row a over b != a: P = |F_a - F_b|, Q = |Z_a - Z_b|, both turned into similarities by the negation (M10).
+    rows = [([1, 3], [2, 2]), ([1, 2], [2, 0]), ([3, 2], [2, 0])]
+    expected = sum(kl(softmax(q), softmax(p)) for p, q in rows) / 3
+    assert expected == pytest.approx((0.4337808 + 0.8287249 + 0.0671308) / 3, abs=1e-6)  # the three rows' KLs
+    assert consistency_loss(features, scores, keep).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_consistency_loss_is_zero_when_structures_agree():
     scores = torch.randn(1, 1, 3, 3)
     features = torch.cat([scores, torch.zeros_like(scores)], dim=1)  # |F_a - F_b| = |Z_a - Z_b|
