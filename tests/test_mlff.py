@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flawscope.data import load_dataset
 from flawscope.errors import ConfigError
+from flawscope.fitting import FitContext
 from flawscope.models.mlff import MLFF, MLFFConfig
 from flawscope.models.mlff.fit import add_pseudo_anomalies, mlff_losses, pseudo_anomaly_plan
 from flawscope.models.mlff.losses import consistency_loss, feature_loss, normal_patch_mask, score_loss
@@ -139,6 +141,11 @@ def test_texture_and_output_strides_follow_m1_and_m2(texture_stride, out_stride)
         anomaly_map, _ = model.raw_scores(images)
     assert psi.shape == (2, 8, side, side) and anomaly_map.shape == (2, 1, 64, 64)
     torch.testing.assert_close(psi, expected)
+
+
+def test_the_whole_image_is_resized_to_256_as_in_the_paper():
+    cfg = MLFFConfig()
+    assert (cfg.image_size, cfg.resize_size) == (256, 0)  # input resolution 256 x 256, no crop
 
 
 def test_strides_other_than_4_and_8_are_rejected():
@@ -328,6 +335,22 @@ def test_pseudo_kinds_are_drawn_with_their_probabilities(monkeypatch, probs, low
     images = torch.rand(200, 3, 8, 8)
     add_pseudo_anomalies(images, torch.arange(200), np.ones(200, dtype=bool), cfg, seed=0, repetition=0)
     assert len(drawn) == 200 and low <= drawn.count("confetti") <= high
+
+
+@pytest.mark.parametrize("selection", ["exact", "bernoulli"])
+def test_fit_plans_with_the_chosen_selection(monkeypatch, tiny_dataset, selection):
+    mlff_fit = importlib.import_module("flawscope.models.mlff.fit")
+    seen = []
+
+    def stop(num_images, repeat_factor, ratio, rng, bernoulli=False):
+        seen.append(bernoulli)
+        raise StopIteration  # the plan is made before the first step: nothing needs training
+
+    monkeypatch.setattr(mlff_fit, "pseudo_anomaly_plan", stop)
+    model = MLFF(MLFFConfig.from_dict({**SMALL, "pseudo_selection": selection}), pretrained=False)
+    with pytest.raises(StopIteration):
+        mlff_fit.fit(model, load_dataset(tiny_dataset).train, FitContext(quiet=True))
+    assert seen == [selection == "bernoulli"]
 
 
 def _marked(pixels):

@@ -8,7 +8,7 @@ from flawscope.data import load_dataset
 from flawscope.fitting import FitContext
 from flawscope.model_io import load_model, save_model
 from flawscope.models.base import AnomalyOutput
-from flawscope.registry import available_methods, get_method
+from flawscope.registry import available_methods, get_method, register
 
 # Small, fast settings per method: a random-weight ResNet-18 at 64 px and the shortest schedule.
 QUICK_OPTIONS = {
@@ -44,6 +44,16 @@ def _build(name):
     method = get_method(name)
     config = method.config_class.from_dict({**BASE_OPTIONS, **QUICK_OPTIONS[name]})
     return method, method.model_class(config, pretrained=False)
+
+
+def test_a_method_of_ones_own_cannot_take_a_built_in_name():
+    # Built-in methods are imported on first lookup; a user's method under a built-in name is refused at once.
+    class Mine:
+        pass
+
+    with pytest.raises(RuntimeError, match="one of flawscope's own"):
+        register("patchcore", Mine, lambda *args: {})
+    assert get_method("patchcore").model_class.__name__ == "PatchCore"
 
 
 def test_every_registered_model_has_quick_options():

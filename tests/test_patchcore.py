@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from flawscope.data import load_dataset
+from flawscope.errors import ConfigError
 from flawscope.fitting import FitContext
 from flawscope.layers import pairwise_squared_distances as squared_distances
 from flawscope.models.patchcore import PatchCore, PatchCoreConfig, fit
@@ -94,6 +95,11 @@ def test_squared_distance_is_the_reference_codes_score(monkeypatch):
     grid = torch.cdist(QUERIES.reshape(2, 4, 2), BANK[None].expand(2, -1, -1)).amin(2)
     torch.testing.assert_close(output.anomaly_map, (grid**2).reshape(2, 1, 2, 2))
     torch.testing.assert_close(output.pred_score, torch.tensor([1.25, 1.0]))
+
+
+def test_squared_distance_without_reweighting_only():
+    with pytest.raises(ConfigError, match="add num_neighbors=1"):
+        PatchCoreConfig(distance="squared")
 
 
 def test_patch_map_is_the_brute_force_nearest_distance(monkeypatch):

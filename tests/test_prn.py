@@ -2,6 +2,7 @@
 and the seen-defect split (never in the test set)."""
 
 import csv
+import importlib
 import json
 import math
 import shutil
@@ -17,7 +18,6 @@ from flawscope.data import Sample, load_anomaly_folder, load_dataset, read_image
 from flawscope.errors import ConfigError, DataError
 from flawscope.evaluation import test as run_test
 from flawscope.fitting import FitContext, autocast, recalibrate_batchnorm
-from flawscope.models.mlff import MLFFConfig
 from flawscope.models.prn import PRN, PRNConfig
 from flawscope.models.prn.blocks import MultiScaleFusion, MultiSizeAttention
 from flawscope.models.prn.fit import (
@@ -149,10 +149,9 @@ def test_residual_is_the_difference_to_the_nearest_whole_map_prototype(residual)
             torch.testing.assert_close(d[i], expected)
 
 
-@pytest.mark.parametrize("config_class", [PRNConfig, MLFFConfig])
-def test_the_whole_image_is_resized_to_256_as_in_the_papers(config_class):
-    cfg = config_class()
-    assert (cfg.image_size, cfg.resize_size) == (256, 0)
+def test_the_whole_image_is_resized_to_256_as_in_the_paper():
+    cfg = PRNConfig()
+    assert (cfg.image_size, cfg.resize_size) == (256, 0)  # "All images ... are resized to 256 x 256"
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -164,6 +163,41 @@ def test_fusion_upsampling_follows_align_corners(align_corners):
     torch.testing.assert_close(fusion([fine, coarse])[0], fine + fusion.paths["1to0"](up))
     model = _tiny(mf_align_corners=align_corners)
     assert {m.align_corners for m in model.modules() if isinstance(m, MultiScaleFusion)} == {align_corners}
+
+
+def test_generator_options_reach_the_generators(monkeypatch):
+    prn_fit = importlib.import_module("flawscope.models.prn.fit")  # the package exports a function named fit
+    calls = {}
+
+    def recorder(name):
+        def generate(image, *args, **kwargs):
+            calls[name] = kwargs
+            return image, np.zeros(image.shape[:2], bool)
+
+        return generate
+
+    monkeypatch.setattr(prn_fit, "extended_anomaly", recorder("extended"))
+    monkeypatch.setattr(prn_fit, "simulated_anomaly", recorder("simulated"))
+    options = {
+        "target_area_shapes": ("circle",),
+        "aug2_ranges": (10.0, 5.0, 0.1),
+        "redraw_empty_simulated": False,
+        "use_target_area": False,
+        "opacity_range": (0.1, 0.2),
+        "aug_num_ops": 3,
+        "perlin_max_exponent": 4,
+        "perlin_threshold": 0.6,
+        "hea_prob": 1.0,
+    }
+    cfg = PRNConfig.from_dict({**TINY, **options})
+    normals = np.zeros((2, 8, 8, 3), np.uint8)
+    seen = (np.zeros((1, 8, 8, 3), np.uint8), np.ones((1, 8, 8), bool))
+    draw = AnomalyBatches(cfg, normals, seen, seed=0)
+    draw.extended()
+    draw.simulated()
+    common = {"use_target_area": False, "shapes": ("circle",), "opacity": (0.1, 0.2), "num_ops": 3}
+    assert calls["extended"] == {**common, "affine": (10.0, 5.0, 0.1)}
+    assert calls["simulated"] == {**common, "tries": 1, "max_exponent": 4, "threshold": 0.6}
 
 
 def test_bfloat16_training_picks_the_prototype_inference_picks():
@@ -526,6 +560,7 @@ def test_shared_fusion_weights_save_and_load(tiny_dataset, tmp_path):
         ({"perlin_threshold": 1.0}, "'perlin_threshold' parameter of PRNConfig must be in [0, 1)"),
         ({"target_area_shapes": ("star",)}, "target_area_shapes must be a non-empty subset of"),
         ({"aug2_ranges": (45.0, 16.0)}, "aug2_ranges needs three values"),
+        ({"aug2_ranges": (45.0, 90.0, 0.25)}, "shear < 90 degrees"),
     ],
 )
 def test_options_that_would_fail_after_training_are_refused_when_the_config_is_built(options, fragment):

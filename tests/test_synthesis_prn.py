@@ -162,6 +162,24 @@ def test_generators_draw_only_the_allowed_target_shapes(monkeypatch):
     np.testing.assert_array_equal(mask, defect_mask)
 
 
+def test_solarize_inverts_above_its_threshold_in_half_of_the_draws():
+    from flawscope.synthesis.augment import COLOUR_OPS
+
+    image = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16, 1).repeat(3, axis=2)
+    kept = 0
+    for seed in range(400):
+        out = COLOUR_OPS["solarize"](image, np.random.default_rng(seed))
+        if np.array_equal(out, image):
+            kept += 1
+            continue
+        inverted = ~np.isclose(out, image)
+        threshold = image[inverted].min()  # imgaug's threshold lies in [32, 128] grey levels
+        assert 32 / 255 - 1 / 255 <= threshold <= 128 / 255 + 1 / 255
+        np.testing.assert_allclose(out[image >= threshold], 1 - image[image >= threshold], atol=1e-6)
+        np.testing.assert_array_equal(out[image < threshold], image[image < threshold])
+    assert 160 <= kept <= 240  # p = 0.5, as imgaug's Solarize(0.5)
+
+
 def test_blend_formula_and_forced_change():
     image = np.full((4, 4, 3), 0.5, np.float32)
     source = np.full((4, 4, 3), 0.9, np.float32)

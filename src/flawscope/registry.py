@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,20 +26,25 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+BUILTIN_METHODS = ("cfa", "efficientad", "mlff", "patchcore", "prn", "simplenet")  # flawscope.models.<name>
 
 
 def register(
     name: str, model_class: type, fit: Callable[..., dict[str, Any]], *, supervision: str = "normal", summary: str = ""
 ) -> None:
     """Adds a method under ``name`` (lower case, no separators)."""
+    if name in BUILTIN_METHODS and model_class.__module__ != f"{__package__}.models.{name}.model":
+        raise RuntimeError(f"Method {name!r} is one of flawscope's own; register yours under another name.")
     if name in _METHODS:
         raise RuntimeError(f"Method {name!r} is registered twice.")
     _METHODS[name] = Method(name, model_class, fit, supervision, summary)
 
 
 def _load_builtin() -> None:
-    # Imported on first use, so `import flawscope` and ONNX-only services do not load timm, torchvision and scipy.
-    from .models import cfa, efficientad, mlff, patchcore, prn, simplenet  # noqa: F401  (they register themselves)
+    # Imported on first use, so `import flawscope` and ONNX-only services load neither timm, torchvision nor
+    # scikit-image. Each package registers itself.
+    for name in BUILTIN_METHODS:
+        importlib.import_module(f"{__package__}.models.{name}")
 
 
 def available_methods() -> list[str]:

@@ -139,6 +139,8 @@ def simulated_anomaly(
         (image, mask): (H, W, 3) float32 and (H, W) bool, the mask exactly the changed pixels.
     """
     _check_pair(image, source, "simulated_anomaly's image and source")
+    if tries < 1:
+        raise ValueError(f"simulated_anomaly needs tries >= 1; got {tries}.")
     for _ in range(tries):
         # Redrawn while it misses the target area, as PRN redraws Aug_2 for extended anomalies; the Perlin
         # threshold alone leaves ~5 % of masks empty, the intersection with a target area ~40 %.

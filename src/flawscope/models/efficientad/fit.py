@@ -272,9 +272,9 @@ def map_quantiles(model: EfficientAD, samples: Sequence[Sample], ctx: FitContext
 def fit(model: EfficientAD, samples: Sequence[Sample], ctx: FitContext) -> dict[str, Any]:
     """Trains student and autoencoder on ``samples`` (good images) and sets the map-normalisation quantiles.
 
-    The quantiles come from the good images of ``quantile_images`` when it names a folder, else from a seeded
-    ``validation_ratio`` share of ``samples`` held out of training (at least one image). The final state is kept;
-    nothing is selected on test images.
+    The quantiles come from every image under ``quantile_images`` (taken as good) when it names a folder; else a
+    seeded ``validation_ratio`` share of ``samples`` is held out of training for them (at least one image). The
+    final state is kept; nothing is selected on test images.
     """
     cfg = model.config
     start = time.perf_counter()

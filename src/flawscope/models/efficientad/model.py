@@ -84,8 +84,9 @@ class EfficientADConfig(ModelConfig):
     quantile_b: float = option(0.995, "validation quantile mapped to 0.1", low=0, high=1, low_open=True, high_open=True)
     quantile_images: str = option(
         "",
-        "folder of good images for the map quantiles (MVTec LOCO's validation/, as the public code); the model then "
-        "trains on every training image; '' = hold out validation_ratio of them",
+        "folder whose images (all of them, searched recursively, taken as good) set the map quantiles (MVTec LOCO's "
+        "validation/, as the public code); the model then trains on every training image; '' = hold out "
+        "validation_ratio of them",
     )
     validation_ratio: float = option(
         0.1,

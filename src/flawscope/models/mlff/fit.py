@@ -69,13 +69,13 @@ def add_pseudo_anomalies(
     """
     images = images.clone()
     masks = torch.zeros(images.shape[0], 1, *images.shape[-2:], dtype=torch.bool)
+    probs = np.asarray(cfg.pseudo_probs, float) / sum(cfg.pseudo_probs) if cfg.pseudo_probs else None
     for row, index in enumerate(indices.tolist()):
         if not plan[index]:
             continue
         rng = np.random.default_rng([seed, repetition, index])
-        if cfg.pseudo_probs:
-            probs = np.asarray(cfg.pseudo_probs, float)
-            kind = cfg.pseudo_kinds[int(rng.choice(len(probs), p=probs / probs.sum()))]
+        if probs is not None:
+            kind = cfg.pseudo_kinds[int(rng.choice(len(probs), p=probs))]
         else:
             kind = cfg.pseudo_kinds[int(rng.integers(len(cfg.pseudo_kinds)))]
         pixels = images[row].permute(1, 2, 0).numpy()
@@ -180,8 +180,8 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
     bar = ctx.progress(None, "training", repetitions * len(loader))
     start = time.perf_counter()
     pseudo, seen, steps = 0, 0, 0
+    bernoulli = cfg.pseudo_selection == "bernoulli"
     for epoch in range(cfg.num_epochs):
-        bernoulli = cfg.pseudo_selection == "bernoulli"
         plans = pseudo_anomaly_plan(len(samples), cfg.repeat_factor, cfg.pseudo_ratio, plan_rng, bernoulli)
         for offset, plan in enumerate(plans):
             repetition = epoch * cfg.repeat_factor + offset

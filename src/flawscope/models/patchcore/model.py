@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ...backbones import create_backbone
 from ...config import ModelConfig, context_weight_option, option
+from ...errors import ConfigError
 from ...layers import GaussianBlur2d, LocalFeatureAggregator, pairwise_squared_distances
 from ..base import AnomalyModel
 
@@ -36,7 +37,8 @@ class PatchCoreConfig(ModelConfig):
     distance: str = option(
         "euclidean",
         "patch score: euclidean distance to the nearest bank feature (paper) or squared (the reference code's FAISS "
-        "L2); the map is smoothed after this, so the two maps differ by more than a monotone change",
+        "L2, which has no reweighting: needs num_neighbors=1); the map is smoothed after this, so the two maps "
+        "differ by more than a monotone change",
         choices=("euclidean", "squared"),
     )
     max_train_features: int = option(
@@ -44,6 +46,14 @@ class PatchCoreConfig(ModelConfig):
     )
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
     batch_size: int = option(8, "images per batch during feature extraction", low=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.distance == "squared" and self.num_neighbors > 1:
+            raise ConfigError(
+                "distance=squared is the reference code's score, which does not reweight (Eq. 7 is on Euclidean "
+                f"distances); add num_neighbors=1 (got {self.num_neighbors})."
+            )
 
 
 class PatchCore(AnomalyModel):

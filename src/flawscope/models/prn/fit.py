@@ -160,11 +160,11 @@ class AnomalyBatches:
             mask,
             self.rng,
             foreground,
-            cfg.aug_num_ops,
-            tuple(cfg.opacity_range),
-            cfg.use_target_area,
-            cfg.target_area_shapes,
-            cfg.aug2_ranges,
+            num_ops=cfg.aug_num_ops,
+            opacity=tuple(cfg.opacity_range),
+            use_target_area=cfg.use_target_area,
+            shapes=cfg.target_area_shapes,
+            affine=cfg.aug2_ranges,
         )
         return match_grey(image, *made) if cfg.grey_pseudo else made
 
@@ -182,13 +182,13 @@ class AnomalyBatches:
             source,
             self.rng,
             foreground,
-            ops,
-            cfg.perlin_max_exponent,
-            cfg.perlin_threshold,
-            tuple(cfg.opacity_range),
-            cfg.use_target_area,
-            MAX_TRIES if cfg.redraw_empty_simulated else 1,
-            cfg.target_area_shapes,
+            num_ops=ops,
+            max_exponent=cfg.perlin_max_exponent,
+            threshold=cfg.perlin_threshold,
+            opacity=tuple(cfg.opacity_range),
+            use_target_area=cfg.use_target_area,
+            tries=MAX_TRIES if cfg.redraw_empty_simulated else 1,
+            shapes=cfg.target_area_shapes,
         )
         return match_grey(image, *made) if cfg.grey_pseudo else made
 

@@ -152,8 +152,13 @@ class PRNConfig(ModelConfig):
             raise ConfigError(
                 f"target_area_shapes must be a non-empty subset of {TARGET_SHAPES}; got {self.target_area_shapes}."
             )
-        if len(self.aug2_ranges) != 3:
-            raise ConfigError(f"aug2_ranges needs three values (rotate, shear, shift); got {self.aug2_ranges}.")
+        if len(self.aug2_ranges) != 3 or not (
+            self.aug2_ranges[0] <= 180 and self.aug2_ranges[1] < 90 and self.aug2_ranges[2] <= 1
+        ):
+            raise ConfigError(
+                "aug2_ranges needs three values ROTATE,SHEAR,SHIFT with rotate <= 180 and shear < 90 degrees and "
+                f"shift <= 1 (a fraction of the side); got {','.join(map(str, self.aug2_ranges))}."
+            )
         if self.strides and self.decoder_stride <= max(self.strides):
             raise ConfigError(
                 f"decoder_stride ({self.decoder_stride}) must be deeper than every stage in strides "
@@ -182,9 +187,9 @@ class PRN(AnomalyModel):
             PositionWhitening(c, config.position_shrinkage) for c in self.backbone.feature_info.channels
         )
         sizes = [math.ceil(config.image_size / s) for s in config.strides]
-        fusion = (config.mf_downsample, config.mf_align_corners)
-        self.feature_fusion = MultiScaleFusion(channels, *fusion)
-        self.residual_fusion = self.feature_fusion if config.mf_share_weights else MultiScaleFusion(channels, *fusion)
+        fusion = {"downsample": config.mf_downsample, "align_corners": config.mf_align_corners}
+        self.feature_fusion = MultiScaleFusion(channels, **fusion)
+        self.residual_fusion = self.feature_fusion if config.mf_share_weights else MultiScaleFusion(channels, **fusion)
         self.attention = nn.ModuleList(
             nn.Sequential(
                 *(
@@ -194,7 +199,7 @@ class PRN(AnomalyModel):
             )
             for c, size in zip(channels, sizes, strict=True)
         )
-        self.attention_fusion = MultiScaleFusion([2 * c for c in channels], *fusion)
+        self.attention_fusion = MultiScaleFusion([2 * c for c in channels], **fusion)
         self.decoder = UNetDecoder(deep_channels, [2 * c for c in channels][::-1], config.decoder_channels)
         # One zero prototype per scale until fit sets K of them (load_state resizes these buffers).
         for j, (c, size) in enumerate(zip(channels, sizes, strict=True)):
