@@ -375,7 +375,9 @@ def render_same_split(results: dict) -> str | None:
         "re-scored with `flawscope test RUN --exclude-seen-of runs/mtd-prn`, so every model is tested on the same "
         "images: the test set minus the defects PRN trained on). The unsupervised rows are the runs that were current "
         "when the prn row was made; the cfa (then gamma_c=4, 8 epochs) and mlff (then 4 repeats) rows of the main "
-        "table have been re-run since with the settings chosen on the development set, and are not re-scored here.",
+        "table have been re-run since with the settings chosen on the development set, and are not re-scored here. "
+        "The later PRN rows of the main table were not re-scored on their splits either (the unsupervised run folders "
+        "were gone); the PRN section above compares them by metric.",
         "",
         "| model | test images | image AUROC | image AP | pixel AUROC | AUPRO |",
         "|---|---:|---:|---:|---:|---:|",
