@@ -143,11 +143,6 @@ def test_texture_and_output_strides_follow_m1_and_m2(texture_stride, out_stride)
     torch.testing.assert_close(psi, expected)
 
 
-def test_the_whole_image_is_resized_to_256_as_in_the_paper():
-    cfg = MLFFConfig()
-    assert (cfg.image_size, cfg.resize_size) == (256, 0)  # input resolution 256 x 256, no crop
-
-
 def test_strides_other_than_4_and_8_are_rejected():
     with pytest.raises(ConfigError, match=r"'out_stride'.*one of 4, 8; got 16"):
         MLFFConfig.from_dict({**SMALL, "out_stride": 16})

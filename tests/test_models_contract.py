@@ -78,8 +78,8 @@ PAPER_GEOMETRY = {
     "simplenet": ("wide_resnet50_2", 224, 256),
     "cfa": ("wide_resnet50_2", 224, 256),
     "efficientad": ("pdn", 256, 0),
-    "prn": ("resnet18", 256, 256),
-    "mlff": ("resnet50", 256, 256),
+    "prn": ("resnet18", 256, 0),  # PRN and MLFF: the whole image resized to 256 x 256, no crop
+    "mlff": ("resnet50", 256, 0),
 }
 
 

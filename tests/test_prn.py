@@ -149,11 +149,6 @@ def test_residual_is_the_difference_to_the_nearest_whole_map_prototype(residual)
             torch.testing.assert_close(d[i], expected)
 
 
-def test_the_whole_image_is_resized_to_256_as_in_the_paper():
-    cfg = PRNConfig()
-    assert (cfg.image_size, cfg.resize_size) == (256, 0)  # "All images ... are resized to 256 x 256"
-
-
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_fusion_upsampling_follows_align_corners(align_corners):
     torch.manual_seed(0)
