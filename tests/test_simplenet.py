@@ -147,6 +147,12 @@ def test_scoring_path_matches_a_direct_computation(paper_model):
     np.testing.assert_allclose(out.anomaly_map[0, 0].numpy(), expected_map, rtol=1e-4, atol=1e-4)
     # The image score is not taken from the smoothed map, whose peak is lower.
     assert out.anomaly_map.max().item() < out.pred_score.item() - 1e-3
+    # The public code's top-k option: the mean of the k highest grid scores.
+    top5 = SimpleNet(paper_model.config.replace(image_top_k=5), pretrained=False)
+    top5.load_state_dict(paper_model.state_dict())
+    with torch.no_grad():
+        score = top5.eval()(images).pred_score[0]
+    torch.testing.assert_close(score, grid.flatten().sort(descending=True).values[:5].mean(), rtol=1e-5, atol=1e-5)
 
 
 def test_defaults_are_the_papers():

@@ -66,6 +66,9 @@ class SimpleNetConfig(ModelConfig):
     num_epochs: int = option(160, "passes over the training features", low=1)
     batch_size: int = option(4, "images per training step (public code: 8)", low=1)
     smoothing_sigma: float = option(4.0, "Gaussian smoothing of the upsampled map, pixels", low=0)
+    image_top_k: int = option(
+        1, "image score: mean of the k highest raw grid scores; 1 = the maximum (paper; the public code's top_k)", low=1
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,6 +150,8 @@ class SimpleNet(AnomalyModel):
 
     def raw_scores(self, images: Tensor) -> tuple[Tensor, Tensor]:
         scores = self.score_features(self.local_features(images))  # (B, h, w)
-        image_score = scores.flatten(1).amax(dim=1)  # Eq. 11 on the raw grid, before upsampling and smoothing
+        grid = scores.flatten(1)  # Eq. 11 on the raw grid, before upsampling and smoothing
+        k = min(self.config.image_top_k, grid.shape[1])
+        image_score = grid.amax(dim=1) if k == 1 else grid.topk(k, dim=1).values.mean(dim=1)
         anomaly_map = F.interpolate(scores[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
         return self.blur(anomaly_map), image_score
