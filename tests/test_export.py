@@ -33,10 +33,10 @@ from flawscope.fitting import FitContext
 from flawscope.registry import available_methods, get_method
 
 ATOL = 1e-4
-# MLFF at 64 px: its scale-8 co-occurrence branch gets 1-pixel regions with no diagonal neighbour pairs; torch
-# computes on the empty tensors, ONNX cannot express an empty reshape. 128 px is the smallest input with pairs; one
-# pass over the training images (instead of the contract's 4) keeps that larger fit short.
-EXPORT_OPTIONS = {"mlff": {"image_size": 128, "repeat_factor": 1}}
+# MLFF at 64 px: its scale-8 co-occurrence branch gets 1-pixel regions with no diagonal neighbour pairs (their
+# co-occurrence is all zeros, without an empty reshape ONNX could not express); one pass over the training images
+# (instead of the contract's 4) keeps the fits short.
+EXPORT_OPTIONS = {"mlff": {"repeat_factor": 1}}
 
 
 def _fit(name: str, tiny_dataset, **changes):

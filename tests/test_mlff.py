@@ -192,6 +192,9 @@ def test_cooccurrence_matches_direct_loops():
                 for c in range(4):
                     direct[i, j] += encoding[i, r, c].item() * encoding[j, r + 1, c + 1].item()
     np.testing.assert_allclose(result.numpy(), direct / direct.sum())
+    # One-pixel-wide regions (PTFEM's scale 8 on an 8 x 8 grid) have no down-right pairs: no co-occurrence.
+    for shape in ((2, 3, 1, 1), (2, 3, 1, 4), (2, 3, 4, 1)):
+        assert torch.equal(cooccurrence(torch.rand(shape)), torch.zeros(2, 3, 3))
 
 
 # --- losses (spec 2.7) ----------------------------------------------------------------------------------------------

@@ -64,8 +64,11 @@ def cooccurrence(encoding: Tensor) -> Tensor:
         encoding: (..., N, h, w) quantisation weights E of every pixel of a region.
 
     Returns:
-        (..., N, N): C_ij = Σ_p E_i(p) E_j(p + (1, 1)) / Σ_ij (same), over pixels p with a down-right neighbour.
+        (..., N, N): C_ij = Σ_p E_i(p) E_j(p + (1, 1)) / Σ_ij (same), over pixels p with a down-right neighbour;
+        all zeros when no pixel has one (a region one pixel high or wide).
     """
+    if min(encoding.shape[-2:]) < 2:  # static per input size; ONNX cannot reshape the empty pixel pairs
+        return encoding.new_zeros((*encoding.shape[:-2], encoding.shape[-3]))
     first, second = encoding[..., :-1, :-1].flatten(-2), encoding[..., 1:, 1:].flatten(-2)  # (..., N, P)
     pairs = first @ second.transpose(-1, -2)
     return pairs / pairs.sum((-2, -1), keepdim=True).clamp_min(1e-12)
