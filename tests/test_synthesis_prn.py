@@ -108,8 +108,8 @@ def test_extended_anomalies_keep_their_target_area(monkeypatch):
 
     drawn = []
 
-    def recording_area(shape, rng, foreground=None, kind=None, shapes=TARGET_SHAPES):
-        drawn.append(target_area(shape, rng, foreground, kind, shapes))
+    def recording_area(shape, rng, foreground=None, shapes=TARGET_SHAPES):
+        drawn.append(target_area(shape, rng, foreground, shapes))
         return drawn[-1]
 
     monkeypatch.setattr(anomalies, "target_area", recording_area)
@@ -141,8 +141,8 @@ def test_generators_draw_only_the_allowed_target_shapes(monkeypatch):
 
     kinds = []
 
-    def recording_area(shape, rng, foreground=None, kind=None, shapes=()):
-        area = target_area(shape, rng, foreground, kind, shapes)
+    def recording_area(shape, rng, foreground=None, shapes=()):
+        area = target_area(shape, rng, foreground, shapes)
         kinds.append(tuple(shapes))
         return area
 
@@ -219,7 +219,7 @@ def test_target_area_is_centred_on_the_foreground(kind):
     foreground[50:54, 5:9] = True
     rng = np.random.default_rng(0)
     for _ in range(10):
-        area = target_area((SIZE, SIZE), rng, foreground, kind)
+        area = target_area((SIZE, SIZE), rng, foreground, (kind,))
         assert area.any() and (area & foreground).any()
 
 

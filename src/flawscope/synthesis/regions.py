@@ -51,7 +51,6 @@ def target_area(
     shape: tuple[int, int],
     rng: np.random.Generator,
     foreground: np.ndarray | None = None,
-    kind: str | None = None,
     shapes: Sequence[str] = TARGET_SHAPES,
 ) -> np.ndarray:
     """A random circle, rectangle or convex polygon centred on a foreground pixel.
@@ -60,8 +59,7 @@ def target_area(
         shape: (H, W).
         rng: source of randomness.
         foreground: (H, W) bool; None or all False means anywhere.
-        kind: one of ``TARGET_SHAPES``; None draws one of ``shapes``.
-        shapes: the shapes drawn from, a subset of ``TARGET_SHAPES``.
+        shapes: the shapes drawn from, a subset of ``TARGET_SHAPES`` (one name for a fixed shape).
 
     Returns:
         (H, W) bool, never empty (the centre pixel is always inside).
@@ -74,7 +72,7 @@ def target_area(
         centre = np.array([rows[pick], cols[pick]], float)
     else:
         centre = np.array([rng.integers(height), rng.integers(width)], float)
-    kind = kind or str(rng.choice(tuple(shapes)))
+    kind = str(rng.choice(tuple(shapes)))
     mask = np.zeros(shape, bool)
     if kind == "circle":
         radius = rng.uniform(0.05, 0.25) * side
