@@ -161,6 +161,7 @@ def test_defaults_are_the_papers():
     cfg = SimpleNetConfig()
     assert (cfg.backbone, cfg.strides, cfg.patch_size, cfg.embed_dim) == ("wide_resnet50_2", (8, 16), 3, 1536)
     assert (cfg.adaptor_bias, cfg.discriminator_hidden, cfg.noise_std, cfg.margin) == (False, 1024, 0.015, 0.5)
+    assert (cfg.adaptor_layers, cfg.adaptor_activation, cfg.discriminator_layers) == (1, False, 2)
     assert (cfg.adaptor_optimizer, cfg.lr_adaptor, cfg.lr_discriminator, cfg.weight_decay) == ("adam", 1e-4, 2e-4, 1e-5)
     assert (cfg.num_epochs, cfg.batch_size, cfg.smoothing_sigma) == (160, 4, 4.0)
     assert (cfg.image_size, cfg.resize_size) == (224, 256)
@@ -413,3 +414,64 @@ def test_position_whitening_survives_save_and_load_and_checks_the_grid(tmp_path,
 def test_position_whitening_and_image_context_are_exclusive():
     with pytest.raises(ConfigError, match="one of context_weight and feature_norm=position"):
         SimpleNetConfig.from_dict({**SMALL, "feature_norm": "position", "context_weight": 1.0})
+
+
+# --- the public code's adaptor and discriminator depths (pre_proj, proj_layer_type, dsc_layers) ---------------------
+
+
+def test_adaptor_layers_stack_linear_maps_with_optional_leaky_relu():
+    model = _small_model(adaptor_layers=3, adaptor_activation=True, adaptor_bias=True)
+    kinds = [type(m).__name__ for m in model.adaptor]
+    assert kinds == ["Linear", "LeakyReLU", "Linear", "LeakyReLU", "Linear"]
+    assert sum(p.numel() for p in model.adaptor.parameters()) == 3 * (16 * 16 + 16)
+    x = torch.randn(5, 16)
+    expected = x
+    for i, layer in enumerate(m for m in model.adaptor if isinstance(m, torch.nn.Linear)):
+        expected = expected @ layer.weight.T + layer.bias
+        if i < 2:
+            expected = F.leaky_relu(expected, 0.2)
+    torch.testing.assert_close(model.adaptor(x), expected)
+    plain = _small_model(adaptor_layers=2)
+    assert [type(m).__name__ for m in plain.adaptor] == ["Linear", "Linear"]
+
+
+def test_no_adaptor_scores_the_standardised_features_and_trains_only_the_discriminator():
+    model = _small_model(adaptor_layers=0)
+    assert isinstance(model.adaptor, torch.nn.Identity)
+    optimizers = _optimizers(model)
+    assert len(optimizers) == 1
+    assert {id(p) for p in optimizers[0].param_groups[0]["params"]} == {id(p) for p in model.discriminator.parameters()}
+    train_step(model, torch.randn(2, 4, 16), 0.1, optimizers, torch.Generator().manual_seed(0))
+    features = torch.randn(1, 2, 2, 16)
+    model.eval()
+    with torch.no_grad():
+        expected = -model.discriminator(features.reshape(4, 16)).reshape(1, 2, 2)
+        torch.testing.assert_close(model.score_features(features), expected)
+
+
+@pytest.mark.parametrize(
+    ("layers", "count"), [(1, 16), (2, 16 * 8 + 8 + 2 * 8 + 8), (3, 16 * 8 + 8 + 2 * 8 + 8 * 8 + 8 + 2 * 8 + 8)]
+)
+def test_discriminator_layers_and_their_parameter_counts(layers, count):
+    model = _small_model(discriminator_layers=layers)  # embed_dim 16, discriminator_hidden 8
+    assert sum(p.numel() for p in model.discriminator.parameters()) == count
+    norms = [m for m in model.discriminator if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == layers - 1
+    assert model.discriminator[-1].bias is None and model.discriminator[-1].out_features == 1
+
+
+def test_deeper_adaptor_and_discriminator_fit_save_and_load(tmp_path, tiny_dataset):
+    from flawscope.model_io import load_model, save_model
+
+    model = _small_model(adaptor_layers=2, adaptor_activation=True, discriminator_layers=3, num_epochs=1)
+    fit(model, load_dataset(tiny_dataset).train, FitContext(quiet=True, seed=0))
+    loaded = load_model(save_model(model, tmp_path / "run"))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model.raw_scores(images), loaded.raw_scores(images), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_adaptor_activation_needs_two_layers():
+    with pytest.raises(ConfigError, match="adaptor_activation.*adaptor_layers=1.*2 or more"):
+        SimpleNetConfig.from_dict({**SMALL, "adaptor_activation": True})

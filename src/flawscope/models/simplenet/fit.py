@@ -113,14 +113,18 @@ def noise_sigma(cfg: SimpleNetConfig, cache: np.ndarray, model: SimpleNet | None
 
 
 def _optimizers(model: SimpleNet) -> list[torch.optim.Optimizer]:
+    """Adam for the discriminator, and for the adaptor unless it has no weights (``adaptor_layers=0``)."""
     cfg = model.config
-    if cfg.adaptor_optimizer == "adamw":  # public code: AdamW with PyTorch's default decoupled weight decay
-        adaptor = torch.optim.AdamW(model.adaptor.parameters(), lr=cfg.lr_adaptor)
-    else:
-        adaptor = torch.optim.Adam(model.adaptor.parameters(), lr=cfg.lr_adaptor, weight_decay=cfg.weight_decay)
     discriminator = torch.optim.Adam(
         model.discriminator.parameters(), lr=cfg.lr_discriminator, weight_decay=cfg.weight_decay
     )
+    weights = list(model.adaptor.parameters())
+    if not weights:
+        return [discriminator]
+    if cfg.adaptor_optimizer == "adamw":  # public code: AdamW with PyTorch's default decoupled weight decay
+        adaptor = torch.optim.AdamW(weights, lr=cfg.lr_adaptor)
+    else:
+        adaptor = torch.optim.Adam(weights, lr=cfg.lr_adaptor, weight_decay=cfg.weight_decay)
     return [adaptor, discriminator]
 
 

@@ -34,7 +34,20 @@ class SimpleNetConfig(ModelConfig):
     context_weight: float = context_weight_option()
     embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1, high=16384)
     adaptor_bias: bool = option(False, "bias in the adaptor (paper: none; public code: bias)")
+    adaptor_layers: int = option(
+        1, "linear layers of the adaptor, each embed_dim wide; 0 = no adaptor (public code: pre_proj)", low=0, high=8
+    )
+    adaptor_activation: bool = option(
+        False, "LeakyReLU(0.2) between adaptor layers (public code: proj_layer_type > 1); needs adaptor_layers > 1"
+    )
     discriminator_hidden: int = option(1024, "hidden width of the discriminator (public code)", low=1, high=16384)
+    discriminator_layers: int = option(
+        2,
+        "linear layers of the discriminator: Linear-BatchNorm-LeakyReLU blocks of discriminator_hidden, then a "
+        "Linear to one score (paper and public code: 2; 1 = a linear score; public code: dsc_layers)",
+        low=1,
+        high=8,
+    )
     noise_std: float = option(
         0.015, "sigma of the Gaussian noise that makes fake features (absolute mode)", low=0, low_open=True
     )
@@ -72,6 +85,11 @@ class SimpleNetConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.adaptor_activation and self.adaptor_layers < 2:
+            raise ConfigError(
+                f"adaptor_activation puts a LeakyReLU between adaptor layers, and adaptor_layers={self.adaptor_layers} "
+                "has none; set adaptor_layers to 2 or more, or leave adaptor_activation off."
+            )
         if self.feature_norm == "position" and self.context_weight:
             raise ConfigError(
                 "feature_norm=position whitens each location's whole feature, and the image context would make "
@@ -91,15 +109,44 @@ class SimpleNetConfig(ModelConfig):
         return "absolute" if self.resolved_feature_norm() == "none" else "relative"
 
 
-class Discriminator(nn.Sequential):
-    """Linear -> BatchNorm -> LeakyReLU(0.2) -> Linear (no bias): (N, D) -> (N, 1), higher = more normal."""
-
-    def __init__(self, in_dim: int, hidden: int) -> None:
-        super().__init__(
-            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1, bias=False)
-        )
-        for layer in (self[0], self[3]):
+def _xavier(module: nn.Module) -> nn.Module:
+    """Xavier-normal weights for every linear layer of ``module`` (the public code's ``init_weight``)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
             nn.init.xavier_normal_(layer.weight)
+    return module
+
+
+def make_adaptor(dim: int, layers: int = 1, bias: bool = False, activation: bool = False) -> nn.Module:
+    """The feature adaptor G: (N, dim) -> (N, dim).
+
+    One linear layer by default (the paper); ``layers`` > 1 stacks them, with LeakyReLU(0.2) between them when
+    ``activation`` (the public code's ``Projection``); 0 is the identity (the public code with ``pre_proj=0``).
+    """
+    if layers == 0:
+        return nn.Identity()
+    if layers == 1:  # a bare Linear, so that the saved weights keep the names of the one-layer model
+        return _xavier(nn.Linear(dim, dim, bias=bias))
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        modules.append(nn.Linear(dim, dim, bias=bias))
+        if activation and i < layers - 1:
+            modules.append(nn.LeakyReLU(0.2))
+    return _xavier(nn.Sequential(*modules))
+
+
+class Discriminator(nn.Sequential):
+    """(Linear -> BatchNorm -> LeakyReLU(0.2)) x (layers - 1) -> Linear (no bias): (N, D) -> (N, 1), higher = more
+    normal. Two layers (one block) are the paper's "linear, BN, leaky ReLU, linear"."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int = 2) -> None:
+        modules: list[nn.Module] = []
+        width = in_dim
+        for _ in range(layers - 1):
+            modules += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2)]
+            width = hidden
+        super().__init__(*modules, nn.Linear(width, 1, bias=False))
+        _xavier(self)
 
 
 class SimpleNet(AnomalyModel):
@@ -121,9 +168,8 @@ class SimpleNet(AnomalyModel):
             config.context_weight,
         )
         dim = self.aggregator.out_dim  # embed_dim, or twice that with the image context appended
-        self.adaptor = nn.Linear(dim, dim, bias=config.adaptor_bias)
-        nn.init.xavier_normal_(self.adaptor.weight)
-        self.discriminator = Discriminator(dim, config.discriminator_hidden)
+        self.adaptor = make_adaptor(dim, config.adaptor_layers, config.adaptor_bias, config.adaptor_activation)
+        self.discriminator = Discriminator(dim, config.discriminator_hidden, config.discriminator_layers)
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         # Set by fit when feature_norm resolves to "channel" or "position"; the identity keeps the paper's graph
         # otherwise.
