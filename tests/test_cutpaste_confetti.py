@@ -88,3 +88,41 @@ def test_bad_arguments_raise_clear_errors():
         confetti_noise(image, np.random.default_rng(0), foreground=np.ones((10, 10), bool))
     with pytest.raises(DataError, match="empty"):
         cutpaste(image, np.random.default_rng(0), foreground=np.zeros((96, 96), bool))
+
+
+def test_cutpaste_area_and_aspect_ranges_set_the_rectangle():
+    # Area a quarter of the image and aspect 1: a 32 x 32 square on a 64-px image, wherever it lands.
+    for seed in range(5):
+        _, mask = cutpaste(
+            _image(size=64, seed=seed), np.random.default_rng(seed), area_ratio=(0.25, 0.25), aspect_ratio=(1, 1)
+        )
+        rows, cols = np.nonzero(mask)
+        assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (32, 32)
+
+
+def test_confetti_square_sides_follow_side_px():
+    from flawscope.synthesis.confetti import _layer
+
+    for side in (6, 20):
+        layer = _layer((64, 64), 1, np.array([[32, 32]]), np.ones((1, 1)), np.random.default_rng(0), (side, side))
+        assert 0.8 * side**2 <= layer.sum() <= 1.25 * side**2  # one rotated square, rasterised
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"area_ratio": (0.2, 0.1)}, r"area_ratio needs two fractions.*got 0.2,0.1"),
+        ({"aspect_ratio": (2.0, 3.0)}, r"aspect_ratio needs .*0 < LOW <= 1 <= HIGH.*got 2.0,3.0"),
+        ({"jitter": 1.5}, r"jitter .*\[0, 1\].*got 1.5"),
+    ],
+)
+def test_bad_cutpaste_ranges_name_the_argument(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        cutpaste(_image(), np.random.default_rng(0), **kwargs)
+
+
+def test_bad_confetti_parameters_name_the_argument():
+    with pytest.raises(ConfigError, match=r"side_px needs two square sides.*got 9,3"):
+        confetti_noise(_image(), np.random.default_rng(0), side_px=(9, 3))
+    with pytest.raises(ConfigError, match=r"probabilities .*\[0, 1\].*got 2, 0"):
+        confetti_noise(_image(), np.random.default_rng(0), color_prob=2, grey_prob=0)

@@ -214,6 +214,89 @@ def test_feature_loss_on_hand_made_distances():
     assert feature_loss(distance, torch.zeros_like(anomalous)).item() == pytest.approx(3.6 / 4 / 2)
 
 
+def test_feature_loss_counted_per_image_on_hand_made_distances():
+    # Image 0: normal 0.5, 1.0, anomalous 2.0. Image 1: normal 0.0, 0.2, 0.4, no anomalous pixel (its term is 0).
+    distance = torch.tensor([[0.5, 1.0, 2.0, 0.0], [0.0, 0.2, 0.4, 0.0]]).view(2, 1, 1, 4).requires_grad_()
+    anomalous = torch.tensor([[False, False, True, True], [False, False, False, False]]).view(2, 1, 1, 4)
+    # Image 0's anomalous pixels: 2.0 and 0.0; log(1 - e^0 + eps) is finite only through the eps.
+    image0 = 0.75 / 2 - (math.log(1 - math.exp(-2.0)) + math.log(1e-31)) / 2 / 2
+    image1 = 0.15 / 2
+    loss = feature_loss(distance, anomalous, counts="image")
+    assert loss.item() == pytest.approx((image0 + image1) / 2, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(distance.grad[1]).all() and distance.grad[1, 0, 0, 0] == pytest.approx(1 / 4 / 2 / 2)
+    # One image: the per-image and per-batch counts agree.
+    one = torch.tensor([0.5, 1.0, 2.0, 0.1]).view(1, 1, 2, 2)
+    mask = torch.tensor([False, False, True, True]).view(1, 1, 2, 2)
+    assert feature_loss(one, mask, "image").item() == pytest.approx(feature_loss(one, mask).item(), rel=1e-6)
+
+
+def test_generator_options_reach_the_generators(monkeypatch):
+    mlff_fit = importlib.import_module("flawscope.models.mlff.fit")
+    calls = {}
+
+    def record(name):
+        def generate(pixels, rng, **kwargs):
+            calls[name] = kwargs
+            return _marked(pixels)
+
+        return generate
+
+    monkeypatch.setattr(mlff_fit, "confetti_noise", record("confetti"))
+    monkeypatch.setattr(mlff_fit, "cutpaste", record("cutpaste"))
+    options = {
+        "cutpaste_area": "0.1,0.2",
+        "cutpaste_aspect": "0.5,2",
+        "cutpaste_jitter": 0.3,
+        "confetti_probs": "1e-4,0",
+        "confetti_sides": "4,12",
+        "cutpaste_variant": "3way",
+    }
+    cfg = MLFFConfig.from_dict({**SMALL, **options})
+    add_pseudo_anomalies(torch.rand(40, 3, 8, 8), torch.arange(40), np.ones(40, dtype=bool), cfg, seed=0, repetition=0)
+    assert calls["cutpaste"] == {"variant": "3way", "area_ratio": (0.1, 0.2), "aspect_ratio": (0.5, 2.0), "jitter": 0.3}
+    assert calls["confetti"] == {"color_prob": 1e-4, "grey_prob": 0.0, "side_px": (4, 12)}
+    # The defaults are the generators' own (FCDD's confetti, the CutPaste code's rectangle).
+    from flawscope.synthesis.confetti import CONFETTI_COLOR_PROB, CONFETTI_GREY_PROB, CONFETTI_SIDE_PX
+    from flawscope.synthesis.cutpaste import CUTPASTE_AREA_RATIO, CUTPASTE_ASPECT_RATIO
+
+    default = MLFFConfig()
+    assert (default.cutpaste_area, default.cutpaste_aspect, default.cutpaste_jitter) == (
+        CUTPASTE_AREA_RATIO,
+        CUTPASTE_ASPECT_RATIO,
+        0.1,
+    )
+    assert (default.confetti_probs, default.confetti_sides) == (
+        (CONFETTI_COLOR_PROB, CONFETTI_GREY_PROB),
+        CONFETTI_SIDE_PX,
+    )
+    assert default.feature_loss_counts == "batch"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"cutpaste_area": "0.3,0.1"}, r"cutpaste_area needs two fractions"),
+        ({"cutpaste_aspect": "1.5,3"}, r"cutpaste_aspect needs"),
+        ({"confetti_sides": "10,2"}, r"confetti_sides needs two square sides"),
+        ({"confetti_probs": "0.5"}, r"confetti_probs needs two values COLOUR,GREY"),
+        ({"feature_loss_counts": "pixel"}, r"'feature_loss_counts'.*one of 'batch', 'image'"),
+    ],
+)
+def test_generator_and_loss_options_are_checked_when_configured(options, match):
+    with pytest.raises(ConfigError, match=match):
+        MLFFConfig.from_dict({**SMALL, **options})
+
+
+def test_feature_loss_counts_option_reaches_the_loss(monkeypatch):
+    mlff_fit = importlib.import_module("flawscope.models.mlff.fit")
+    seen = []
+    monkeypatch.setattr(mlff_fit, "feature_loss", lambda d, a, counts: seen.append(counts) or d.mean())
+    model = MLFF(MLFFConfig.from_dict({**SMALL, "feature_loss_counts": "image"}), pretrained=False)
+    mlff_losses(model, torch.rand(2, 3, 64, 64), torch.zeros(2, 1, 64, 64, dtype=torch.bool))
+    assert seen == ["image"]
+
+
 def test_score_loss_on_hand_made_scores():
     # Image 0: normal 1, 3 (mean 2), anomalous 10 -> gap 8 > 5. Image 1: normal 4 (mean 4), anomalous 6, 7.
     scores = torch.tensor([[1.0, 3.0, 10.0], [4.0, 6.0, 7.0]]).view(2, 1, 1, 3)
@@ -327,7 +410,9 @@ def test_bernoulli_selection_draws_each_copy_with_the_ratio():
 def test_pseudo_kinds_are_drawn_with_their_probabilities(monkeypatch, probs, low, high):
     mlff_fit = importlib.import_module("flawscope.models.mlff.fit")  # the package exports a function named fit
     drawn = []
-    monkeypatch.setattr(mlff_fit, "confetti_noise", lambda pixels, rng: drawn.append("confetti") or _marked(pixels))
+    monkeypatch.setattr(
+        mlff_fit, "confetti_noise", lambda pixels, rng, **k: drawn.append("confetti") or _marked(pixels)
+    )
     monkeypatch.setattr(mlff_fit, "cutpaste", lambda pixels, rng, *a, **k: drawn.append("cutpaste") or _marked(pixels))
     cfg = MLFFConfig.from_dict({**SMALL, "pseudo_probs": probs})
     images = torch.rand(200, 3, 8, 8)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from flawscope.errors import ConfigError
 from flawscope.synthesis.cutpaste import as_rgb_float, changed_pixels, check_foreground, from_rgb_float
 from flawscope.synthesis.defects import _check_shape
 
@@ -39,17 +40,38 @@ def _square(shape: tuple[int, int], centre: np.ndarray, side: float, angle: floa
     return rows, cols, (np.abs(u) <= side / 2) & (np.abs(v) <= side / 2)
 
 
+def check_confetti_params(
+    color_prob: float,
+    grey_prob: float,
+    side_px: tuple[int, ...],
+    names: tuple[str, str] = ("color_prob, grey_prob", "side_px"),
+) -> None:
+    """Raises ConfigError, naming the option (``names``), unless both probabilities are in [0, 1] and ``side_px`` is
+    (low, high) with 1 <= low <= high."""
+    if not (0 <= color_prob <= 1 and 0 <= grey_prob <= 1):
+        raise ConfigError(
+            f"{names[0]}: the per-pixel probabilities of seeding a square must be in [0, 1] (FCDD: "
+            f"{CONFETTI_COLOR_PROB}, {CONFETTI_GREY_PROB}); got {color_prob}, {grey_prob}."
+        )
+    if len(side_px) != 2 or not 1 <= side_px[0] <= side_px[1]:
+        raise ConfigError(
+            f"{names[1]} needs two square sides LOW,HIGH in pixels with 1 <= LOW <= HIGH (FCDD: "
+            f"{CONFETTI_SIDE_PX[0]},{CONFETTI_SIDE_PX[1]}); got {','.join(map(str, side_px))}."
+        )
+
+
 def _layer(
     shape: tuple[int, int],
     channels: int,
     seeds: np.ndarray,
     colours: np.ndarray,
     rng: np.random.Generator,
+    side_px: tuple[int, int],
 ) -> np.ndarray:
     """(H, W, C) layer in [0, 1] with one rotated square per seed; later squares cover earlier ones."""
     layer = np.zeros((*shape, channels))
     for centre, colour in zip(seeds, colours, strict=True):
-        side = rng.integers(CONFETTI_SIDE_PX[0], CONFETTI_SIDE_PX[1] + 1)
+        side = rng.integers(side_px[0], side_px[1] + 1)
         rows, cols, square = _square(shape, centre, side, rng.uniform(-45.0, 45.0))
         layer[rows, cols][square] = colour
     return layer
@@ -62,6 +84,7 @@ def confetti_noise(
     foreground: np.ndarray | None = None,
     color_prob: float = CONFETTI_COLOR_PROB,
     grey_prob: float = CONFETTI_GREY_PROB,
+    side_px: tuple[int, int] = CONFETTI_SIDE_PX,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Add FCDD confetti noise to ``image``.
 
@@ -71,12 +94,14 @@ def confetti_noise(
         foreground: Optional (H, W) bool; squares are seeded on it and the noise is zero outside it.
         color_prob: Per-pixel probability of seeding a square of random colour.
         grey_prob: Per-pixel probability of seeding a grey (full-intensity) square.
+        side_px: (low, high) range of the squares' sides in pixels, drawn uniformly (integers, both included).
 
     Returns:
         image: New image with the input's shape and dtype.
         mask: (H, W) bool, exactly the pixels that differ from the input.
     """
     shape = _check_shape(image.shape[:2])
+    check_confetti_params(color_prob, grey_prob, side_px)
     foreground = check_foreground(foreground, shape)
     pixels = as_rgb_float(image)
     candidates = np.argwhere(foreground)
@@ -88,8 +113,8 @@ def confetti_noise(
     seeds = candidates[rng.integers(len(candidates), size=num_color + num_grey)]
     # Colours are whole grey levels, as FCDD draws them on uint8 images; grey squares are at full intensity.
     colours = rng.integers(0, 256, size=(num_color, channels)) / 255.0
-    noise = _layer(shape, channels, seeds[:num_color], colours, rng)
-    noise += _layer(shape, channels, seeds[num_color:], np.ones((num_grey, channels)), rng)
+    noise = _layer(shape, channels, seeds[:num_color], colours, rng, side_px)
+    noise += _layer(shape, channels, seeds[num_color:], np.ones((num_grey, channels)), rng, side_px)
     noise = ndimage.gaussian_filter(noise, sigma=(_BLUR_SIGMA, _BLUR_SIGMA, 0), truncate=_BLUR_RADIUS / _BLUR_SIGMA)
     noise[(noise < _HALF_LEVEL) | ~foreground[..., None]] = 0.0
     support = noise.max(axis=-1) > 0

@@ -31,6 +31,28 @@ _REFERENCE_SIDE = 256
 _MAX_TRIES = 50
 
 
+def check_cutpaste_params(
+    area_ratio: tuple[float, ...],
+    aspect_ratio: tuple[float, ...],
+    jitter: float,
+    names: tuple[str, str, str] = ("area_ratio", "aspect_ratio", "jitter"),
+) -> None:
+    """Raises ConfigError, naming the option (``names``), unless 0 < area low <= high <= 1, 0 < aspect low <= 1 <=
+    high and 0 <= jitter <= 1."""
+    if len(area_ratio) != 2 or not 0 < area_ratio[0] <= area_ratio[1] <= 1:
+        raise ConfigError(
+            f"{names[0]} needs two fractions of the image area LOW,HIGH with 0 < LOW <= HIGH <= 1 (CutPaste: "
+            f"{CUTPASTE_AREA_RATIO[0]},{CUTPASTE_AREA_RATIO[1]}); got {','.join(map(str, area_ratio))}."
+        )
+    if len(aspect_ratio) != 2 or not 0 < aspect_ratio[0] <= 1 <= aspect_ratio[1]:
+        raise ConfigError(
+            f"{names[1]} needs two width/height ratios LOW,HIGH with 0 < LOW <= 1 <= HIGH (CutPaste: "
+            f"{CUTPASTE_ASPECT_RATIO[0]},{CUTPASTE_ASPECT_RATIO[1]}); got {','.join(map(str, aspect_ratio))}."
+        )
+    if not 0 <= jitter <= 1:
+        raise ConfigError(f"{names[2]} (the ColorJitter strength) must be in [0, 1] (CutPaste: 0.1); got {jitter}.")
+
+
 def check_foreground(foreground: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     """The (H, W) bool foreground a generator may change; all True when None.
 
@@ -151,6 +173,7 @@ def cutpaste(
     if variant not in CUTPASTE_VARIANTS:
         raise ConfigError(f"CutPaste variant must be one of {', '.join(CUTPASTE_VARIANTS)}; got {variant!r}.")
     shape = _check_shape(image.shape[:2])
+    check_cutpaste_params(area_ratio, aspect_ratio, jitter)
     foreground = check_foreground(foreground, shape)
     if variant == "3way":
         variant = "normal" if rng.random() < 0.5 else "scar"

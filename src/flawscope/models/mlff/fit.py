@@ -80,9 +80,19 @@ def add_pseudo_anomalies(
             kind = cfg.pseudo_kinds[int(rng.integers(len(cfg.pseudo_kinds)))]
         pixels = images[row].permute(1, 2, 0).numpy()
         if kind == "confetti":
-            new, mask = confetti_noise(pixels, rng)
+            color_prob, grey_prob = cfg.confetti_probs
+            new, mask = confetti_noise(
+                pixels, rng, color_prob=color_prob, grey_prob=grey_prob, side_px=cfg.confetti_sides
+            )
         elif kind == "cutpaste":
-            new, mask = cutpaste(pixels, rng, variant=cfg.cutpaste_variant)
+            new, mask = cutpaste(
+                pixels,
+                rng,
+                variant=cfg.cutpaste_variant,
+                area_ratio=cfg.cutpaste_area,
+                aspect_ratio=cfg.cutpaste_aspect,
+                jitter=cfg.cutpaste_jitter,
+            )
         else:  # perlin: the homologous source is the image itself, so the defect depends on nothing else
             new, mask = synthetic_defect(pixels, pixels, rng, textures)
         if cfg.grey_pseudo:
@@ -107,7 +117,7 @@ def mlff_losses(model: MLFF, images: Tensor, masks: Tensor, generator: torch.Gen
     else:  # feature grid: a location is anomalous when most of its footprint is
         distance_map, score_map = distance, scores
         anomalous = F.adaptive_avg_pool2d(masks.float(), psi.shape[-2:]) > 0.5
-    parts = {"feature": feature_loss(distance_map, anomalous)}
+    parts = {"feature": feature_loss(distance_map, anomalous, cfg.feature_loss_counts)}
     zero = psi.sum() * 0
     parts["score"] = (
         score_loss(score_map, anomalous, cfg.gamma_margin, cfg.lambda_margin, cfg.score_pairing, generator)

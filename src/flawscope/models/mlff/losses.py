@@ -12,15 +12,27 @@ from torch import Tensor
 FCDD_EPS = 1e-31  # inside the log, as FCDD's loss (python/fcdd/training/fcdd.py)
 
 
-def feature_loss(distance: Tensor, anomalous: Tensor) -> Tensor:
+def feature_loss(distance: Tensor, anomalous: Tensor, counts: str = "batch") -> Tensor:
     """Eq. 4, class-balanced hypersphere loss: mean A over normal pixels / 2 - mean log(1 - exp(-A)) over anomalous / 2.
 
-    Counts are over the batch (M8); without anomalous pixels the second term is dropped.
+    ``counts="batch"`` (M8's proposal) takes both means over the batch's pixels and drops the second term in a batch
+    without anomalous pixels; ``"image"`` takes them per image (a term of an image without such pixels is 0) and
+    returns the mean of the images' losses.
 
     Args:
         distance: (B, 1, H, W) pseudo-Huber distances A >= 0.
         anomalous: (B, 1, H, W) bool, True where the pseudo-anomaly mask is set.
+        counts: ``"batch"`` or ``"image"``.
     """
+    if counts == "image":
+        dims = tuple(range(1, distance.dim()))
+        normal = (~anomalous).to(distance.dtype)
+        abnormal = anomalous.to(distance.dtype)
+        # Normal pixels get A = 1 inside the log, so that its gradient is finite where the mask multiplies it by 0.
+        log_term = torch.log(1 - torch.exp(-torch.where(anomalous, distance, 1.0)) + FCDD_EPS)
+        normal_term = (distance * normal).sum(dims) / normal.sum(dims).clamp(min=1)
+        abnormal_term = (log_term * abnormal).sum(dims) / abnormal.sum(dims).clamp(min=1)
+        return (normal_term / 2 - abnormal_term / 2).mean()
     normal = distance[~anomalous]
     loss = normal.mean() / 2 if normal.numel() else distance.sum() * 0
     abnormal = distance[anomalous]

@@ -111,6 +111,11 @@ class MLFFConfig(ModelConfig):
     consistency_sign: str = option("neg", "softmax of negated (neg) or raw distances [M10]", choices=("neg", "raw"))
     consistency_tau: float = option(1.0, "softmax temperature of the consistency loss", low=0, low_open=True)
     detach_features: bool = option(False, "stop the consistency gradient into the features [M12]")
+    feature_loss_counts: str = option(
+        "batch",
+        "N1, N2 of Eq. 4 counted over the batch (proposal) or per image (Eq. 4 per image, then the batch mean) [M8]",
+        choices=("batch", "image"),
+    )
     loss_resolution: str = option(
         "input",
         "losses on maps upsampled to the input (proposal) or on the feature grid [M7]",
@@ -138,6 +143,20 @@ class MLFFConfig(ModelConfig):
         False, "make pseudo-anomalies grey on grey training images (flawscope's; the paper's confetti is coloured)"
     )
     cutpaste_variant: str = option("normal", "CutPaste variant [M21]", choices=("normal", "scar", "3way"))
+    cutpaste_area: tuple[float, ...] = option(
+        (0.02, 0.15), "LOW,HIGH: the CutPaste rectangle's area as a fraction of the image [M21]", low=0, high=1
+    )
+    cutpaste_aspect: tuple[float, ...] = option(
+        (0.3, 3.3), "LOW,HIGH: its width/height, from U(LOW, 1) or U(1, HIGH) [M21]", low=0, low_open=True
+    )
+    cutpaste_jitter: float = option(0.1, "ColorJitter strength of the pasted patch [M21]", low=0, high=1)
+    confetti_probs: tuple[float, ...] = option(
+        (1.8e-5, 1.2e-5),
+        "COLOUR,GREY: per-pixel probabilities of seeding a confetti square (FCDD) [M20]",
+        low=0,
+        high=1,
+    )
+    confetti_sides: tuple[int, ...] = option((8, 54), "LOW,HIGH: confetti square sides, pixels (FCDD) [M20]", low=1)
     lr: float = option(1e-3, "SGD learning rate", low=0, low_open=True)
     momentum: float = option(0.9, "SGD momentum, Nesterov [proposal, M15]", low=0, high=1)
     weight_decay: float = option(3e-5, "SGD weight decay ('decay rate' 0.00003) [M15]", low=0)
@@ -157,6 +176,18 @@ class MLFFConfig(ModelConfig):
                 f"pseudo_probs needs one non-negative weight per pseudo_kinds entry {self.pseudo_kinds}, not all 0; "
                 f"got {self.pseudo_probs}."
             )
+        from ...synthesis.confetti import check_confetti_params
+        from ...synthesis.cutpaste import check_cutpaste_params
+
+        check_cutpaste_params(
+            self.cutpaste_area,
+            self.cutpaste_aspect,
+            self.cutpaste_jitter,
+            ("cutpaste_area", "cutpaste_aspect", "cutpaste_jitter"),
+        )
+        if len(self.confetti_probs) != 2:
+            raise ConfigError(f"confetti_probs needs two values COLOUR,GREY; got {self.confetti_probs}.")
+        check_confetti_params(*self.confetti_probs, self.confetti_sides, ("confetti_probs", "confetti_sides"))
         if len(self.loss_weights) != 3:
             raise ConfigError(f"loss_weights needs three values (alpha, beta, xi); got {self.loss_weights}.")
         if self.feature_norm == "position" and not self.freeze_backbone:
