@@ -1,6 +1,7 @@
 """PRN: shapes through every block, prototypes and residuals, attention against a direct computation, losses,
 and the seen-defect split (never in the test set)."""
 
+import copy
 import csv
 import importlib
 import json
@@ -556,9 +557,54 @@ def test_shared_fusion_weights_save_and_load(tiny_dataset, tmp_path):
         ({"target_area_shapes": ("star",)}, "target_area_shapes must be a non-empty subset of"),
         ({"aug2_ranges": (45.0, 16.0)}, "aug2_ranges needs three values"),
         ({"aug2_ranges": (45.0, 90.0, 0.25)}, "shear < 90 degrees"),
+        ({"train_layer4": True, "feature_norm": "position"}, "leave train_layer4 off with it"),
     ],
 )
 def test_options_that_would_fail_after_training_are_refused_when_the_config_is_built(options, fragment):
     with pytest.raises(ConfigError) as error:
         PRNConfig(**options)
     assert fragment in str(error.value)
+
+
+# --- P2: the encoder stage that starts the decoder, trained (train_layer4) -----------------------------------------
+
+
+def test_decoder_stage_is_layer4_or_the_stride_32_blocks():
+    resnet = _tiny()
+    assert resnet.decoder_stage() == [resnet.backbone.body.layer4]
+    lite = _tiny(backbone="efficientnet_lite0")
+    assert lite.decoder_stage() == [lite.backbone.body.blocks_5, lite.backbone.body.blocks_6]
+
+
+def test_train_layer4_trains_layer4_only_with_its_batchnorm_in_training_mode(tiny_dataset, tmp_path):
+    from flawscope.model_io import load_model, save_model
+
+    frozen, trained = _tiny(), _tiny(train_layer4=True)
+    layer4 = sum(p.numel() for p in trained.backbone.body.layer4.parameters())
+    count = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (frozen, trained)]
+    assert count[1] == count[0] + layer4 and layer4 == 8_393_728  # ResNet-18's layer4
+    trained.train()
+    assert trained.backbone.body.layer4.training and not trained.backbone.body.layer3.training
+    assert not frozen.train().backbone.body.layer4.training
+    logits = trained.segment_logits(torch.rand(2, 3, 64, 64))
+    logits.mean().backward()
+    grads = [p.grad for p in trained.backbone.body.layer4.parameters()]
+    # Every weight gets a gradient; at random init only part of them are non-zero (timm zero-initialises each
+    # block's last BatchNorm scale, which blocks the gradient of the convolutions before it).
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in trained.backbone.body.layer3.parameters())
+    trained.eval()
+    assert not trained.backbone.body.layer4.training
+
+    # A fit moves layer4 and keeps layer3; the saved model holds the trained stage.
+    model = _tiny(**QUICK_FIT, batch_normal=1, batch_extended=0, batch_simulated=1, train_layer4=True)
+    before = copy.deepcopy(model.backbone.body.state_dict())
+    fit(model, load_dataset(tiny_dataset).train, FitContext(quiet=True))
+    after = model.backbone.body.state_dict()
+    moved = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
+    assert moved == {"blocks_5", "blocks_6"}  # EfficientNet-Lite0's stride-32 blocks; weights and BN statistics
+    loaded = load_model(save_model(model, tmp_path / "model"))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(images), loaded(images), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -42,6 +42,11 @@ class PRNConfig(ModelConfig):
     )
     strides: tuple[int, ...] = option((4, 8, 16), "encoder stages for prototypes/fusion/attention (layer1-3)", low=2)
     decoder_stride: int = option(32, "encoder stage that starts the decoder (layer4)", low=4)
+    train_layer4: bool = option(
+        False,
+        "train the encoder's blocks from the last prototype stage to decoder_stride (ResNet: layer4) with the "
+        "decoder, their BatchNorm in training mode (P2; paper and xcyao00: frozen)",
+    )
     feature_norm: str = option(
         "none",
         "none: the encoder's stages (paper); position: whiten every stage's grid positions with their mean and "
@@ -164,6 +169,11 @@ class PRNConfig(ModelConfig):
                 f"decoder_stride ({self.decoder_stride}) must be deeper than every stage in strides "
                 f"({','.join(map(str, self.strides))}): the decoder starts from a later stage (layer4, 32)."
             )
+        if self.train_layer4 and self.feature_norm == "position":
+            raise ConfigError(
+                "feature_norm=position whitens every encoder stage with statistics fitted once before training, so "
+                "the stage that starts the decoder must stay fixed: leave train_layer4 off with it."
+            )
         if len(self.opacity_range) != 2 or self.opacity_range[0] > self.opacity_range[1]:
             raise ConfigError(
                 f"opacity_range must be two numbers LOW,HIGH with LOW <= HIGH (beta ~ U(LOW, HIGH)); got "
@@ -204,6 +214,25 @@ class PRN(AnomalyModel):
         # One zero prototype per scale until fit sets K of them (load_state resizes these buffers).
         for j, (c, size) in enumerate(zip(channels, sizes, strict=True)):
             self.register_buffer(f"prototypes{j}", torch.zeros(1, c, size, size))
+        for module in self.decoder_stage():  # the shared Backbone is frozen; P2's option trains its last stage
+            module.requires_grad_(config.train_layer4)
+
+    def decoder_stage(self) -> list[nn.Module]:
+        """The encoder's modules after the last prototype stage, up to the one that starts the decoder (ResNet:
+        ``layer4``; EfficientNet-Lite: the stride-32 blocks)."""
+        body = self.backbone.body
+        *_, last, deep = body.return_layers  # stage names, in network order
+        names = list(body.keys())
+        return [body[name] for name in names[names.index(last) + 1 : names.index(deep) + 1]]
+
+    def train(self, mode: bool = True) -> PRN:
+        """As nn.Module.train; with ``train_layer4`` the decoder's encoder stage follows ``mode`` too (the frozen
+        Backbone wrapper keeps the rest in eval mode)."""
+        super().train(mode)
+        if self.config.train_layer4:
+            for module in self.decoder_stage():
+                nn.Module.train(module, mode)
+        return self
 
     def prototypes(self) -> list[Tensor]:
         """The K prototypes of each scale, [(K, c_j, h_j, w_j)]."""
