@@ -1048,3 +1048,60 @@ def test_python_m_flawscope_runs_the_command_line():
     command = [sys.executable, "-m", "flawscope", "--version"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == f"flawscope, version {__version__}"
+
+
+# ------------------------------------------------------------------------- pixel metrics at the native resolution
+
+
+def test_test_at_the_native_resolution_resizes_each_map_to_its_image(run, tiny_dataset, tmp_path):
+    import torch.nn.functional as F
+
+    import flawscope.metrics as fm
+    from flawscope.data import read_mask
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    # Every test image and its mask get their own size, none of them the model's 64 x 64.
+    for i, path in enumerate(sorted((data / "test").rglob("*.png"))):
+        size = (64 + 16 * (i % 3), 40 + 24 * (i % 2))  # PIL (width, height)
+        Image.open(path).resize(size, Image.BILINEAR).save(path)
+        mask_path = data / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+        if mask_path.exists():
+            Image.open(mask_path).resize(size, Image.NEAREST).save(mask_path)
+    result = invoke("test", run, "--data", data, "--out", tmp_path / "native", "--eval-resolution", "native", "--quiet")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "native" / "metrics.json").read_text())
+    assert metrics["eval_resolution"] == "native"
+    assert "own size (native)" in (tmp_path / "native" / "report.html").read_text()
+
+    # The same metrics computed directly: the model's raw 64-px map resized bilinearly to the file's size.
+    model = load_model(run / "model")
+    maps, masks = [], []
+    for sample in load_dataset(data).test:
+        pixels = read_image(sample.path)
+        with torch.no_grad():
+            raw = model(preprocess(pixels, 64, 0)[None]).anomaly_map
+        maps.append(F.interpolate(raw, size=pixels.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy())
+        masks.append(read_mask(sample.mask_path) if sample.mask_path else np.zeros(pixels.shape[:2], bool))
+    assert {m.shape for m in maps} == {(40, 64), (64, 80), (40, 96), (64, 64), (40, 80), (64, 96)}
+    expected = fm.pixel_metrics(maps, masks)
+    # Batches of 8 against one image at a time move the maps by float rounding, and AUPRO with them (1e-6 here).
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-5), key
+    scratch = [i for i, s in enumerate(load_dataset(data).test) if s.defect_type in ("good", "scratch")]
+    per_type = fm.pixel_metrics([maps[i] for i in scratch], [masks[i] for i in scratch])
+    assert metrics["per_type"]["scratch"]["pixel_aupro"] == pytest.approx(per_type["pixel_aupro"], abs=1e-5)
+
+    default = invoke("test", run, "--data", data, "--out", tmp_path / "input", "--quiet")
+    assert default.exit_code == 0, default.output
+    at_input = json.loads((tmp_path / "input" / "metrics.json").read_text())
+    assert at_input["eval_resolution"] == "input" and at_input["pixel_aupro"] != metrics["pixel_aupro"]
+
+
+def test_native_resolution_needs_a_run_that_saw_the_whole_image(tiny_dataset, tmp_path):
+    out = tmp_path / "crop"
+    fitted = invoke(*fit_args(tiny_dataset, out)[:-4], "--resize-size", "72", "--data", tiny_dataset, "--out", out)
+    assert fitted.exit_code == 0, fitted.output
+    result = invoke("test", out, "--data", tiny_dataset, "--out", tmp_path / "t", "--eval-resolution", "native")
+    assert_clean_error(result, "crops the centre (resize_size=72, image_size=64)", "--resize-size 0")
+    assert not (tmp_path / "t").exists()

@@ -259,3 +259,77 @@ def test_per_type_metrics_pair_each_type_with_the_good_images():
     assert table["crack"]["pixel_aupro"] == 0.0
     no_maps = per_type_metrics(ScoredImages(samples, scored.raw_scores, np.zeros(3), None, None, 0.0))
     assert no_maps["blob"] == {"count": 1, "image_auroc": 1.0}
+
+
+# --- maps given per image, each at its own size (evaluation at the images' native resolution) ----------------------
+
+
+def _ragged(seed: int, levels: int | None = 8) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Four maps of different sizes with blob-like regions; quantised so that scores tie across images."""
+    rng = np.random.default_rng(seed)
+    maps, masks = [], []
+    for height, width in [(12, 20), (9, 9), (16, 7), (5, 30)]:
+        mask = rng.random((height, width)) < 0.1
+        mask[2:5, 2:5] |= rng.random() < 0.7
+        scores = rng.random((height, width)) + 0.6 * mask
+        maps.append((np.floor(scores * levels) / levels).astype(np.float32) if levels else scores)
+        masks.append(mask)
+    return maps, masks
+
+
+def _reference_aupro_per_image(maps: list, masks: list, max_fpr: float) -> float:
+    """The brute-force AUPRO of ``_reference_aupro``, with each image's regions labelled on its own."""
+    flat_maps = np.concatenate([m.ravel() for m in maps])
+    flat_masks = np.concatenate([k.ravel() for k in masks])
+    ids, offset = [], 0
+    for k in masks:
+        regions = skimage_label(k, connectivity=2)
+        ids.append(regions[k] + offset)
+        offset += regions.max()
+    ids = np.concatenate(ids)
+    sizes = np.bincount(ids)[1:]
+    fpr, pro = [0.0], [0.0]
+    for t in np.unique(flat_maps)[::-1]:
+        fpr.append(np.mean(flat_maps[~flat_masks] >= t))
+        pro.append(np.mean(np.bincount(ids[flat_maps[flat_masks] >= t], minlength=sizes.size + 1)[1:] / sizes))
+    area = 0.0
+    for x0, x1, y0, y1 in zip(fpr[:-1], fpr[1:], pro[:-1], pro[1:], strict=True):
+        if x0 >= max_fpr:
+            break
+        if x1 > max_fpr:
+            y1, x1 = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0), max_fpr
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / max_fpr
+
+
+def test_per_image_lists_give_exactly_the_stacked_results():
+    maps, masks = _maps_masks(3, levels=10)
+    stacked = fm.pixel_metrics(maps, masks)
+    assert fm.pixel_metrics(list(maps), list(masks)) == stacked
+    assert fm.aupro(list(maps), list(torch.from_numpy(masks))) == stacked["pixel_aupro"]
+    for a, b in zip(fm.pro_curve(list(maps), list(masks)), fm.pro_curve(maps, masks), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("max_fpr", [0.3, 1.0])
+def test_maps_of_different_sizes_against_scikit_learn_and_the_brute_force_aupro(seed, max_fpr):
+    maps, masks = _ragged(seed)
+    flat_maps = np.concatenate([m.ravel() for m in maps])
+    flat_masks = np.concatenate([k.ravel() for k in masks])
+    result = fm.pixel_metrics(maps, masks, max_fpr=max_fpr)
+    assert result["pixel_auroc"] == pytest.approx(skm.roc_auc_score(flat_masks, flat_maps), abs=1e-12)
+    assert result["pixel_ap"] == pytest.approx(skm.average_precision_score(flat_masks, flat_maps), abs=1e-12)
+    expected = _reference_aupro_per_image(maps, masks, max_fpr)
+    assert result["pixel_aupro"] == pytest.approx(expected, abs=1e-12)
+    assert fm.aupro(maps, masks, max_fpr=max_fpr) == result["pixel_aupro"]
+
+
+def test_per_image_lists_are_checked():
+    maps, masks = _ragged(0)
+    with pytest.raises(DataError, match="two lists of equal, non-zero length; got 4 maps and 3 masks"):
+        fm.pixel_metrics(maps, masks[:3])
+    with pytest.raises(DataError, match="non-zero length; got 0 maps"):
+        fm.aupro([], [])
+    with pytest.raises(DataError, match=r"same shape.*\(1, 12, 20\).*\(1, 9, 9\)"):
+        fm.pixel_metrics(maps[:2], masks[1:3])

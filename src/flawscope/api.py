@@ -68,6 +68,7 @@ class ScoredImages:
     maps: np.ndarray | None  # (N, H, W) float32 raw anomaly maps
     masks: np.ndarray | None  # (N, H, W) bool ground truth
     seconds: float
+    sizes: np.ndarray | None = None  # (N, 2) int64: each image's upright (height, width), kept with the maps
 
 
 def score_images(
@@ -80,6 +81,7 @@ def score_images(
     raw, norm = np.zeros(count), np.zeros(count)
     maps = np.zeros((count, size, size), np.float32) if keep_maps else None
     masks = np.zeros((count, size, size), bool) if keep_maps else None
+    sizes = np.zeros((count, 2), np.int64) if keep_maps else None
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in ctx.progress_images(loader, "scoring"):
@@ -90,7 +92,8 @@ def score_images(
             if keep_maps:
                 maps[index] = out.anomaly_map[:, 0].float().cpu().numpy()
                 masks[index] = batch["mask"][:, 0].numpy() > 0.5
-    return ScoredImages(list(samples), raw, norm, maps, masks, time.perf_counter() - start)
+                sizes[index] = batch["size"].numpy()
+    return ScoredImages(list(samples), raw, norm, maps, masks, time.perf_counter() - start, sizes)
 
 
 def _refuse_non_finite(scored: ScoredImages, model: str, images: str, fix: str) -> None:

@@ -243,10 +243,20 @@ def _threshold_line(run: Path) -> str:
     default=None,
     help="also leave out the defects another (few-shot) run trained on, to compare on the same images",
 )
+@click.option(
+    "--eval-resolution",
+    type=click.Choice(["input", "native"]),
+    default="input",
+    show_default=True,
+    help="pixel metrics on the model's input grid, or at each image's own size (needs a run fitted with "
+    "--resize-size 0)",
+)
 @threads_option()
 @DEVICE
 @QUIET
-def test(run, data, out, category, layout, batch_size, no_report, exclude_seen_of, device, quiet) -> None:
+def test(
+    run, data, out, category, layout, batch_size, no_report, exclude_seen_of, eval_resolution, device, quiet
+) -> None:
     """Evaluate RUN on the labelled test split of DATA."""
     from .evaluation import test as run_test
 
@@ -261,6 +271,7 @@ def test(run, data, out, category, layout, batch_size, no_report, exclude_seen_o
         quiet=quiet,
         report=not no_report,
         exclude_seen_of=exclude_seen_of,
+        eval_resolution=eval_resolution,
     )
     if metrics.get("num_excluded_seen"):
         click.echo(f"  {metrics['num_excluded_seen']} seen defects used in training were left out of the test set")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import time
 import warnings
@@ -11,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import metrics as M
 from .api import ScoredImages, resolve_device, run_dataset, run_record, score_images
-from .data import DatasetSplit, ImageDataset, exclude_samples
+from .data import DatasetSplit, ImageDataset, exclude_samples, read_mask
 from .errors import ConfigError, DataError
 from .fitting import FitContext, torch_threads
 from .model_io import describe_threshold, load_model, read_model_info
@@ -24,6 +26,8 @@ from .report import Curve, GalleryItem, heatmap_overlay, write_report
 from .runs import write_json
 
 GALLERY_SIZE = 6
+# Where the pixel metrics are computed: on the model's input grid, or at each test image's own size.
+EVAL_RESOLUTIONS = ("input", "native")
 
 
 def _defined(fn, *args) -> Any:
@@ -34,14 +38,42 @@ def _defined(fn, *args) -> Any:
         return None
 
 
+def _any_defect(masks: np.ndarray | list[np.ndarray] | None) -> bool:
+    """True when any mask, stacked (N, H, W) or one (H_i, W_i) array per image, marks a defect pixel."""
+    return masks is not None and any(bool(mask.any()) for mask in masks)
+
+
+def _take(images: np.ndarray | list[np.ndarray], keep: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """The entries of ``images`` (stacked, or one array per image) where the (N,) bool ``keep`` is True."""
+    return images[keep] if isinstance(images, np.ndarray) else [images[i] for i in np.flatnonzero(keep)]
+
+
+def native_resolution(scored: ScoredImages) -> ScoredImages:
+    """The same scores with each raw map resized (bilinear) to its image's own (height, width) and each mask read
+    at that size: pixel metrics at the native resolution (the maps and masks become lists, one array per image).
+
+    Only meaningful when the model saw the whole image (``resize_size=0``), which ``test`` checks.
+    """
+    maps, masks = [], []
+    for sample, raw_map, (height, width) in zip(scored.samples, scored.maps, scored.sizes.tolist(), strict=True):
+        grid = torch.from_numpy(raw_map)[None, None]
+        maps.append(F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy())
+        if sample.mask_path is None:
+            masks.append(np.zeros((height, width), bool))
+        else:
+            masks.append(read_mask(sample.mask_path, size=(height, width), image_path=sample.path))
+    return dataclasses.replace(scored, maps=maps, masks=masks)
+
+
 def compute_metrics(scored: ScoredImages) -> tuple[dict[str, Any], list[Curve]]:
-    """Image and pixel metrics of a scored test set, with the curves for the report."""
+    """Image and pixel metrics of a scored test set, with the curves for the report. The maps and masks may be
+    stacked or one array per image (``native_resolution``)."""
     labels = np.array([s.label for s in scored.samples], bool)
     result: dict[str, Any] = {}
     image = _defined(M.image_metrics, scored.raw_scores, labels) or {}
     for key in ("image_auroc", "image_ap", "image_f1max"):
         result[key] = image.get(key)
-    has_defect_pixels = scored.masks is not None and bool(scored.masks.any())
+    has_defect_pixels = _any_defect(scored.masks)
     pixel = _defined(M.pixel_metrics, scored.maps, scored.masks) if has_defect_pixels else None
     for key in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
         result[key] = (pixel or {}).get(key)
@@ -70,8 +102,8 @@ def per_type_metrics(scored: ScoredImages) -> dict[str, dict[str, Any]]:
         chosen = np.array([s.defect_type == defect_type for s in scored.samples])
         keep = chosen | good
         row = {"count": int(chosen.sum()), "image_auroc": _defined(M.auroc, scored.raw_scores[keep], chosen[keep])}
-        if scored.maps is not None and scored.masks[chosen].any():
-            pixel = _defined(M.pixel_metrics, scored.maps[keep], scored.masks[keep]) or {}  # one shared sort
+        if scored.maps is not None and _any_defect(_take(scored.masks, chosen)):
+            pixel = _defined(M.pixel_metrics, _take(scored.maps, keep), _take(scored.masks, keep)) or {}
             row.update({key: pixel.get(key) for key in ("pixel_auroc", "pixel_aupro")})
         table[defect_type] = row
     return table
@@ -165,8 +197,14 @@ def test(
     report: bool = True,
     exclude_seen_of: str | Path | None = None,
     threads: int | None = None,
+    eval_resolution: str = "input",
 ) -> dict[str, Any]:
     """Evaluates a run on the test split of ``data``.
+
+    Pixel metrics are computed on the model's input grid (``eval_resolution="input"``, the masks resized as the
+    images were), or with ``"native"`` at each test image's own size: the map resized bilinearly to the image, the
+    mask as read. Native needs a model that sees the whole image (fitted with ``resize_size=0``) and memory for
+    full-size maps (4 bytes a pixel, all test images together).
 
     Defective images the run trained on (few-shot methods; listed in its config.json) are removed from the test
     set first; ``exclude_seen_of`` removes those of another run too, so an unsupervised model can be compared
@@ -189,9 +227,18 @@ def test(
                 f"--exclude-seen-of {exclude_seen_of} is not a run folder (no config.json in it); give the folder that "
                 "`flawscope fit --out` wrote for the few-shot run whose seen defects should be left out."
             )
+        if eval_resolution not in EVAL_RESOLUTIONS:
+            raise ConfigError(f"eval_resolution must be one of {', '.join(EVAL_RESOLUTIONS)}; got {eval_resolution!r}.")
         run = Path(run)
         info = read_model_info(run)
         model = load_model(info["folder"])
+        if eval_resolution == "native" and model.config.resize_size != 0:
+            raise ConfigError(
+                f"--eval-resolution native puts the model's map back onto the whole image, but this run crops the "
+                f"centre (resize_size={model.config.resize_size}, image_size={model.config.image_size}), so the map "
+                "covers only part of it. Evaluate at the model's input (the default), or fit with --resize-size 0 "
+                "(the whole image resized) to evaluate at the native resolution."
+            )
         dataset = run_dataset(run, data, layout, category)
         if not dataset.test:
             raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
@@ -209,7 +256,8 @@ def test(
         scored = score_images(model, test_samples, ctx, batch_size, keep_maps=True)
         model.cpu()
         start = time.perf_counter()
-        metrics, curves = compute_metrics(scored)
+        pixels = native_resolution(scored) if eval_resolution == "native" else scored
+        metrics, curves = compute_metrics(pixels)
         metric_seconds = time.perf_counter() - start
         labels = np.array([s.label for s in scored.samples])
         maskless = [str(s.path) for s in scored.samples if s.label and s.mask_path is None]
@@ -266,7 +314,8 @@ def test(
                 "inference_seconds": round(scored.seconds, 3),
                 "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
                 "metrics_seconds": round(metric_seconds, 3),
-                "per_type": per_type_metrics(scored),
+                "per_type": per_type_metrics(pixels),
+                "eval_resolution": eval_resolution,
                 "method": info["method"],
                 "data": str(dataset.root.resolve()),
                 "layout": dataset.layout,
@@ -293,6 +342,11 @@ def test(
             "data": str(dataset.root.resolve()),
             "threshold": threshold_line,
             "images": f"{labels.size} ({num_good} good, {num_defective} defective)",
+            "pixel metrics at": (
+                "each image's own size (native)"
+                if eval_resolution == "native"
+                else f"the model input, {model.config.image_size} x {model.config.image_size}"
+            ),
             "decisions": decided,
         }
         if excluded:

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from flawscope.errors import DataError
 from flawscope.metrics import _binary, _pro
 from flawscope.metrics._binary import SortedScores
-from flawscope.metrics._inputs import check_maps_masks, check_scores_labels
+from flawscope.metrics._inputs import check_maps_masks, check_scores_labels, to_numpy
 
 __all__ = [
     "aupro",
@@ -121,16 +122,42 @@ def pr_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return _binary.pr_curve(_split(scores, labels))
 
 
-def _pro_curve_checked(
-    maps: np.ndarray, masks: np.ndarray, max_fpr: float, neg_sorted: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """PRO curve of validated inputs; ``neg_sorted`` (all normal scores, ascending) skips the selection step."""
-    ids, num_regions = _pro.region_ids(masks)
-    num_neg = masks.size - ids.size
-    _pro.require_pro_inputs(num_neg, num_regions)
-    if neg_sorted is None:
-        neg_sorted = _pro.top_sorted(maps[~masks], _pro.cutoff_count(num_neg, max_fpr))
-    return _pro.pro_curve(neg_sorted, num_neg, maps[masks], ids, num_regions, max_fpr)
+class _Pixels:
+    """Validated pixel inputs, flattened: scores (M,), bool masks (M,) and the region of each defect pixel."""
+
+    def __init__(self, maps: Any, masks: Any) -> None:
+        if isinstance(maps, (list, tuple)) or isinstance(masks, (list, tuple)):
+            self._from_images(maps, masks)
+        else:
+            maps, masks = check_maps_masks(maps, masks)
+            self.ids, self.num_regions = _pro.region_ids(masks)
+            self.maps, self.masks = maps.reshape(-1), masks.reshape(-1)
+
+    def _from_images(self, maps: Any, masks: Any) -> None:
+        """One (H_i, W_i) map and mask per image, the sizes free to differ (evaluation at each image's own size)."""
+        if len(maps) != len(masks) or not len(maps):
+            raise DataError(
+                f"maps and masks given per image must be two lists of equal, non-zero length; got {len(maps)} maps "
+                f"and {len(masks)} masks."
+            )
+        flat_maps, flat_masks, ids, self.num_regions = [], [], [], 0
+        for m, k in zip(maps, masks, strict=True):
+            m, k = check_maps_masks(to_numpy(m)[None], to_numpy(k)[None])  # (1, H_i, W_i) each
+            image_ids, count = _pro.region_ids(k)
+            ids.append(image_ids + self.num_regions)
+            self.num_regions += count
+            flat_maps.append(m.reshape(-1))
+            flat_masks.append(k.reshape(-1))
+        self.maps, self.masks = np.concatenate(flat_maps), np.concatenate(flat_masks)
+        self.ids = np.concatenate(ids)
+
+    def pro_curve(self, max_fpr: float, neg_sorted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """PRO curve; ``neg_sorted`` (all normal scores, ascending) skips the selection step."""
+        num_neg = self.masks.size - self.ids.size
+        _pro.require_pro_inputs(num_neg, self.num_regions)
+        if neg_sorted is None:
+            neg_sorted = _pro.top_sorted(self.maps[~self.masks], _pro.cutoff_count(num_neg, max_fpr))
+        return _pro.pro_curve(neg_sorted, num_neg, self.maps[self.masks], self.ids, self.num_regions, max_fpr)
 
 
 def pro_curve(maps: Any, masks: Any, max_fpr: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -140,8 +167,9 @@ def pro_curve(maps: Any, masks: Any, max_fpr: float = 0.3) -> tuple[np.ndarray, 
     region at or above the threshold, FPR the fraction of all normal pixels at or above it.
 
     Args:
-        maps: (N, H, W) or (N, 1, H, W) anomaly maps, float16/32/64.
-        masks: Same shape; bool or 0/1, True = defect.
+        maps: (N, H, W) or (N, 1, H, W) anomaly maps, float16/32/64; or a list of (H_i, W_i) maps, one per image
+            at its own size (regions never join across images).
+        masks: Same shape (or a list of the same shapes); bool or 0/1, True = defect.
         max_fpr: FPR limit in (0, 1].
 
     Returns:
@@ -153,7 +181,7 @@ def pro_curve(maps: Any, masks: Any, max_fpr: float = 0.3) -> tuple[np.ndarray, 
         ConfigError: if ``max_fpr`` is outside (0, 1].
     """
     max_fpr = _pro.check_max_fpr(max_fpr)
-    return _pro_curve_checked(*check_maps_masks(maps, masks), max_fpr)
+    return _Pixels(maps, masks).pro_curve(max_fpr)
 
 
 def _area(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
@@ -165,8 +193,8 @@ def aupro(maps: Any, masks: Any, max_fpr: float = 0.3) -> float:
     """Area under the PRO curve up to ``max_fpr`` (trapezoid rule), divided by ``max_fpr``.
 
     Args:
-        maps: (N, H, W) or (N, 1, H, W) anomaly maps.
-        masks: Same shape; bool or 0/1.
+        maps: (N, H, W) or (N, 1, H, W) anomaly maps; or a list of (H_i, W_i) maps.
+        masks: Same shape (or a list of the same shapes); bool or 0/1.
         max_fpr: FPR limit in (0, 1]; 0.3 as in MVTec AD.
 
     Returns:
@@ -177,7 +205,7 @@ def aupro(maps: Any, masks: Any, max_fpr: float = 0.3) -> float:
         ConfigError: if ``max_fpr`` is outside (0, 1].
     """
     max_fpr = _pro.check_max_fpr(max_fpr)
-    return _area(*_pro_curve_checked(*check_maps_masks(maps, masks), max_fpr), max_fpr)
+    return _area(*_Pixels(maps, masks).pro_curve(max_fpr), max_fpr)
 
 
 def image_metrics(scores: Any, labels: Any) -> dict[str, float]:
@@ -207,8 +235,9 @@ def pixel_metrics(maps: Any, masks: Any, max_fpr: float = 0.3) -> dict[str, floa
     """Pixel-level AUROC, AP, F1max and AUPRO, sharing one sort of the normal and defect scores.
 
     Args:
-        maps: (N, H, W) or (N, 1, H, W) anomaly maps, float16/32/64.
-        masks: Same shape; bool or 0/1, True = defect.
+        maps: (N, H, W) or (N, 1, H, W) anomaly maps, float16/32/64; or a list of (H_i, W_i) maps, one per image
+            at its own size (AUPRO's regions never join across images).
+        masks: Same shape (or a list of the same shapes); bool or 0/1, True = defect.
         max_fpr: FPR limit of AUPRO in (0, 1].
 
     Returns:
@@ -219,12 +248,12 @@ def pixel_metrics(maps: Any, masks: Any, max_fpr: float = 0.3) -> dict[str, floa
         ConfigError: if ``max_fpr`` is outside (0, 1].
     """
     max_fpr = _pro.check_max_fpr(max_fpr)
-    maps, masks = check_maps_masks(maps, masks)
-    scores = SortedScores.from_labels(maps.reshape(-1), masks.reshape(-1))
+    pixels = _Pixels(maps, masks)
+    scores = SortedScores.from_labels(pixels.maps, pixels.masks)
     scores.require("Pixel AUROC", need_neg=True)
     return {
         "pixel_auroc": _binary.auroc(scores),
         "pixel_ap": _binary.average_precision(scores),
         "pixel_f1max": _binary.f1max(scores)[0],
-        "pixel_aupro": _area(*_pro_curve_checked(maps, masks, max_fpr, scores.neg), max_fpr),
+        "pixel_aupro": _area(*pixels.pro_curve(max_fpr, scores.neg), max_fpr),
     }
