@@ -608,3 +608,43 @@ def test_train_layer4_trains_layer4_only_with_its_batchnorm_in_training_mode(tin
     with torch.no_grad():
         for a, b in zip(model(images), loaded(images), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --- xcyao00's rotation of the base image (base_rotate_prob) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["extended", "simulated"])
+def test_base_rotation_rotates_the_image_a_defect_is_made_on(monkeypatch, kind):
+    prn_fit = importlib.import_module("flawscope.models.prn.fit")
+    bases = []
+
+    def record(image, *args, **kwargs):  # the generator's view: the base image it is given
+        bases.append(image.copy())
+        return image, np.zeros(image.shape[:2], bool)
+
+    monkeypatch.setattr(prn_fit, f"{kind}_anomaly", record)
+    normals = np.full((3, 32, 32, 3), 255, np.uint8)  # white: a rotation shows as black corners
+    seen = (np.zeros((1, 32, 32, 3), np.uint8), np.ones((1, 32, 32), bool))
+    for prob, rotated in ((0.0, range(0, 1)), (1.0, range(17, 21))):  # a draw near 0 degrees leaves no dark corner
+        bases.clear()
+        draw = AnomalyBatches(PRNConfig.from_dict({**TINY, "base_rotate_prob": prob}), normals, seen, seed=0)
+        for _ in range(20):
+            getattr(draw, kind)()
+            good, _ = draw._normal()  # the batches' good images are never rotated
+            assert good.min() == 1.0
+        dark = [float((b < 0.5).mean()) for b in bases]
+        assert sum(d > 0 for d in dark) in rotated
+        # The black corners are largest at 45 degrees: 3 - 2 sqrt(2), about 17 % of the square.
+        assert max(dark) <= 0.18
+
+
+def test_base_rotation_turns_the_foreground_with_the_image():
+    normals = np.zeros((1, 32, 32, 3), np.uint8)
+    normals[0, :, :16] = 255  # left half bright: Otsu's foreground
+    cfg = PRNConfig.from_dict({**TINY, "base_rotate_prob": 1.0, "foreground": "otsu"})
+    draw = AnomalyBatches(cfg, normals, (np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0, 32, 32), bool)), seed=3)
+    image, foreground = draw._normal(base=True)
+    assert foreground.shape == (32, 32) and foreground.any()
+    np.testing.assert_array_equal(
+        foreground & (image[..., 0] < 0.5), np.zeros((32, 32), bool)
+    )  # still on the bright part

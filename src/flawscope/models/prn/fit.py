@@ -31,6 +31,7 @@ from ...errors import ConfigError
 from ...fitting import FitContext, autocast, recalibrate_batchnorm
 from ...layers import kmeans
 from ...synthesis.anomalies import MAX_TRIES, extended_anomaly, homologous_source, match_grey, simulated_anomaly
+from ...synthesis.augment import random_affine
 from ...synthesis.perlin import texture_source
 from ...synthesis.regions import foreground_mask
 from .model import PRN, PRNConfig
@@ -142,17 +143,24 @@ class AnomalyBatches:
         self.num_extended = cfg.batch_extended if len(self.seen_images) else 0
         self.num_simulated = cfg.batch_simulated + cfg.batch_extended - self.num_extended
 
-    def _normal(self) -> tuple[np.ndarray, np.ndarray | None]:
+    def _normal(self, base: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """A random good image (S, S, 3) float32 and its foreground; a ``base`` for a synthetic defect is rotated by
+        U(-90, 90) degrees with probability ``base_rotate_prob`` (xcyao00's DRAEM step), its foreground with it."""
         i = int(self.rng.integers(len(self.normals)))
         foreground = self.foregrounds[i] if self.foregrounds is not None else None
-        return self.normals[i].astype(np.float32) / 255.0, foreground
+        image = self.normals[i].astype(np.float32) / 255.0
+        if base and self.cfg.base_rotate_prob and self.rng.random() < self.cfg.base_rotate_prob:
+            inside = np.ones(image.shape[:2], bool) if foreground is None else foreground
+            image, inside = random_affine(image, inside, self.rng, rotate=90.0, shear=0.0, translate=0.0)
+            foreground = None if foreground is None else inside
+        return image, foreground
 
     def extended(self) -> tuple[np.ndarray, np.ndarray]:
         i = int(self.rng.integers(len(self.seen_images)))
         defect, mask = self.seen_images[i].astype(np.float32) / 255.0, self.seen_masks[i]
         if self.cfg.include_raw_seen and self.rng.random() < 0.5:
             return defect, mask
-        image, foreground = self._normal()
+        image, foreground = self._normal(base=True)
         cfg = self.cfg
         made = extended_anomaly(
             image,
@@ -170,7 +178,7 @@ class AnomalyBatches:
 
     def simulated(self) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.cfg
-        image, foreground = self._normal()
+        image, foreground = self._normal(base=True)
         shape = image.shape[:2]
         if self.rng.random() < cfg.hea_prob:
             source, ops = self.textures(shape, self.rng), cfg.aug_num_ops

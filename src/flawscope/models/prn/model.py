@@ -150,6 +150,13 @@ class PRNConfig(ModelConfig):
         choices=("none", "otsu"),
     )
     include_raw_seen: bool = option(False, "half of the EA slots are the raw seen defects (xcyao00 reuses them)")
+    base_rotate_prob: float = option(
+        0.0,
+        "chance that the good image an extended or simulated anomaly is made on is first rotated by U(-90, 90) "
+        "degrees, corners black (xcyao00 and DRAEM: 0.3; the paper: none)",
+        low=0,
+        high=1,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
