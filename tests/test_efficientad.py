@@ -282,6 +282,25 @@ def test_map_quantiles_send_validation_quantiles_to_0_and_01(tiny_dataset, paddi
     assert tensor_quantile(normalised, 0.995).item() == pytest.approx(0.1, abs=1e-6)
 
 
+@pytest.mark.parametrize("padding", ["paper", "code"])
+def test_gaussian_map_normalization_standardises_the_validation_maps(tiny_dataset, padding):
+    # The ablation baseline of the paper's Tables 4 and 5: each map's validation pixels to mean 0 and std 1.
+    model = _tiny(out_channels=8, padding=padding, map_normalization="gaussian").eval()
+    samples = load_dataset(tiny_dataset).train[:4]
+    map_quantiles(model, samples, FitContext(quiet=True))
+    images = _images(samples)
+    with torch.no_grad():
+        maps = model.raw_maps(images)
+    for raw, qa, qb in zip(maps, (model.qa_st, model.qa_ae), (model.qb_st, model.qb_ae), strict=True):
+        if padding == "paper":
+            raw = F.interpolate(raw, size=64, mode="bilinear", align_corners=False)
+        normalised = quantile_normalize(raw, qa, qb).double()
+        assert normalised.mean().item() == pytest.approx(0.0, abs=1e-4)
+        assert normalised.std(correction=0).item() == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ConfigError, match="'map_normalization'.*one of 'quantile', 'gaussian'"):
+        EfficientADConfig(**TINY, map_normalization="minmax")
+
+
 def test_quantile_images_replace_the_held_out_share(tiny_dataset, tmp_path):
     folder = tiny_dataset / "test" / "good"
     model = _tiny(out_channels=8, num_steps=1, quantile_images=str(folder))

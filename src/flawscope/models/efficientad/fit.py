@@ -249,6 +249,8 @@ def map_quantiles(model: EfficientAD, samples: Sequence[Sample], ctx: FitContext
 
     Padding "paper" takes them on maps resized bilinearly to the input size (the appendix's Algorithm 2);
     "code" on the raw PDN-grid maps (the public code). Sets the four buffers and returns their values.
+    ``map_normalization="gaussian"`` (the ablation baseline) sets q_a = mean and q_b = mean + 0.1 std instead, so
+    that the same inference formula 0.1 (M - q_a) / (q_b - q_a) gives (M - mean) / std.
     """
     cfg = model.config
     model.eval()
@@ -262,8 +264,12 @@ def map_quantiles(model: EfficientAD, samples: Sequence[Sample], ctx: FitContext
     result = {}
     for key, chunks in values.items():
         pooled = torch.cat(chunks)
-        for name, q in (("qa", cfg.quantile_a), ("qb", cfg.quantile_b)):
-            value = tensor_quantile(pooled, q)
+        if cfg.map_normalization == "gaussian":
+            mean, std = pooled.double().mean(), pooled.double().std(correction=0)
+            levels = {"qa": mean, "qb": mean + 0.1 * std}
+        else:
+            levels = {"qa": tensor_quantile(pooled, cfg.quantile_a), "qb": tensor_quantile(pooled, cfg.quantile_b)}
+        for name, value in levels.items():
             getattr(model, f"{name}_{key}").fill_(float(value))
             result[f"{name}_{key}"] = float(value)
     return result

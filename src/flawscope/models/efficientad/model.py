@@ -80,6 +80,12 @@ class EfficientADConfig(ModelConfig):
     ae_aug_strength: float = option(
         0.2, "autoencoder branch: brightness, contrast or saturation factor ~ U(1 - s, 1 + s)", low=0, high=1
     )
+    map_normalization: str = option(
+        "quantile",
+        "quantile: the validation maps' quantile_a -> 0 and quantile_b -> 0.1 (the paper); gaussian: their mean -> 0 "
+        "and standard deviation -> 1 (the ablation baseline of the paper's Tables 4 and 5)",
+        choices=("quantile", "gaussian"),
+    )
     quantile_a: float = option(0.9, "validation quantile mapped to 0", low=0, high=1, low_open=True, high_open=True)
     quantile_b: float = option(0.995, "validation quantile mapped to 0.1", low=0, high=1, low_open=True, high_open=True)
     quantile_images: str = option(
