@@ -284,7 +284,7 @@ def test_map_quantiles_send_validation_quantiles_to_0_and_01(tiny_dataset, paddi
 
 @pytest.mark.parametrize("padding", ["paper", "code"])
 def test_gaussian_map_normalization_standardises_the_validation_maps(tiny_dataset, padding):
-    # The ablation baseline of the paper's Tables 4 and 5: each map's validation pixels to mean 0 and std 1.
+    # The ablation baseline of the paper's Table 4: each map's validation pixels to mean 0 and std 1.
     model = _tiny(out_channels=8, padding=padding, map_normalization="gaussian").eval()
     samples = load_dataset(tiny_dataset).train[:4]
     map_quantiles(model, samples, FitContext(quiet=True))

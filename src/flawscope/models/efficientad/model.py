@@ -83,7 +83,7 @@ class EfficientADConfig(ModelConfig):
     map_normalization: str = option(
         "quantile",
         "quantile: the validation maps' quantile_a -> 0 and quantile_b -> 0.1 (the paper); gaussian: their mean -> 0 "
-        "and standard deviation -> 1 (the ablation baseline of the paper's Tables 4 and 5)",
+        "and standard deviation -> 1 (the ablation baseline of the paper's Table 4)",
         choices=("quantile", "gaussian"),
     )
     quantile_a: float = option(0.9, "validation quantile mapped to 0", low=0, high=1, low_open=True, high_open=True)
