@@ -1,8 +1,9 @@
 """SimpleNet (Liu et al., CVPR 2023): frozen local features, a linear adaptor and an MLP discriminator.
 
-Inference graph: backbone stages (stride 8 and 16) -> PatchCore-style 3x3 aggregation -> adaptor (one linear layer)
--> discriminator; the anomaly score of a location is -D(q). The image score is the maximum of the raw score grid
-(Eq. 11); the map is upsampled bilinearly and smoothed with a Gaussian of sigma 4 px (Eq. 10).
+Inference graph: backbone stages (stride 8 and 16) -> PatchCore-style 3x3 aggregation -> adaptor (one linear layer;
+``adaptor_layers`` for the public code's deeper or absent one) -> discriminator; the anomaly score of a location is
+-D(q). The image score is the maximum of the raw score grid (Eq. 11); the map is upsampled bilinearly and smoothed
+with a Gaussian of sigma 4 px (Eq. 10).
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ class SimpleNetConfig(ModelConfig):
     embed_dim: int = option(1536, "feature length after aggregation = adaptor width", low=1, high=16384)
     adaptor_bias: bool = option(False, "bias in the adaptor (paper: none; public code: bias)")
     adaptor_layers: int = option(
-        1, "linear layers of the adaptor, each embed_dim wide; 0 = no adaptor (public code: pre_proj)", low=0, high=8
+        1,
+        "linear layers of the adaptor, each as wide as its input (embed_dim, twice that with context_weight); 0 = no "
+        "adaptor (public code: pre_proj)",
+        low=0,
+        high=8,
     )
     adaptor_activation: bool = option(
         False, "LeakyReLU(0.2) between adaptor layers (public code: proj_layer_type > 1); needs adaptor_layers > 1"
