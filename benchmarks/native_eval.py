@@ -24,6 +24,11 @@ HEADING = "## Pixel metrics at the model's input and at the native resolution (M
 KEYS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro")
 
 
+def _percent(value: float | None) -> str:
+    """A metric as a percentage with one decimal, or n/a when it is undefined (no masks, one class only)."""
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by `flawscope fit --out`")
@@ -53,8 +58,8 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for name, resolution, m, seconds in rows:
-        values = " | ".join(f"{100 * m[key]:.1f}" for key in KEYS)
-        per_type = " / ".join(f"{100 * row['pixel_aupro']:.1f}" for _, row in sorted(m["per_type"].items()))
+        values = " | ".join(_percent(m.get(key)) for key in KEYS)
+        per_type = " / ".join(_percent(row.get("pixel_aupro")) for _, row in sorted(m["per_type"].items()))
         lines.append(f"| {name} | {resolution} | {values} | {per_type} | {seconds:.0f} |")
     publish(args.docs, HEADING, lines)
 

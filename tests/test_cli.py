@@ -1103,5 +1103,17 @@ def test_native_resolution_needs_a_run_that_saw_the_whole_image(tiny_dataset, tm
     fitted = invoke(*fit_args(tiny_dataset, out)[:-4], "--resize-size", "72", "--data", tiny_dataset, "--out", out)
     assert fitted.exit_code == 0, fitted.output
     result = invoke("test", out, "--data", tiny_dataset, "--out", tmp_path / "t", "--eval-resolution", "native")
-    assert_clean_error(result, "crops the centre (resize_size=72, image_size=64)", "--resize-size 0")
+    assert_clean_error(result, "crops the centre of every image (resize_size=72, image_size=64)", "--resize-size 0")
     assert not (tmp_path / "t").exists()
+    # resize_size = image_size sees a square image whole, an oblong one cropped.
+    out = tmp_path / "square"
+    fitted = invoke(*fit_args(tiny_dataset, out)[:-4], "--resize-size", "64", "--data", tiny_dataset, "--out", out)
+    assert fitted.exit_code == 0, fitted.output
+    result = invoke("test", out, "--data", tiny_dataset, "--out", tmp_path / "s", "--eval-resolution", "native")
+    assert result.exit_code == 0, result.output  # the demo's images are square
+    data = tmp_path / "oblong"
+    shutil.copytree(tiny_dataset, data)
+    oblong = sorted((data / "test" / "good").glob("*.png"))[0]
+    Image.open(oblong).resize((80, 64)).save(oblong)
+    result = invoke("test", out, "--data", data, "--out", tmp_path / "o", "--eval-resolution", "native", "--quiet")
+    assert_clean_error(result, "crops the centre of oblong images (1 here, e.g.", oblong.name)

@@ -124,5 +124,5 @@ def test_bad_cutpaste_ranges_name_the_argument(kwargs, match):
 def test_bad_confetti_parameters_name_the_argument():
     with pytest.raises(ConfigError, match=r"side_px needs two square sides.*got 9,3"):
         confetti_noise(_image(), np.random.default_rng(0), side_px=(9, 3))
-    with pytest.raises(ConfigError, match=r"probabilities .*\[0, 1\].*got 2, 0"):
+    with pytest.raises(ConfigError, match=r"probabilities COLOUR,GREY .*\[0, 1\].*got 2, 0"):
         confetti_noise(_image(), np.random.default_rng(0), color_prob=2, grey_prob=0)

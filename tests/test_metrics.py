@@ -331,5 +331,7 @@ def test_per_image_lists_are_checked():
         fm.pixel_metrics(maps, masks[:3])
     with pytest.raises(DataError, match="non-zero length; got 0 maps"):
         fm.aupro([], [])
-    with pytest.raises(DataError, match=r"same shape.*\(1, 12, 20\).*\(1, 9, 9\)"):
+    with pytest.raises(DataError, match=r"image 0 has a map of shape \(12, 20\) and a mask of shape \(9, 9\)"):
         fm.pixel_metrics(maps[:2], masks[1:3])
+    with pytest.raises(DataError, match=r"image 1 has a map of shape \(1, 9, 9\)"):
+        fm.aupro([maps[0], maps[1][None]], [masks[0], masks[1][None]])

@@ -229,6 +229,8 @@ def test_feature_loss_counted_per_image_on_hand_made_distances():
     one = torch.tensor([0.5, 1.0, 2.0, 0.1]).view(1, 1, 2, 2)
     mask = torch.tensor([False, False, True, True]).view(1, 1, 2, 2)
     assert feature_loss(one, mask, "image").item() == pytest.approx(feature_loss(one, mask).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="counts must be 'batch' or 'image'; got 'images'"):
+        feature_loss(one, mask, "images")
 
 
 def test_generator_options_reach_the_generators(monkeypatch):
@@ -279,7 +281,7 @@ def test_generator_options_reach_the_generators(monkeypatch):
         ({"cutpaste_area": "0.3,0.1"}, r"cutpaste_area needs two fractions"),
         ({"cutpaste_aspect": "1.5,3"}, r"cutpaste_aspect needs"),
         ({"confetti_sides": "10,2"}, r"confetti_sides needs two square sides"),
-        ({"confetti_probs": "0.5"}, r"confetti_probs needs two values COLOUR,GREY"),
+        ({"confetti_probs": "0.5"}, r"confetti_probs needs two per-pixel probabilities COLOUR,GREY"),
         ({"feature_loss_counts": "pixel"}, r"'feature_loss_counts'.*one of 'batch', 'image'"),
     ],
 )

@@ -569,6 +569,14 @@ def test_options_that_would_fail_after_training_are_refused_when_the_config_is_b
 # --- P2: the encoder stage that starts the decoder, trained (train_layer4) -----------------------------------------
 
 
+def test_a_timm_efficientnet_encoder_builds_and_refuses_train_layer4_only():
+    # timm's EfficientNet feature models have no named stage list; PRN builds on them, train_layer4 says why not.
+    model = _tiny(backbone="timm:efficientnet_b0")
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    with pytest.raises(ConfigError, match="train_layer4 needs an encoder whose stages are named.*timm:efficientnet_b0"):
+        _tiny(backbone="timm:efficientnet_b0", train_layer4=True)
+
+
 def test_decoder_stage_is_layer4_or_the_stride_32_blocks():
     resnet = _tiny()
     assert resnet.decoder_stage() == [resnet.backbone.body.layer4]
@@ -613,27 +621,27 @@ def test_train_layer4_trains_layer4_only_with_its_batchnorm_in_training_mode(tin
 # --- xcyao00's rotation of the base image (base_rotate_prob) -------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["extended", "simulated"])
-def test_base_rotation_rotates_the_image_a_defect_is_made_on(monkeypatch, kind):
+def test_base_rotation_rotates_the_images_defects_are_made_on_and_no_good_image(monkeypatch):
     prn_fit = importlib.import_module("flawscope.models.prn.fit")
     bases = []
 
-    def record(image, *args, **kwargs):  # the generator's view: the base image it is given
+    def record(image, *args, **kwargs):  # the generators' view: the base image each is given
         bases.append(image.copy())
         return image, np.zeros(image.shape[:2], bool)
 
-    monkeypatch.setattr(prn_fit, f"{kind}_anomaly", record)
+    monkeypatch.setattr(prn_fit, "extended_anomaly", record)
+    monkeypatch.setattr(prn_fit, "simulated_anomaly", record)
     normals = np.full((3, 32, 32, 3), 255, np.uint8)  # white: a rotation shows as black corners
     seen = (np.zeros((1, 32, 32, 3), np.uint8), np.ones((1, 32, 32), bool))
+    batch = {"batch_normal": 2, "batch_extended": 1, "batch_simulated": 1, "hea_prob": 0.0}
     for prob, rotated in ((0.0, range(0, 1)), (1.0, range(17, 21))):  # a draw near 0 degrees leaves no dark corner
         bases.clear()
-        draw = AnomalyBatches(PRNConfig.from_dict({**TINY, "base_rotate_prob": prob}), normals, seen, seed=0)
-        for _ in range(20):
-            getattr(draw, kind)()
-            good, _ = draw._normal()  # the batches' good images are never rotated
-            assert good.min() == 1.0
+        draw = AnomalyBatches(PRNConfig.from_dict({**TINY, **batch, "base_rotate_prob": prob}), normals, seen, seed=0)
+        for _ in range(10):
+            images, _ = draw()
+            assert images[:2].min() == 1.0  # the batch's good images are never rotated
         dark = [float((b < 0.5).mean()) for b in bases]
-        assert sum(d > 0 for d in dark) in rotated
+        assert len(dark) == 20 and sum(d > 0 for d in dark) in rotated
         # The black corners are largest at 45 degrees: 3 - 2 sqrt(2), about 17 % of the square.
         assert max(dark) <= 0.18
 

@@ -54,6 +54,8 @@ def native_resolution(scored: ScoredImages) -> ScoredImages:
 
     Only meaningful when the model saw the whole image (``resize_size=0``), which ``test`` checks.
     """
+    if scored.maps is None or scored.sizes is None:
+        raise ValueError("native_resolution needs the maps and image sizes that score_images(keep_maps=True) keeps.")
     maps, masks = [], []
     for sample, raw_map, (height, width) in zip(scored.samples, scored.maps, scored.sizes.tolist(), strict=True):
         grid = torch.from_numpy(raw_map)[None, None]
@@ -63,6 +65,16 @@ def native_resolution(scored: ScoredImages) -> ScoredImages:
         else:
             masks.append(read_mask(sample.mask_path, size=(height, width), image_path=sample.path))
     return dataclasses.replace(scored, maps=maps, masks=masks)
+
+
+def _refuse_native(cfg: Any, why: str) -> None:
+    """Raises the ConfigError of a native-resolution evaluation the run's geometry does not allow."""
+    raise ConfigError(
+        f"eval_resolution native (--eval-resolution native) puts the model's map back onto the whole image, but {why} "
+        f"(resize_size={cfg.resize_size}, image_size={cfg.image_size}), so the map covers only part of it. Evaluate "
+        "at the model's input (the default), or fit with --resize-size 0 (the whole image resized) to evaluate at "
+        "the native resolution."
+    )
 
 
 def compute_metrics(scored: ScoredImages) -> tuple[dict[str, Any], list[Curve]]:
@@ -203,8 +215,8 @@ def test(
 
     Pixel metrics are computed on the model's input grid (``eval_resolution="input"``, the masks resized as the
     images were), or with ``"native"`` at each test image's own size: the map resized bilinearly to the image, the
-    mask as read. Native needs a model that sees the whole image (fitted with ``resize_size=0``) and memory for
-    full-size maps (4 bytes a pixel, all test images together).
+    mask as read. Native needs a model that sees the whole image (``resize_size=0``, or square images and
+    ``resize_size == image_size``) and memory for all full-size maps at once (about 15 bytes a pixel at the peak).
 
     Defective images the run trained on (few-shot methods; listed in its config.json) are removed from the test
     set first; ``exclude_seen_of`` removes those of another run too, so an unsupervised model can be compared
@@ -232,13 +244,11 @@ def test(
         run = Path(run)
         info = read_model_info(run)
         model = load_model(info["folder"])
-        if eval_resolution == "native" and model.config.resize_size != 0:
-            raise ConfigError(
-                f"--eval-resolution native puts the model's map back onto the whole image, but this run crops the "
-                f"centre (resize_size={model.config.resize_size}, image_size={model.config.image_size}), so the map "
-                "covers only part of it. Evaluate at the model's input (the default), or fit with --resize-size 0 "
-                "(the whole image resized) to evaluate at the native resolution."
-            )
+        cfg = model.config
+        # The model sees the whole image when it is resized whole (resize_size 0), or square and resized to image_size.
+        whole_if_square = cfg.resize_size == cfg.image_size
+        if eval_resolution == "native" and cfg.resize_size != 0 and not whole_if_square:
+            _refuse_native(cfg, "this run crops the centre of every image")
         dataset = run_dataset(run, data, layout, category)
         if not dataset.test:
             raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
@@ -256,6 +266,12 @@ def test(
         scored = score_images(model, test_samples, ctx, batch_size, keep_maps=True)
         model.cpu()
         start = time.perf_counter()
+        if eval_resolution == "native" and cfg.resize_size != 0:  # whole_if_square: refuse any oblong image
+            oblong = [s.path for s, (h, w) in zip(scored.samples, scored.sizes.tolist(), strict=True) if h != w]
+            if oblong:
+                _refuse_native(
+                    cfg, f"this run crops the centre of oblong images ({len(oblong)} here, e.g. {oblong[0]})"
+                )
         pixels = native_resolution(scored) if eval_resolution == "native" else scored
         metrics, curves = compute_metrics(pixels)
         metric_seconds = time.perf_counter() - start
@@ -270,19 +286,24 @@ def test(
             )
         unmarked = [
             str(s.path)
-            for s, mask in zip(scored.samples, scored.masks, strict=True)
+            for s, mask in zip(pixels.samples, pixels.masks, strict=True)
             if s.label and s.mask_path is not None and not mask.any()
         ]
         if unmarked:
+            where = (
+                "in their mask file (it is empty)"
+                if eval_resolution == "native"
+                else "in their mask at the model's input size (the mask file is empty, or the defect is under a pixel "
+                "after resizing)"
+            )
             warnings.warn(
-                f"{len(unmarked)} defective test image(s) have no defect pixel in their mask at the model's input size "
-                f"(the mask file is empty, or the defect is under a pixel after resizing), e.g. {unmarked[0]}: pixel "
+                f"{len(unmarked)} defective test image(s) have no defect pixel {where}, e.g. {unmarked[0]}: pixel "
                 "metrics count all their pixels as normal and AUPRO has no region of theirs. Check those masks "
                 "(listed in metrics.json under unmarked_defective).",
                 stacklevel=2,
             )
         full = [
-            str(s.path) for s, mask in zip(scored.samples, scored.masks, strict=True) if s.label and mask.mean() > 0.95
+            str(s.path) for s, mask in zip(pixels.samples, pixels.masks, strict=True) if s.label and mask.mean() > 0.95
         ]
         if full:
             warnings.warn(

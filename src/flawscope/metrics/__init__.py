@@ -141,8 +141,14 @@ class _Pixels:
                 f"and {len(masks)} masks."
             )
         flat_maps, flat_masks, ids, self.num_regions = [], [], [], 0
-        for m, k in zip(maps, masks, strict=True):
-            m, k = check_maps_masks(to_numpy(m)[None], to_numpy(k)[None])  # (1, H_i, W_i) each
+        for i, (m, k) in enumerate(zip(maps, masks, strict=True)):
+            m, k = to_numpy(m), to_numpy(k)
+            if m.ndim != 2 or m.shape != k.shape:
+                raise DataError(
+                    f"maps and masks given per image must be (H, W) arrays of one shape per image; image {i} has a "
+                    f"map of shape {m.shape} and a mask of shape {k.shape}."
+                )
+            m, k = check_maps_masks(m[None], k[None])  # (1, H_i, W_i) each
             image_ids, count = _pro.region_ids(k)
             ids.append(image_ids + self.num_regions)
             self.num_regions += count

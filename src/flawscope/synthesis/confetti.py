@@ -41,17 +41,14 @@ def _square(shape: tuple[int, int], centre: np.ndarray, side: float, angle: floa
 
 
 def check_confetti_params(
-    color_prob: float,
-    grey_prob: float,
-    side_px: tuple[int, ...],
-    names: tuple[str, str] = ("color_prob, grey_prob", "side_px"),
+    probs: tuple[float, ...], side_px: tuple[int, ...], names: tuple[str, str] = ("color_prob, grey_prob", "side_px")
 ) -> None:
-    """Raises ConfigError, naming the option (``names``), unless both probabilities are in [0, 1] and ``side_px`` is
-    (low, high) with 1 <= low <= high."""
-    if not (0 <= color_prob <= 1 and 0 <= grey_prob <= 1):
+    """Raises ConfigError, naming the option (``names``), unless ``probs`` is (colour, grey) with both in [0, 1] and
+    ``side_px`` is (low, high) with 1 <= low <= high."""
+    if len(probs) != 2 or not all(0 <= p <= 1 for p in probs):
         raise ConfigError(
-            f"{names[0]}: the per-pixel probabilities of seeding a square must be in [0, 1] (FCDD: "
-            f"{CONFETTI_COLOR_PROB}, {CONFETTI_GREY_PROB}); got {color_prob}, {grey_prob}."
+            f"{names[0]} needs two per-pixel probabilities COLOUR,GREY of seeding a square, each in [0, 1] (FCDD: "
+            f"{CONFETTI_COLOR_PROB}, {CONFETTI_GREY_PROB}); got {', '.join(map(str, probs))}."
         )
     if len(side_px) != 2 or not 1 <= side_px[0] <= side_px[1]:
         raise ConfigError(
@@ -101,7 +98,7 @@ def confetti_noise(
         mask: (H, W) bool, exactly the pixels that differ from the input.
     """
     shape = _check_shape(image.shape[:2])
-    check_confetti_params(color_prob, grey_prob, side_px)
+    check_confetti_params((color_prob, grey_prob), side_px)
     foreground = check_foreground(foreground, shape)
     pixels = as_rgb_float(image)
     candidates = np.argwhere(foreground)

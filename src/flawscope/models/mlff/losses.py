@@ -24,6 +24,8 @@ def feature_loss(distance: Tensor, anomalous: Tensor, counts: str = "batch") -> 
         anomalous: (B, 1, H, W) bool, True where the pseudo-anomaly mask is set.
         counts: ``"batch"`` or ``"image"``.
     """
+    if counts not in ("batch", "image"):
+        raise ValueError(f"counts must be 'batch' or 'image'; got {counts!r}.")
     if counts == "image":
         dims = tuple(range(1, distance.dim()))
         normal = (~anomalous).to(distance.dtype)

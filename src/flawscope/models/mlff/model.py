@@ -185,9 +185,7 @@ class MLFFConfig(ModelConfig):
             self.cutpaste_jitter,
             ("cutpaste_area", "cutpaste_aspect", "cutpaste_jitter"),
         )
-        if len(self.confetti_probs) != 2:
-            raise ConfigError(f"confetti_probs needs two values COLOUR,GREY; got {self.confetti_probs}.")
-        check_confetti_params(*self.confetti_probs, self.confetti_sides, ("confetti_probs", "confetti_sides"))
+        check_confetti_params(self.confetti_probs, self.confetti_sides, ("confetti_probs", "confetti_sides"))
         if len(self.loss_weights) != 3:
             raise ConfigError(f"loss_weights needs three values (alpha, beta, xi); got {self.loss_weights}.")
         if self.feature_norm == "position" and not self.freeze_backbone:

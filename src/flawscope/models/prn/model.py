@@ -221,13 +221,20 @@ class PRN(AnomalyModel):
         # One zero prototype per scale until fit sets K of them (load_state resizes these buffers).
         for j, (c, size) in enumerate(zip(channels, sizes, strict=True)):
             self.register_buffer(f"prototypes{j}", torch.zeros(1, c, size, size))
-        for module in self.decoder_stage():  # the shared Backbone is frozen; P2's option trains its last stage
-            module.requires_grad_(config.train_layer4)
+        if config.train_layer4:  # the shared Backbone is frozen; P2's option trains its last stage
+            for module in self.decoder_stage():
+                module.requires_grad_(True)
 
     def decoder_stage(self) -> list[nn.Module]:
         """The encoder's modules after the last prototype stage, up to the one that starts the decoder (ResNet:
         ``layer4``; EfficientNet-Lite: the stride-32 blocks)."""
         body = self.backbone.body
+        if not hasattr(body, "return_layers"):
+            raise ConfigError(
+                f"train_layer4 needs an encoder whose stages are named modules (the named backbones, e.g. resnet18 "
+                f"or efficientnet_lite0, and timm ResNets); {self.config.backbone} is not one. Leave train_layer4 off "
+                "or choose such a backbone."
+            )
         *_, last, deep = body.return_layers  # stage names, in network order
         names = list(body.keys())
         return [body[name] for name in names[names.index(last) + 1 : names.index(deep) + 1]]
