@@ -248,8 +248,8 @@ def _threshold_line(run: Path) -> str:
     type=click.Choice(["input", "native"]),
     default="input",
     show_default=True,
-    help="pixel metrics on the model's input grid, or at each image's own size (needs a run fitted with "
-    "--resize-size 0)",
+    help="pixel metrics on the model's input grid, or at each image's own size (needs a run that saw the whole "
+    "image, e.g. fitted with --resize-size 0)",
 )
 @threads_option()
 @DEVICE

@@ -86,9 +86,11 @@ def compute_metrics(scored: ScoredImages) -> tuple[dict[str, Any], list[Curve]]:
     for key in ("image_auroc", "image_ap", "image_f1max"):
         result[key] = image.get(key)
     has_defect_pixels = _any_defect(scored.masks)
-    pixel = _defined(M.pixel_metrics, scored.maps, scored.masks) if has_defect_pixels else None
+    pixel, pro_curve = (
+        _defined(M.pixel_metrics_and_pro_curve, scored.maps, scored.masks) if has_defect_pixels else None
+    ) or ({}, None)
     for key in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
-        result[key] = (pixel or {}).get(key)
+        result[key] = pixel.get(key)
     curves = []
     if result["image_auroc"] is not None:
         fpr, tpr, _ = M.roc_curve(scored.raw_scores, labels)
@@ -97,8 +99,8 @@ def compute_metrics(scored: ScoredImages) -> tuple[dict[str, Any], list[Curve]]:
         )
         precision, recall, _ = M.pr_curve(scored.raw_scores, labels)
         curves.append(Curve("PR (image)", recall, precision, "recall", "precision", result["image_ap"]))
-    if result["pixel_aupro"] is not None:
-        fpr, pro = M.pro_curve(scored.maps, scored.masks)
+    if pro_curve is not None:
+        fpr, pro = pro_curve
         curves.append(
             Curve("PRO (pixel)", fpr, pro, "false positive rate", "per-region overlap", result["pixel_aupro"], xmax=0.3)
         )

@@ -30,6 +30,7 @@ __all__ = [
     "f1max",
     "image_metrics",
     "pixel_metrics",
+    "pixel_metrics_and_pro_curve",
     "pr_curve",
     "pro_curve",
     "roc_curve",
@@ -253,13 +254,23 @@ def pixel_metrics(maps: Any, masks: Any, max_fpr: float = 0.3) -> dict[str, floa
         DataError: with no defect or no normal pixel, or on invalid input.
         ConfigError: if ``max_fpr`` is outside (0, 1].
     """
+    return pixel_metrics_and_pro_curve(maps, masks, max_fpr)[0]
+
+
+def pixel_metrics_and_pro_curve(
+    maps: Any, masks: Any, max_fpr: float = 0.3
+) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+    """``pixel_metrics`` and the PRO curve of ``pro_curve`` from one pass over the inputs (one validation,
+    flattening and region labelling, one sort), as a report needs both. Arguments and errors as ``pixel_metrics``."""
     max_fpr = _pro.check_max_fpr(max_fpr)
     pixels = _Pixels(maps, masks)
     scores = SortedScores.from_labels(pixels.maps, pixels.masks)
     scores.require("Pixel AUROC", need_neg=True)
-    return {
+    curve = pixels.pro_curve(max_fpr, scores.neg)
+    metrics = {
         "pixel_auroc": _binary.auroc(scores),
         "pixel_ap": _binary.average_precision(scores),
         "pixel_f1max": _binary.f1max(scores)[0],
-        "pixel_aupro": _area(*pixels.pro_curve(max_fpr, scores.neg), max_fpr),
+        "pixel_aupro": _area(*curve, max_fpr),
     }
+    return metrics, curve
