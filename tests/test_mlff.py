@@ -148,6 +148,17 @@ def test_strides_other_than_4_and_8_are_rejected():
         MLFFConfig.from_dict({**SMALL, "out_stride": 16})
 
 
+def test_input_too_small_for_the_self_calibrated_pooling_is_refused_and_the_smallest_allowed_runs():
+    with pytest.raises(ConfigError, match=r"3 x 3 stride-16 grid.*sc_pooling_r=4: use image_size >= 49"):
+        MLFFConfig.from_dict({**SMALL, "image_size": 48, "resize_size": 0})
+    for kw in ({"image_size": 49}, {"image_size": 32, "sc_branch": False}, {"image_size": 32, "sc_pooling_r": 2}):
+        model = MLFF(MLFFConfig.from_dict({**SMALL, "resize_size": 0, **kw}), pretrained=False).eval()
+        side = kw["image_size"]
+        with torch.no_grad():
+            anomaly_map, _ = model.raw_scores(torch.rand(1, 3, side, side))
+        assert anomaly_map.shape == (1, 1, side, side)
+
+
 def test_score_head_without_score_loss_is_rejected():
     with pytest.raises(ConfigError, match="distance"):
         MLFFConfig(loss_weights=(1, 0, 1))

@@ -500,6 +500,10 @@ def test_seen_defects_never_appear_in_the_test_set(tiny_dataset, tmp_path):
     assert sorted(Path(p).relative_to(copy) for p in on_copy["excluded_seen"]) == sorted(
         Path(p).relative_to(tiny_dataset.resolve()) for p in seen
     )
+    # The model folder shipped alone (no config.json) still leaves them out: model.json holds the same list.
+    shipped = shutil.copytree(run / "model", tmp_path / "shipped")
+    alone = run_test(shipped, tiny_dataset, out=tmp_path / "shipped-test", quiet=True, report=False)
+    assert sorted(alone["excluded_seen"]) == sorted(seen)
     with pytest.warns(UserWarning, match="synthetic defects only"):
         flawscope.fit("prn", tiny_dataset, tmp_path / "zero", options=options, seen_anomalies=0, quiet=True)
     with pytest.raises(ConfigError, match="good images only"):

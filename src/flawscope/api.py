@@ -202,7 +202,13 @@ def fit(
                 stacklevel=2,
             )
         claim_out_folder(out, RUN_FILES)
-        save_model(model.cpu(), out / "model", metadata={"calibration_details": calibration, "training": training})
+        metadata = {"calibration_details": calibration, "training": training}
+        if seen_record:  # also here, so that a model folder shipped without config.json still knows them
+            metadata["seen_anomalies"] = {
+                "paths": seen_record["seen_anomalies"],
+                "sha256": seen_record["seen_anomaly_sha256"],
+            }
+        save_model(model.cpu(), out / "model", metadata=metadata)
         write_json(
             out / "config.json",
             {

@@ -170,12 +170,21 @@ def _gallery(model: AnomalyModel, scored: ScoredImages, calibrated: bool) -> dic
 
 
 def seen_anomalies_of(run: str | Path) -> tuple[list[str], list[str]]:
-    """Image paths and file SHA-256 of the labelled defects a run trained on (config.json; empty lists if none).
+    """Image paths and file SHA-256 of the labelled defects a run trained on (empty lists if none).
 
-    Runs fitted before the digests were recorded give paths only.
+    Read from the run's config.json, or, for a model folder copied without it, from its model.json, which holds
+    the same list, so a shipped model is never tested on the defects it trained on. Runs fitted before the digests
+    were recorded give paths only; model folders written before model.json held the list give the paths PRN's
+    training report recorded, as typed at fit time.
     """
     record = run_record(run)
-    return list(record.get("seen_anomalies", [])), list(record.get("seen_anomaly_sha256", []))
+    if "seen_anomalies" in record:
+        return list(record["seen_anomalies"]), list(record.get("seen_anomaly_sha256", []))
+    info = read_model_info(run)
+    seen = info.get("seen_anomalies") or {}
+    if seen:
+        return list(seen.get("paths", [])), list(seen.get("sha256", []))
+    return list((info.get("training") or {}).get("seen_anomalies", [])), []
 
 
 def _warn_replaced(out: Path, dataset: DatasetSplit) -> None:

@@ -195,6 +195,13 @@ class MLFFConfig(ModelConfig):
             )
         if self.score_source == "head" and self.loss_weights[1] == 0:
             raise ConfigError("score_source='head' needs a score loss (beta > 0) to train the head; use 'distance'.")
+        cells = -(-self.image_size // 16)  # the stride-16 grid's side (the backbones pad)
+        if self.sc_branch and cells < self.sc_pooling_r:
+            raise ConfigError(
+                f"image_size={self.image_size} gives a {cells} x {cells} stride-16 grid, which the self-calibrated "
+                f"branch cannot pool by sc_pooling_r={self.sc_pooling_r}: use image_size >= "
+                f"{16 * (self.sc_pooling_r - 1) + 1}, a smaller sc_pooling_r, or sc_branch=false."
+            )
 
 
 class SelfCalibratedConv(nn.Module):
