@@ -22,7 +22,7 @@ GOOD_INFO = {"format": 1, "method": "patchcore", "config": {"backbone": "efficie
 
 def _run_with_model_json(tmp_path: Path, content: str) -> Path:
     """A run folder whose model/model.json holds ``content`` (and no weights)."""
-    (tmp_path / "model").mkdir()
+    (tmp_path / "model").mkdir(parents=True)
     (tmp_path / "model" / "model.json").write_text(content)
     return tmp_path
 
@@ -56,6 +56,31 @@ def test_model_json_without_method_or_config(tmp_path, key, value, problem):
     for load in (read_model_info, load_model):
         with pytest.raises(ModelFormatError, match=rf"model/model\.json {problem}\. The model folder is damaged"):
             load(run)
+
+
+@pytest.mark.parametrize(
+    "calibration",
+    [
+        None,
+        [1],
+        {"threshold": None, "score_low": 0},
+        {"threshold": "hi", "score_low": 0},
+        {"threshold": 1.0},
+        {"threshold": float("nan"), "score_low": 0},
+        {"threshold": True, "score_low": 0},
+    ],
+)
+def test_model_json_with_a_damaged_calibration(tmp_path, calibration):
+    run = _run_with_model_json(tmp_path, json.dumps({**GOOD_INFO, "calibration": calibration}))
+    for load in (read_model_info, load_model):
+        with pytest.raises(
+            ModelFormatError,
+            match=r"model/model\.json has a 'calibration' that is not a JSON object with finite numbers for threshold "
+            r"and score_low .*damaged",
+        ):
+            load(run)
+    good = {**GOOD_INFO, "calibration": {"threshold": 2.5, "score_low": 1}}
+    assert read_model_info(_run_with_model_json(tmp_path / "good", json.dumps(good)))["calibration"]["threshold"] == 2.5
 
 
 @pytest.mark.parametrize(

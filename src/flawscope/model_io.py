@@ -103,14 +103,28 @@ def read_model_info(folder: str | Path) -> dict[str, Any]:
             raise ModelFormatError(
                 f"{path} {problem}. The model folder is damaged; re-run `flawscope fit` or re-copy the folder."
             )
-    for key in ("calibration", "calibration_details", "training"):
+    for key in ("calibration_details", "training"):
         if not isinstance(info.get(key, {}), dict | None):
             raise ModelFormatError(
                 f"{path} has a {key!r} that is not a JSON object. The model folder is damaged; re-run `flawscope fit` "
                 "or re-copy the folder."
             )
+    calibration = info.get("calibration", {"threshold": 0.0, "score_low": 0.0})
+    if not isinstance(calibration, dict) or not all(_is_finite_number(calibration.get(k)) for k in CALIBRATION_KEYS):
+        raise ModelFormatError(
+            f"{path} has a 'calibration' that is not a JSON object with finite numbers for "
+            f"{' and '.join(CALIBRATION_KEYS)} (got {json.dumps(calibration)[:80]}). The model folder is damaged; "
+            "re-run `flawscope fit` or re-copy the folder."
+        )
     info["folder"] = str(folder)
     return info
+
+
+CALIBRATION_KEYS = ("threshold", "score_low")  # model.json's "calibration", the weights' buffers of the same names
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def describe_threshold(info: dict[str, Any]) -> tuple[bool, str]:
@@ -128,7 +142,8 @@ def describe_threshold(info: dict[str, Any]) -> tuple[bool, str]:
     )
     f1 = f", F1 {details['f1']:.3f}" if "f1" in details else ""
     # The stored threshold, which set_calibration may have lifted just above the typical normal score.
-    return True, f"threshold {info['calibration']['threshold']:.6g} ({details['rule']}; {counts} images{f1})"
+    threshold = (info.get("calibration") or details)["threshold"]
+    return True, f"threshold {threshold:.6g} ({details['rule']}; {counts} images{f1})"
 
 
 def warn_if_uncalibrated(info: dict[str, Any], action: str) -> None:
