@@ -187,8 +187,16 @@ def seen_anomalies_of(run: str | Path) -> tuple[list[str], list[str]]:
     return list((info.get("training") or {}).get("seen_anomalies", [])), []
 
 
-def _warn_replaced(out: Path, dataset: DatasetSplit) -> None:
-    """Warns when ``out`` holds the metrics of another data set or category, which this test replaces."""
+def _warn_replaced(out: Path, dataset: DatasetSplit, info: dict[str, Any], report: bool) -> None:
+    """Warns when ``out`` holds the metrics of another model (by its weights' SHA-256, so a copied run is the same
+    model), data set or category, which this test replaces, and when a report.html there stays from an earlier
+    test (``report=False``)."""
+    if not report and (out / "report.html").is_file():
+        warnings.warn(
+            f"{out / 'report.html'} stays from an earlier test and does not show these results (--no-report). "
+            "Delete it, or test without --no-report to replace it.",
+            stacklevel=3,
+        )
     path = out / "metrics.json"
     if not path.is_file():
         return
@@ -196,13 +204,22 @@ def _warn_replaced(out: Path, dataset: DatasetSplit) -> None:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    # Older metrics.json files hold the data path as typed and no category.
+    if not isinstance(previous, dict):
+        return
+    # Older metrics.json files hold the data path as typed, no category and no weights digest.
     where = (str(Path(previous.get("data", "")).resolve()), previous.get("category", dataset.category))
     now = (str(dataset.root.resolve()), dataset.category)
     if where != now:
         warnings.warn(
             f"{path} holds the results on {where[0]} (category {where[1]!r}); they are replaced by those on "
             f"{now[0]} (category {now[1]!r}). Give each test its own --out to keep both.",
+            stacklevel=3,
+        )
+    if previous.get("weights_sha256", info.get("weights_sha256")) != info.get("weights_sha256"):
+        warnings.warn(
+            f"{path} holds the results of another model ({previous.get('method')}, weights "
+            f"{str(previous['weights_sha256'])[:12]}); they are replaced by those of {info['folder']} "
+            f"({info['method']}). Give each test its own --out to keep both.",
             stacklevel=3,
         )
 
@@ -267,7 +284,7 @@ def test(
         writes = [name for name in TEST_FILES if report or name != "report.html"]
         check_outside(out, dataset.root, writes)
         claim_out_folder(out)  # the names are listed once they are written
-        _warn_replaced(out, dataset)
+        _warn_replaced(out, dataset, info, report)
         paths, digests = seen_anomalies_of(run)
         if exclude_seen_of:
             other_paths, other_digests = seen_anomalies_of(exclude_seen_of)
@@ -349,6 +366,7 @@ def test(
                 "per_type": per_type_metrics(pixels),
                 "eval_resolution": eval_resolution,
                 "method": info["method"],
+                "weights_sha256": info.get("weights_sha256"),
                 "data": str(dataset.root.resolve()),
                 "layout": dataset.layout,
                 "category": dataset.category,
