@@ -238,7 +238,9 @@ def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
     _save_rgb(root / "test" / "loose.png")
     _save_mask(root / "ground_truth" / "crack_old" / "000_mask.png")
     (root / "ground_truth" / "notes.txt").write_text("about the masks")
-    with pytest.warns(UserWarning, match="10 entries") as caught:
+    _save_mask(root / "ground_truth" / "Good" / "000_mask.png")
+    (root / "ground_truth" / "ok").mkdir()  # an empty normal folder says nothing
+    with pytest.warns(UserWarning, match="11 entries") as caught:
         split = load_dataset(root)
     message = str(caught[0].message)
     for name, reason in [
@@ -252,6 +254,7 @@ def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
         ("test/loose.png", "a file directly in test/"),
         ("crack_old", "masks of a type with no test/<type> folder"),
         ("notes.txt", "a file directly in ground_truth/"),
+        ("ground_truth/Good", "masks of good images, which are all normal"),
     ]:
         assert f"{name} ({reason}" in message
     assert len(split.train) == 5 and len(split.test) == 5  # what is read is unchanged

@@ -232,6 +232,11 @@ def _mvtec_test(root: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
         for path in filter(_visible, ground_truth.iterdir()):
             if not path.is_dir():
                 ignored.append((path, "a file directly in ground_truth/: masks go in ground_truth/<type>"))
+            elif _name_key(path.name) in NORMAL_NAMES:
+                if any(filter(_visible, path.iterdir())):  # a good image has no defect: a mislabelled image?
+                    ignored.append(
+                        (path, "masks of good images, which are all normal; a defective image goes in test/<type>")
+                    )
             elif not (test_dir / path.name).is_dir():
                 ignored.append((path, "masks of a type with no test/<type> folder"))
     if not samples:
