@@ -811,6 +811,11 @@ def test_info_lists_the_options_of_a_model():
     assert {"backbone", "image_size", "coreset_ratio", "num_neighbors", "target_embed_dim"} <= set(names)
     assert "0.1" in next(line for line in result.stdout.splitlines() if line.split()[0] == "coreset_ratio")
     assert_clean_error(invoke("info", "--model", "patchcor"), "Unknown model 'patchcor'", "patchcore")
+    described = json.loads(invoke("info", "--model", "patchcore", "--json").stdout)  # for scripts: JSON
+    assert described["method"] == "patchcore" and described["supervision"] == "normal"
+    options = {option["name"]: option for option in described["options"]}
+    assert [option["name"] for option in described["options"]] == names
+    assert options["coreset_ratio"]["default"] == 0.1 and options["strides"]["default"] == [8, 16]
 
 
 # --------------------------------------------------------------------------------------------------- determinism

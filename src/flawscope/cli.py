@@ -429,6 +429,14 @@ def info(method, as_json) -> None:
 
     if method:
         spec = get_method(method)
+        if as_json:
+            options = [
+                {"name": name, "default": default, "help": help_text}
+                for name, default, help_text in spec.config_class.describe()
+            ]
+            described = {"method": spec.name, "summary": spec.summary, "supervision": spec.supervision}
+            click.echo(json.dumps({**described, "options": options}, indent=2, default=str))
+            return
         click.echo(f"{spec.name}: {spec.summary} (supervision: {spec.supervision})")
         for name, default, help_text in spec.config_class.describe():
             click.echo(f"  {name:<22} {default!s:<18} {help_text}")
