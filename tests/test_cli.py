@@ -935,6 +935,14 @@ def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):
     assert_clean_error(invoke("calibrate", whole_run_copy, "--data", tiny_dataset), "trained on", "test set")
 
 
+def test_demo_refuses_bad_options_before_generating_anything(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "d", "--epochs", "0")
+    assert result.exit_code == 2 and "--epochs" in result.output and not (tmp_path / "d").exists()
+    (tmp_path / "file").write_text("mine")
+    assert_clean_error(invoke("demo", "--out", tmp_path / "file"), "--out", "is a file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_demo_generates_trains_tests_and_reports(tmp_path):
     # The demo exactly as the README runs it (its default schedule, about two minutes on 2 cores).
     result = invoke("demo", "--out", tmp_path / "demo", "--quiet")

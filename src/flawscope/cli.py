@@ -677,7 +677,7 @@ DEMO_OPTIONS = {
     show_default=True,
     help="which generated category to train and test on",
 )
-@click.option("--epochs", type=int, default=DEMO_OPTIONS["num_epochs"], show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=DEMO_OPTIONS["num_epochs"], show_default=True)
 @threads_option()
 @DEVICE
 @QUIET
@@ -687,6 +687,8 @@ def demo(out, texture, epochs, device, quiet) -> None:
     from .data.demo import make_demo_dataset
     from .evaluation import test as run_test
 
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the demo's data set and run (it is created).")
     click.echo(f"1/3 generating the demo data set in {out / 'data'} (scikit-image texture photos, drawn defects)")
     make_demo_dataset(out / "data", progress=not quiet)
     data = out / "data" / texture
