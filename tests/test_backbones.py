@@ -263,6 +263,8 @@ def test_missing_weights_offline_names_the_file(weight_dirs, monkeypatch):
 
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         create_backbone("resnet18", weights_path=weight_dirs["env"] / "absent.pth")
+    with pytest.raises(WeightsNotFoundError, match="is a folder, not a weights file"):
+        create_backbone("resnet18", weights_path=weight_dirs["env"])
 
 
 def test_download_lands_in_torch_hub_cache(monkeypatch, tmp_path):

@@ -1,5 +1,6 @@
 """Tests of flawscope.data: decoding, layouts, splits and the torch dataset, on tiny fixtures under tmp_path."""
 
+import os
 import pickle
 import re
 import shutil
@@ -175,6 +176,9 @@ def test_read_image_missing_file_and_folder(tmp_path):
         read_image(tmp_path / "missing.png")
     with pytest.raises(DataError, match="is a folder"):
         read_image(tmp_path)
+    os.mkfifo(tmp_path / "pipe.png")  # exists, but is no file: said so, not "does not exist" (never opened)
+    with pytest.raises(DataError, match=r"pipe\.png is not a regular file"):
+        read_image(tmp_path / "pipe.png")
 
 
 def test_read_mask_nonzero_is_defect(tmp_path):
@@ -436,6 +440,9 @@ def test_find_images_errors(tmp_path):
         find_images([tmp_path / "notes.txt"])
     with pytest.raises(DataError, match=r"nope does not exist"):
         find_images([tmp_path / "nope"])
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match=r"pipe is not a regular file"):
+        find_images([tmp_path / "pipe"])
 
 
 def test_split_validation_is_seeded_disjoint_and_ordered():

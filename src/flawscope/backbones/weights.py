@@ -156,7 +156,8 @@ def resolve_weights(name: str, source: WeightsSource, weights_path: str | Path |
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise WeightsNotFoundError(missing_message(name, source, f"weights_path={str(path)!r} does not exist"))
+            what = "is a folder, not a weights file" if path.is_dir() else "does not exist"
+            raise WeightsNotFoundError(missing_message(name, source, f"weights_path={str(path)!r} {what}"))
         return path
     found = find_weights(source)
     if found is not None:

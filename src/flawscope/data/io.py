@@ -116,7 +116,13 @@ def _check_pixel_count(size: tuple[int, int], path: Path | str, max_pixels: int 
 def _existing_file(path: str | PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
-        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
+        what = (
+            "is a folder, not an image file"
+            if path.is_dir()
+            else "is not a regular file (a device, pipe or socket)"
+            if path.exists()
+            else "does not exist"
+        )
         raise DataError(f"Image file {path} {what}. Check the path, or pass the folder to find_images().")
     return path
 

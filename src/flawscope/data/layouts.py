@@ -462,7 +462,8 @@ def _expand(item: Path) -> list[Path]:
         found = [path for path in matches if is_image_file(path)]
         found += [path for folder in matches if folder.is_dir() for path in _images_below(folder)]
         return drop_output_images(_sorted_paths(set(found)), item)
-    raise DataError(f"{item} does not exist. Pass image files, folders or glob patterns such as 'images/*.png'.")
+    what = "is not a regular file (a device, pipe or socket)" if item.exists() else "does not exist"
+    raise DataError(f"{item} {what}. Pass image files, folders or glob patterns such as 'images/*.png'.")
 
 
 def find_images(paths: Sequence[str | Path]) -> list[Path]:
