@@ -306,6 +306,26 @@ def test_crafted_export_metadata_is_refused(exported, tmp_path, change):
         load_inferencer(tmp_path / "crafted.onnx", "cpu")
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format_version": 99}, r"has export format 99; this flawscope .* reads format 1\. Upgrade"),
+        ({"format_version": "1"}, r"has export format '1'"),
+        ({"input": {"image_size": 32, "resize_size": 0}}, r"graph takes inputs of shape .* says 32 x 32 images"),
+    ],
+)
+def test_export_metadata_of_a_newer_format_or_another_input_size_is_refused(exported, tmp_path, change, message):
+    import onnx
+
+    _, _, paths = exported
+    proto = onnx.load(str(paths["onnx"]), load_external_data=False)
+    prop = next(p for p in proto.metadata_props if p.key == "flawscope")
+    prop.value = json.dumps({**json.loads(prop.value), **change})
+    onnx.save(proto, str(tmp_path / "edited.onnx"))
+    with pytest.raises(ModelFormatError, match=message):
+        load_inferencer(tmp_path / "edited.onnx", "cpu")
+
+
 def test_regions_are_connected_components_with_box_area_and_peak():
     norm = np.zeros((10, 12), np.float32)
     norm[1:4, 2:5] = 0.7  # 3x3 square

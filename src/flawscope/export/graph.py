@@ -166,6 +166,13 @@ def read_metadata(text: str, source: str) -> dict[str, Any]:
             f"0-8192, batch 'dynamic' or 1-{MAX_BATCH}): it is damaged or was not written by `flawscope export`. "
             "Export again."
         )
+    version = metadata.get("format_version")
+    if not whole(version, 1, EXPORT_FORMAT_VERSION):
+        raise ModelFormatError(
+            f"{source} has export format {version!r}; this flawscope ({__version__}) reads format "
+            f"{EXPORT_FORMAT_VERSION}. Upgrade flawscope (pip install -U flawscope) to run files exported by a newer "
+            "version, or export the run again."
+        )
     return metadata
 
 

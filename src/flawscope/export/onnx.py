@@ -101,4 +101,12 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} has no '{METADATA_KEY}' metadata: it was not written by `flawscope export`. Export the run "
             "again, or run the file with onnxruntime directly."
         )
-    return read_metadata(props[METADATA_KEY], str(path))
+    metadata = read_metadata(props[METADATA_KEY], str(path))
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    size = metadata["input"]["image_size"]
+    if len(dims) != 4 or any(d is not None and d != size for d in dims[2:]):
+        raise ModelFormatError(
+            f"{path}: its graph takes inputs of shape {dims}, but its flawscope metadata says {size} x {size} images: "
+            "the metadata was edited or the file damaged. Export the run again."
+        )
+    return metadata
