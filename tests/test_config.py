@@ -48,6 +48,3 @@ def test_parse_overrides():
     assert parse_overrides(["a=1", "b-c = x"]) == {"a": "1", "b_c": "x"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["novalue"])
-    assert parse_overrides(["a=1", "a = 1"]) == {"a": "1"}  # repeated alike: fine
-    with pytest.raises(ConfigError, match=r"--set b_c=1 and --set b_c=2 disagree; give b_c once"):
-        parse_overrides(["b-c=1", "b_c=2"])

@@ -208,10 +208,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {pair!r} (for example --set num_epochs=4).")
-        key, value = key.strip().replace("-", "_"), value.strip()
-        if result.get(key, value) != value:
-            raise ConfigError(f"--set {key}={result[key]} and --set {key}={value} disagree; give {key} once.")
-        result[key] = value
+        result[key.strip().replace("-", "_")] = value.strip()
     return result
 
 
