@@ -511,6 +511,9 @@ def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_datas
         assert invoke("predict", tmp_path / "run", images, "--out", tmp_path / "pred", "--quiet").exit_code == 0
     with pytest.warns(UserWarning, match="no calibrated threshold.*exported model"):
         assert invoke("export", tmp_path / "run", "--no-check").exit_code == 0
+    exported = tmp_path / "run" / "export" / "model.onnx"  # the export says so too, wherever it is shipped
+    with pytest.warns(UserWarning, match=r"model\.onnx was exported from a run with no calibrated threshold"):
+        assert invoke("predict", exported, images, "--out", tmp_path / "pred-onnx", "--quiet").exit_code == 0
     # and test reports raw scores and AUROCs but no decisions
     result = invoke("test", tmp_path / "run", "--data", tiny_dataset, "--quiet")
     assert result.exit_code == 0, result.output
@@ -864,7 +867,9 @@ def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(run, whole_run_co
         num_test_per_defect=2,
         seed=7,
     )[0]
-    with pytest.warns(UserWarning, match=r"previous threshold and still carry it: .*metrics\.json"):
+    (run_copy / "export").mkdir(exist_ok=True)
+    (run_copy / "export" / "line.ts").write_text("an export under TorchScript's other suffix")
+    with pytest.warns(UserWarning, match=r"previous threshold and still carry it: .*metrics\.json.*line\.ts"):
         result = invoke("calibrate", run_copy, "--data", validation, "--quiet")
     assert result.exit_code == 0, result.output
     before = json.loads((run / "model" / "model.json").read_text())["calibration"]["threshold"]

@@ -206,6 +206,12 @@ def test_cooccurrence_matches_direct_loops():
     # One-pixel-wide regions (PTFEM's scale 8 on an 8 x 8 grid) have no down-right pairs: no co-occurrence.
     for shape in ((2, 3, 1, 1), (2, 3, 1, 4), (2, 3, 4, 1)):
         assert torch.equal(cooccurrence(torch.rand(shape)), torch.zeros(2, 3, 3))
+    # A region with no counts (a flat image area) normalises to zeros, also in float16 (a --half export), where a
+    # guard of 1e-12 would round to 0 and give 0 / 0.
+    for dtype in (torch.float32, torch.float16):
+        empty = torch.zeros(2, 3, 4, 5, dtype=dtype)
+        assert torch.equal(cooccurrence(empty), torch.zeros(2, 3, 3, dtype=dtype))
+        assert torch.equal(level_counts(empty.flatten(-2)), torch.zeros(2, 3, dtype=dtype))
 
 
 # --- losses (spec 2.7) ----------------------------------------------------------------------------------------------

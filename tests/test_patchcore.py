@@ -56,6 +56,11 @@ def test_squared_distances_equal_cdist_squared():
     same = squared_distances(bank, bank)
     assert (same >= 0).all()
     torch.testing.assert_close(same.diagonal(), torch.zeros(11, dtype=torch.float64))
+    # float16 features (a --half export) are computed in float32: in float16 |q|^2 = 4 * 150^2 overflows, so equal
+    # points would give inf - inf = NaN, and a distance of 600 would square to inf.
+    point = torch.full((1, 4), 150.0).half()
+    assert squared_distances(point, point).dtype == torch.float32 and squared_distances(point, point).item() == 0
+    assert squared_distances(-point, point).item() == 4 * 300.0**2
 
 
 def test_hand_made_bank_neighbours_are_right():

@@ -148,7 +148,16 @@ def test_nan_scores_from_valid_input_are_an_error_not_a_good_image(run, batch, m
         return tuple(outputs)
 
     monkeypatch.setattr(inferencer, "_forward", broken)
-    with pytest.raises(ModelFormatError, match=r"NaN or infinite scores for images \[0, 1\]"):
+    with pytest.raises(ModelFormatError, match=r"NaN or infinite scores, or NaN map pixels, for images \[0, 1\]"):
+        inferencer.predict(batch[:2])
+
+    def holed(images):  # finite scores, but a NaN pixel in the second image's map (a float16 0/0)
+        outputs = list(real(images))
+        outputs[0][1, 0, 3, 4] = np.nan  # anomaly_map
+        return tuple(outputs)
+
+    monkeypatch.setattr(inferencer, "_forward", holed)
+    with pytest.raises(ModelFormatError, match=r"NaN map pixels, for images \[1\]"):
         inferencer.predict(batch[:2])
 
 

@@ -419,5 +419,9 @@ def calibrate_run(
 def _run_outputs(run: Path) -> list[Path]:
     """What `flawscope test` and `flawscope export` wrote into a run folder (exports: ``export/`` only)."""
     tested = [run / name for name in TEST_FILES]
-    exported = sorted((run / "export").glob("*.onnx")) + sorted((run / "export").glob("*.pt"))
+    from .export.inferencer import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES
+
+    folder = run / "export"
+    suffixes = ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES
+    exported = sorted(p for p in folder.glob("*") if p.suffix.lower() in suffixes) if folder.is_dir() else []
     return [p for p in tested if p.is_file()] + exported

@@ -360,17 +360,26 @@ def export(run, export_format, out, batch, half, no_check) -> None:
     from .api import run_record
     from .export import FORMATS, export_checked
     from .export.parity import held_out_images
-    from .model_io import load_model, read_model_info, warn_if_uncalibrated
+    from .model_io import describe_threshold, load_model, read_model_info, warn_if_uncalibrated
 
     info = read_model_info(run)
     model = load_model(info["folder"])
     model.check_fitted()
     warn_if_uncalibrated(info, "exported model's outputs")
+    calibrated = describe_threshold(info)[0]
     path = out or Path(run) / "export" / f"model{FORMATS[export_format]}"
     data = run_record(run).get("data")  # the training data, never written into
     images = None if no_check else held_out_images(run, model)
     path, report = export_checked(
-        model, path, export_format, batch=batch, half=half, images=images, check=not no_check, data_root=data
+        model,
+        path,
+        export_format,
+        batch=batch,
+        half=half,
+        images=images,
+        check=not no_check,
+        data_root=data,
+        calibrated=calibrated,
     )
     click.echo(f"{export_format} model written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if report is not None:

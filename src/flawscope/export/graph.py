@@ -97,8 +97,11 @@ def _preprocessing_text(image_size: int, resize_size: int) -> str:
     )
 
 
-def export_metadata(model: AnomalyModel, export_format: str, batch: int | None, half: bool) -> dict[str, Any]:
-    """What a deployer needs besides the graph: input geometry and channel order, threshold, versions."""
+def export_metadata(
+    model: AnomalyModel, export_format: str, batch: int | None, half: bool, calibrated: bool = True
+) -> dict[str, Any]:
+    """What a deployer needs besides the graph: input geometry and channel order, threshold (and whether it was
+    calibrated), versions."""
     cfg = model.config
     return {
         "format": "flawscope-export",
@@ -128,6 +131,7 @@ def export_metadata(model: AnomalyModel, export_format: str, batch: int | None, 
         "batch": "dynamic" if batch is None else batch,
         "precision": "float16" if half else "float32",
         "threshold": float(model.threshold),
+        "calibrated": calibrated,  # False: the threshold was never set, decisions and normalised outputs mean nothing
         "score_low": float(model.score_low),
         "decision": "defective when norm_score > 0.5 (pred_score > threshold)",
         "config": cfg.to_dict(),

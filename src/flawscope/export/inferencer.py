@@ -159,11 +159,12 @@ class _BaseInferencer:
         """images (B, 3, S, S) float in [0, 1] -> B predictions with regions of at least ``min_area`` pixels."""
         out = self.run(images)
         broken = ~(np.isfinite(out["pred_score"]) & np.isfinite(out["norm_score"]))  # norm: a damaged threshold
+        broken |= np.isnan(out["anomaly_map"].reshape(len(broken), -1)).any(1)  # wrong regions, masks and overlays
         if broken.any():  # NaN > 0.5 is False: without this an unscorable image would pass as good
             raise ModelFormatError(
-                f"The model gave NaN or infinite scores for images {np.flatnonzero(broken)[:10].tolist()} of the "
-                "batch (0-based) from valid input: the model file is damaged, its training diverged, or a float16 "
-                "export overflowed. Fit or export again."
+                f"The model gave NaN or infinite scores, or NaN map pixels, for images "
+                f"{np.flatnonzero(broken)[:10].tolist()} of the batch (0-based) from valid input: the model file is "
+                "damaged, its training diverged, or a float16 export overflowed. Fit or export again."
             )
         predictions = []
         for i in range(out["pred_score"].shape[0]):
@@ -306,11 +307,20 @@ def load_inferencer(
         info = read_model_info(path)
         warn_if_uncalibrated(info, "predictions")
         return TorchInferencer(load_model(info["folder"]), resolve_device(device))
-    if path.suffix.lower() in ONNX_SUFFIXES:
-        return OnnxInferencer(path, device, threads)
-    if path.suffix.lower() in TORCHSCRIPT_SUFFIXES:
-        torch_threads_differ()
-        return TorchScriptInferencer(path, resolve_device(device), trust_code=trust_code)
+    if path.suffix.lower() in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES:
+        if path.suffix.lower() in ONNX_SUFFIXES:
+            exported = OnnxInferencer(path, device, threads)
+        else:
+            torch_threads_differ()
+            exported = TorchScriptInferencer(path, resolve_device(device), trust_code=trust_code)
+        if exported.metadata.get("calibrated") is False:  # exports before the flag existed say nothing
+            warnings.warn(
+                f"{path} was exported from a run with no calibrated threshold (fitted with --val-ratio 0), so its "
+                "decisions, normalised scores and regions mean nothing; raw scores are fine. Run `flawscope "
+                "calibrate RUN --data DIR` on the run, then export it again.",
+                stacklevel=2,
+            )
+        return exported
     if not path.exists():
         raise ModelFormatError(f"{path} does not exist. Pass a run folder, an .onnx file or a TorchScript .pt file.")
     raise ModelFormatError(

@@ -32,7 +32,9 @@ from .graph import (
 OPSET = 18
 
 
-def export_onnx(model: AnomalyModel, path: str | Path, *, batch: int | None = None, half: bool = False) -> Path:
+def export_onnx(
+    model: AnomalyModel, path: str | Path, *, batch: int | None = None, half: bool = False, calibrated: bool = True
+) -> Path:
     """Writes ``model``'s inference graph to ``path`` as ONNX.
 
     Args:
@@ -40,6 +42,7 @@ def export_onnx(model: AnomalyModel, path: str | Path, *, batch: int | None = No
         path: the .onnx file to write (its folder is created).
         batch: None for a dynamic batch dimension, else the fixed batch size.
         half: float16 weights (inputs and outputs stay float32).
+        calibrated: whether the model's threshold was calibrated (recorded in the metadata; loading warns if not).
 
     Returns:
         ``path``.
@@ -66,7 +69,7 @@ def export_onnx(model: AnomalyModel, path: str | Path, *, batch: int | None = No
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
-    metadata = export_metadata(model, "onnx", batch, half)
+    metadata = export_metadata(model, "onnx", batch, half, calibrated)
     props = {
         METADATA_KEY: metadata_json(metadata),
         # Flat copies of the keys a deployer reads first, for tools that show metadata_props as a table.

@@ -69,15 +69,21 @@ def _written_by_export(path: Path) -> bool:
 
 
 def export_model(
-    model: AnomalyModel, path: str | Path, export_format: str = "onnx", batch: str | int = "dynamic", half: bool = False
+    model: AnomalyModel,
+    path: str | Path,
+    export_format: str = "onnx",
+    batch: str | int = "dynamic",
+    half: bool = False,
+    calibrated: bool = True,
 ) -> Path:
-    """Exports ``model`` to ``path`` in ``export_format`` ('onnx' or 'torchscript'); ``batch`` is 'dynamic' or N."""
+    """Exports ``model`` to ``path`` in ``export_format`` ('onnx' or 'torchscript'); ``batch`` is 'dynamic' or N;
+    ``calibrated=False`` records that the threshold was never set (loading the file then warns)."""
     from .onnx import export_onnx
     from .torchscript import export_torchscript
 
     path = _check_export_path(path, export_format)
     exporter = export_onnx if export_format == "onnx" else export_torchscript
-    return exporter(model, path, batch=parse_batch(batch), half=half)
+    return exporter(model, path, batch=parse_batch(batch), half=half, calibrated=calibrated)
 
 
 def open_exported(path: str | Path, device: str = "cpu") -> _BaseInferencer:
@@ -97,22 +103,36 @@ def parity_report(
         ``max_abs_norm`` (largest difference of the calibrated map and score), ``max_rel_raw`` (largest difference
         of the raw map and score relative to the raw map's range), ``decisions_equal`` (over the images scored
         farther than ``norm_atol`` from the threshold), ``near_threshold`` (how many were not), ``atol``,
-        ``norm_atol`` (``atol`` carried through the calibration, see below) and ``ok`` (the raw difference at most
-        ``atol``, the calibrated one at most ``norm_atol``, and those decisions equal).
+        ``norm_atol`` (``atol`` carried through the calibration, see below), ``frames_finite`` and ``ok`` (the raw
+        difference at most ``atol``, the calibrated one at most ``norm_atol``, those decisions equal, and the frames
+        finite).
 
     The calibrated outputs are the raw ones times 0.5 / (threshold - score_low), clipped, so a threshold close to
     the typical normal score magnifies float rounding: the calibrated outputs may differ by ``atol`` times the raw
     map's range times that slope (``norm_atol``, never below ``atol``).
+
+    A black and a white frame are also scored, where flat features make a float16 graph likeliest to divide 0 by 0
+    or overflow: ``frames_finite`` says that the export's outputs are finite on them wherever the torch model's are
+    (they are not held to the tolerance: a method's statistics of a flat image can be ill-conditioned, so float32
+    rounding alone may move them more than it moves a real image's).
     """
+    size = model.config.image_size
     if images is None:
-        size = model.config.image_size
         images = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(1))
+    frames = torch.stack([torch.zeros(3, size, size), torch.ones(3, size, size)])
     device = model.fitted.device  # the comparison runs on the CPU; the caller's model goes back where it was
     try:
-        reference = TorchInferencer(model, "cpu").run(images)
+        torch_model = TorchInferencer(model, "cpu")
+        reference, reference_frames = torch_model.run(images), torch_model.run(frames)
     finally:
         model.to(device)
-    other = exported.run(images)
+    other, other_frames = exported.run(images), exported.run(frames)
+    finite = all(
+        np.array_equal(
+            np.isfinite(reference_frames[k]), np.isfinite(reference_frames[k]) & np.isfinite(other_frames[k])
+        )
+        for k in reference_frames
+    )
     norm = max(float(np.abs(reference[k] - other[k]).max()) for k in ("norm_map", "norm_score"))
     spread = max(float(np.ptp(reference["anomaly_map"])), 1e-12)
     raw = max(float(np.abs(reference[k] - other[k]).max()) for k in ("anomaly_map", "pred_score")) / spread
@@ -131,8 +151,9 @@ def parity_report(
         "near_threshold": int((~clear).sum()),
         "atol": atol,
         "norm_atol": norm_atol,
+        "frames_finite": finite,
         # The raw check matters where the calibrated outputs clip to 0 or 1 (then they agree trivially).
-        "ok": bool(norm <= norm_atol and raw <= atol and decisions),
+        "ok": bool(norm <= norm_atol and raw <= atol and decisions and finite),
     }
 
 
@@ -175,7 +196,8 @@ def check_parity(
             f"The exported {name or path} does not reproduce the torch model: largest difference of the calibrated "
             f"outputs {report['max_abs_norm']:.2e} (allowed {report['norm_atol']:.1e}), of the raw outputs "
             f"{report['max_rel_raw']:.2e} of the map's range (allowed {report['atol']:.0e}), decisions equal: "
-            f"{report['decisions_equal']}. Please report this with the model's method and options."
+            f"{report['decisions_equal']}, finite on a black and a white frame: {report['frames_finite']}. Please "
+            "report this with the model's method and options (a float16 export that is not finite: use float32)."
         )
     return report
 
@@ -205,6 +227,7 @@ def export_checked(
     images: torch.Tensor | None = None,
     check: bool = True,
     data_root: str | Path | None = None,
+    calibrated: bool = True,
 ) -> tuple[Path, dict[str, Any] | None]:
     """``export_model``, then ``check_parity`` on ``images``; the file appears at ``path`` only if it agrees.
 
@@ -233,7 +256,7 @@ def export_checked(
     _check_free_space(model, path.parent, half)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        export_model(model, staging / path.name, export_format, batch=batch, half=half)
+        export_model(model, staging / path.name, export_format, batch=batch, half=half, calibrated=calibrated)
         name = f"{path} (not written)"
         report = check_parity(model, staging / path.name, images, name=name) if check else None
         for written in staging.iterdir():

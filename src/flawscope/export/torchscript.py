@@ -24,7 +24,9 @@ from .graph import ExportGraph, example_input, export_metadata, metadata_json, r
 EXTRA_FILE = "flawscope.json"
 
 
-def export_torchscript(model: AnomalyModel, path: str | Path, *, batch: int | None = None, half: bool = False) -> Path:
+def export_torchscript(
+    model: AnomalyModel, path: str | Path, *, batch: int | None = None, half: bool = False, calibrated: bool = True
+) -> Path:
     """Writes ``model``'s inference graph to ``path`` as a TorchScript archive.
 
     Args:
@@ -32,6 +34,7 @@ def export_torchscript(model: AnomalyModel, path: str | Path, *, batch: int | No
         path: the file to write (.pt), its folder is created.
         batch: None for any batch size, else the fixed batch size recorded in the metadata (inferencers pad to it).
         half: float16 weights (inputs and outputs stay float32).
+        calibrated: whether the model's threshold was calibrated (recorded in the metadata; loading warns if not).
 
     Returns:
         ``path``.
@@ -43,7 +46,7 @@ def export_torchscript(model: AnomalyModel, path: str | Path, *, batch: int | No
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints, fixed after fitting
         traced = torch.jit.trace(graph, (example_input(model, batch),), check_trace=False)
-        metadata = export_metadata(model, "torchscript", batch, half)
+        metadata = export_metadata(model, "torchscript", batch, half, calibrated)
         # torch 2.14 marks torch.jit deprecated in favour of torch.export, whose files need torch >= 2.x to load and
         # are not yet a stable runtime format; TorchScript still loads in libtorch (C++) on an edge box.
         # A file object, not a path string: libtorch opens path strings with the ANSI code page on Windows, which

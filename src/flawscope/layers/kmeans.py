@@ -19,7 +19,12 @@ def pairwise_squared_distances(queries: Tensor, keys: Tensor) -> Tensor:
     ``|k|^2 - 2 q.k`` (the factor and the bias ride on the matrix product) and the rest is updated in place: the
     (N, M) matrix is the largest tensor of nearest-neighbour scoring, and each extra pass over it cost about 10 % of
     PatchCore's inference time.
+
+    float16 and bfloat16 inputs are computed and returned in float32: in float16 a squared distance above 65504
+    overflows, and |q|^2 and |k|^2 swamp their small difference in either.
     """
+    if queries.dtype in (torch.float16, torch.bfloat16):
+        return pairwise_squared_distances(queries.float(), keys.float())
     flat = queries.reshape(-1, queries.shape[-1])
     distances = torch.addmm(keys.pow(2).sum(-1), flat, keys.T, alpha=-2)
     distances = distances.add_(flat.pow(2).sum(-1, keepdim=True)).clamp_min_(0)

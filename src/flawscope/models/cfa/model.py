@@ -273,6 +273,6 @@ class CFA(AnomalyModel):
         # Top-K on squared distances, then the root of only K values: the same order, far fewer square roots.
         nearest = squared.topk(self.config.num_neighbors, dim=-1, largest=False).values.sqrt()  # (B, h*w, K)
         scores = soft_boundary_score(nearest) if self.config.score_mode == "softmin" else nearest[..., 0]  # Eq. 5 / 4
-        patch_map = scores.reshape(batch, 1, height, width)
+        patch_map = scores.to(features.dtype).reshape(batch, 1, height, width)  # the distances are float32
         anomaly_map = self.blur(F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False))
         return anomaly_map, anomaly_map.flatten(1).amax(dim=1)

@@ -54,7 +54,7 @@ def quantize_count(similarity: Tensor, num_levels: int, window: str = "spacing")
 def level_counts(encoding: Tensor) -> Tensor:
     """(..., N, K) quantisation matrix -> (..., N) normalised counts Σ_i E_{n,i} / Σ_{n,i} E_{n,i}."""
     counts = encoding.sum(-1)
-    return counts / counts.sum(-1, keepdim=True).clamp_min(1e-12)
+    return counts / counts.sum(-1, keepdim=True).clamp_min(torch.finfo(counts.dtype).tiny)
 
 
 def cooccurrence(encoding: Tensor) -> Tensor:
@@ -71,7 +71,7 @@ def cooccurrence(encoding: Tensor) -> Tensor:
         return encoding.new_zeros((*encoding.shape[:-2], encoding.shape[-3]))
     first, second = encoding[..., :-1, :-1].flatten(-2), encoding[..., 1:, 1:].flatten(-2)  # (..., N, P)
     pairs = first @ second.transpose(-1, -2)
-    return pairs / pairs.sum((-2, -1), keepdim=True).clamp_min(1e-12)
+    return pairs / pairs.sum((-2, -1), keepdim=True).clamp_min(torch.finfo(pairs.dtype).tiny)
 
 
 class TextureEnhancement(nn.Module):

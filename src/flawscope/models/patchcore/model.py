@@ -93,9 +93,9 @@ class PatchCore(AnomalyModel):
         features = self.local_features(images)  # (B, D, h, w)
         batch, dim, height, width = features.shape
         queries = features.permute(0, 2, 3, 1).reshape(-1, dim)  # (B*h*w, D)
-        nearest_sq, nearest_idx = pairwise_squared_distances(queries, self.memory_bank).min(dim=1)
+        nearest_sq, nearest_idx = pairwise_squared_distances(queries, self.memory_bank).min(dim=1)  # float32
         patch_scores = nearest_sq if self.config.distance == "squared" else nearest_sq.sqrt()
-        patch_scores = patch_scores.reshape(batch, height * width)  # (B, h*w)
+        patch_scores = patch_scores.to(features.dtype).reshape(batch, height * width)  # (B, h*w)
 
         max_score, max_pos = patch_scores.max(dim=1)  # (B,)
         if self.bank_neighbors.shape[1] == 1:  # b = 1 (or a one-row bank): nothing to reweight against
@@ -114,6 +114,7 @@ class PatchCore(AnomalyModel):
         query = queries.gather(1, max_pos[:, None, None].expand(-1, 1, queries.shape[-1]))[:, 0]  # (B, D)
         anchor = nearest_idx.gather(1, max_pos[:, None])[:, 0]  # (B,)
         neighbours = self.memory_bank[self.bank_neighbors[anchor]]  # (B, b, D)
-        neighbour_dist = (neighbours - query[:, None]).pow(2).sum(-1).sqrt()  # (B, b); column 0 is m* itself
+        # (B, b), column 0 is m* itself; in float32, as the float16 squares overflow (pairwise_squared_distances)
+        neighbour_dist = (neighbours.float() - query.float()[:, None]).pow(2).sum(-1).sqrt()
         weight = 1 - torch.softmax(neighbour_dist, dim=1)[:, 0]
-        return weight * max_score
+        return weight.to(max_score.dtype) * max_score
