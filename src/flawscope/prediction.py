@@ -63,15 +63,6 @@ def _row(
     }
 
 
-def _input_folder(path: Path) -> Path | None:
-    """The data folder an input names: a folder itself, or a glob's fixed folder part ('a/b' of 'a/b/*/x*.png');
-    None for a file, or a glob with no folder before its first wildcard."""
-    if not any(char in str(path) for char in "*?["):
-        return path
-    fixed = next(i for i, part in enumerate(path.parts) if any(char in part for char in "*?["))
-    return Path(*path.parts[:fixed]) if fixed else None
-
-
 def predict(
     run: str | Path,
     paths: str | Path | Iterable[str | Path],
@@ -120,10 +111,9 @@ def predict(
         images = find_images(paths)
         out = Path(out).expanduser()
         # Files written into an input folder would be read back as images by the next run on it. Only folders given as
-        # inputs count, and a glob's folder ('imgs' of 'imgs/*.png'); the folder of a file given by name or of a bare
-        # '*.png' (often the working folder) is not treated as a data folder.
-        for folder in map(_input_folder, paths):
-            if folder is not None and folder.is_dir():
+        # inputs count: the folder of a file given by name (often the working folder) is not treated as a data folder.
+        for folder in (Path(p) for p in paths):
+            if folder.is_dir():
                 check_outside(out, folder)
         writes = ["predictions.csv", "predictions.jsonl", "skipped.csv"]
         writes += ["overlays"] * overlays + ["masks"] * masks
