@@ -321,8 +321,9 @@ def test(
             where = (
                 "in their mask file (it is empty)"
                 if eval_resolution == "native"
-                else "in their mask at the model's input size (the mask file is empty, or the defect is under a pixel "
-                "after resizing)"
+                else "in their mask at the model's input size (the mask file is empty, the centre crop cut the defect "
+                "off (fit with --resize-size 0 to keep the whole image), or the defect is under a pixel after "
+                "resizing)"
             )
             warnings.warn(
                 f"{len(unmarked)} defective test image(s) have no defect pixel {where}, e.g. {unmarked[0]}: pixel "
