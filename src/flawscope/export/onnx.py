@@ -105,7 +105,12 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
             "again, or run the file with onnxruntime directly."
         )
     metadata = read_metadata(props[METADATA_KEY], str(path))
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    inputs = proto.graph.input
+    dims = (
+        [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+        if inputs
+        else []
+    )
     size = metadata["input"]["image_size"]
     if len(dims) != 4 or any(d is not None and d != size for d in dims[2:]):
         raise ModelFormatError(
