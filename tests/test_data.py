@@ -431,6 +431,20 @@ def test_find_images_folders_globs_files(tmp_path):
     assert find_images([single, single]) == [single]
 
 
+def test_find_images_names_image_formats_it_passes_over(tmp_path):
+    _save_rgb(tmp_path / "line" / "000.png")
+    for name in ("anim.gif", "sub/shot.HEIC", ".cache/copy.gif", "notes.txt"):
+        (tmp_path / "line" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "line" / name).write_bytes(b"x")
+    with pytest.warns(UserWarning, match=r"2 file\(s\) in a format flawscope does not read \(\.gif, \.heic\)"):
+        assert find_images([tmp_path / "line"]) == [tmp_path / "line" / "000.png"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a text file, a hidden copy: nothing to say
+        (tmp_path / "line" / "anim.gif").unlink()
+        (tmp_path / "line" / "sub" / "shot.HEIC").unlink()
+        assert find_images([tmp_path / "line"]) == [tmp_path / "line" / "000.png"]
+
+
 def test_find_images_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")

@@ -432,25 +432,35 @@ def _is_visa(root: Path, layout: str) -> bool:
     return layout == "visa" or (layout == "auto" and (root / "split_csv").is_dir() and not (root / "train").is_dir())
 
 
-def _images_below(folder: Path) -> list[Path]:
+# Image formats a folder search passes over (IMAGE_EXTENSIONS are read); find_images names those it met, as a user
+# who drops camera RAW or GIF files into a folder would otherwise not learn why they are missing from the results.
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".dng", ".cr2", ".nef", ".arw", ".psd")
+
+
+def _images_below(folder: Path, unread: list[Path] | None = None) -> list[Path]:
     """The images anywhere below ``folder``, hidden folders left out: they hold tool caches (.ipynb_checkpoints,
-    .thumbnails, a Synology NAS's @eaDir) with copies of the images."""
-    return [
-        path
-        for path in folder.rglob("*")
-        if is_image_file(path)
-        and not any(part.startswith(".") or part == "@eaDir" for part in path.relative_to(folder).parts)
-    ]
+    .thumbnails, a Synology NAS's @eaDir) with copies of the images. Files of UNREAD_IMAGE_EXTENSIONS go to
+    ``unread`` when it is given."""
+    images = []
+    for path in folder.rglob("*"):
+        if any(part.startswith(".") or part == "@eaDir" for part in path.relative_to(folder).parts):
+            continue
+        if is_image_file(path):
+            images.append(path)
+        elif unread is not None and path.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and path.is_file():
+            unread.append(path)
+    return images
 
 
-def _expand(item: Path) -> list[Path]:
-    """Images named by one argument: a file, a folder (searched recursively) or a glob pattern.
+def _expand(item: Path, unread: list[Path] | None = None) -> list[Path]:
+    """Images named by one argument: a file, a folder (searched recursively) or a glob pattern; image files of
+    formats flawscope does not read, found below a folder, go to ``unread``.
 
     flawscope's own overlays and masks are left out, below a folder and wherever a glob reaches them; a folder
     named directly is read whole.
     """
     if item.is_dir():
-        return drop_output_images(_images_below(item), item, top=item)
+        return drop_output_images(_images_below(item, unread), item, top=item)
     if item.is_file():
         if item.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataError(
@@ -460,7 +470,7 @@ def _expand(item: Path) -> list[Path]:
     if any(char in str(item) for char in "*?["):
         matches = [Path(match) for match in glob.glob(str(item), recursive=True)]
         found = [path for path in matches if is_image_file(path)]
-        found += [path for folder in matches if folder.is_dir() for path in _images_below(folder)]
+        found += [path for folder in matches if folder.is_dir() for path in _images_below(folder, unread)]
         return drop_output_images(_sorted_paths(set(found)), item)
     what = "is not a regular file (a device, pipe or socket)" if item.exists() else "does not exist"
     raise DataError(f"{item} {what}. Pass image files, folders or glob patterns such as 'images/*.png'.")
@@ -484,10 +494,18 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     # The same name given twice (relative and absolute, or a file also in a folder given; in any case where the file
     # system ignores case) is read once, under its first spelling; links to one file under other names are kept.
     unique: dict[str, Path] = {}
+    unread: list[Path] = []
     for item in items:
-        for path in _expand(Path(item).expanduser()):
+        for path in _expand(Path(item).expanduser(), unread):
             unique.setdefault(os.path.normcase(os.path.abspath(path)), path)
     found = _sorted_paths(unique.values())
+    if unread:
+        kinds = sorted({path.suffix.lower() for path in unread})
+        warnings.warn(
+            f"{len(unread)} file(s) in a format flawscope does not read ({', '.join(kinds)}) were passed over, e.g. "
+            f"{unread[0]}. Convert them to one of {', '.join(IMAGE_EXTENSIONS)} to include them.",
+            stacklevel=2,
+        )
     if not found:
         searched = ", ".join(str(item) for item in items) or "(no paths given)"
         patterns = any(char in str(item) for item in items for char in "*?[")
