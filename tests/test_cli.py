@@ -227,20 +227,38 @@ def test_test_finds_the_runs_category_and_warns_about_another_or_a_replaced_resu
     assert json.loads((tmp_path / "eval-categories" / "metrics.json").read_text())["seed"] == 0
 
 
-def test_test_warns_about_another_models_results_and_a_report_it_does_not_replace(whole_run_copy, tiny_dataset):
+def test_test_warns_about_another_models_results_and_a_report_it_does_not_replace(
+    whole_run_copy, tiny_dataset, tmp_path
+):
     # The copied run's own metrics.json (the same weights) is replaced without a warning ...
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert invoke("test", whole_run_copy, "--data", tiny_dataset, "--quiet").exit_code == 0
     metrics_path = whole_run_copy / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
-    assert (
-        metrics["weights_sha256"] == json.loads((whole_run_copy / "model" / "model.json").read_text())["weights_sha256"]
-    )
-    # ... one of another model's weights is named, and so is the report.html that --no-report leaves.
-    metrics_path.write_text(json.dumps({**metrics, "weights_sha256": "0123456789abcdef", "method": "cfa"}))
+    info = json.loads((whole_run_copy / "model" / "model.json").read_text())
+    assert metrics["model_id"] == info["model_id"] == info["weights_sha256"]  # as fitted
+    # A recalibrated run is the same model, although the threshold in its weights changed.
+    validation = make_demo_dataset(
+        tmp_path / "val",
+        textures=("grass",),
+        image_size=64,
+        num_train=3,
+        num_test_good=4,
+        num_test_per_defect=2,
+        seed=7,
+    )[0]
+    with pytest.warns(UserWarning, match="previous threshold"):
+        assert invoke("calibrate", whole_run_copy, "--data", validation, "--quiet").exit_code == 0
+    recalibrated = json.loads((whole_run_copy / "model" / "model.json").read_text())
+    assert recalibrated["model_id"] == info["model_id"] != recalibrated["weights_sha256"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert invoke("test", whole_run_copy, "--data", tiny_dataset, "--quiet").exit_code == 0
+    # ... one of another model is named, and so is the report.html that --no-report leaves.
+    metrics_path.write_text(json.dumps({**metrics, "model_id": "0123456789abcdef", "method": "cfa"}))
     with (
-        pytest.warns(UserWarning, match=r"holds the results of another model \(cfa, weights 0123456789ab\)"),
+        pytest.warns(UserWarning, match=r"holds the results of another model \(cfa, model_id 0123456789ab\)"),
         pytest.warns(UserWarning, match=r"report\.html stays from an earlier test .*--no-report"),
     ):
         result = invoke("test", whole_run_copy, "--data", tiny_dataset, "--quiet", "--no-report")

@@ -403,7 +403,7 @@ def calibrate_run(
             stacklevel=2,
         )
     model.set_calibration(result["threshold"], result["score_low"])
-    metadata = {key: info[key] for key in ("training",) if key in info}
+    metadata = {key: info[key] for key in ("training", "seen_anomalies", "model_id") if key in info}
     save_model(model.cpu(), info["folder"], metadata={"calibration_details": result, **metadata})
     stale = _run_outputs(Path(run))
     if stale:

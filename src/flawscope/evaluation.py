@@ -188,9 +188,9 @@ def seen_anomalies_of(run: str | Path) -> tuple[list[str], list[str]]:
 
 
 def _warn_replaced(out: Path, dataset: DatasetSplit, info: dict[str, Any], report: bool) -> None:
-    """Warns when ``out`` holds the metrics of another model (by its weights' SHA-256, so a copied run is the same
-    model), data set or category, which this test replaces, and when a report.html there stays from an earlier
-    test (``report=False``)."""
+    """Warns when ``out`` holds the metrics of another model (by model.json's ``model_id``, the fitted weights'
+    SHA-256: a copied or recalibrated run is the same model), data set or category, which this test replaces, and
+    when a report.html there stays from an earlier test (``report=False``)."""
     if not report and (out / "report.html").is_file():
         warnings.warn(
             f"{out / 'report.html'} stays from an earlier test and does not show these results (--no-report). "
@@ -206,7 +206,7 @@ def _warn_replaced(out: Path, dataset: DatasetSplit, info: dict[str, Any], repor
         return
     if not isinstance(previous, dict):
         return
-    # Older metrics.json files hold the data path as typed, no category and no weights digest.
+    # Older metrics.json files hold the data path as typed, no category and no model_id.
     where = (str(Path(previous.get("data", "")).resolve()), previous.get("category", dataset.category))
     now = (str(dataset.root.resolve()), dataset.category)
     if where != now:
@@ -215,10 +215,10 @@ def _warn_replaced(out: Path, dataset: DatasetSplit, info: dict[str, Any], repor
             f"{now[0]} (category {now[1]!r}). Give each test its own --out to keep both.",
             stacklevel=3,
         )
-    if previous.get("weights_sha256", info.get("weights_sha256")) != info.get("weights_sha256"):
+    if previous.get("model_id", info.get("model_id")) != info.get("model_id"):
         warnings.warn(
-            f"{path} holds the results of another model ({previous.get('method')}, weights "
-            f"{str(previous['weights_sha256'])[:12]}); they are replaced by those of {info['folder']} "
+            f"{path} holds the results of another model ({previous.get('method')}, model_id "
+            f"{str(previous['model_id'])[:12]}); they are replaced by those of {info['folder']} "
             f"({info['method']}). Give each test its own --out to keep both.",
             stacklevel=3,
         )
@@ -367,7 +367,7 @@ def test(
                 "per_type": per_type_metrics(pixels),
                 "eval_resolution": eval_resolution,
                 "method": info["method"],
-                "weights_sha256": info.get("weights_sha256"),
+                "model_id": info.get("model_id"),
                 "data": str(dataset.root.resolve()),
                 "layout": dataset.layout,
                 "category": dataset.category,

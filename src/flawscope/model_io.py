@@ -34,7 +34,8 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
     Args:
         model: a fitted inference module.
         folder: destination; existing ``model.json``/``weights.safetensors`` there are replaced.
-        metadata: extra JSON-serialisable facts (calibration details, training report) stored in model.json.
+        metadata: extra JSON-serialisable facts (calibration details, training report) stored in model.json; a
+            ``model_id`` there (the fit's, when re-saving a calibrated model) replaces the new weights' digest.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,7 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
     # file's bytes (and weights_sha256) differ between two identical fits.
     header = json.dumps({"format": FORMAT_VERSION, "method": model.method}, sort_keys=True)
     save_safetensors(state, weights, {"flawscope": header})
+    digest = file_sha256(weights)
     info = {
         "format": FORMAT_VERSION,
         "method": model.method,
@@ -63,7 +65,9 @@ def save_model(model: AnomalyModel, folder: str | Path, metadata: dict[str, Any]
             "resize_size": model.config.resize_size,
         },
         "calibration": {"threshold": float(model.threshold), "score_low": float(model.score_low)},
-        "weights_sha256": file_sha256(weights),
+        "weights_sha256": digest,
+        # Which fit this is, kept by `calibrate` (which rewrites the threshold in the weights): the first digest.
+        "model_id": digest,
         **(metadata or {}),
     }
     write_json(folder / MODEL_JSON, info)
