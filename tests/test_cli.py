@@ -1042,6 +1042,8 @@ def test_edited_or_missing_run_files_are_named(whole_run_copy, tiny_dataset, tmp
     Image.new("RGB", (8, 8)).save(elsewhere)
     config.write_text(json.dumps({**record, "val_images": [str(elsewhere)]}))
     assert_clean_error(invoke(*args), "1 of the held-out images listed in", "are not in --data")
+    config.write_text(json.dumps({**record, "val_images": []}))  # fitted with --val-ratio 0: never the training images
+    assert_clean_error(invoke(*args), "held out no good images", "--val-ratio 0")
     config.write_text(json.dumps({**record, "options": {**record["options"], "image_size": 10**6}}))
     assert_clean_error(invoke(*args), "image_size")
 

@@ -641,7 +641,13 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
                 f"{len(outside)} of the held-out images listed in {config_path} (val_images) are not in --data "
                 f"{dataset.root}, e.g. {outside[0]}. Give the data folder the run was trained on, or leave --run out."
             )
-        images = held_out or images
+        if not held_out:  # the training images would be ones the model was fitted on
+            raise ConfigError(
+                f"--run {run} held out no good images (fitted with --val-ratio 0), so there are none the model never "
+                "saw to draw defects on. Leave --run out and give --data a folder of good images it was not trained "
+                "on, or fit with --val-ratio 0.1."
+            )
+        images = held_out
         try:
             options = get_method(config["method"]).config_class.from_dict(config["options"])  # checks the sizes
         except (KeyError, TypeError) as e:
