@@ -40,6 +40,18 @@ def test_bad_settings_fail_before_fitting(models, overrides, fragment):
         parse_settings(models, overrides)
 
 
+def test_a_setting_name_given_twice_or_options_not_an_object_are_refused(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"patchcore": {"model": "patchcore", "options": {"coreset_ratio": 0.5}}}))
+    with pytest.raises(ConfigError, match="patchcore are given twice"):  # one run folder for two fits
+        parse_settings("patchcore", [], path)
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_settings("simplenet,simplenet")
+    path.write_text(json.dumps({"a": {"model": "patchcore", "options": ["x"]}}))
+    with pytest.raises(ConfigError, match="the options of 'a' must be a JSON object"):
+        parse_settings(None, [], path)
+
+
 def test_flop_count_matches_a_hand_count():
     # SimpleNet's adaptor is one (h*w, D) x (D, D) product: 2 * h*w * D * D FLOPs, inside the total.
     method = get_method("simplenet")

@@ -503,8 +503,9 @@ def test_running_out_of_memory_names_what_uses_less(tiny_dataset, tmp_path, monk
 
 
 def test_other_bad_options_are_named(run, tiny_dataset, tmp_path):
-    result = invoke("synth", "--data", tiny_dataset, "--out", tmp_path / "s", "--image-size", "0")
-    assert result.exit_code == 2 and "Invalid value for '--image-size'" in result.output
+    for option, value in (("--image-size", "0"), ("--image-size", "4"), ("--seed", "-1")):  # as models take 32 up
+        result = invoke("synth", "--data", tiny_dataset, "--out", tmp_path / "s", option, value)
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
     result = invoke("test", run, "--data", tiny_dataset, "--out", tmp_path / "t", "--exclude-seen-of", tmp_path / "no")
     assert_clean_error(result, "--exclude-seen-of", "is not a run folder")
     for option in ("--lr", "--weight-decay"):
@@ -538,6 +539,18 @@ def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_datas
     assert {row["decision"] for row in read_csv(tmp_path / "run" / "per_image.csv")} == {"n/a"}
     html = (tmp_path / "run" / "report.html").read_text()
     assert "not calibrated" in html and "→" not in html  # no caption names a decision
+    validation = make_demo_dataset(
+        tmp_path / "val",
+        textures=("grass",),
+        image_size=64,
+        num_train=3,
+        num_test_good=4,
+        num_test_per_defect=2,
+        seed=7,
+    )[0]
+    with pytest.warns(UserWarning, match="previous threshold"):
+        result = invoke("calibrate", tmp_path / "run", "--data", validation, "--quiet")
+    assert "previous threshold: none (not calibrated)" in result.output
 
 
 def test_commands_never_overwrite_files_they_did_not_write(run, tiny_dataset, images, tmp_path):

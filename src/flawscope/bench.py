@@ -60,9 +60,18 @@ def parse_settings(
                     f"--settings {settings_file}: the setting name {name!r} is used as a folder name in --out; use "
                     "letters, digits, '-', '_' and '.' (no path separators)."
                 )
+            if not isinstance(entry.get("options", {}), dict):
+                raise ConfigError(f"--settings {settings_file}: the options of {name!r} must be a JSON object.")
             settings.append(BenchSetting(name, entry.get("model", name), dict(entry.get("options", {}))))
     for method in [m.strip() for m in (models or "").split(",") if m.strip()]:
         settings.append(BenchSetting(method, method, {}))
+    names = [setting.name for setting in settings]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # each name is a run folder in --out: the second fit would replace the first
+        raise ConfigError(
+            f"The bench setting name(s) {', '.join(twice)} are given twice (--models and --settings together, or "
+            "twice in --models); each name is a run folder in --out, so give each setting its own name."
+        )
     if not settings:
         raise ConfigError("bench needs --models a,b,... or --settings FILE.")
     shared: dict[str, str] = {}

@@ -417,14 +417,15 @@ def export(run, export_format, out, batch, half, no_check) -> None:
 def calibrate(run, data, rule, target_fpr, category, layout, device, quiet) -> None:
     """Set RUN's decision threshold from labelled held-out images."""
     from .api import calibrate_run
-    from .model_io import read_model_info
+    from .model_io import describe_threshold, read_model_info
 
-    before = (read_model_info(run).get("calibration") or {}).get("threshold")  # also checks RUN before scoring
+    info = read_model_info(run)  # also checks RUN before scoring
+    before = (info.get("calibration") or {}).get("threshold") if describe_threshold(info)[0] else None
     calibrate_run(
         run, data, rule=rule, target_fpr=target_fpr, layout=layout, category=category, device=device, quiet=quiet
     )
     click.echo(f"{_threshold_line(run)} written to {run}")
-    click.echo(f"  previous threshold: {'none' if before is None else format(before, '.6g')}")
+    click.echo(f"  previous threshold: {'none (not calibrated)' if before is None else format(before, '.6g')}")
 
 
 @main.command()
@@ -594,14 +595,14 @@ def distill(
 )
 @click.option("--num-defects", type=int, default=None, help="images that get a defect (default: half)")
 @click.option(
-    "--image-size", type=click.IntRange(min=1), default=256, show_default=True, help="side of the written images"
+    "--image-size", type=click.IntRange(min=32), default=256, show_default=True, help="side of the written images"
 )
 @click.option(
     "--resize-size", type=click.IntRange(min=0), default=0, show_default=True, help="0: resize the whole image"
 )
 @click.option("--textures", type=PATH, default=None, help="texture folder (e.g. DTD)")
 @click.option("--foreground", is_flag=True, help="place defects on the Otsu foreground (object categories)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--category", default=None)
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 def synth(data, out, run, num_defects, image_size, resize_size, textures, foreground, seed, category, layout) -> None:
