@@ -74,6 +74,19 @@ def assert_clean_error(result: Result, *fragments: str) -> str:
     return lines[0]
 
 
+def validation_folder(tmp_path: Path) -> Path:
+    """A small labelled folder (other images than the runs' training data) for `flawscope calibrate`."""
+    return make_demo_dataset(
+        tmp_path / "val",
+        textures=("grass",),
+        image_size=64,
+        num_train=4,
+        num_test_good=4,
+        num_test_per_defect=2,
+        seed=7,
+    )[0]
+
+
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Every path under ``folder`` (folders too) with its size and mtime, to prove nothing was written there."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
@@ -239,15 +252,7 @@ def test_test_warns_about_another_models_results_and_a_report_it_does_not_replac
     info = json.loads((whole_run_copy / "model" / "model.json").read_text())
     assert metrics["model_id"] == info["model_id"] == info["weights_sha256"]  # as fitted
     # A recalibrated run is the same model, although the threshold in its weights changed.
-    validation = make_demo_dataset(
-        tmp_path / "val",
-        textures=("grass",),
-        image_size=64,
-        num_train=3,
-        num_test_good=4,
-        num_test_per_defect=2,
-        seed=7,
-    )[0]
+    validation = validation_folder(tmp_path)
     with pytest.warns(UserWarning, match="previous threshold"):
         assert invoke("calibrate", whole_run_copy, "--data", validation, "--quiet").exit_code == 0
     recalibrated = json.loads((whole_run_copy / "model" / "model.json").read_text())
@@ -539,15 +544,7 @@ def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_datas
     assert {row["decision"] for row in read_csv(tmp_path / "run" / "per_image.csv")} == {"n/a"}
     html = (tmp_path / "run" / "report.html").read_text()
     assert "not calibrated" in html and "→" not in html  # no caption names a decision
-    validation = make_demo_dataset(
-        tmp_path / "val",
-        textures=("grass",),
-        image_size=64,
-        num_train=3,
-        num_test_good=4,
-        num_test_per_defect=2,
-        seed=7,
-    )[0]
+    validation = validation_folder(tmp_path)
     with pytest.warns(UserWarning, match="previous threshold"):
         result = invoke("calibrate", tmp_path / "run", "--data", validation, "--quiet")
     assert "previous threshold: none (not calibrated)" in result.output
@@ -886,15 +883,7 @@ def whole_run_copy(run, tmp_path) -> Path:
 
 def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(run, whole_run_copy, tmp_path):
     run_copy = whole_run_copy
-    validation = make_demo_dataset(
-        tmp_path / "val",
-        textures=("grass",),
-        image_size=64,
-        num_train=4,
-        num_test_good=4,
-        num_test_per_defect=2,
-        seed=7,
-    )[0]
+    validation = validation_folder(tmp_path)
     (run_copy / "export").mkdir(exist_ok=True)
     (run_copy / "export" / "line.ts").write_text("an export under TorchScript's other suffix")
     with pytest.warns(UserWarning, match=r"previous threshold and still carry it: .*metrics\.json.*line\.ts"):
