@@ -11,13 +11,37 @@ from flawscope.models.patchcore import PatchCoreConfig
 def test_quantile_threshold_allows_at_most_the_target_share_above():
     scores = np.arange(1, 201, dtype=float)  # 200 normals
     result = threshold_from_normals(scores, target_fpr=0.01)
-    assert result["threshold"] == 198.0  # two normals (1 %) lie strictly above
+    # 198 is the score two normals (1 %) lie strictly above; the threshold sits halfway to the next, 199
+    assert result["threshold"] == 198.5
     assert (scores > result["threshold"]).mean() <= 0.01
-    assert result["score_low"] == 99.0 and result["num_normal"] == 200  # median of the 197 below
+    assert result["score_low"] == 99.5 and result["num_normal"] == 200  # median of the 198 below
 
 
-def test_quantile_threshold_with_few_normals_is_their_maximum():
-    assert threshold_from_normals([0.3, 0.1, 0.2], target_fpr=0.01)["threshold"] == 0.3
+def test_quantile_threshold_with_few_normals_is_just_above_their_maximum():
+    # above the highest score by a thousandth of the scores' spread (0.2): no held-out image sits on the threshold
+    assert threshold_from_normals([0.3, 0.1, 0.2], target_fpr=0.01)["threshold"] == pytest.approx(0.3002, abs=1e-12)
+    assert threshold_from_normals([5.0, 5.0], target_fpr=0.01)["threshold"] == pytest.approx(5.00005, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_calibration_image_sits_on_the_threshold_and_none_changes_its_decision(seed):
+    # Its decision would otherwise hang on float rounding: torch at another batch size or ONNX Runtime move a score
+    # by about 1e-7 of it, and the image the threshold was taken from scored exactly the threshold.
+    from flawscope.metrics import f1max
+
+    rng = np.random.default_rng(seed)
+    normal, defect = np.round(rng.normal(100, 5, 40), 1), np.round(rng.normal(110, 5, 10), 1)  # with ties
+    scores = np.concatenate([normal, defect])
+    labels = np.r_[np.zeros(40, bool), np.ones(10, bool)]
+    cut = f1max(scores, labels)[1]
+    for result, seen, decided in (
+        (threshold_from_normals(normal, 0.1), normal, normal > np.sort(normal)[40 - 1 - 4]),  # 4 of 40 may be above
+        (threshold_f1(normal, defect), scores, scores >= cut),
+    ):
+        threshold = result["threshold"]
+        np.testing.assert_array_equal(seen > threshold, decided)  # every calibration image keeps its decision
+        assert np.float32(threshold) not in seen.astype(np.float32)  # also once stored as float32
+        assert np.abs(seen - threshold).min() >= 0.05 - 1e-9  # halfway between scores at least 0.1 apart
 
 
 def test_quantile_threshold_rejects_bad_input():
@@ -30,7 +54,7 @@ def test_quantile_threshold_rejects_bad_input():
 def test_f1_threshold_separates_perfectly_separable_scores():
     result = threshold_f1([0.1, 0.2, 0.3], [0.5, 0.6])
     assert result["f1"] == 1.0
-    assert 0.3 <= result["threshold"] < 0.5  # decision is score > threshold
+    assert result["threshold"] == pytest.approx(0.4, abs=1e-12)  # halfway between the classes; score > threshold
 
 
 def test_f1_threshold_matches_brute_force():

@@ -20,6 +20,17 @@ def _typical_normal(normal_scores: np.ndarray, threshold: float) -> float:
     return float(threshold - max(np.ptp(normal_scores), abs(threshold) * 1e-3, 1e-6))
 
 
+def _off_the_score(threshold: float, scores: np.ndarray) -> float:
+    """``threshold``, a calibration image's score, moved up off it: halfway to the next higher calibration score, or
+    above the highest by a thousandth of the scores' spread (at least 1e-5 of its size). Every calibration image keeps
+    its decision, and the image the threshold sat on no longer has a score equal to it, whose decision would hang on
+    float rounding (torch at another batch size, ONNX Runtime: about 1e-7 of the score apart)."""
+    higher = scores[scores > threshold]
+    if higher.size:
+        return float((threshold + higher.min()) / 2)
+    return float(threshold + max(np.ptp(scores) * 1e-3, abs(threshold) * 1e-5, 1e-9))
+
+
 def check_target_fpr(target_fpr: float) -> None:
     """Raises ConfigError unless ``target_fpr`` is in [0, 1) (NaN is not)."""
     if not 0 <= target_fpr < 1:
@@ -39,10 +50,11 @@ def _finite(scores: np.ndarray, what: str) -> np.ndarray:
 
 
 def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAULT_TARGET_FPR) -> dict[str, Any]:
-    """The smallest held-out normal score that at most ``target_fpr`` of the normals exceed.
+    """Just above the smallest held-out normal score that at most ``target_fpr`` of the normals exceed.
 
     An image is called defective when its score is strictly above the threshold, so on the held-out normals the
-    false-positive rate is at most ``target_fpr`` (0 with fewer than ``1 / target_fpr`` images: the maximum).
+    false-positive rate is at most ``target_fpr`` (0 with fewer than ``1 / target_fpr`` images: just above their
+    maximum). The threshold is moved off that score, halfway to the next higher one (``_off_the_score``).
 
     Args:
         normal_scores: (N,) raw scores of held-out good images.
@@ -62,7 +74,7 @@ def threshold_from_normals(normal_scores: np.ndarray, target_fpr: float = DEFAUL
     check_target_fpr(target_fpr)
     # Normals allowed above the threshold; the epsilon keeps 0.29 * 100 (28.999...) at 29.
     allowed = int(np.floor(target_fpr * scores.size + 1e-9))
-    threshold = scores[scores.size - 1 - allowed]
+    threshold = _off_the_score(float(scores[scores.size - 1 - allowed]), scores)
     return {
         "threshold": float(threshold),
         "score_low": _typical_normal(scores, float(threshold)),
@@ -89,11 +101,12 @@ def threshold_f1(normal_scores: np.ndarray, defect_scores: np.ndarray) -> dict[s
     scores = np.concatenate([normal, defect])
     labels = np.concatenate([np.zeros(normal.size, bool), np.ones(defect.size, bool)])
     best_f1, cut = f1max(scores, labels)
-    # f1max predicts defective at score >= cut; our decision is score > threshold, so step just below the cut. With
-    # no score below it (every image called defective), step by more than float32 rounding: the model stores the
-    # threshold as float32, where a float64 one-ulp step would round back onto the cut.
+    # f1max predicts defective at score >= cut; our decision is score > threshold, so the threshold lies between the
+    # cut and the highest score below it, halfway (off both scores; _off_the_score). With no score below it (every
+    # image called defective), step by more than float32 rounding: the model stores the threshold as float32, where a
+    # float64 one-ulp step would round back onto the cut.
     below = scores[scores < cut]
-    threshold = float(below.max()) if below.size else float(cut - max(abs(cut) * 1e-6, 1e-9))
+    threshold = _off_the_score(float(below.max()), scores) if below.size else float(cut - max(abs(cut) * 1e-6, 1e-9))
     return {
         "threshold": threshold,
         "score_low": _typical_normal(normal, threshold),

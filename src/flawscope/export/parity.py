@@ -139,8 +139,8 @@ def parity_report(
     atol = PARITY_ATOL[exported.metadata.get("precision", "float32")]
     slope = 0.5 / max(float(model.threshold - model.score_low), 1e-12)
     norm_atol = atol * max(1.0, slope * spread)
-    # An image scored within the tolerance of the threshold may go either way (the threshold is often exactly a
-    # held-out image's score); every other decision must agree.
+    # An image scored within the tolerance of the threshold may go either way (calibration keeps the held-out images
+    # off it, but another image may score close to it); every other decision must agree.
     clear = np.abs(reference["norm_score"] - 0.5) > norm_atol
     decisions = bool(np.array_equal(reference["norm_score"][clear] > 0.5, other["norm_score"][clear] > 0.5))
     return {
