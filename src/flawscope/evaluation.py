@@ -215,7 +215,7 @@ def _warn_replaced(out: Path, dataset: DatasetSplit, info: dict[str, Any], repor
             f"{now[0]} (category {now[1]!r}). Give each test its own --out to keep both.",
             stacklevel=3,
         )
-    if previous.get("model_id", info.get("model_id")) != info.get("model_id"):
+    if None not in (previous.get("model_id"), info.get("model_id")) and previous["model_id"] != info["model_id"]:
         warnings.warn(
             f"{path} holds the results of another model ({previous.get('method')}, model_id "
             f"{str(previous['model_id'])[:12]}); they are replaced by those of {info['folder']} "
