@@ -267,6 +267,17 @@ def test_synthetic_validation_set_layout_and_exact_masks(tmp_path):
         np.testing.assert_array_equal(np.abs(defective - clean).max(-1) > 0, mask)
     with pytest.raises(DataError, match="exists and is not empty"):
         write_synthetic_validation_set(sorted(sources.iterdir()), out, image_size=SIZE)
+    # Grey images get grey defects (as PRN's and MLFF's training defects), the masks still exact.
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(20):  # 10 defects: some texture blends, which are coloured on a colour image
+        Image.fromarray((_image(i) * 255).astype(np.uint8)).convert("L").save(grey / f"{i}.png")
+    write_synthetic_validation_set(sorted(grey.iterdir()), tmp_path / "grey-val", image_size=SIZE, resize_size=0)
+    for sample in (s for s in load_dataset(tmp_path / "grey-val").test if s.label):
+        defective = read_image(sample.path).astype(int)
+        assert np.ptp(defective, axis=-1).max() == 0  # every pixel grey
+        clean = read_image(tmp_path / "grey-val" / "train" / "good" / sample.path.name).astype(int)
+        np.testing.assert_array_equal(np.abs(defective - clean).max(-1) > 0, read_mask(sample.mask_path))
 
 
 def test_synthetic_validation_set_keeps_sources_that_share_a_stem_and_leaves_nothing_on_failure(tmp_path):

@@ -28,7 +28,7 @@ from PIL import Image
 from flawscope.data import Sample, preprocess, read_image
 from flawscope.errors import ConfigError, DataError
 from flawscope.outputs import portable_stem
-from flawscope.synthesis.anomalies import homologous_source, simulated_anomaly
+from flawscope.synthesis.anomalies import homologous_source, match_grey, simulated_anomaly
 from flawscope.synthesis.perlin import texture_source
 from flawscope.synthesis.regions import foreground_mask
 
@@ -54,7 +54,7 @@ def synthetic_defect(
     hea_prob: float = 0.5,
     use_foreground: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One simulated defect with a non-empty mask (redrawn until the mask is not empty).
+    """One simulated defect with a non-empty mask (redrawn until the mask is not empty), grey on a grey image.
 
     Args:
         image: (S, S, 3) float32 good image.
@@ -70,7 +70,8 @@ def synthetic_defect(
             source, ops = textures(image.shape[:2], rng), 2
         else:
             source, ops = homologous_source(other, rng), 0
-        defective, mask = simulated_anomaly(image, source, rng, foreground, ops)
+        # grey on a grey image, as PRN's and MLFF's training defects: a grey camera cannot see a coloured one
+        defective, mask = match_grey(image, *simulated_anomaly(image, source, rng, foreground, ops))
         if mask.any():
             return defective, mask
     raise RuntimeError(f"No non-empty synthetic defect after {_MAX_TRIES} draws")
