@@ -53,8 +53,9 @@ def synthetic_defect(
     textures=None,
     hea_prob: float = 0.5,
     use_foreground: bool = False,
+    grey: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One simulated defect with a non-empty mask (redrawn until the mask is not empty), grey on a grey image.
+    """One simulated defect with a non-empty mask (redrawn until the mask is not empty).
 
     Args:
         image: (S, S, 3) float32 good image.
@@ -62,6 +63,7 @@ def synthetic_defect(
         textures: a texture source (see ``texture_source``); None = procedural.
         hea_prob: chance of a texture blend; otherwise a grid-shuffled ``other``.
         use_foreground: centre the defect on the Otsu foreground of ``image``.
+        grey: a grey defect on a grey ``image`` (``match_grey``), as a grey camera would see it.
     """
     textures = textures or texture_source(None)
     foreground = foreground_mask(image) if use_foreground else None
@@ -70,8 +72,9 @@ def synthetic_defect(
             source, ops = textures(image.shape[:2], rng), 2
         else:
             source, ops = homologous_source(other, rng), 0
-        # grey on a grey image, as PRN's and MLFF's training defects: a grey camera cannot see a coloured one
-        defective, mask = match_grey(image, *simulated_anomaly(image, source, rng, foreground, ops))
+        defective, mask = simulated_anomaly(image, source, rng, foreground, ops)
+        if grey:
+            defective, mask = match_grey(image, defective, mask)
         if mask.any():
             return defective, mask
     raise RuntimeError(f"No non-empty synthetic defect after {_MAX_TRIES} draws")
@@ -130,7 +133,8 @@ def write_synthetic_validation_set(
         for n, path in enumerate(defect_paths):
             image = _load(path, image_size, resize_size)
             other = _load(paths[int(rng.integers(len(paths)))], image_size, resize_size)
-            defective, mask = synthetic_defect(image, other, rng, textures, use_foreground=use_foreground)
+            # grey on a grey image, as PRN's and MLFF's training defects can be: a grey camera sees no colour
+            defective, mask = synthetic_defect(image, other, rng, textures, use_foreground=use_foreground, grey=True)
             name = f"{n:04d}_{portable_stem(path)}"
             _save(image, staging / "train" / "good" / f"{name}.png")
             _save(defective, staging / "test" / "synthetic" / f"{name}.png")
