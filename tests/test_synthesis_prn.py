@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from flawscope.data import load_dataset, read_image, read_mask
+from flawscope.data import Sample, crop_box, load_dataset, read_image, read_mask
 from flawscope.errors import DataError
 from flawscope.synthesis import (
     TARGET_SHAPES,
@@ -278,6 +279,36 @@ def test_synthetic_validation_set_layout_and_exact_masks(tmp_path):
         assert np.ptp(defective, axis=-1).max() == 0  # every pixel grey
         clean = read_image(tmp_path / "grey-val" / "train" / "good" / sample.path.name).astype(int)
         np.testing.assert_array_equal(np.abs(defective - clean).max(-1) > 0, read_mask(sample.mask_path))
+
+
+def test_synthetic_validation_set_for_a_cropping_run_keeps_every_defect_inside_the_crop(tmp_path):
+    """Written before the crop (resize 80, crop 64): the run's own preprocessing sees every defect, masks exact."""
+    from flawscope.data import ImageDataset
+
+    sources = tmp_path / "good"
+    sources.mkdir()
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(90, 150), (150, 90), (100, 100), (70, 200)] * 3):
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(sources / f"{i}.png")
+    out = tmp_path / "val"
+    write_synthetic_validation_set(sorted(sources.iterdir()), out, image_size=SIZE, resize_size=80, seed=0)
+    split = load_dataset(out)
+    defective = [s for s in split.test if s.label]
+    assert len(defective) == 6
+    for sample in defective:
+        image, mask = read_image(sample.path), read_mask(sample.mask_path)
+        assert min(image.shape[:2]) == 80 and mask.shape == image.shape[:2]  # resized, not cropped
+        top, left = crop_box(*mask.shape, SIZE)
+        assert mask[top : top + SIZE, left : left + SIZE].sum() == mask.sum() > 0  # the whole defect in the crop
+    # Through the run's geometry: the clean twin differs exactly where the mask says, and no mask is empty.
+    items = ImageDataset(defective, image_size=SIZE, resize_size=80)
+    twins = ImageDataset(
+        [Sample(out / "train" / "good" / s.path.name, 0) for s in defective], image_size=SIZE, resize_size=80
+    )
+    for item, twin in zip(items, twins, strict=True):
+        assert item["mask"].sum() > 0
+        changed = (item["image"] - twin["image"]).abs().amax(0) > 0
+        assert torch.equal(changed, item["mask"][0].bool())
 
 
 def test_synthetic_validation_set_keeps_sources_that_share_a_stem_and_leaves_nothing_on_failure(tmp_path):

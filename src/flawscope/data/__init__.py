@@ -1,6 +1,6 @@
 """Image decoding, dataset layouts, validation splits and the torch dataset."""
 
-from flawscope.data.dataset import ImageDataset, collate, make_loader, preprocess, preprocess_mask
+from flawscope.data.dataset import ImageDataset, collate, crop_box, make_loader, preprocess, preprocess_mask
 from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, read_mask
 from flawscope.data.layouts import (
     DatasetSplit,
@@ -18,6 +18,7 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "collate",
+    "crop_box",
     "exclude_samples",
     "find_images",
     "is_image_file",

@@ -40,16 +40,16 @@ def _resize_size(image_size: int, resize_size: int | None) -> int:
 MAX_CROP_ASPECT = 16  # longer / shorter side kept before a resize-and-crop; the crop is at most 1 x 1
 
 
-def _resize_crop(tensor: Tensor, image_size: int, resize_size: int) -> Tensor:
-    """Resize the shorter side to ``resize_size`` and cut the centre square.
+def _resize(tensor: Tensor, image_size: int, resize_size: int) -> Tensor:
+    """The resize of ``_resize_crop`` without its crop.
 
     Args:
         tensor: (C, H, W) float.
-        image_size: Side S of the output.
-        resize_size: Shorter side after resizing, >= S; 0 resizes the whole image to S x S without a crop.
+        image_size: Side S of the later crop.
+        resize_size: Shorter side after resizing, >= S; 0 resizes the whole image to S x S.
 
     Returns:
-        (C, S, S) float.
+        (C, H', W') float: S x S for ``resize_size`` 0, else the shorter side ``resize_size``.
     """
     if resize_size == 0:
         return F.interpolate(
@@ -69,13 +69,31 @@ def _resize_crop(tensor: Tensor, image_size: int, resize_size: int) -> Tensor:
         size = (resize_size, int(resize_size * width / height))
     else:
         size = (int(resize_size * height / width), resize_size)
-    resized = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    top = int(round((size[0] - image_size) / 2.0))
-    left = int(round((size[1] - image_size) / 2.0))
+    return F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def crop_box(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """(top, left) of the centre ``image_size`` square that ``preprocess`` cuts from a resized (height, width)."""
+    return int(round((height - image_size) / 2.0)), int(round((width - image_size) / 2.0))
+
+
+def _resize_crop(tensor: Tensor, image_size: int, resize_size: int) -> Tensor:
+    """Resize the shorter side to ``resize_size`` and cut the centre square.
+
+    Args:
+        tensor: (C, H, W) float.
+        image_size: Side S of the output.
+        resize_size: Shorter side after resizing, >= S; 0 resizes the whole image to S x S without a crop.
+
+    Returns:
+        (C, S, S) float.
+    """
+    resized = _resize(tensor, image_size, resize_size)
+    top, left = crop_box(*resized.shape[-2:], image_size)
     return resized[:, top : top + image_size, left : left + image_size]
 
 
-def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = None) -> Tensor:
+def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = None, *, crop: bool = True) -> Tensor:
     """Turn a decoded image into model input.
 
     Args:
@@ -83,9 +101,13 @@ def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = Non
             (H, W) uint8 grey, which is repeated to RGB as ``read_image`` does.
         image_size: Side S of the centre crop.
         resize_size: Shorter side before cropping; None means ``image_size`` (no crop on square images).
+        crop: False returns the resized image the crop would be cut from (``crop_box`` says where). Saved at that
+            geometry, an image goes through ``preprocess`` unchanged but for the crop (the resize to its own size is
+            the identity), which is how ``flawscope synth`` writes images for a run that crops.
 
     Returns:
-        (3, S, S) float32 in [0, 1].
+        (3, S, S) float32 in [0, 1]; with ``crop=False`` (3, H', W'), the shorter side ``resize_size`` (S x S when
+        it is 0).
 
     Raises:
         ConfigError: Invalid sizes.
@@ -105,7 +127,8 @@ def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = Non
             "their files or PIL images."
         )
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    return _resize_crop(tensor, image_size, _resize_size(image_size, resize_size))
+    resize_size = _resize_size(image_size, resize_size)
+    return _resize_crop(tensor, image_size, resize_size) if crop else _resize(tensor, image_size, resize_size)
 
 
 def preprocess_mask(mask: np.ndarray, image_size: int, resize_size: int | None = None) -> Tensor:

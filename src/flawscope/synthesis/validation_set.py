@@ -8,7 +8,10 @@ The folder is laid out like MVTec AD, so ``flawscope calibrate RUN --data OUT`` 
     OUT/test/synthetic/       good images with a simulated defect (Perlin mask, texture or homologous blend)
     OUT/ground_truth/synthetic/<stem>_mask.png   the exact masks
 
-Images are written at the model geometry (``image_size`` / ``resize_size``), so masks match pixel for pixel. Use
+Images are written at the model geometry (``image_size`` / ``resize_size``), so masks match pixel for pixel. With a
+``resize_size`` (resize, then cut the centre square) they are written before the crop: resized, uncropped, with
+every defect inside the square the model will cut, so the model's own resize is the identity and no defect is cut
+off. Use
 good images the model was not trained on, e.g. a run's held-out validation images (``val_images`` in config.json).
 Synthetic defects are not real ones: a threshold calibrated on them is a starting point to check on the line.
 """
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flawscope.data import Sample, preprocess, read_image
+from flawscope.data import Sample, crop_box, preprocess, read_image
 from flawscope.errors import ConfigError, DataError
 from flawscope.outputs import portable_stem
 from flawscope.synthesis.anomalies import homologous_source, match_grey, simulated_anomaly
@@ -36,8 +39,14 @@ _MAX_TRIES = 20
 
 
 def _load(path: Path, image_size: int, resize_size: int) -> np.ndarray:
-    """(S, S, 3) float32 in [0, 1] at the model geometry."""
-    return preprocess(read_image(path), image_size, resize_size).permute(1, 2, 0).numpy()
+    """(H', W', 3) float32 in [0, 1]: the model's resize without its crop (S x S when ``resize_size`` is 0)."""
+    return preprocess(read_image(path), image_size, resize_size, crop=False).permute(1, 2, 0).numpy()
+
+
+def _centre(image: np.ndarray, size: int) -> tuple[slice, slice]:
+    """Where the model cuts its (size, size) square from ``image`` (H', W', ...)."""
+    top, left = crop_box(image.shape[0], image.shape[1], size)
+    return slice(top, top + size), slice(left, left + size)
 
 
 def _save(image: np.ndarray, path: Path) -> None:
@@ -133,8 +142,13 @@ def write_synthetic_validation_set(
         for n, path in enumerate(defect_paths):
             image = _load(path, image_size, resize_size)
             other = _load(paths[int(rng.integers(len(paths)))], image_size, resize_size)
+            # Drawn inside the square the model cuts: a defect outside it would be labelled but never seen.
+            box, other_box = _centre(image, image_size), _centre(other, image_size)
+            defective, mask = image.copy(), np.zeros(image.shape[:2], dtype=bool)
             # grey on a grey image, as PRN's and MLFF's training defects can be: a grey camera sees no colour
-            defective, mask = synthetic_defect(image, other, rng, textures, use_foreground=use_foreground, grey=True)
+            defective[box], mask[box] = synthetic_defect(
+                image[box], other[other_box], rng, textures, use_foreground=use_foreground, grey=True
+            )
             name = f"{n:04d}_{portable_stem(path)}"
             _save(image, staging / "train" / "good" / f"{name}.png")
             _save(defective, staging / "test" / "synthetic" / f"{name}.png")
