@@ -136,3 +136,42 @@ def test_peak_memory_is_measured_where_the_system_can(monkeypatch):
     assert bench.peak_memory_mib() > 10  # this process has torch loaded
     monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows, which has no resource module
     assert bench.peak_memory_mib() is None
+
+
+def test_bench_refuses_a_table_file_name_and_a_shared_option_one_model_lacks(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"bench.md": {"model": "patchcore"}}))
+    with pytest.raises(ConfigError, match="bench's own table file"):
+        parse_settings(None, [], path)
+    # num_epochs is SimpleNet's, not PatchCore's: the error says how to give it to one model.
+    with pytest.raises(ConfigError, match="patchcore \\(patchcore\\) has no option 'num_epochs'.*--set MODEL:num_ep"):
+        parse_settings("simplenet,patchcore", ["num_epochs=2"])
+
+
+def test_bench_fails_before_the_first_fit_when_a_later_setting_cannot_start(tiny_dataset, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--data", tiny_dataset, "--models", "patchcore,efficientad", "--out", out]
+    args += ["--set", "image_size=64", "--set", "resize_size=0", "--set", "patchcore:backbone=efficientnet_lite0"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "bench setting efficientad (efficientad) cannot start" in result.stderr and "distill" in result.stderr
+    assert not out.exists()  # patchcore was not fitted first
+
+
+def test_bench_keeps_the_rows_before_a_setting_that_fails(tiny_dataset, tmp_path, monkeypatch):
+    def fake_setting(setting, *args):  # a row without the work; the second setting fails
+        if setting.name == "simplenet":
+            raise MemoryError("out of memory in the second row")
+        timing = {"latency_ms": 5.0, "images_per_second": 100.0}
+        accuracy = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pixel_aupro": 0.7, "fit_seconds": 1.0}
+        sizes = {"gflop_per_image": 1.0, "peak_mib": 1.0}
+        return {"name": setting.name, **accuracy, "torch": timing, "onnxruntime": timing, **sizes}
+
+    monkeypatch.setattr(bench, "bench_setting", fake_setting)
+    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda threads: 100.0)
+    settings = parse_settings("patchcore,simplenet", ["backbone=efficientnet_lite0", "image_size=64", "resize_size=0"])
+    with pytest.raises(MemoryError):
+        bench.run_bench(tiny_dataset, settings, tmp_path / "bench", threads=1, isolate=False, progress=lambda _: None)
+    data = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert [r["name"] for r in data["rows"]] == ["patchcore"]
+    assert "| patchcore |" in (tmp_path / "bench" / "bench.md").read_text()

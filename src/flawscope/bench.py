@@ -14,6 +14,7 @@ import multiprocessing
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .fitting import torch_threads
 from .registry import get_method
 
 THROUGHPUT_BATCH = 16
+TABLE_FILES = ("bench.json", "bench.md")  # written into --out beside one run folder per setting
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ def parse_settings(
                     f"--settings {settings_file}: the setting name {name!r} is used as a folder name in --out; use "
                     "letters, digits, '-', '_' and '.' (no path separators)."
                 )
+            if name in TABLE_FILES:
+                raise ConfigError(
+                    f"--settings {settings_file}: the setting name {name!r} is the name of bench's own table file in "
+                    "--out; give the setting another name."
+                )
             if not isinstance(entry.get("options", {}), dict):
                 raise ConfigError(f"--settings {settings_file}: the options of {name!r} must be a JSON object.")
             settings.append(BenchSetting(name, entry.get("model", name), dict(entry.get("options", {}))))
@@ -89,9 +96,36 @@ def parse_settings(
     result = []
     for s in settings:
         options = {**shared, **s.options, **specific.get(s.name, {})}
-        get_method(s.method).config_class.from_dict(options)  # fail before any fitting starts
+        config_class = get_method(s.method).config_class
+        lacking = sorted(set(shared) - set(config_class.field_names()))
+        if lacking:  # fail before any fitting starts
+            raise ConfigError(
+                f"--set {lacking[0]}=... is given to every model, and {s.name} ({s.method}) has no option "
+                f"{lacking[0]!r}. To set it for some models only, write --set MODEL:{lacking[0]}=VALUE (MODEL: a "
+                f"setting name). Options of {s.method}: {', '.join(config_class.field_names())}."
+            )
+        config_class.from_dict(options)
         result.append(BenchSetting(s.name, s.method, options))
     return result
+
+
+def check_ready(settings: Sequence[BenchSetting]) -> None:
+    """Builds each setting's model once, so that one which cannot start (EfficientAD without a teacher, weights
+    that are not on this machine) fails before the first fit, not after the rows before it.
+
+    Raises:
+        ConfigError, WeightsNotFoundError: as ``flawscope fit`` would for that setting, naming it.
+    """
+    from .errors import FlawscopeError
+
+    for setting in settings:
+        spec = get_method(setting.method)
+        try:
+            with warnings.catch_warnings():  # the fit of the row says them
+                warnings.simplefilter("ignore")
+                spec.model_class(spec.config_class.from_dict(setting.options), pretrained=True)
+        except FlawscopeError as e:
+            raise type(e)(f"bench setting {setting.name} ({setting.method}) cannot start: {e}") from e
 
 
 def peak_memory_mib() -> float | None:
@@ -222,6 +256,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmarks every setting on ``data`` and writes ``out/bench.json`` and ``out/bench.md``.
 
+    Every setting's model is built once before the first fit (``check_ready``), and the two files are rewritten
+    after each row, so a setting that fails later leaves the rows before it.
+
     Args:
         threads: torch and ONNX Runtime threads (default: torch's current count).
         repeats: timed calls at batch 1 (batch 16 uses a quarter of them, at least 2).
@@ -240,13 +277,28 @@ def run_bench(
     out = Path(out)
     dataset = load_dataset(data, layout=layout, category=category)  # a wrong path or category fails before any work
     category = dataset.category
-    writes = ["bench.json", "bench.md", *(setting.name for setting in settings)]
+    writes = [*TABLE_FILES, *(setting.name for setting in settings)]
     check_outside(out, dataset.root, writes)
+    check_ready(settings)
     claim_out_folder(out, writes)
     threads = threads or torch.get_num_threads()
     peak = matmul_peak_gflops(threads)
-    cpu = environment()["cpu"]
-    rows = []
+    env = environment(seed)
+    cpu = env["cpu"]
+    env.update({"threads": threads, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__})
+    rows: list[dict[str, Any]] = []
+    result = {
+        "data": str(dataset.root.resolve()),
+        "category": category,
+        "layout": dataset.layout,
+        "seed": seed,
+        "environment": env,
+        "matmul_peak_gflops": peak,
+        "throughput_batch": THROUGHPUT_BATCH,
+        "repeats": repeats,
+        "rows": rows,
+        "settings": [asdict(s) for s in settings],
+    }
     for setting in settings:
         progress(f"bench: {setting.name} ({setting.method})")
         args = (setting, str(data), str(out), threads, repeats, seed, layout, category)
@@ -266,22 +318,9 @@ def run_bench(
                 "peak_fraction": achieved / peak,
             }
         )
-    env = environment(seed)
-    env.update({"threads": threads, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__})
-    result = {
-        "data": str(dataset.root.resolve()),
-        "category": category,
-        "layout": dataset.layout,
-        "seed": seed,
-        "environment": env,
-        "matmul_peak_gflops": peak,
-        "throughput_batch": THROUGHPUT_BATCH,
-        "repeats": repeats,
-        "rows": rows,
-        "settings": [asdict(s) for s in settings],
-    }
-    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / "bench.md").write_text(render_markdown(result), encoding="utf-8")
+        # Written after every row: a later setting that fails (out of memory, interrupted) keeps the rows before it.
+        (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+        (out / "bench.md").write_text(render_markdown(result), encoding="utf-8")
     return result
 
 
