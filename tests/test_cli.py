@@ -786,6 +786,18 @@ def test_predict_skips_corrupt_images_and_lists_them(run, images, tmp_path):
     assert_clean_error(strict, str(folder / "broken.png"))
 
 
+def test_predict_names_images_far_smaller_than_the_input(run, images, tmp_path):
+    folder = tmp_path / "small"
+    shutil.copytree(images, folder)
+    Image.new("RGB", (1, 1), (90, 120, 60)).save(folder / "dot.png")  # the run's input is 64 px
+    Image.new("RGB", (16, 40), (90, 120, 60)).save(folder / "edge.png")  # 4x: not named
+    with pytest.warns(UserWarning, match=r"1 image\(s\) were enlarged more than 4x.*dot.png \(1 x 1 px\)") as caught:
+        result = invoke("predict", run, folder, "--out", tmp_path / "pred", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not any("edge.png" in str(w.message) for w in caught)
+    assert len(read_csv(tmp_path / "pred" / "predictions.csv")) == len(list(folder.iterdir()))  # still scored
+
+
 def test_predict_on_a_folder_without_images(run, tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -954,6 +966,32 @@ def test_calibrate_warns_about_an_ignored_option_and_a_threshold_from_too_few_im
     assert result.exit_code == 0, result.output
     shutil.rmtree(few / "test" / "good")
     assert_clean_error(invoke("calibrate", whole_run_copy, "--data", few, "--quiet"), "got 0 good and 6 defective")
+    only_train = tmp_path / "only-train"
+    shutil.copytree(tiny_dataset / "train", only_train / "train")
+    assert_clean_error(invoke("calibrate", whole_run_copy, "--data", only_train), "No labelled images", "train/ is not")
+
+
+def test_calibrate_says_why_a_threshold_can_call_every_good_image_defective(whole_run_copy, tiny_dataset, tmp_path):
+    # Labels swapped: the defective test images filed as good, the images the model was fitted on (which score
+    # lowest) as defective, with full masks.
+    swapped = tmp_path / "swapped"
+    (swapped / "test" / "good").mkdir(parents=True)
+    (swapped / "test" / "mislabelled").mkdir(parents=True)
+    (swapped / "ground_truth" / "mislabelled").mkdir(parents=True)
+    for sample in load_dataset(tiny_dataset).test:
+        if sample.label:
+            shutil.copy(sample.path, swapped / "test" / "good" / f"{sample.defect_type}_{sample.path.name}")
+    held_out = {Path(p).name for p in json.loads((whole_run_copy / "config.json").read_text())["val_images"]}
+    fitted_on = [p for p in sorted((tiny_dataset / "train" / "good").iterdir()) if p.name not in held_out]
+    for image in fitted_on:
+        shutil.copy(image, swapped / "test" / "mislabelled" / image.name)
+        Image.new("L", Image.open(image).size, 255).save(
+            swapped / "ground_truth" / "mislabelled" / f"{image.stem}_mask.png"
+        )
+    counts = rf"\(6 good, {len(fitted_on)} defective\)"
+    with pytest.warns(UserWarning, match=counts + ".*does not score its defective images above its good ones"):
+        result = invoke("calibrate", whole_run_copy, "--data", swapped, "--quiet")
+    assert result.exit_code == 0, result.output
 
 
 def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):

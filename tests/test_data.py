@@ -230,6 +230,7 @@ def test_load_mvtec_lists_sorted_samples_and_ignores_hidden_files(tmp_path):
     assert split.test[2].mask_path is None
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
 def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
     root = _make_mvtec(tmp_path / "bottle")
     (root / "train" / "good" / "README.txt").write_text("not an image")
@@ -244,7 +245,8 @@ def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
     (root / "ground_truth" / "notes.txt").write_text("about the masks")
     _save_mask(root / "ground_truth" / "Good" / "000_mask.png")
     (root / "ground_truth" / "ok").mkdir()  # an empty normal folder says nothing
-    with pytest.warns(UserWarning, match="11 entries") as caught:
+    os.mkfifo(root / "train" / "good" / "camera.png")  # a pipe named like an image
+    with pytest.warns(UserWarning, match="12 entries") as caught:
         split = load_dataset(root)
     message = str(caught[0].message)
     for name, reason in [
@@ -252,6 +254,7 @@ def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
         ("batch2", "a folder: subfolders are not searched"),
         ("009.gif", "not an image extension"),
         ("gone.png", "a broken link"),
+        ("camera.png", "not a regular file"),
         ("007_mask.png", "a mask with no test image"),
         ("train/loose.png", "only train/good is read"),
         ("good_batch2", "only train/good is read"),

@@ -377,6 +377,12 @@ def calibrate_run(
             f"{dataset.root} is the folder this run was trained on; its test split is the test set. Calibrate on a "
             "separate labelled validation folder so the test metrics stay honest."
         )
+    if not dataset.test:
+        raise DataError(
+            f"No labelled images in {dataset.root}: calibrate reads its test split (test/good and test/<defect type> "
+            "with masks in ground_truth/<defect type>), and train/ is not read. Put the validation images there, or "
+            "write a synthetic set with `flawscope synth --data DIR --run RUN --out VAL`."
+        )
     model = load_model(info["folder"])
     scored = score_images(model, dataset.test, FitContext(device=resolve_device(device), quiet=quiet))
     labels = np.array([s.label for s in dataset.test], bool)
@@ -398,8 +404,10 @@ def calibrate_run(
     elif (normal > result["threshold"]).all():
         warnings.warn(
             f"The threshold ({result['threshold']:.6g}, rule {rule!r}) calls all {normal.size} good images of "
-            f"{dataset.root} defective: on this folder calling everything defective gives the best F1 (likely with "
-            "few good images among many defective ones). Add good images, or use --rule fpr.",
+            f"{dataset.root} defective: on this folder ({normal.size} good, {defect.size} defective) calling every "
+            "image defective gives the best F1. Either the model does not score its defective images above its good "
+            "ones (check the labels, and whether the folder looks like the training images), or good images are "
+            "too few among the defective ones (add some). --rule fpr sets the threshold from the good images alone.",
             stacklevel=2,
         )
     model.set_calibration(result["threshold"], result["score_low"])

@@ -104,6 +104,8 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
                 ignored.append((path, "a folder: subfolders are not searched"))
             elif not path.exists():
                 ignored.append((path, "a broken link"))
+            elif not path.is_file():
+                ignored.append((path, "not a regular file (a pipe, socket or device)"))
             else:
                 ignored.append((path, "not an image extension"))
     return _sorted_paths(images)
