@@ -893,6 +893,31 @@ def whole_run_copy(run, tmp_path) -> Path:
     return tmp_path / "whole-run"
 
 
+def test_predict_with_an_export_older_than_its_runs_threshold_warns(whole_run_copy, images, tmp_path):
+    exports = {}
+    for fmt, extra in (("onnx", []), ("torchscript", ["--half"])):
+        result = invoke("export", whole_run_copy, "--format", fmt, *extra)
+        assert result.exit_code == 0, result.output
+        (exports[fmt],) = (whole_run_copy / "export").glob("*.onnx" if fmt == "onnx" else "*.pt")
+
+    def predict_warnings(export: Path) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            args = ["--trust-code"] if export.suffix == ".pt" else []
+            result = invoke("predict", export, images, "--out", tmp_path / f"p-{export.suffix}", *args, "--quiet")
+        assert result.exit_code == 0, result.output
+        return [str(w.message) for w in caught if "fitted again" in str(w.message)]
+
+    assert predict_warnings(exports["onnx"]) == [] and predict_warnings(exports["torchscript"]) == []
+    with pytest.warns(UserWarning, match="previous threshold"):
+        assert invoke("calibrate", whole_run_copy, "--data", validation_folder(tmp_path), "--quiet").exit_code == 0
+    for export in exports.values():
+        (message,) = predict_warnings(export)
+        assert str(export) in message and f"flawscope export {whole_run_copy}" in message
+    shutil.copy(exports["onnx"], tmp_path / "elsewhere.onnx")  # moved out of its run: nothing to compare with
+    assert predict_warnings(tmp_path / "elsewhere.onnx") == []
+
+
 def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(run, whole_run_copy, tmp_path):
     run_copy = whole_run_copy
     validation = validation_folder(tmp_path)

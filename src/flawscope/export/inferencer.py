@@ -9,6 +9,7 @@ per image, computed the same way from the graph's four outputs, so the three pat
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,6 +278,28 @@ class OnnxInferencer(_BaseInferencer):
         return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))
 
 
+def _warn_if_run_changed(path: Path, metadata: dict[str, Any]) -> None:
+    """Warns when an export still in its run's ``export/`` folder carries another threshold than the run: the run
+    was calibrated or fitted again since (only ``calibrate`` would otherwise say so, naming the file)."""
+    from ..model_io import MODEL_JSON
+
+    if path.parent.name != "export":
+        return
+    run = path.parent.parent
+    try:
+        calibration = json.loads((run / "model" / MODEL_JSON).read_text(encoding="utf-8"))["calibration"]
+        current = (float(calibration["threshold"]), float(calibration["score_low"]))
+    except (OSError, ValueError, KeyError, TypeError):  # no run beside it, or one the run's own commands will name
+        return
+    if current != (metadata.get("threshold"), metadata.get("score_low")):
+        warnings.warn(
+            f"{path} carries threshold {metadata.get('threshold')!r}, and its run {run} now has {current[0]!r}: the "
+            "run was calibrated or fitted again after this export, so its decisions are the old model's. Export "
+            f"again: flawscope export {run}.",
+            stacklevel=3,
+        )
+
+
 def load_inferencer(
     path: str | Path, device: str = "auto", threads: int | None = None, *, trust_code: bool = False
 ) -> Inferencer:
@@ -313,6 +336,7 @@ def load_inferencer(
         else:
             torch_threads_differ()
             exported = TorchScriptInferencer(path, resolve_device(device), trust_code=trust_code)
+        _warn_if_run_changed(path, exported.metadata)
         if exported.metadata.get("calibrated") is False:  # exports before the flag existed say nothing
             warnings.warn(
                 f"{path} was exported from a run with no calibrated threshold (fitted with --val-ratio 0), so its "
