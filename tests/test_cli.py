@@ -6,8 +6,10 @@ fails before any training starts, so they cost little.
 
 from __future__ import annotations
 
+import base64
 import csv
 import errno
+import importlib
 import json
 import os
 import re
@@ -27,11 +29,13 @@ from flawscope import __version__
 from flawscope.api import score_images
 from flawscope.calibration import threshold_from_normals
 from flawscope.cli import main
-from flawscope.data import load_dataset, preprocess, read_image
+from flawscope.data import Sample, load_dataset, preprocess, read_image
 from flawscope.data.demo import make_demo_dataset
 from flawscope.errors import DataError
+from flawscope.export import load_inferencer
 from flawscope.fitting import FitContext
 from flawscope.model_io import load_model, save_model
+from flawscope.report import heatmap_overlay
 
 FAST = [
     "--backbone",
@@ -337,6 +341,11 @@ def test_report_is_self_contained(run):
     assert all(
         decision == ("defective" if float(score) > 0.5 else "good") for score, decision in captions if score != "0.500"
     )
+    # The gallery shows maps drawn on the images, not the plain inputs.
+    gallery = [read_image(base64.b64decode(data)) for data in re.findall(r"data:image/png;base64,([^\"']+)", html)]
+    inputs = [preprocess(read_image(r["path"]), 64, 0) for r in read_csv(run / "per_image.csv")]
+    plain = [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for image in inputs]
+    assert gallery and not any(np.array_equal(g, p) for g in gallery for p in plain if g.shape == p.shape)
     curves = json.loads((run / "curves.json").read_text())
     assert set(curves) == {"ROC (image)", "PR (image)", "PRO (pixel)"}
     assert all(len(c["x"]) == len(c["y"]) > 1 for c in curves.values()) and curves["PRO (pixel)"]["x"][-1] <= 0.3
@@ -355,6 +364,15 @@ def test_predict_writes_csv_and_overlays(run, images, tmp_path):
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 3
     assert read_image(overlays[0]).shape[:2] == (64, 64)
+    # Each overlay is the input with the model's calibrated map and mask drawn on it.
+    inferencer = load_inferencer(run, "cpu")
+    for line in map(json.loads, (out / "predictions.jsonl").read_text().splitlines()):
+        image = preprocess(read_image(line["path"]), 64, 0)
+        (prediction,) = inferencer.predict(image[None])
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        expected = heatmap_overlay(pixels, prediction.norm_map, prediction.mask)
+        np.testing.assert_array_equal(read_image(out / line["overlay"]), expected)
+        assert not np.array_equal(expected, pixels)
     assert not (out / "skipped.csv").exists()
     assert snapshot(images) == before
 
@@ -457,9 +475,20 @@ def test_export_threads_reach_the_parity_check(run, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     monkeypatch.setattr(torch, "get_num_threads", lambda: calls[-1] if calls else 2)
+    import onnxruntime
+
+    session_threads = []
+    session = onnxruntime.InferenceSession
+
+    def spy(path, options, **kwargs):
+        session_threads.append(options.intra_op_num_threads)
+        return session(path, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
     result = invoke("export", run, "--out", tmp_path / "m.onnx", "--threads", "1")
     assert result.exit_code == 0, result.output
     assert calls == [1] and "parity with torch" in result.output
+    assert session_threads == [1]  # ONNX Runtime's session of the parity check too
 
 
 @pytest.mark.parametrize(
@@ -518,6 +547,19 @@ def test_other_bad_options_are_named(run, tiny_dataset, tmp_path):
         result = invoke(*args, "--out", tmp_path / "t.safetensors", "--steps", "1", option, "nan")
         assert_clean_error(result, "finite number", "nan")
     assert not any(tmp_path.iterdir())
+
+
+def test_fit_sets_the_threshold_at_the_target_fpr(run, tiny_dataset, tmp_path):
+    # The run fixture holds out 3 good images at the default FPR 0.01 (none above); at 0.5, one of the 3 is above.
+    out = tmp_path / "fpr"
+    assert invoke(*fit_args(tiny_dataset, out, "--target-fpr", "0.5")).exit_code == 0
+    for folder, fpr, above in ((run, 0.01, 0), (out, 0.5, 1)):
+        held_out = [Sample(Path(p)) for p in json.loads((folder / "config.json").read_text())["val_images"]]
+        model = load_model(folder / "model")
+        scores = score_images(model, held_out, FitContext(device=torch.device("cpu"), quiet=True)).raw_scores
+        assert len(scores) == 3 and (scores > float(model.threshold)).sum() == above
+        rule = json.loads((folder / "model" / "model.json").read_text())["calibration_details"]["rule"]
+        assert rule.endswith(f"target FPR {fpr}")
 
 
 def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_dataset, images, tmp_path):
@@ -688,7 +730,8 @@ def test_bench_names_a_settings_file_that_is_not_json(tiny_dataset, tmp_path):
     ids=["model", "backbone", "set-key", "range", "type", "set-syntax", "image-size", "even-patch", "target-fpr"],
 )
 def test_fit_rejects_bad_options(tiny_dataset, tmp_path, monkeypatch, change, fragments):
-    patchcore_fit = sys.modules["flawscope.models.patchcore.fit"]  # the package's `fit` is the function
+    # The module (the package's `fit` attribute is the function), imported here so the test runs alone too.
+    patchcore_fit = importlib.import_module("flawscope.models.patchcore.fit")
 
     def never(*args, **kwargs):
         raise AssertionError("a bad option must be refused before training")
@@ -952,11 +995,16 @@ def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(run, whole_run_co
     assert f1_at(float(reloaded.threshold)) == pytest.approx(best)
     assert info["calibration_details"]["f1"] == pytest.approx(best)
 
-    # The fpr rule: the good images' quantile, as threshold_from_normals computes it from the same scores.
-    with pytest.warns(UserWarning, match="previous threshold"):
-        assert invoke("calibrate", run_copy, "--data", validation, "--rule", "fpr", "--quiet").exit_code == 0
-    expected = threshold_from_normals(scores[~labels])["threshold"]
-    assert float(load_model(run_copy / "model").threshold) == pytest.approx(expected)
+    # The fpr rule: the good images' quantile, as threshold_from_normals computes it from the same scores; the
+    # share of good images above it is at most --target-fpr (default 0.01: none of these 4).
+    thresholds = {}
+    for fpr in ("0.01", "0.5"):
+        with pytest.warns(UserWarning, match="previous threshold"):
+            args = ["--rule", "fpr", "--target-fpr", fpr] if fpr != "0.01" else ["--rule", "fpr"]
+            assert invoke("calibrate", run_copy, "--data", validation, *args, "--quiet").exit_code == 0
+        thresholds[fpr] = float(load_model(run_copy / "model").threshold)
+        assert thresholds[fpr] == pytest.approx(threshold_from_normals(scores[~labels], float(fpr))["threshold"])
+    assert (scores[~labels] > thresholds["0.01"]).sum() == 0 and 0 < (scores[~labels] > thresholds["0.5"]).mean() <= 0.5
 
 
 def test_test_and_calibrate_read_a_folder_without_training_images(whole_run_copy, tiny_dataset, tmp_path):

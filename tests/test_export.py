@@ -170,6 +170,16 @@ def test_fixed_batch_and_half_precision(tiny_dataset, tmp_path):
         path = export_model(model, tmp_path / f"half.{fmt}", fmt, half=True)
         report = check_parity(model, path, images)  # float16 tolerance, documented in docs/deploy.md
         assert report["atol"] > ATOL and report["decisions_equal"]
+    # The weights are float16 in the files, not only labelled so (the label sets the tolerance above).
+    initializers = onnx.load(tmp_path / "half.onnx").graph.initializer
+    weight_bytes = {}
+    for tensor in initializers:
+        kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+        weight_bytes[kind] = weight_bytes.get(kind, 0) + len(tensor.raw_data)
+    assert weight_bytes.get("FLOAT16", 0) > weight_bytes.get("FLOAT", 0)
+    traced = torch.jit.load(tmp_path / "half.torchscript")  # the test's own file
+    dtypes = [t.dtype for t in [*traced.parameters(), *traced.buffers()] if t.is_floating_point() and t.numel() > 1]
+    assert dtypes.count(torch.float16) > len(dtypes) / 2
 
 
 def test_half_precision_mlff_stays_finite_on_flat_images(tiny_dataset, tmp_path):

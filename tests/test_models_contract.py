@@ -1,5 +1,7 @@
 """One suite run over every registered model: construct, forward shapes, short fit, save/load round trip."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -103,9 +105,13 @@ def test_forward_shapes_and_values(fitted):
 
 
 def test_fit_marks_model_fitted_and_reports(fitted):
-    model, report, _ = fitted
+    model, report, split = fitted
     assert bool(model.fitted)
-    assert isinstance(report, dict) and report
+    # The report goes into model.json: plain JSON, counting the images the fit was given (EfficientAD splits them
+    # between the student and the map quantiles).
+    assert json.loads(json.dumps(report)) == report
+    counted = report["num_train"] + report["num_validation"] if "num_train" in report else report["num_images"]
+    assert counted == len(split.train)
 
 
 def test_save_load_round_trip_gives_identical_outputs(fitted, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import flawscope
 import flawscope.prediction as prediction_module
 from flawscope.cli import main
 from flawscope.data import read_image
@@ -95,6 +96,19 @@ def test_rows_carry_regions_and_jsonl_matches_csv(run, images, tmp_path):
         else:
             assert line["peak_score"] <= 0.5
     assert any(int(r["num_regions"]) for r in rows)
+
+    # The masks and scores are the model's own: its raw map above the run's threshold, computed here directly.
+    model = flawscope.load_model(run)
+    threshold = json.loads((run / "model" / "model.json").read_text())["calibration"]["threshold"]
+    for line in lines:
+        image = flawscope.preprocess(read_image(line["path"]), 64, 0)[None]
+        with torch.no_grad():
+            output = model(image)
+        raw_map = output.anomaly_map[0, 0].numpy()
+        np.testing.assert_array_equal(read_image(out / line["mask"])[..., 0] > 127, raw_map > threshold)
+        assert line["raw_score"] == pytest.approx(float(output.pred_score[0]), rel=1e-5)
+        assert line["decision"] == ("defective" if float(output.pred_score[0]) > threshold else "good")
+    assert any(not line["regions"] for line in lines)  # some image has no region: the masks are not all-True
 
     # --min-area drops the small regions only.
     largest = max(r["area"] for line in lines for r in line["regions"])

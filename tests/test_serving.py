@@ -177,10 +177,20 @@ def test_two_threads_share_one_inferencer(run, batch, tmp_path, form):
         np.testing.assert_allclose([result[i] for i in order], alone, rtol=0, atol=1e-6)
 
 
-def test_predict_restores_the_callers_thread_count(run, tiny_dataset, tmp_path):
+def test_predict_restores_the_callers_thread_count(run, tiny_dataset, tmp_path, monkeypatch):
+    import flawscope.prediction
+
     before = torch.get_num_threads()
+    during = []
+    load = flawscope.prediction.load_inferencer
+
+    def spy(*args, **kwargs):  # the count while predict runs
+        during.append(torch.get_num_threads())
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(flawscope.prediction, "load_inferencer", spy)
     flawscope.predict(run, [tiny_dataset / "test"], tmp_path / "out", overlays=False, quiet=True, threads=before + 1)
-    assert torch.get_num_threads() == before
+    assert during == [before + 1] and torch.get_num_threads() == before
 
 
 def test_a_service_can_cap_the_pixels_of_an_upload():

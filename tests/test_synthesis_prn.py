@@ -311,6 +311,32 @@ def test_synthetic_validation_set_for_a_cropping_run_keeps_every_defect_inside_t
         assert torch.equal(changed, item["mask"][0].bool())
 
 
+def test_synthetic_validation_set_uses_the_foreground_and_the_texture_folder(tmp_path, monkeypatch):
+    import flawscope.synthesis.validation_set as validation_set
+
+    sources, textures = tmp_path / "good", tmp_path / "textures"
+    sources.mkdir()
+    textures.mkdir()
+    disc_image = np.repeat(_object_image()[0], 3, axis=2)
+    rng = np.random.default_rng(0)
+    for i in range(8):  # the disc with a little noise, so every copy differs
+        noisy = np.clip(disc_image + rng.normal(0, 0.02, disc_image.shape), 0, 1)
+        Image.fromarray((noisy * 255).astype(np.uint8)).save(sources / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(textures / f"{i}.png")
+    asked = []
+    original = validation_set.texture_source
+    monkeypatch.setattr(validation_set, "texture_source", lambda folder: asked.append(folder) or original(folder))
+    out = tmp_path / "val"
+    summary = write_synthetic_validation_set(
+        sorted(sources.iterdir()), out, image_size=SIZE, resize_size=0, texture_dir=textures, use_foreground=True
+    )
+    assert asked == [textures] and summary["textures"] == str(textures) and summary["use_foreground"]
+    for sample in (s for s in load_dataset(out).test if s.label):
+        clean = read_image(out / "train" / "good" / sample.path.name).astype(np.float32) / 255
+        mask = read_mask(sample.mask_path)
+        assert mask.any() and not (mask & ~foreground_mask(clean)).any()  # only on the disc
+
+
 def test_synthetic_validation_set_keeps_sources_that_share_a_stem_and_leaves_nothing_on_failure(tmp_path):
     sources = tmp_path / "good"
     sources.mkdir()
