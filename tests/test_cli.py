@@ -1110,12 +1110,18 @@ def test_file_system_errors_are_one_line_naming_the_file(tiny_dataset, tmp_path,
     assert invoke(*fit_args(tiny_dataset, tmp_path / "run")).exception is other
 
 
-def test_a_full_disk_inside_safetensors_is_an_os_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "message",
+    [
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })',
+        "Error while serializing: I/O error: No space left on device (os error 28)",  # safetensors 0.8's wording
+    ],
+)
+def test_a_full_disk_inside_safetensors_is_an_os_error(tmp_path, monkeypatch, message):
     from safetensors import SafetensorError
 
     from flawscope import runs
 
-    message = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })'
     monkeypatch.setattr(runs, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError(message)))
     with pytest.raises(OSError, match="No space left on device") as caught:
         runs.save_safetensors({"x": torch.zeros(1)}, tmp_path / "w.safetensors", {})

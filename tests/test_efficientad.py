@@ -492,12 +492,35 @@ def test_files_that_are_not_teachers_are_named_for_what_they_are(tiny_dataset, t
     image = next((tiny_dataset / "train" / "good").iterdir())
     with pytest.raises(ModelFormatError, match="neither a safetensors file nor a torch state dict"):
         load_teacher(image, "small", expected)
+    for name, text in (("t.txt", "hello\n"), ("t.csv", "a,b\n1,2\n")):  # torch's reader: KeyError, IndexError
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ModelFormatError, match="neither a safetensors file nor a torch state dict"):
+            load_teacher(tmp_path / name, "small", expected)
+    nan = {name: tensor.clone() for name, tensor in expected.items()}
+    nan[next(iter(nan))].view(-1)[0] = float("nan")
+    save_file(nan, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ModelFormatError, match="NaN or infinite weights .*Distil it again with a smaller --lr"):
+        load_teacher(tmp_path / "nan.safetensors", "small", expected)
     with pytest.raises(WeightsNotFoundError, match="does not exist; check the path") as info:
         load_teacher(tmp_path / "missing.safetensors", "small", expected)
     assert "none was given" not in str(info.value)
     args = ["distill", "--images", str(tmp_path), "--out", "x.safetensors", "--num-workers", "-1"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "--num-workers" in result.output
+
+
+def test_a_diverging_distillation_stops_without_writing_a_teacher(tiny_dataset, tmp_path):
+    settings = DistillSettings(**{**SETTINGS.__dict__, "steps": 8, "lr": 1e30})
+    with pytest.raises(ConfigError, match=r"Distillation diverged: the loss is (nan|inf) at step \d.*Lower --lr"):
+        distill_teacher(
+            "efficientnet_lite0",
+            tiny_dataset / "train",
+            tmp_path / "t.safetensors",
+            settings,
+            pretrained_backbone=False,
+            quiet=True,
+        )
+    assert not (tmp_path / "t.safetensors").exists()
 
 
 def test_distillation_without_the_cache_resumes_exactly(tiny_dataset, tmp_path):

@@ -103,10 +103,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:  # an OS error inside the Rust writer (a full disk): say so as Python's would
-        found = re.search(r"code: (\d+)", str(e))
+        found = re.search(r"code: (\d+)|os error (\d+)", str(e))  # the Rust error's Debug and Display forms
         if not found:
             raise
-        code = int(found[1])
+        code = int(found[1] or found[2])
         raise OSError(code, os.strerror(code), str(path)) from e
     mask = os.umask(0)
     os.umask(mask)

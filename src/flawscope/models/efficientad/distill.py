@@ -424,10 +424,16 @@ def distill_teacher(
             with autocast(precision, device):
                 prediction = teacher((small - image_mean) / image_std)
             loss = (prediction.float() - target).pow(2).mean()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):  # a NaN teacher would be written and fail only in fit, unexplained
+                bar.close()
+                raise ConfigError(
+                    f"Distillation diverged: the loss is {loss_value} at step {step + 1}, so no teacher was written. "
+                    f"Lower --lr (now {settings.lr:g}) and start again with --restart."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = float(loss.detach())
             completed = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")

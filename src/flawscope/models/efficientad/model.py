@@ -10,7 +10,6 @@ zero-pad by 4) -> bilinear resize to the input -> image score = maximum of the m
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import warnings
 from collections import OrderedDict
@@ -21,10 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
+from ...backbones.weights import load_weights_file
 from ...config import ModelConfig, option, train_precision_option
 from ...errors import ConfigError, ModelFormatError, WeightsNotFoundError
 from ..base import AnomalyModel
@@ -336,38 +335,38 @@ def load_teacher(path: str | Path, size: str, expected: dict[str, Tensor]) -> tu
     if not path.is_file():
         raise WeightsNotFoundError(f"Teacher file {path} does not exist; check the path. " + _distill_recipe(size))
     info: dict[str, Any] = {}
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-            if CHECKPOINT_KEY in metadata:
-                teacher = path.name.removesuffix(".ckpt.safetensors")
-                raise ModelFormatError(
-                    f"{path} is the resume checkpoint of `flawscope distill`, not a teacher. Use the teacher file it "
-                    f"wrote next to it ({teacher}), or finish the distillation by running the same command again."
-                )
             info = json.loads(metadata.get(TEACHER_METADATA_KEY, "{}"))
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ModelFormatError(f"Cannot read teacher file {path}: {str(e)[:300]}") from e
+        if CHECKPOINT_KEY in metadata:
+            teacher = path.name.removesuffix(".ckpt.safetensors")
             raise ModelFormatError(
-                f"Teacher file {path} is neither a safetensors file nor a torch state dict. Give the .safetensors "
-                "file that `flawscope distill` wrote."
-            ) from e
+                f"{path} is the resume checkpoint of `flawscope distill`, not a teacher. Use the teacher file it "
+                f"wrote next to it ({teacher}), or finish the distillation by running the same command again."
+            )
+    try:
+        state = load_weights_file(path)  # never unpickles objects; a damaged file is a ModelFormatError
+    except ModelFormatError as e:
         raise ModelFormatError(
-            f"Teacher file {path} pickles more than tensors (a whole module?); flawscope never unpickles. Where you "
-            "trust the file, save its `.state_dict()` instead, or distil a teacher with `flawscope distill`."
+            f"Teacher file {path} is neither a safetensors file nor a torch state dict of a PDN: {e} Give the "
+            ".safetensors file that `flawscope distill` wrote."
         ) from e
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ModelFormatError(f"Cannot read teacher file {path}: {str(e)[:300]}") from e
     if info.get("size", size) != size:
         raise ConfigError(
             f"Teacher {path} is a PDN-{info['size']} teacher but the model has size={size!r}. Set "
             f"size={info['size']} or distil a {size} teacher."
         )
     state = _match_pdn_state(state, expected, path)
+    broken = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if broken:  # else fit fails later, blaming its own options
+        raise ModelFormatError(
+            f"Teacher file {path} holds NaN or infinite weights ({broken[0]}{' and others' if len(broken) > 1 else ''})"
+            ": its distillation diverged. Distil it again with a smaller --lr."
+        )
     return state, {"source": str(path), **info}
 
 
