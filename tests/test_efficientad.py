@@ -451,6 +451,11 @@ def test_distillation_writes_metadata_and_resumes_exactly(tiny_dataset, tmp_path
         distill_teacher("efficientnet_lite0", images, tmp_path / "a" / "t.safetensors", changed, **run)
     with pytest.raises(ConfigError, match="never writes"):
         distill_teacher("efficientnet_lite0", images, images / "t.safetensors", SETTINGS, **run)
+    good = images / "good"  # a glob or one file: the folder that holds the images is theirs too
+    for given in (good / "*.png", good / "000.png"):
+        with pytest.raises(ConfigError, match="never writes"):
+            distill_teacher("efficientnet_lite0", given, good / "t.safetensors", SETTINGS, **run)
+    assert not list(good.glob("t.*"))
 
 
 def test_distillation_names_every_unreadable_image_before_training(tiny_dataset, tmp_path):
@@ -462,6 +467,15 @@ def test_distillation_names_every_unreadable_image_before_training(tiny_dataset,
         distill_teacher("efficientnet_lite0", images, tmp_path / "t.safetensors", SETTINGS, pretrained_backbone=False)
     assert "broken.png" in str(caught.value) and "cut.png" in str(caught.value)
     assert not list(tmp_path.glob("t.*"))
+    # Read on the fly (nothing cached): the headers are checked first; a file damaged after its header stops the
+    # run in one line, with how to go on.
+    uncached = dict(pretrained_backbone=False, quiet=True, max_cache_bytes=0, checkpoint_every=1)
+    with pytest.raises(DataError, match=r"1 of 14 distillation images cannot be read; nothing was trained"):
+        distill_teacher("efficientnet_lite0", images, tmp_path / "t.safetensors", SETTINGS, **uncached)
+    (images / "broken.png").unlink()
+    settings = DistillSettings(**{**SETTINGS.__dict__, "steps": 8})  # 16 images: every one is read
+    with pytest.raises(DataError, match=r"cut\.png.*\(at step \d of 8; the checkpoint .* holds step \d\)\. Repl"):
+        distill_teacher("efficientnet_lite0", images, tmp_path / "t.safetensors", settings, **uncached)
 
 
 def test_distillation_never_overwrites_what_it_did_not_write(tiny_dataset, tmp_path):

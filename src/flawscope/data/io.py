@@ -128,10 +128,11 @@ def _existing_file(path: str | PathLike) -> Path:
 
 
 def _open_upright(
-    source: Path | BinaryIO | Image.Image, path: Path | str, max_pixels: int | None = None
-) -> Image.Image:
+    source: Path | BinaryIO | Image.Image, path: Path | str, max_pixels: int | None = None, decode: bool = True
+) -> Image.Image | None:
     """Decode a file, binary stream or PIL image (``path`` names it in messages) fully and apply its EXIF
-    orientation, turning every decoder failure into a DataError."""
+    orientation, turning every decoder failure into a DataError. ``decode=False`` reads the file's header only (the
+    format and size checks) and returns None."""
     if isinstance(source, io.TextIOBase) or getattr(source, "closed", False):
         what = "open in text mode: open it with 'rb'" if isinstance(source, io.TextIOBase) else "closed: open it again"
         raise DataError(f"Cannot read {path}: the file object is {what}, or pass its path.")
@@ -142,6 +143,8 @@ def _open_upright(
             return ImageOps.exif_transpose(source)
         with Image.open(source, formats=DECODER_FORMATS) as image:
             _check_pixel_count(image.size, path, max_pixels)  # before decoding: Image.open reads only the header
+            if not decode:
+                return None
             image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
             return ImageOps.exif_transpose(image)
     except DataError:
@@ -165,6 +168,16 @@ def _open_upright(
             f"Cannot decode {path}: the file is truncated or corrupt ({error}). Re-export or re-copy the file, or "
             f"remove it from the data folder."
         ) from error
+
+
+def check_image_header(path: str | PathLike) -> None:
+    """Reads only the header of an image file: a cheap check, for folders too large to decode twice, that it is an
+    image flawscope can decode and not too large. A file damaged after its header passes; ``read_image`` finds it.
+
+    Raises:
+        DataError: what ``read_image`` would say about the header.
+    """
+    _open_upright(_existing_file(path), path, decode=False)
 
 
 def _wide_to_uint8(image: Image.Image) -> np.ndarray:

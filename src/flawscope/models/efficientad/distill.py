@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ...backbones import create_backbone
 from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
 from ...data import find_images, preprocess, read_image
-from ...data.io import ImageReadingDataset
+from ...data.io import ImageReadingDataset, check_image_header
 from ...errors import ConfigError, DataError
 from ...fitting import autocast, check_precision
 from ...layers import LocalFeatureAggregator
@@ -129,6 +129,17 @@ class _Views(ImageReadingDataset):
         return (*views, "") if self.report_errors else views
 
 
+def _refuse_unreadable(unreadable: Sequence[str], count: int) -> None:
+    """One error listing (up to 10 of) the distillation images that cannot be read, before any training."""
+    if unreadable:
+        more = f" | ... ({len(unreadable)} in all)" if len(unreadable) > 10 else ""
+        listed = " | ".join(unreadable[:10]) + more
+        raise DataError(
+            f"{len(unreadable)} of {count} distillation images cannot be read; nothing was trained. Fix or remove "
+            f"them and run the command again: {listed}"
+        )
+
+
 class PsiTargets:
     """Psi's features of the images, by index and grayscale decision: on the fly, or from a cache.
 
@@ -158,6 +169,14 @@ class PsiTargets:
         self.small_cache: Tensor | None = None
         if len(self.paths) * per_image <= max_cache_bytes:
             self._build_cache(quiet)
+        else:  # read on the fly every step: check the headers now, not at step 5,000
+            unreadable = []
+            for path in tqdm(self.paths, "checking images", disable=quiet, leave=False, dynamic_ncols=True):
+                try:
+                    check_image_header(path)
+                except DataError as error:
+                    unreadable.append(str(error))
+            _refuse_unreadable(unreadable, len(self.paths))
 
     @torch.no_grad()
     def _build_cache(self, quiet: bool) -> None:
@@ -176,22 +195,24 @@ class PsiTargets:
             cache[first : first + len(big)] = self.psi(views.flatten(0, 1)).unflatten(0, (len(big), 2)).half()
             small_cache[first : first + len(big)] = small.to(self.device)
             first += len(big)
-        if unreadable:
-            more = f" | ... ({len(unreadable)} in all)" if len(unreadable) > 10 else ""
-            listed = " | ".join(unreadable[:10]) + more
-            raise DataError(
-                f"{len(unreadable)} of {count} distillation images cannot be read; nothing was trained. Fix or remove "
-                f"them and run the command again: {listed}"
-            )
+        _refuse_unreadable(unreadable, count)
         self.cache, self.small_cache = cache, small_cache
 
     def loader(self, batches: Sequence[Sequence[int]], small: bool) -> Iterator[tuple[Tensor, ...]]:
         """Per batch of indices: (Psi's view (B, 3, 2s, 2s) unless cached, then the PDN's view if ``small``)."""
         if self.small_cache is not None:
             cached = self.small_cache
-            return iter((cached[torch.as_tensor(b, device=cached.device)],) if small else () for b in batches)
+            yield from (((cached[torch.as_tensor(b, device=cached.device)],) if small else ()) for b in batches)
+            return
         sizes = [2 * self.image_size] + ([self.image_size] if small else [])
-        return iter(DataLoader(_Views(self.paths, sizes), batch_sampler=batches, num_workers=self.num_workers))
+        loader = DataLoader(
+            _Views(self.paths, sizes, report_errors=True), batch_sampler=batches, num_workers=self.num_workers
+        )
+        for *views, errors in loader:  # read in a worker: its error comes back as a reason, not a traceback
+            unreadable = [error for error in errors if error]
+            if unreadable:
+                raise DataError(unreadable[0])
+            yield tuple(views)
 
     @torch.no_grad()
     def __call__(self, indices: Sequence[int], gray: Tensor, big: Tensor | None = None) -> Tensor:
@@ -346,9 +367,12 @@ def distill_teacher(
             "Choose another --out."
         )
     paths = find_images([root])
-    if root.is_dir() and root.resolve() in out.resolve().parents:
+    # A folder is searched whole; a glob or a file names images in the folders that hold them.
+    folders = {root.resolve()} if root.is_dir() else {path.resolve().parent for path in paths}
+    inside = [folder for folder in folders if folder in out.resolve().parents]
+    if inside:
         raise ConfigError(
-            f"{out} is inside the image folder {root}; flawscope never writes there. Choose --out elsewhere."
+            f"{out} is inside the image folder {inside[0]}; flawscope never writes there. Choose --out elsewhere."
         )
     device = torch.device(device)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -440,16 +464,22 @@ def distill_teacher(
             if completed % checkpoint_every == 0 and completed < settings.steps:
                 _save_checkpoint(checkpoint, teacher, optimizer, stats, state_now(completed, loss_value))
                 saved_step = completed
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, DataError) as stop:
         bar.close()
         again = "run the command again without --restart" if restart else "run the same command again"
         kept = (
-            f"the checkpoint {checkpoint} holds step {saved_step}: {again} to resume from there"
+            f"the checkpoint {checkpoint} holds step {saved_step}"
             if saved_step is not None
             else f"this run wrote no checkpoint yet (one every {checkpoint_every} steps)"
         )
+        if isinstance(stop, DataError):  # an image that became unreadable, or a damaged one the check let through
+            raise DataError(
+                f"{stop} (at step {completed + 1} of {settings.steps}; {kept}). Replace the file with a readable one "
+                "of the same name and run the same command to resume, or remove it and start again with --restart."
+            ) from None
+        resume = f": {again} to resume from there" if saved_step is not None else ""
         raise KeyboardInterrupt(
-            f"Distillation interrupted after {completed} of {settings.steps} steps; {kept}."
+            f"Distillation interrupted after {completed} of {settings.steps} steps; {kept}{resume}."
         ) from None
     bar.close()
     final = state_now(settings.steps, loss_value)
