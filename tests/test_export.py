@@ -165,10 +165,10 @@ def test_fixed_batch_and_half_precision(tiny_dataset, tmp_path):
     runner = OnnxInferencer(onnx_path, "cpu")
     assert runner.metadata["input"]["shape"][0] == 2
     assert runner.run(images)["norm_score"].shape == (5,)  # padded to 2 + 2 + 2, padding dropped
-    check_parity(model, onnx_path, images)
+    check_parity(model, onnx_path, images, trust_code=True)
     for fmt in ("onnx", "torchscript"):
         path = export_model(model, tmp_path / f"half.{fmt}", fmt, half=True)
-        report = check_parity(model, path, images)  # float16 tolerance, documented in docs/deploy.md
+        report = check_parity(model, path, images, trust_code=True)  # float16 tolerance, documented in docs/deploy.md
         assert report["atol"] > ATOL and report["decisions_equal"]
     # The weights are float16 in the files, not only labelled so (the label sets the tolerance above).
     initializers = onnx.load(tmp_path / "half.onnx").graph.initializer
@@ -193,7 +193,7 @@ def test_half_precision_mlff_stays_finite_on_flat_images(tiny_dataset, tmp_path)
     assert all(np.isfinite(output).all() for output in OnnxInferencer(path, "cpu").run(frames).values())
     # (this tiny model's float16 maps are off by a few % of their range on the real images, so only the frames'
     # finiteness is asserted here)
-    assert parity_report(model, open_exported(path), images)["frames_finite"]
+    assert parity_report(model, open_exported(path, trust_code=True), images)["frames_finite"]
 
 
 def test_half_precision_onnx_runs_on_cpu_with_smoothing(tiny_dataset, tmp_path):
@@ -201,7 +201,7 @@ def test_half_precision_onnx_runs_on_cpu_with_smoothing(tiny_dataset, tmp_path):
     model, split = _fit("patchcore", tiny_dataset, image_size=96)
     assert model.blur.radius > 0
     path = export_model(model, tmp_path / "half.onnx", "onnx", half=True)
-    report = check_parity(model, path, _test_images(split, 96))
+    report = check_parity(model, path, _test_images(split, 96), trust_code=True)
     assert report["decisions_equal"]
 
 
@@ -212,7 +212,7 @@ def test_image_context_exports_with_parity(name, tiny_dataset, tmp_path):
     images = _test_images(split)
     _calibrate(model, images)
     for fmt in ("onnx", "torchscript"):
-        assert check_parity(model, export_model(model, tmp_path / f"context.{fmt}", fmt), images)["ok"]
+        assert check_parity(model, export_model(model, tmp_path / f"context.{fmt}", fmt), images, trust_code=True)["ok"]
     _assert_no_fixed_device(tmp_path / "context.torchscript")
 
 
@@ -227,7 +227,9 @@ def test_position_whitening_exports_with_parity(name, tiny_dataset, tmp_path):
     images = _test_images(split, model.config.image_size)
     _calibrate(model, images)
     for fmt in ("onnx", "torchscript"):
-        assert check_parity(model, export_model(model, tmp_path / f"position.{fmt}", fmt), images)["ok"]
+        assert check_parity(model, export_model(model, tmp_path / f"position.{fmt}", fmt), images, trust_code=True)[
+            "ok"
+        ]
     _assert_no_fixed_device(tmp_path / "position.torchscript")
 
 
@@ -238,7 +240,7 @@ def test_several_blocks_per_stage_export_with_parity(tiny_dataset, tmp_path):
     images = _test_images(split, model.config.image_size)
     _calibrate(model, images)
     for fmt in ("onnx", "torchscript"):
-        assert check_parity(model, export_model(model, tmp_path / f"blocks.{fmt}", fmt), images)["ok"]
+        assert check_parity(model, export_model(model, tmp_path / f"blocks.{fmt}", fmt), images, trust_code=True)["ok"]
 
 
 def test_mlff_on_the_stride_4_grid_exports_with_parity(tiny_dataset, tmp_path):
@@ -249,7 +251,7 @@ def test_mlff_on_the_stride_4_grid_exports_with_parity(tiny_dataset, tmp_path):
         assert model.features(images[:1]).shape[-1] == model.config.image_size // 4
     _calibrate(model, images)
     for fmt in ("onnx", "torchscript"):
-        assert check_parity(model, export_model(model, tmp_path / f"stride4.{fmt}", fmt), images)["ok"]
+        assert check_parity(model, export_model(model, tmp_path / f"stride4.{fmt}", fmt), images, trust_code=True)["ok"]
 
 
 def test_tight_calibration_scales_the_calibrated_tolerance(tiny_dataset, tmp_path):

@@ -54,7 +54,7 @@ def test_a_gpu_fit_loads_on_either_device_and_exports_for_either(name, tiny_data
     assert abs(got["anomaly_map"] - expected["anomaly_map"]).max() <= 1e-3 * spread
     for fmt in ("onnx", "torchscript"):
         path = export_model(gpu, tmp_path / f"model.{fmt}", fmt)
-        assert check_parity(gpu, path, images)["ok"]
+        assert check_parity(gpu, path, images, trust_code=True)["ok"]
         assert gpu.fitted.device.type == "cuda"  # the parity check ran on the CPU and put the model back
     scripted = load_inferencer(tmp_path / "model.torchscript", "cuda", trust_code=True).run(
         images

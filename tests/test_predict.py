@@ -236,6 +236,13 @@ def test_a_torchscript_file_is_loaded_only_when_trusted(exported, images, tmp_pa
     )
     assert result.exit_code != 0 and "runs the code it holds" in result.output and "--trust-code" in result.output
     assert not (tmp_path / "p").exists()
+    # The library's parity check too: only export_checked, which has just written its file, trusts it unasked.
+    from flawscope.errors import ConfigError
+    from flawscope.export import check_parity, open_exported
+
+    for call in (lambda: open_exported(exported["torchscript"]), lambda: check_parity(None, exported["torchscript"])):
+        with pytest.raises(ConfigError, match="runs the code it holds"):
+            call()
 
 
 def test_predict_never_deletes_or_writes_through_a_linked_overlays_folder(run, images, tmp_path):

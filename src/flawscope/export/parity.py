@@ -86,12 +86,15 @@ def export_model(
     return exporter(model, path, batch=parse_batch(batch), half=half, calibrated=calibrated)
 
 
-def open_exported(path: str | Path, device: str = "cpu") -> _BaseInferencer:
-    """The inferencer of an exported file, by its suffix."""
+def open_exported(path: str | Path, device: str = "cpu", *, trust_code: bool = False) -> _BaseInferencer:
+    """The inferencer of an exported file, by its suffix (ONNX, else TorchScript).
+
+    ``trust_code=True`` is needed for a TorchScript file, as in ``load_inferencer``: loading one runs its code.
+    """
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
+    if path.suffix.lower() in ONNX_SUFFIXES:
         return OnnxInferencer(path, device)
-    return TorchScriptInferencer(path, device, trust_code=True)  # the file export has just written
+    return TorchScriptInferencer(path, device, trust_code=trust_code)
 
 
 def parity_report(
@@ -184,13 +187,19 @@ def held_out_images(run: str | Path, model: AnomalyModel, count: int = 4) -> tor
 
 
 def check_parity(
-    model: AnomalyModel, path: str | Path, images: torch.Tensor | None = None, name: str | None = None
+    model: AnomalyModel,
+    path: str | Path,
+    images: torch.Tensor | None = None,
+    name: str | None = None,
+    *,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """``parity_report`` for an exported file; raises ModelFormatError when it does not agree with ``model``.
 
-    ``name`` is how the error names the file (default: ``path``).
+    ``name`` is how the error names the file (default: ``path``); ``trust_code`` as in ``open_exported`` (a
+    TorchScript file runs its code when loaded).
     """
-    report = parity_report(model, open_exported(path, "cpu"), images)
+    report = parity_report(model, open_exported(path, "cpu", trust_code=trust_code), images)
     if not report["ok"]:
         raise ModelFormatError(
             f"The exported {name or path} does not reproduce the torch model: largest difference of the calibrated "
@@ -258,7 +267,8 @@ def export_checked(
     try:
         export_model(model, staging / path.name, export_format, batch=batch, half=half, calibrated=calibrated)
         name = f"{path} (not written)"
-        report = check_parity(model, staging / path.name, images, name=name) if check else None
+        # trust_code: the file this call has just written
+        report = check_parity(model, staging / path.name, images, name=name, trust_code=True) if check else None
         for written in staging.iterdir():
             written.replace(path.parent / written.name)
     finally:
