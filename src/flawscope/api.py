@@ -65,8 +65,10 @@ class ScoredImages:
     samples: list[Sample]
     raw_scores: np.ndarray  # (N,) float64
     norm_scores: np.ndarray  # (N,) float64
-    maps: np.ndarray | None  # (N, H, W) float32 raw anomaly maps
-    masks: np.ndarray | None  # (N, H, W) bool ground truth
+    # (N, S, S) at the model's input; after ``evaluation.native_resolution`` a list of (H_i, W_i) arrays, one per
+    # image at its file's size
+    maps: np.ndarray | list[np.ndarray] | None  # float32 raw anomaly maps
+    masks: np.ndarray | list[np.ndarray] | None  # bool ground truth
     seconds: float
     sizes: np.ndarray | None = None  # (N, 2) int64: each image's upright (height, width), kept with the maps
 

@@ -150,7 +150,8 @@ class ImageDataset(ImageReadingDataset):
     """Decoded, resized and cropped images with their masks.
 
     Items are dicts: ``image`` (3, S, S) float32 in [0, 1], ``mask`` (1, S, S) float32 in {0, 1} (zeros for good
-    images), ``label`` int (1 = defective) and ``index`` int (position in ``samples``).
+    images), ``label`` int (1 = defective), ``index`` int (position in ``samples``) and ``size`` (2,) int64, the
+    upright file's (height, width).
 
     Args:
         samples: Images to load, e.g. ``load_dataset(...).test``.

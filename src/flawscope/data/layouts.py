@@ -478,7 +478,7 @@ def _expand(item: Path, unread: list[Path] | None = None) -> list[Path]:
     raise DataError(f"{item} {what}. Pass image files, folders or glob patterns such as 'images/*.png'.")
 
 
-def find_images(paths: Sequence[str | Path]) -> list[Path]:
+def find_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     """Collect the images to predict on.
 
     Args:

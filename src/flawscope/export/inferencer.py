@@ -93,17 +93,26 @@ class Inferencer(Protocol):
     eval mode and ONNX Runtime sessions allow concurrent calls; ``tests/test_serving.py`` checks two threads).
     """
 
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # input geometry, threshold, method, versions (docs/deploy.md)
 
     @property
-    def image_size(self) -> int: ...
+    def image_size(self) -> int:
+        """Side S of the square input (after ``preprocess``)."""
+        ...
 
     @property
-    def resize_size(self) -> int: ...
+    def resize_size(self) -> int:
+        """Shorter side before the centre crop; 0: the whole image resized to S x S."""
+        ...
 
-    def predict(self, images: np.ndarray | torch.Tensor, min_area: int = 0) -> list[Prediction]: ...
+    def predict(self, images: np.ndarray | torch.Tensor, min_area: int = 0) -> list[Prediction]:
+        """(B, 3, S, S) float in [0, 1] -> B predictions, regions of at least ``min_area`` pixels."""
+        ...
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+    def run(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """(B, 3, S, S) float in [0, 1] -> the four outputs by name: anomaly_map and norm_map (B, 1, S, S),
+        pred_score and norm_score (B,)."""
+        ...
 
 
 class _BaseInferencer:

@@ -32,7 +32,7 @@ from flawscope.data import Sample, crop_box, preprocess, read_image
 from flawscope.errors import ConfigError, DataError
 from flawscope.outputs import portable_stem
 from flawscope.synthesis.anomalies import homologous_source, match_grey, simulated_anomaly
-from flawscope.synthesis.perlin import texture_source
+from flawscope.synthesis.perlin import TextureSource, texture_source
 from flawscope.synthesis.regions import foreground_mask
 
 _MAX_TRIES = 20
@@ -59,7 +59,7 @@ def synthetic_defect(
     image: np.ndarray,
     other: np.ndarray,
     rng: np.random.Generator,
-    textures=None,
+    textures: TextureSource | None = None,
     hea_prob: float = 0.5,
     use_foreground: bool = False,
     grey: bool = False,
@@ -73,6 +73,12 @@ def synthetic_defect(
         hea_prob: chance of a texture blend; otherwise a grid-shuffled ``other``.
         use_foreground: centre the defect on the Otsu foreground of ``image``.
         grey: a grey defect on a grey ``image`` (``match_grey``), as a grey camera would see it.
+
+    Returns:
+        (defective (S, S, 3) float32 in [0, 1], mask (S, S) bool): the mask is exactly the pixels that changed.
+
+    Raises:
+        RuntimeError: no draw in 20 gave a non-empty mask (e.g. a foreground too small for a defect).
     """
     textures = textures or texture_source(None)
     foreground = foreground_mask(image) if use_foreground else None
@@ -109,7 +115,8 @@ def write_synthetic_validation_set(
         A summary, also written to ``out/synthetic.json``.
 
     Raises:
-        ConfigError: fewer than 2 images, ``num_defects`` out of range, or ``out`` is a non-empty folder.
+        ConfigError: fewer than 2 images, or ``num_defects`` out of range.
+        DataError: ``out`` is a non-empty folder, or an image cannot be read (nothing is left in ``out`` then).
     """
     paths = [Path(getattr(item, "path", item)) for item in images]
     out = Path(out)
