@@ -360,6 +360,13 @@ def test_visa_rows_listing_an_image_twice_are_refused_and_object_names_trimmed(t
     csv_path.write_text("\n".join([*lines, leak]) + "\n")
     with pytest.raises(DataError, match="lines 2 and 10: .* listed twice"):
         load_dataset(root, category="candle")
+    # The same file written another way: absolute, or through '..'.
+    _, _, _, image, _ = (field.strip() for field in lines[1].split(","))
+    for other in (str(root / image), image.replace("/", "/../" + image.split("/")[0] + "/", 1)):
+        row = lines[1].replace(",train,", ",test,").replace(image, other)
+        csv_path.write_text("\n".join([*lines, row]) + "\n")
+        with pytest.raises(DataError, match="lines 2 and 10: .* listed twice"):
+            load_dataset(root, category="candle")
 
 
 def test_list_categories_names_what_category_accepts(tmp_path, monkeypatch):

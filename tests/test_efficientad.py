@@ -602,9 +602,13 @@ def test_cli_distill_then_fit_test_save_load(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     fitted = CliRunner().invoke(main, [
         "fit", "--model", "efficientad", "--data", str(tiny_dataset), "--out", str(run), "--image-size", "64",
-        "--set", "num_steps=3", "--set", f"teacher_path={teacher}", "--device", "cpu", "--quiet",
+        "--set", "num_steps=3", "--set", "teacher_path=not-this.safetensors", "--weights", str(teacher),
+        "--device", "cpu", "--quiet",
     ])  # fmt: skip
     assert fitted.exit_code == 0, fitted.output
+    # --weights replaced the teacher_path option; config.json and model.json name the teacher that was used.
+    assert json.loads((run / "config.json").read_text())["options"]["teacher_path"] == str(teacher)
+    assert json.loads((run / "model" / "model.json").read_text())["config"]["teacher_path"] == str(teacher)
     tested = CliRunner().invoke(main, ["test", str(run), "--data", str(tiny_dataset), "--device", "cpu", "--quiet"])
     assert tested.exit_code == 0, tested.output
     metrics = json.loads((run / "metrics.json").read_text())

@@ -215,7 +215,7 @@ def fit(
             out / "config.json",
             {
                 "method": method,
-                "options": config.to_dict(),
+                "options": model.config.to_dict(),  # as used: --weights may have replaced a path in it
                 "seed": seed,
                 "data": str(dataset.root.resolve()),
                 "layout": dataset.layout,

@@ -355,12 +355,15 @@ def _load_visa(root: Path, category: str | None) -> DatasetSplit:
     for line, row in rows:
         if row["object"] == category:
             split, sample = _visa_sample(root, row, f"{csv_path}, line {line}")
-            if sample.path in lines:  # twice in one split would count it twice; in both would test on training
+            # The file, however written (relative or absolute, with '..', through a link): twice in one split
+            # would count it twice; in both would test on training images.
+            file = sample.path.resolve()
+            if file in lines:
                 raise DataError(
-                    f"{csv_path}, lines {lines[sample.path]} and {line}: the image {sample.path} is listed twice. "
+                    f"{csv_path}, lines {lines[file]} and {line}: the image {sample.path} is listed twice. "
                     "Delete one row: each image belongs to one split, once."
                 )
-            lines[sample.path] = line
+            lines[file] = line
             parts[split].append(sample)
     if not parts["train"]:
         raise DataError(f"{csv_path} has no 'train' rows labelled 'normal' for {category!r}; add some.")
