@@ -434,8 +434,9 @@ def test_load_real_mtd():
 def test_find_images_folders_globs_files(tmp_path):
     root = _make_mvtec(tmp_path)
     _save_rgb(root / ".cache" / "copy.png")
-    found = find_images([root])
-    assert len(found) == 5 + 5 + 3 and found == sorted(found)  # train + test + masks; junk and hidden skipped
+    with pytest.warns(UserWarning, match="ground_truth/ folders"):
+        found = find_images([root])
+    assert len(found) == 5 + 5 and found == sorted(found)  # train + test; masks, junk and hidden skipped
     assert find_images(str(root / "test" / "*" / "00[0].png")) == sorted(root.glob("test/*/000.png"))
     single = root / "test" / "good" / "000.png"
     assert find_images([single, single]) == [single]
@@ -453,6 +454,16 @@ def test_find_images_names_image_formats_it_passes_over(tmp_path):
         (tmp_path / "line" / "anim.gif").unlink()
         (tmp_path / "line" / "sub" / "shot.HEIC").unlink()
         assert find_images([tmp_path / "line"]) == [tmp_path / "line" / "000.png"]
+
+
+def test_find_images_leaves_a_data_sets_masks_out_unless_their_folder_is_named(tmp_path):
+    root = _make_mvtec(tmp_path / "bottle")
+    masks = sorted((root / "ground_truth").rglob("*.png"))
+    assert masks
+    with pytest.warns(UserWarning, match=rf"{len(masks)} image\(s\) under .* ground_truth/ folders"):
+        found = find_images([root])
+    assert not set(found) & set(masks) and len(found) == len(load_dataset(root).train) + len(load_dataset(root).test)
+    assert find_images([root / "ground_truth"]) == masks  # named: read whole
 
 
 def test_find_images_errors(tmp_path):

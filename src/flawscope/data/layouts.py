@@ -457,15 +457,31 @@ def _images_below(folder: Path, unread: list[Path] | None = None) -> list[Path]:
     return images
 
 
+def _drop_ground_truth(paths: list[Path], searched: Path) -> list[Path]:
+    """``paths`` without the masks in ``ground_truth/`` folders below ``searched`` (a data set root given to
+    predict), with one warning: a mask is not a picture of a part. A ground_truth folder named directly is read."""
+    masks = [
+        path for path in paths if any(part.lower() == "ground_truth" for part in path.relative_to(searched).parts[:-1])
+    ]
+    if masks:
+        warnings.warn(
+            f"{len(masks)} image(s) under {searched} are in ground_truth/ folders (defect masks, e.g. {masks[0]}) and "
+            "were not read as inputs; name the folder to score them.",
+            stacklevel=4,
+        )
+    dropped = set(masks)
+    return [path for path in paths if path not in dropped]
+
+
 def _expand(item: Path, unread: list[Path] | None = None) -> list[Path]:
     """Images named by one argument: a file, a folder (searched recursively) or a glob pattern; image files of
     formats flawscope does not read, found below a folder, go to ``unread``.
 
-    flawscope's own overlays and masks are left out, below a folder and wherever a glob reaches them; a folder
-    named directly is read whole.
+    flawscope's own overlays and masks are left out, below a folder and wherever a glob reaches them, and so are a
+    data set's masks in ground_truth/ folders below a folder; a folder named directly is read whole.
     """
     if item.is_dir():
-        return drop_output_images(_images_below(item, unread), item, top=item)
+        return _drop_ground_truth(drop_output_images(_images_below(item, unread), item, top=item), item)
     if item.is_file():
         if item.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataError(
