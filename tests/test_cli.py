@@ -1192,6 +1192,23 @@ def test_predict_cuts_long_file_names_for_its_images(run, tiny_dataset, tmp_path
     assert b"z-caf\xe9.png" in rows  # the path as its bytes on disk
 
 
+def test_synth_and_calibrate_on_a_multi_category_root_take_the_runs_category(tiny_dataset, tmp_path):
+    root = tmp_path / "categories"
+    for name in ("brick", "grass"):
+        shutil.copytree(tiny_dataset, root / name)
+    run = tmp_path / "run"
+    assert invoke(*fit_args(root, run, "--category", "grass")).exit_code == 0
+    result = invoke("synth", "--data", root, "--run", run, "--out", tmp_path / "synth")  # no --category
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "synth" / "synthetic.json").read_text())["sources"][0].startswith(str(root / "grass"))
+    # Calibrating on another category: the advice is a validation folder of the run's parts, not --category grass,
+    # whose test split is the test set (calibrate refuses it).
+    with pytest.warns(UserWarning, match="is calibrated on 'brick'.*validation folder of 'grass' images") as caught:
+        result = invoke("calibrate", run, "--data", root, "--category", "brick", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not any("--category grass" in str(w.message) for w in caught)
+
+
 def test_calibrating_on_a_differently_named_folder_is_not_a_cross_category_warning(
     whole_run_copy, tiny_dataset, tmp_path
 ):

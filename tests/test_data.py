@@ -348,6 +348,24 @@ def test_load_visa_csv(tmp_path):
         load_dataset(root)
 
 
+def test_a_run_tested_on_a_split_without_test_images_is_told_where_they_belong(tmp_path):
+    from flawscope.api import run_dataset
+
+    root = _make_visa(tmp_path / "visa")
+    csv_path = root / "split_csv" / "1cls.csv"
+    csv_path.write_text("".join(line for line in csv_path.open() if ",test," not in line))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"category": "candle"}')
+    with pytest.raises(DataError, match=r"no 'test' rows for 'candle' in .*1cls\.csv: `flawscope test` reads"):
+        run_dataset(run, root)
+    mvtec = _make_mvtec(tmp_path / "bottle")
+    shutil.rmtree(mvtec / "test")
+    shutil.rmtree(mvtec / "ground_truth")
+    with pytest.raises(DataError, match=r"`flawscope calibrate` reads its test split .*train/ is not read.*synth"):
+        run_dataset(run, mvtec, calibrating=True)
+
+
 def test_visa_rows_listing_an_image_twice_are_refused_and_object_names_trimmed(tmp_path):
     root = _make_visa(tmp_path)
     csv_path = root / "split_csv" / "1cls.csv"

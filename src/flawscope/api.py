@@ -29,6 +29,7 @@ from .data import (
     select_seen_anomalies,
     split_validation,
 )
+from .data.layouts import VISA_CSV
 from .errors import ConfigError, DataError
 from .fitting import FitContext, preserved_random_state, torch_threads
 from .model_io import load_model, read_model_info, save_model
@@ -307,34 +308,63 @@ def run_record(run: str | Path) -> dict[str, Any]:
     return record
 
 
-def run_dataset(run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None) -> DatasetSplit:
+def run_category(run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None) -> str | None:
+    """``category``, or else the run's own (config.json) when a multi-category ``data`` holds it."""
+    trained_on = run_record(run).get("category")
+    if category is None and trained_on:
+        with contextlib.suppress(DataError):  # a test-only folder has no categories; load_dataset reads it
+            if trained_on in list_categories(data, layout):
+                return trained_on
+    return category
+
+
+def run_dataset(
+    run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None, *, calibrating: bool = False
+) -> DatasetSplit:
     """The labelled data a run is evaluated or calibrated on (``load_dataset`` with ``need_train=False``).
 
     Without ``category``, a multi-category ``data`` gives the run's own category (config.json) when it holds it.
     Warns when another of several categories (or another VisA object) is read than the one the run was trained on.
     A single category folder of another name is not warned about: a copied, renamed or synthetic (``flawscope
     synth``) folder is one.
+
+    Raises:
+        DataError: ``data`` has no labelled test images (the message names where they belong in its layout).
     """
     trained_on = run_record(run).get("category")
     names = []
     if trained_on:
-        with contextlib.suppress(DataError):  # a test-only folder has no categories; load_dataset reads it
+        with contextlib.suppress(DataError):
             names = list_categories(data, layout)
-    if category is None and trained_on in names:
-        category = trained_on
-    dataset = load_dataset(data, layout=layout, category=category, need_train=False)
+    dataset = load_dataset(data, layout=layout, category=run_category(run, data, layout, category), need_train=False)
     # VisA names its objects in its CSV, not by a folder's name: one object of another name is another category.
     if trained_on and (len(names) > 1 or dataset.layout == "visa") and dataset.category != trained_on:
-        how = (
-            f"To use its own category, pass --category {trained_on} (category=...)"
-            if trained_on in names
-            else f"{data} has no category {trained_on!r}"
-        )
+        if calibrating:  # its own category's test split is the test set, which calibrate refuses
+            how = f"Calibrate on a separate validation folder of {trained_on!r} images"
+        elif trained_on in names:
+            how = f"To use its own category, pass --category {trained_on} (category=...)"
+        else:
+            how = f"{data} has no category {trained_on!r}"
+        action = "calibrated" if calibrating else "evaluated"
         warnings.warn(
-            f"{run} was trained on the category {trained_on!r} and is evaluated on {dataset.category!r} "
+            f"{run} was trained on the category {trained_on!r} and is {action} on {dataset.category!r} "
             f"({dataset.root}): a cross-category result. {how}.",
             stacklevel=3,
         )
+    if not dataset.test:
+        command = "calibrate" if calibrating else "test"
+        if dataset.layout == "visa":
+            where = (
+                f"no 'test' rows for {dataset.category!r} in {dataset.root / VISA_CSV}: `flawscope {command}` reads "
+                "the CSV's test rows (normal and anomaly, with masks)"
+            )
+        else:
+            where = (
+                f"`flawscope {command}` reads its test split (test/good and test/<defect type> with masks in "
+                "ground_truth/<defect type>), and train/ is not read"
+            )
+        fix = " Write a synthetic one with `flawscope synth --data DIR --run RUN --out VAL`." if calibrating else ""
+        raise DataError(f"No labelled images in {dataset.root}: {where}.{fix}")
     return dataset
 
 
@@ -372,18 +402,12 @@ def calibrate_run(
             stacklevel=2,
         )
     info = read_model_info(run)
-    dataset = run_dataset(run, data, layout, category)
+    dataset = run_dataset(run, data, layout, category, calibrating=True)
     trained_on = run_record(run).get("data")
     if trained_on and Path(trained_on).resolve() == dataset.root.resolve():
         raise ConfigError(
             f"{dataset.root} is the folder this run was trained on; its test split is the test set. Calibrate on a "
             "separate labelled validation folder so the test metrics stay honest."
-        )
-    if not dataset.test:
-        raise DataError(
-            f"No labelled images in {dataset.root}: calibrate reads its test split (test/good and test/<defect type> "
-            "with masks in ground_truth/<defect type>), and train/ is not read. Put the validation images there, or "
-            "write a synthetic set with `flawscope synth --data DIR --run RUN --out VAL`."
         )
     model = load_model(info["folder"])
     scored = score_images(model, dataset.test, FitContext(device=resolve_device(device), quiet=quiet))

@@ -603,29 +603,31 @@ def distill(
 @click.option("--textures", type=PATH, default=None, help="texture folder (e.g. DTD)")
 @click.option("--foreground", is_flag=True, help="place defects on the Otsu foreground (object categories)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--category", default=None)
+@click.option("--category", default=None, help="category of a multi-category --data (default with --run: the run's)")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 def synth(data, out, run, num_defects, image_size, resize_size, textures, foreground, seed, category, layout) -> None:
     """Write a synthetic labelled validation set (good images + simulated defects with masks) to OUT.
 
     Calibrate a run on it when no real defects exist: flawscope calibrate RUN --data OUT --rule f1
     """
-    from .api import missing_images_reason, run_record
+    from .api import missing_images_reason, run_category, run_record
     from .data import load_dataset
     from .outputs import check_outside
     from .registry import get_method
     from .synthesis import write_synthetic_validation_set
 
+    if run is not None and not (Path(run) / "config.json").is_file():
+        raise ConfigError(
+            f"--run {run} is not a run folder (no config.json in it); give the folder that `flawscope fit --out` "
+            "wrote, or leave --run out to use the data set's training images."
+        )
+    if run is not None:  # a multi-category root: the run's own category, as test and calibrate take it
+        category = run_category(run, data, layout, category)
     dataset = load_dataset(data, layout=layout, category=category)
     check_outside(Path(out), dataset.root)
     images = [sample.path for sample in dataset.train]
     if run is not None:
         config_path = Path(run) / "config.json"
-        if not config_path.is_file():
-            raise ConfigError(
-                f"--run {run} is not a run folder (no config.json in it); give the folder that `flawscope fit --out` "
-                "wrote, or leave --run out to use the data set's training images."
-            )
         config = run_record(run)
         held_out = [Path(p) for p in config.get("val_images", [])]
         gone = [p for p in held_out if not p.is_file()]
@@ -727,7 +729,7 @@ def demo(out, texture, epochs, device, quiet) -> None:
 @click.option("--out", required=True, type=PATH, help="folder for runs, bench.md, bench.json")
 @threads_option(expose=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="timed calls at batch 1")
-@click.option("--category", default=None)
+@click.option("--category", default=None, help="category folder inside a multi-category data root")
 @click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(data, models, overrides, settings, out, threads, repeats, category, layout, seed) -> None:

@@ -278,8 +278,6 @@ def test(
         if eval_resolution == "native" and cfg.resize_size != 0 and not whole_if_square:
             _refuse_native(cfg, "this run crops the centre of every image")
         dataset = run_dataset(run, data, layout, category)
-        if not dataset.test:
-            raise DataError(f"No test images in {dataset.root}; `flawscope test` needs a labelled test/ folder.")
         out = Path(out) if out else run
         writes = [name for name in TEST_FILES if report or name != "report.html"]
         check_outside(out, dataset.root, writes)
