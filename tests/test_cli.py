@@ -382,6 +382,14 @@ def test_predict_writes_csv_and_overlays(run, images, tmp_path):
         assert float(row["raw_score"]) == pytest.approx(float(per_image[Path(row["path"]).name]["raw_score"]), rel=1e-5)
 
 
+def test_model_json_names_the_pretrained_weights_by_content(run):
+    from flawscope.runs import file_sha256
+
+    (weights,) = json.loads((run / "model" / "model.json").read_text())["pretrained_weights"]
+    assert weights["name"] == "efficientnet_lite0" and Path(weights["file"]).is_file()
+    assert weights["sha256"] == file_sha256(weights["file"])
+
+
 def test_reloaded_model_reproduces_per_image_scores(run):
     model = load_model(run / "model")
     model.check_fitted()
@@ -979,6 +987,8 @@ def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(run, whole_run_co
     assert f"previous threshold: {before:.6g}" in result.output
     assert info["calibration"]["threshold"] == pytest.approx(info["calibration_details"]["threshold"])
     assert "training" in info  # the fit report survives recalibration
+    before_info = json.loads((run / "model" / "model.json").read_text())
+    assert info["pretrained_weights"] == before_info["pretrained_weights"]  # and which weights the fit started from
     reloaded = load_model(run_copy / "model")
     assert float(reloaded.threshold) == pytest.approx(info["calibration"]["threshold"])
 

@@ -36,6 +36,7 @@ from flawscope.models.efficientad.fit import (
     training_losses,
 )
 from flawscope.models.efficientad.model import load_teacher, quantile_normalize
+from flawscope.runs import file_sha256
 
 TINY = {"image_size": 64, "num_steps": 3}
 
@@ -608,7 +609,10 @@ def test_cli_distill_then_fit_test_save_load(tiny_dataset, tmp_path):
     assert fitted.exit_code == 0, fitted.output
     # --weights replaced the teacher_path option; config.json and model.json name the teacher that was used.
     assert json.loads((run / "config.json").read_text())["options"]["teacher_path"] == str(teacher)
-    assert json.loads((run / "model" / "model.json").read_text())["config"]["teacher_path"] == str(teacher)
+    model_json = json.loads((run / "model" / "model.json").read_text())
+    assert model_json["config"]["teacher_path"] == str(teacher)
+    (pretrained,) = model_json["pretrained_weights"]  # the teacher, by content
+    assert pretrained["name"] == "teacher" and pretrained["sha256"] == file_sha256(teacher)
     tested = CliRunner().invoke(main, ["test", str(run), "--data", str(tiny_dataset), "--device", "cpu", "--quiet"])
     assert tested.exit_code == 0, tested.output
     metrics = json.loads((run / "metrics.json").read_text())

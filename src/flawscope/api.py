@@ -206,6 +206,9 @@ def fit(
             )
         claim_out_folder(out, RUN_FILES)
         metadata = {"calibration_details": calibration, "training": training}
+        pretrained = pretrained_weights(model)
+        if pretrained:  # which ImageNet (or distilled) weights the fit started from, by content
+            metadata["pretrained_weights"] = pretrained
         if seen_record:  # also here, so that a model folder shipped without config.json still knows them
             metadata["seen_anomalies"] = {
                 "paths": seen_record["seen_anomalies"],
@@ -233,6 +236,17 @@ def fit(
         write_json(out / "environment.json", environment(seed, str(torch_device)))
         write_json(out / "fit_log.json", ctx.log)
         return out
+
+
+def pretrained_weights(model: AnomalyModel) -> list[dict[str, str]]:
+    """The weight files a model was built from: each backbone's (name, file, SHA-256), and EfficientAD's teacher."""
+    from .backbones import Backbone
+
+    found = [(m.name, m.weights_file) for m in model.modules() if isinstance(m, Backbone) and m.weights_file]
+    teacher = getattr(model, "teacher_info", {}).get("source")
+    if teacher and Path(teacher).is_file():
+        found.append(("teacher", teacher))
+    return [{"name": name, "file": str(file), "sha256": file_sha256(file)} for name, file in found]
 
 
 DEFAULT_SEEN_ANOMALIES = 10  # PRN's "general setting" (DRA, DevNet): 10 labelled defects per category
@@ -437,7 +451,8 @@ def calibrate_run(
             stacklevel=2,
         )
     model.set_calibration(result["threshold"], result["score_low"])
-    metadata = {key: info[key] for key in ("training", "seen_anomalies", "model_id") if key in info}
+    kept = ("training", "seen_anomalies", "model_id", "pretrained_weights")
+    metadata = {key: info[key] for key in kept if key in info}
     save_model(model.cpu(), info["folder"], metadata={"calibration_details": result, **metadata})
     stale = _run_outputs(Path(run))
     if stale:
