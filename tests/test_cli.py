@@ -495,7 +495,7 @@ def test_export_threads_reach_the_parity_check(run, tmp_path, monkeypatch):
     monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
     result = invoke("export", run, "--out", tmp_path / "m.onnx", "--threads", "1")
     assert result.exit_code == 0, result.output
-    assert calls == [1] and "parity with torch" in result.output
+    assert calls and set(calls) == {1} and "parity with torch" in result.output  # set (and restored) to 1 only
     assert session_threads == [1]  # ONNX Runtime's session of the parity check too
 
 

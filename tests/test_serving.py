@@ -246,3 +246,30 @@ def test_an_onnx_service_does_not_load_the_training_code(run, batch, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_python_api_calibrates_and_exports_a_run(run, tiny_dataset, tmp_path):
+    import shutil
+
+    from flawscope.data.demo import make_demo_dataset
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (validation,) = make_demo_dataset(
+        tmp_path / "val",
+        textures=("grass",),
+        image_size=64,
+        num_train=4,
+        num_test_good=4,
+        num_test_per_defect=2,
+        seed=7,
+    )
+    result = flawscope.calibrate_run(copy, validation, quiet=True)
+    assert result["rule"].startswith("F1-optimal")
+    assert float(flawscope.load_model(copy).threshold) == pytest.approx(result["threshold"])
+    path, report = flawscope.export_run(copy, threads=1)
+    assert path == copy / "export" / "model.onnx" and report["ok"] and report["image_source"] == "held-out"
+    exported = flawscope.load_inferencer(path)
+    assert exported.metadata["threshold"] == pytest.approx(result["threshold"])
+    with pytest.raises(flawscope.errors.ConfigError, match="Unknown export format 'tflite'"):
+        flawscope.export_run(copy, export_format="tflite")

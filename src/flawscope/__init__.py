@@ -3,6 +3,8 @@
 >>> import flawscope
 >>> run = flawscope.fit("simplenet", "data/bottle", "runs/bottle", options={"backbone": "efficientnet_lite0"})
 >>> metrics = flawscope.test(run, "data/bottle")
+>>> flawscope.calibrate_run(run, "data/bottle-validation")  # optional: an F1-optimal threshold on labelled images
+>>> onnx_path, parity = flawscope.export_run(run)  # RUN/export/model.onnx, checked against the torch model
 >>> model = flawscope.load_model(run)  # model(images) -> AnomalyOutput(anomaly_map, pred_score, ...)
 >>> inferencer = flawscope.load_inferencer(run)  # or an exported .onnx / .pt file
 >>> image = flawscope.preprocess(flawscope.read_image(upload_bytes), inferencer.image_size, inferencer.resize_size)
@@ -11,7 +13,7 @@
 
 __version__ = "0.1.0"
 
-from .api import fit  # noqa: E402
+from .api import calibrate_run, export_run, fit  # noqa: E402
 from .data import preprocess, read_image  # noqa: E402
 from .evaluation import test  # noqa: E402
 from .export import load_inferencer  # noqa: E402
@@ -23,6 +25,8 @@ from .registry import available_methods  # noqa: E402
 __all__ = [
     "AnomalyOutput",
     "available_methods",
+    "calibrate_run",
+    "export_run",
     "fit",
     "load_inferencer",
     "load_model",

@@ -474,3 +474,58 @@ def _run_outputs(run: Path) -> list[Path]:
     suffixes = ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES
     exported = sorted(p for p in folder.glob("*") if p.suffix.lower() in suffixes) if folder.is_dir() else []
     return [p for p in tested if p.is_file()] + exported
+
+
+def export_run(
+    run: str | Path,
+    out: str | Path | None = None,
+    *,
+    export_format: str = "onnx",
+    batch: str | int = "dynamic",
+    half: bool = False,
+    check: bool = True,
+    threads: int | None = None,
+) -> tuple[Path, dict[str, Any] | None]:
+    """Exports a run's whole inference graph (normalisation, calibration, threshold) to ONNX or TorchScript.
+
+    The file is checked against the torch model on up to 4 of the run's held-out good images (random images when
+    they are gone) and appears only if it agrees (``export.export_checked``); never inside the training data.
+
+    Args:
+        out: the file to write; default ``RUN/export/model.onnx`` (``.pt`` for TorchScript).
+        batch: "dynamic" or a fixed batch size N.
+        half: float16 weights (inputs, outputs and the threshold stay float32).
+        check: False skips the parity check.
+        threads: torch's CPU threads during the call (None: unchanged); the caller's count is restored.
+
+    Returns:
+        The path written and the parity report (None without ``check``); the report's ``image_source`` says
+        whether held-out or random images were compared.
+    """
+    from .export import FORMATS, export_checked
+    from .export.parity import held_out_images
+    from .model_io import describe_threshold, warn_if_uncalibrated
+
+    with torch_threads(threads):
+        info = read_model_info(run)
+        model = load_model(info["folder"])
+        model.check_fitted()
+        warn_if_uncalibrated(info, "exported model's outputs")
+        if export_format not in FORMATS:
+            raise ConfigError(f"Unknown export format {export_format!r}; use {' or '.join(FORMATS)}.")
+        path = Path(out) if out else Path(run) / "export" / f"model{FORMATS[export_format]}"
+        images = held_out_images(run, model) if check else None
+        path, report = export_checked(
+            model,
+            path,
+            export_format,
+            batch=batch,
+            half=half,
+            images=images,
+            check=check,
+            data_root=run_record(run).get("data"),  # the training data, never written into
+            calibrated=describe_threshold(info)[0],
+        )
+    if report is not None:
+        report["image_source"] = "random" if images is None else "held-out"
+    return path, report

@@ -357,35 +357,14 @@ def predict(
 @threads_option()
 def export(run, export_format, out, batch, half, no_check) -> None:
     """Export RUN's inference graph (normalisation, calibration and threshold included) to ONNX or TorchScript."""
-    from .api import run_record
-    from .export import FORMATS, export_checked
-    from .export.parity import held_out_images
-    from .model_io import describe_threshold, load_model, read_model_info, warn_if_uncalibrated
+    from .api import export_run
 
-    info = read_model_info(run)
-    model = load_model(info["folder"])
-    model.check_fitted()
-    warn_if_uncalibrated(info, "exported model's outputs")
-    calibrated = describe_threshold(info)[0]
-    path = out or Path(run) / "export" / f"model{FORMATS[export_format]}"
-    data = run_record(run).get("data")  # the training data, never written into
-    images = None if no_check else held_out_images(run, model)
-    path, report = export_checked(
-        model,
-        path,
-        export_format,
-        batch=batch,
-        half=half,
-        images=images,
-        check=not no_check,
-        data_root=data,
-        calibrated=calibrated,
-    )
+    path, report = export_run(run, out, export_format=export_format, batch=batch, half=half, check=not no_check)
     click.echo(f"{export_format} model written to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if report is not None:
         near = report["near_threshold"]
         click.echo(
-            f"parity with torch on {report['images']} {'random' if images is None else 'held-out'} images: "
+            f"parity with torch on {report['images']} {report['image_source']} images: "
             f"max |difference| {report['max_abs_norm']:.1e} on the calibrated outputs (allowed "
             f"{report['norm_atol']:.1e}), {report['max_rel_raw']:.1e} of the map's range on the raw ones (allowed "
             f"{report['atol']:.0e}), decisions equal"
