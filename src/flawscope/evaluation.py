@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .api import ScoredImages, resolve_device, run_dataset, run_record, score_images
-from .data import DatasetSplit, ImageDataset, exclude_samples, read_mask
+from .data import DatasetSplit, ImageDataset, exclude_samples, read_mask, to_uint8_image
 from .errors import ConfigError, DataError
 from .fitting import FitContext, torch_threads
 from .model_io import describe_threshold, load_model, read_model_info
@@ -155,7 +155,7 @@ def _gallery(model: AnomalyModel, scored: ScoredImages, calibrated: bool) -> dic
     for title, indices in sections.items():
         items = []
         for i in indices:
-            image = (dataset[i]["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            image = to_uint8_image(dataset[i]["image"])
             norm_map = model.normalize(torch.from_numpy(scored.maps[i])).numpy()
             overlay = heatmap_overlay(image, norm_map, scored.masks[i] if scored.masks[i].any() else None)
             sample = scored.samples[i]

@@ -101,11 +101,16 @@ def check_out_folder(out: Path, writes: Sequence[str] = ()) -> None:
 def check_outside(out: Path, data_root: Path, writes: Sequence[str] = ()) -> None:
     """``check_out_folder``, and refuses an output folder inside ``data_root`` (a user's data)."""
     check_out_folder(out, writes)
-    out, data_root = out.resolve(), data_root.resolve()
+    refuse_inside(out, data_root)
+
+
+def refuse_inside(out: str | Path, data_root: str | Path, what: str = "The output folder") -> None:
+    """Refuses an output (folder or file, named ``what`` in the message) that is, or lies inside, ``data_root``."""
+    out, data_root = Path(out).resolve(), Path(data_root).resolve()
     if out == data_root or data_root in out.parents:
         raise ConfigError(
-            f"The output folder {out} is inside the data folder {data_root}; flawscope never writes "
-            "into a data folder. Choose --out elsewhere."
+            f"{what} {out} is inside the data folder {data_root}; flawscope never writes into a data folder. Choose "
+            "--out elsewhere."
         )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Sample, find_images, make_loader
+from .data import Sample, find_images, make_loader, to_uint8_image
 from .errors import ConfigError, DataError
 from .export import Prediction, load_inferencer
 from .fitting import FitContext, torch_threads
@@ -165,7 +165,7 @@ def predict(
                             tiny.append((images[index], size))
                         row = _row(images[index], index, prediction, size, overlays, masks)
                         if overlays:  # the images first: a row written is a row whose files exist
-                            image = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                            image = to_uint8_image(pixels)
                             save_png(out / row["overlay"], heatmap_overlay(image, prediction.norm_map, prediction.mask))
                         if masks:
                             save_png(out / row["mask"], prediction.mask.astype(np.uint8) * 255)

@@ -1,6 +1,14 @@
 """Image decoding, dataset layouts, validation splits and the torch dataset."""
 
-from flawscope.data.dataset import ImageDataset, collate, crop_box, make_loader, preprocess, preprocess_mask
+from flawscope.data.dataset import (
+    ImageDataset,
+    collate,
+    crop_box,
+    make_loader,
+    preprocess,
+    preprocess_mask,
+    to_uint8_image,
+)
 from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, read_mask
 from flawscope.data.layouts import (
     DatasetSplit,
@@ -32,4 +40,5 @@ __all__ = [
     "read_mask",
     "select_seen_anomalies",
     "split_validation",
+    "to_uint8_image",
 ]

@@ -131,6 +131,11 @@ def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = Non
     return _resize_crop(tensor, image_size, resize_size) if crop else _resize(tensor, image_size, resize_size)
 
 
+def to_uint8_image(image: Tensor) -> np.ndarray:
+    """A model input back to pixels: (3, H, W) float in [0, 1] -> (H, W, 3) uint8, rounded (for overlays)."""
+    return (image.detach().cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
 def preprocess_mask(mask: np.ndarray, image_size: int, resize_size: int | None = None) -> Tensor:
     """Map a mask through the geometry of ``preprocess``.
 

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError, ModelFormatError
 from ..models.base import AnomalyModel
+from ..outputs import refuse_inside
 from .graph import parse_batch
 from .inferencer import (
     ONNX_SUFFIXES,
@@ -251,11 +252,8 @@ def export_checked(
     """
     path = _check_export_path(path, export_format)
     model.check_fitted()
-    if data_root is not None and Path(data_root).resolve() in path.resolve().parents:
-        raise ConfigError(
-            f"--out {path} is inside the data folder {data_root} the model was trained on; flawscope never writes "
-            "into a data folder. Choose --out elsewhere."
-        )
+    if data_root is not None:  # the data the model was trained on
+        refuse_inside(path, data_root, "--out")
     if path.exists() and not _written_by_export(path):
         raise ConfigError(
             f"--out {path} exists and was not written by `flawscope export`; flawscope never overwrites files it did "

@@ -41,6 +41,7 @@ from ...data.io import ImageReadingDataset, check_image_header
 from ...errors import ConfigError, DataError
 from ...fitting import autocast, check_precision
 from ...layers import LocalFeatureAggregator
+from ...outputs import refuse_inside
 from ...runs import save_safetensors
 from .fit import grayscale_decisions, grayscale_where
 from .model import CHECKPOINT_KEY, PDN, TEACHER_METADATA_KEY
@@ -368,12 +369,8 @@ def distill_teacher(
         )
     paths = find_images([root])
     # A folder is searched whole; a glob or a file names images in the folders that hold them.
-    folders = {root.resolve()} if root.is_dir() else {path.resolve().parent for path in paths}
-    inside = [folder for folder in folders if folder in out.resolve().parents]
-    if inside:
-        raise ConfigError(
-            f"{out} is inside the image folder {inside[0]}; flawscope never writes there. Choose --out elsewhere."
-        )
+    for folder in sorted({root} if root.is_dir() else {path.resolve().parent for path in paths}):
+        refuse_inside(out, folder, "--out")
     device = torch.device(device)
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint, progress_json = _checkpoint_paths(out)

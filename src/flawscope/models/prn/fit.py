@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...config import naming_option
-from ...data import ImageDataset, Sample
+from ...data import ImageDataset, Sample, to_uint8_image
 from ...errors import ConfigError
 from ...fitting import FitContext, autocast, recalibrate_batchnorm
 from ...layers import kmeans
@@ -70,7 +70,7 @@ def _as_arrays(samples: Sequence[Sample], cfg: PRNConfig) -> tuple[np.ndarray, n
     images, masks = [], []
     for i in range(len(dataset)):
         item = dataset[i]
-        images.append((item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        images.append(to_uint8_image(item["image"]))
         masks.append(item["mask"][0].numpy() > 0.5)
     return np.stack(images), np.stack(masks)
 
