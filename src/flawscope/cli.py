@@ -280,7 +280,9 @@ def test(
 
 
 def _print_metrics(metrics: dict) -> None:
-    for key in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+    from .evaluation import METRIC_KEYS
+
+    for key in METRIC_KEYS:
         value = metrics.get(key)
         click.echo(f"  {key:<12} {'n/a' if value is None else f'{100 * value:.1f} %'}")
 

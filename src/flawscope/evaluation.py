@@ -77,19 +77,24 @@ def _refuse_native(cfg: Any, why: str) -> None:
     )
 
 
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+METRIC_KEYS = IMAGE_METRICS + PIXEL_METRICS  # metrics.json's metrics (DESIGN), fractions in [0, 1] or None
+
+
 def compute_metrics(scored: ScoredImages) -> tuple[dict[str, Any], list[Curve]]:
     """Image and pixel metrics of a scored test set, with the curves for the report. The maps and masks may be
     stacked or one array per image (``native_resolution``)."""
     labels = np.array([s.label for s in scored.samples], bool)
     result: dict[str, Any] = {}
     image = _defined(M.image_metrics, scored.raw_scores, labels) or {}
-    for key in ("image_auroc", "image_ap", "image_f1max"):
+    for key in IMAGE_METRICS:
         result[key] = image.get(key)
     has_defect_pixels = _any_defect(scored.masks)
     pixel, pro_curve = (
         _defined(M.pixel_metrics_and_pro_curve, scored.maps, scored.masks) if has_defect_pixels else None
     ) or ({}, None)
-    for key in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+    for key in PIXEL_METRICS:
         result[key] = pixel.get(key)
     curves = []
     if result["image_auroc"] is not None:
@@ -410,7 +415,7 @@ def test(
             )
         reasons = {}
         if maskless:
-            reasons = dict.fromkeys(("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"), "needs masks")
+            reasons = dict.fromkeys(PIXEL_METRICS, "needs masks")
         try:
             write_json(out / "metrics.json", metrics)
             write_json(out / "curves.json", {c.name: c.to_dict() for c in curves})
@@ -420,18 +425,7 @@ def test(
                     out / "report.html",
                     title=f"flawscope test report: {info['method']} on {dataset.category}",
                     info=cards,
-                    metrics={
-                        k: metrics[k]
-                        for k in (
-                            "image_auroc",
-                            "image_ap",
-                            "image_f1max",
-                            "pixel_auroc",
-                            "pixel_ap",
-                            "pixel_f1max",
-                            "pixel_aupro",
-                        )
-                    },
+                    metrics={k: metrics[k] for k in METRIC_KEYS},
                     per_type=metrics["per_type"],
                     curves=curves,
                     gallery=_gallery(model, scored, calibrated),
