@@ -114,7 +114,7 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
 _MVTEC_READS = "the images directly in train/good and test/<type> and the masks in ground_truth/<type>"
 
 
-def _warn_ignored(root: Path, ignored: list[tuple[Path, str]], reads: str = _MVTEC_READS) -> None:
+def warn_ignored(root: Path, ignored: list[tuple[Path, str]], reads: str = _MVTEC_READS) -> None:
     """One warning listing what a folder layout left unread (``reads``: what it does read), so nothing is dropped
     without a word."""
     if ignored:
@@ -193,7 +193,7 @@ def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
     )
 
 
-def _typed_samples(
+def typed_samples(
     parent: Path, ground_truth: Path, ignored: list[tuple[Path, str]], masks: bool = True
 ) -> list[Sample]:
     """The images of every type folder in ``parent`` (good ones in a NORMAL_NAMES folder, defective ones with their
@@ -227,7 +227,7 @@ def _mvtec_test(root: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
     ground_truth = root / "ground_truth"
     # Without a ground_truth/ folder at all the test set has image labels only (pixel metrics are left out); with
     # one, every defective image needs its mask, as a missing one is then a mistake.
-    samples = _typed_samples(test_dir, ground_truth, ignored, masks=ground_truth.is_dir())
+    samples = typed_samples(test_dir, ground_truth, ignored, masks=ground_truth.is_dir())
     loose = [path for path in filter(_visible, test_dir.iterdir()) if not path.is_dir()]
     ignored += [(path, "a file directly in test/: test images go in test/<type>") for path in loose]
     if ground_truth.is_dir():
@@ -260,7 +260,7 @@ def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
             f"extensions {', '.join(IMAGE_EXTENSIONS)}."
         )
     test = _mvtec_test(root, ignored)
-    _warn_ignored(root, ignored)
+    warn_ignored(root, ignored)
     return DatasetSplit(root=root, train=train, test=test, layout="mvtec", category=root.resolve().name)
 
 

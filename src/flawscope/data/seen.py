@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from flawscope.data.layouts import Sample, _typed_samples, _warn_ignored
+from flawscope.data.layouts import Sample, typed_samples, warn_ignored
 from flawscope.errors import ConfigError, DataError
 from flawscope.runs import file_sha256
 
@@ -75,8 +75,8 @@ def load_anomaly_folder(folder: str | Path) -> list[Sample]:
         raise DataError(f"Anomaly folder {folder} does not exist. Pass a folder laid out as <type>/ + ground_truth/.")
     ignored: list[tuple[Path, str]] = []
     parent = folder / "test" if (folder / "test").is_dir() else folder
-    samples = [s for s in _typed_samples(parent, folder / "ground_truth", ignored) if s.label == 1]
-    _warn_ignored(folder, ignored, "the images in <type>/ (or test/<type>/) and the masks in ground_truth/<type>")
+    samples = [s for s in typed_samples(parent, folder / "ground_truth", ignored) if s.label == 1]
+    warn_ignored(folder, ignored, "the images in <type>/ (or test/<type>/) and the masks in ground_truth/<type>")
     if not samples:
         raise DataError(
             f"No labelled defects in {folder}: expected <type>/<image> with ground_truth/<type>/<stem>_mask.png "

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from flawscope.errors import ConfigError
 from flawscope.synthesis.cutpaste import as_rgb_float, changed_pixels, check_foreground, from_rgb_float
-from flawscope.synthesis.defects import _check_shape
+from flawscope.synthesis.defects import check_image_shape
 
 CONFETTI_COLOR_PROB = 1.8e-5
 CONFETTI_GREY_PROB = 1.2e-5
@@ -97,7 +97,7 @@ def confetti_noise(
         image: New image with the input's shape and dtype.
         mask: (H, W) bool, exactly the pixels that differ from the input.
     """
-    shape = _check_shape(image.shape[:2])
+    shape = check_image_shape(image.shape[:2])
     check_confetti_params((color_prob, grey_prob), side_px)
     foreground = check_foreground(foreground, shape)
     pixels = as_rgb_float(image)

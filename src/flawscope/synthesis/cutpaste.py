@@ -20,7 +20,7 @@ from scipy import ndimage
 from skimage import color
 
 from flawscope.errors import ConfigError, DataError
-from flawscope.synthesis.defects import _check_shape, _value_range
+from flawscope.synthesis.defects import check_image_shape, value_range
 
 CUTPASTE_VARIANTS = ("normal", "scar", "3way")
 CUTPASTE_AREA_RATIO = (0.02, 0.15)
@@ -74,14 +74,14 @@ def check_foreground(foreground: np.ndarray | None, shape: tuple[int, int]) -> n
 
 def as_rgb_float(image: np.ndarray) -> np.ndarray:
     """(H, W) or (H, W, C) uint8 / float in [0, 1] -> (H, W, C) float64 in [0, 1]."""
-    top = _value_range(image)
+    top = value_range(image)
     pixels = image.astype(np.float64) / top
     return pixels if pixels.ndim == 3 else pixels[..., None]
 
 
 def from_rgb_float(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
     """Inverse of :func:`as_rgb_float`: back to the dtype, range and shape of ``like``."""
-    top = _value_range(like)
+    top = value_range(like)
     pixels = np.clip(pixels, 0.0, 1.0) * top
     if like.dtype == np.uint8:
         pixels = np.rint(pixels)
@@ -172,7 +172,7 @@ def cutpaste(
     """
     if variant not in CUTPASTE_VARIANTS:
         raise ConfigError(f"CutPaste variant must be one of {', '.join(CUTPASTE_VARIANTS)}; got {variant!r}.")
-    shape = _check_shape(image.shape[:2])
+    shape = check_image_shape(image.shape[:2])
     check_cutpaste_params(area_ratio, aspect_ratio, jitter)
     foreground = check_foreground(foreground, shape)
     if variant == "3way":

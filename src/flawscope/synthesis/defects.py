@@ -33,7 +33,7 @@ _MAX_TRIES = 100
 _STAIN_EDGE_ALPHA = 0.25
 
 
-def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
+def check_image_shape(shape: tuple[int, int]) -> tuple[int, int]:
     if len(shape) != 2 or min(shape) < _MIN_SIDE:
         raise DataError(
             f"Defect shapes need an (H, W) shape with both sides >= {_MIN_SIDE}; got {tuple(shape)}. "
@@ -109,7 +109,7 @@ def random_scratch_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.
     Returns:
         (H, W) bool mask, area ratio within ``SCRATCH_AREA_RATIO``. Width is 2-5 px at 256 px and scales with size.
     """
-    shape = _check_shape(shape)
+    shape = check_image_shape(shape)
     return _resample_until_in_range(
         lambda: _stroke_mask(shape, *_scratch_curve(shape, rng)), SCRATCH_AREA_RATIO, "scratch"
     )
@@ -143,7 +143,7 @@ def random_blob_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.nda
     Returns:
         (H, W) bool mask, one connected region with area ratio within ``BLOB_AREA_RATIO``.
     """
-    shape = _check_shape(shape)
+    shape = check_image_shape(shape)
     low, high = BLOB_AREA_RATIO
 
     def sample() -> np.ndarray:
@@ -186,7 +186,7 @@ def random_stain(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.n
         alpha: (H, W) float64 opacity in [0, 1], zero outside the stain.
         mask: (H, W) bool, exactly ``alpha > 0``, area ratio within ``STAIN_AREA_RATIO``.
     """
-    shape = _check_shape(shape)
+    shape = check_image_shape(shape)
     num_pixels = shape[0] * shape[1]
     low, high = STAIN_AREA_RATIO
     area = int(round(rng.uniform(low * 1.05, high * 0.95) * num_pixels))
@@ -202,7 +202,7 @@ def random_stain(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.n
     return alpha, mask
 
 
-def _value_range(image: np.ndarray) -> float:
+def value_range(image: np.ndarray) -> float:
     if image.dtype == np.uint8:
         return 255.0
     if np.issubdtype(image.dtype, np.floating):
@@ -261,7 +261,7 @@ def paint_defect(
         raise ConfigError(
             f"paint_defect's 'min_change' must be in [0, 0.5] (a fraction of the value range); got {min_change}."
         )
-    top = _value_range(image)
+    top = value_range(image)
     alpha = _as_alpha(np.asarray(mask_or_alpha), image)
     old = image.astype(np.float64).reshape(*image.shape[:2], -1)  # (H, W, C)
     color = np.broadcast_to(np.asarray(color, dtype=np.float64), old.shape[-1:])
