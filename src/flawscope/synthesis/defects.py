@@ -34,6 +34,7 @@ _STAIN_EDGE_ALPHA = 0.25
 
 
 def check_image_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """An (H, W) image shape as ints; DataError when it is not two sides of at least ``_MIN_SIDE`` pixels."""
     if len(shape) != 2 or min(shape) < _MIN_SIDE:
         raise DataError(
             f"Defect shapes need an (H, W) shape with both sides >= {_MIN_SIDE}; got {tuple(shape)}. "
@@ -203,6 +204,7 @@ def random_stain(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.n
 
 
 def value_range(image: np.ndarray) -> float:
+    """The white level of an (H, W, 3) image: 255 for uint8, 1.0 for floats in [0, 1]; DataError otherwise."""
     if image.dtype == np.uint8:
         return 255.0
     if np.issubdtype(image.dtype, np.floating):
