@@ -229,6 +229,51 @@ def _warn_replaced(out: Path, dataset: DatasetSplit, info: dict[str, Any], repor
         )
 
 
+def _check_masks(
+    scored: ScoredImages, pixels: ScoredImages, root: Path, eval_resolution: str
+) -> tuple[list[str], list[str], list[str]]:
+    """Warns about the test masks that make pixel metrics wrong or impossible; returns the three lists for
+    metrics.json: defective images without a mask, with an empty mask (at the evaluated size), and with a mask
+    covering over 95 % of the image (``pixels``: the scored images at the evaluated size)."""
+    maskless = [str(s.path) for s in scored.samples if s.label and s.mask_path is None]
+    if maskless:
+        warnings.warn(
+            f"{len(maskless)} defective test image(s) have no mask ({root} has no ground_truth/ folder), "
+            "so only the image metrics are computed. For pixel metrics add ground_truth/<type>/<stem>_mask.png "
+            "for each of them.",
+            stacklevel=3,
+        )
+    unmarked = [
+        str(s.path)
+        for s, mask in zip(pixels.samples, pixels.masks, strict=True)
+        if s.label and s.mask_path is not None and not mask.any()
+    ]
+    if unmarked:
+        where = (
+            "in their mask file (it is empty)"
+            if eval_resolution == "native"
+            else "in their mask at the model's input size (the mask file is empty, the centre crop cut the defect "
+            "off (fit with --resize-size 0 to keep the whole image), or the defect is under a pixel after "
+            "resizing)"
+        )
+        warnings.warn(
+            f"{len(unmarked)} defective test image(s) have no defect pixel {where}, e.g. {unmarked[0]}: pixel "
+            "metrics count all their pixels as normal and AUPRO has no region of theirs. Check those masks "
+            "(listed in metrics.json under unmarked_defective).",
+            stacklevel=3,
+        )
+    full = [str(s.path) for s, mask in zip(pixels.samples, pixels.masks, strict=True) if s.label and mask.mean() > 0.95]
+    if full:
+        warnings.warn(
+            f"{len(full)} defective test image(s) have a mask that marks more than 95 % of the image as defect, "
+            f"e.g. {full[0]}: an inverted mask, or one drawn only in its alpha channel (flawscope reads a mask's "
+            "colour and ignores alpha) would look like this. Check those masks (listed in metrics.json under "
+            "nearly_full_masks).",
+            stacklevel=3,
+        )
+    return maskless, unmarked, full
+
+
 def test(
     run: str | Path,
     data: str | Path,
@@ -307,44 +352,7 @@ def test(
         metrics, curves = compute_metrics(pixels)
         metric_seconds = time.perf_counter() - start
         labels = np.array([s.label for s in scored.samples])
-        maskless = [str(s.path) for s in scored.samples if s.label and s.mask_path is None]
-        if maskless:
-            warnings.warn(
-                f"{len(maskless)} defective test image(s) have no mask ({dataset.root} has no ground_truth/ folder), "
-                "so only the image metrics are computed. For pixel metrics add ground_truth/<type>/<stem>_mask.png "
-                "for each of them.",
-                stacklevel=2,
-            )
-        unmarked = [
-            str(s.path)
-            for s, mask in zip(pixels.samples, pixels.masks, strict=True)
-            if s.label and s.mask_path is not None and not mask.any()
-        ]
-        if unmarked:
-            where = (
-                "in their mask file (it is empty)"
-                if eval_resolution == "native"
-                else "in their mask at the model's input size (the mask file is empty, the centre crop cut the defect "
-                "off (fit with --resize-size 0 to keep the whole image), or the defect is under a pixel after "
-                "resizing)"
-            )
-            warnings.warn(
-                f"{len(unmarked)} defective test image(s) have no defect pixel {where}, e.g. {unmarked[0]}: pixel "
-                "metrics count all their pixels as normal and AUPRO has no region of theirs. Check those masks "
-                "(listed in metrics.json under unmarked_defective).",
-                stacklevel=2,
-            )
-        full = [
-            str(s.path) for s, mask in zip(pixels.samples, pixels.masks, strict=True) if s.label and mask.mean() > 0.95
-        ]
-        if full:
-            warnings.warn(
-                f"{len(full)} defective test image(s) have a mask that marks more than 95 % of the image as defect, "
-                f"e.g. {full[0]}: an inverted mask, or one drawn only in its alpha channel (flawscope reads a mask's "
-                "colour and ignores alpha) would look like this. Check those masks (listed in metrics.json under "
-                "nearly_full_masks).",
-                stacklevel=2,
-            )
+        maskless, unmarked, full = _check_masks(scored, pixels, dataset.root, eval_resolution)
         threshold = float(model.threshold)
         calibrated, threshold_line = describe_threshold(info)
         # The deployed decision: the calibrated score above 0.5, computed in the model's graph. It equals
