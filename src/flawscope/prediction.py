@@ -65,6 +65,36 @@ def _row(
     }
 
 
+def _prepare_out_folder(out: Path, paths: list[Path], images: list[Path], overlays: bool, masks: bool) -> list[str]:
+    """Checks ``out`` for predict and clears the numbered overlays and masks an earlier predict left there; returns
+    the names predict writes (claimed by the caller once the folder is ready)."""
+    # Files written into an input folder would be read back as images by the next run on it. Only folders given as
+    # inputs count: the folder of a file given by name (often the working folder) is not treated as a data folder.
+    for folder in (Path(p) for p in paths):
+        if folder.is_dir():
+            check_outside(out, folder)
+    writes = ["predictions.csv", "predictions.jsonl", "skipped.csv"]
+    writes += ["overlays"] * overlays + ["masks"] * masks
+    check_out_folder(out, writes)
+    # An earlier predict into this folder left overlays and masks numbered by its own image list; new ones would mix
+    # with them. Only the folders flawscope wrote, and in them only the numbered PNG files it names, never an input.
+    owned = owned_names(out) if out.is_dir() else set()
+    replaced = [(out / name).resolve() for name in IMAGE_OUTPUTS if name in owned]
+    inputs = [path for path in images if any(folder in path.resolve().parents for folder in replaced)]
+    if inputs:
+        raise ConfigError(
+            f"{inputs[0]} is an input and lies in {inputs[0].parent}, which predict rewrites in --out {out}; "
+            "choose another --out (or copy those images elsewhere first)."
+        )
+    for folder in (out / name for name in IMAGE_OUTPUTS if name in owned):
+        if folder.is_symlink() or not folder.is_dir():  # a link could lead to another folder's pictures
+            continue
+        for stale in folder.glob("*_*.png"):
+            if re.fullmatch(r"\d{5,}_.*\.png", stale.name):  # a link goes too (the link, not its target)
+                stale.unlink()
+    return writes
+
+
 def predict(
     run: str | Path,
     paths: str | Path | Iterable[str | Path],
@@ -112,30 +142,7 @@ def predict(
         inferencer = load_inferencer(run, device, threads, trust_code=trust_code)
         images = find_images(paths)
         out = Path(out).expanduser()
-        # Files written into an input folder would be read back as images by the next run on it. Only folders given as
-        # inputs count: the folder of a file given by name (often the working folder) is not treated as a data folder.
-        for folder in (Path(p) for p in paths):
-            if folder.is_dir():
-                check_outside(out, folder)
-        writes = ["predictions.csv", "predictions.jsonl", "skipped.csv"]
-        writes += ["overlays"] * overlays + ["masks"] * masks
-        check_out_folder(out, writes)
-        # An earlier predict into this folder left overlays and masks numbered by its own image list; new ones would mix
-        # with them. Only the folders flawscope wrote, and in them only the numbered PNG files it names, never an input.
-        owned = owned_names(out) if out.is_dir() else set()
-        replaced = [(out / name).resolve() for name in IMAGE_OUTPUTS if name in owned]
-        inputs = [path for path in images if any(folder in path.resolve().parents for folder in replaced)]
-        if inputs:
-            raise ConfigError(
-                f"{inputs[0]} is an input and lies in {inputs[0].parent}, which predict rewrites in --out {out}; "
-                "choose another --out (or copy those images elsewhere first)."
-            )
-        for folder in (out / name for name in IMAGE_OUTPUTS if name in owned):
-            if folder.is_symlink() or not folder.is_dir():  # a link could lead to another folder's pictures
-                continue
-            for stale in folder.glob("*_*.png"):
-                if re.fullmatch(r"\d{5,}_.*\.png", stale.name):  # a link goes too (the link, not its target)
-                    stale.unlink()
+        writes = _prepare_out_folder(out, paths, images, overlays, masks)
         claim_out_folder(out, writes)
         samples = [Sample(path) for path in images]
         loader = make_loader(
