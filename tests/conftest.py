@@ -31,3 +31,18 @@ def mtd_or_skip() -> Path:
     if not (MTD / "train" / "good").is_dir():
         pytest.skip(f"real data not found at {MTD}")
     return MTD
+
+
+@pytest.fixture
+def validation_data(tmp_path) -> Path:
+    """A small labelled folder (other images than tiny_dataset's) for `flawscope calibrate`."""
+    (folder,) = make_demo_dataset(
+        tmp_path / "val",
+        textures=("grass",),
+        image_size=64,
+        num_train=4,
+        num_test_good=4,
+        num_test_per_defect=2,
+        seed=7,
+    )
+    return folder

@@ -30,7 +30,6 @@ from flawscope.api import score_images
 from flawscope.calibration import threshold_from_normals
 from flawscope.cli import main
 from flawscope.data import Sample, load_dataset, preprocess, read_image
-from flawscope.data.demo import make_demo_dataset
 from flawscope.errors import DataError
 from flawscope.export import load_inferencer
 from flawscope.fitting import FitContext
@@ -76,19 +75,6 @@ def assert_clean_error(result: Result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
-
-
-def validation_folder(tmp_path: Path) -> Path:
-    """A small labelled folder (other images than the runs' training data) for `flawscope calibrate`."""
-    return make_demo_dataset(
-        tmp_path / "val",
-        textures=("grass",),
-        image_size=64,
-        num_train=4,
-        num_test_good=4,
-        num_test_per_defect=2,
-        seed=7,
-    )[0]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -245,7 +231,7 @@ def test_test_finds_the_runs_category_and_warns_about_another_or_a_replaced_resu
 
 
 def test_test_warns_about_another_models_results_and_a_report_it_does_not_replace(
-    whole_run_copy, tiny_dataset, tmp_path
+    whole_run_copy, tiny_dataset, tmp_path, validation_data
 ):
     # The copied run's own metrics.json (the same weights) is replaced without a warning ...
     with warnings.catch_warnings():
@@ -256,7 +242,7 @@ def test_test_warns_about_another_models_results_and_a_report_it_does_not_replac
     info = json.loads((whole_run_copy / "model" / "model.json").read_text())
     assert metrics["model_id"] == info["model_id"] == info["weights_sha256"]  # as fitted
     # A recalibrated run is the same model, although the threshold in its weights changed.
-    validation = validation_folder(tmp_path)
+    validation = validation_data
     with pytest.warns(UserWarning, match="previous threshold"):
         assert invoke("calibrate", whole_run_copy, "--data", validation, "--quiet").exit_code == 0
     recalibrated = json.loads((whole_run_copy / "model" / "model.json").read_text())
@@ -570,7 +556,7 @@ def test_fit_sets_the_threshold_at_the_target_fpr(run, tiny_dataset, tmp_path):
         assert rule.endswith(f"target FPR {fpr}")
 
 
-def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_dataset, images, tmp_path):
+def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_dataset, images, tmp_path, validation_data):
     args = fit_args(tiny_dataset, tmp_path / "run")
     args[args.index("--val-ratio") + 1] = "0"
     with pytest.warns(UserWarning, match="threshold is not calibrated.*flawscope calibrate"):
@@ -594,7 +580,7 @@ def test_fit_without_held_out_images_warns_that_nothing_is_calibrated(tiny_datas
     assert {row["decision"] for row in read_csv(tmp_path / "run" / "per_image.csv")} == {"n/a"}
     html = (tmp_path / "run" / "report.html").read_text()
     assert "not calibrated" in html and "→" not in html  # no caption names a decision
-    validation = validation_folder(tmp_path)
+    validation = validation_data
     with pytest.warns(UserWarning, match="previous threshold"):
         result = invoke("calibrate", tmp_path / "run", "--data", validation, "--quiet")
     assert "previous threshold: none (not calibrated)" in result.output
@@ -944,7 +930,7 @@ def whole_run_copy(run, tmp_path) -> Path:
     return tmp_path / "whole-run"
 
 
-def test_predict_with_an_export_older_than_its_runs_threshold_warns(whole_run_copy, images, tmp_path):
+def test_predict_with_an_export_older_than_its_runs_threshold_warns(whole_run_copy, images, tmp_path, validation_data):
     exports = {}
     for fmt, extra in (("onnx", []), ("torchscript", ["--half"])):
         result = invoke("export", whole_run_copy, "--format", fmt, *extra)
@@ -961,7 +947,7 @@ def test_predict_with_an_export_older_than_its_runs_threshold_warns(whole_run_co
 
     assert predict_warnings(exports["onnx"]) == [] and predict_warnings(exports["torchscript"]) == []
     with pytest.warns(UserWarning, match="previous threshold"):
-        assert invoke("calibrate", whole_run_copy, "--data", validation_folder(tmp_path), "--quiet").exit_code == 0
+        assert invoke("calibrate", whole_run_copy, "--data", validation_data, "--quiet").exit_code == 0
     for export in exports.values():
         (message,) = predict_warnings(export)
         assert str(export) in message and f"flawscope export {whole_run_copy}" in message
@@ -969,9 +955,9 @@ def test_predict_with_an_export_older_than_its_runs_threshold_warns(whole_run_co
     assert predict_warnings(tmp_path / "elsewhere.onnx") == []
 
 
-def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(run, whole_run_copy, tmp_path):
+def test_calibrate_sets_an_f1_threshold_from_a_separate_folder(run, whole_run_copy, tmp_path, validation_data):
     run_copy = whole_run_copy
-    validation = validation_folder(tmp_path)
+    validation = validation_data
     (run_copy / "export").mkdir(exist_ok=True)
     (run_copy / "export" / "line.ts").write_text("an export under TorchScript's other suffix")
     with pytest.warns(UserWarning, match=r"previous threshold and still carry it: .*metrics\.json.*line\.ts"):

@@ -248,22 +248,12 @@ def test_an_onnx_service_does_not_load_the_training_code(run, batch, tmp_path):
     assert done.stdout.strip() == "[]"
 
 
-def test_the_python_api_calibrates_and_exports_a_run(run, tiny_dataset, tmp_path):
+def test_the_python_api_calibrates_and_exports_a_run(run, tmp_path, validation_data):
     import shutil
-
-    from flawscope.data.demo import make_demo_dataset
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    (validation,) = make_demo_dataset(
-        tmp_path / "val",
-        textures=("grass",),
-        image_size=64,
-        num_train=4,
-        num_test_good=4,
-        num_test_per_defect=2,
-        seed=7,
-    )
+    validation = validation_data
     result = flawscope.calibrate_run(copy, validation, quiet=True)
     assert result["rule"].startswith("F1-optimal")
     assert float(flawscope.load_model(copy).threshold) == pytest.approx(result["threshold"])
