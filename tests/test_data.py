@@ -89,6 +89,19 @@ def test_read_image_converts_modes_to_rgb_uint8(tmp_path, image, expected):
     assert (pixels == np.array(expected, np.uint8)).all()
 
 
+def test_an_eight_bit_image_saved_in_a_wide_mode_is_read_at_16_bit_scale_with_a_warning(tmp_path):
+    Image.new("L", (3, 2), 200).convert("I").save(tmp_path / "eight-bit-as-32.tif")
+    with pytest.warns(UserWarning, match=r"eight-bit-as-32\.tif is a I image whose values are all at most 200"):
+        pixels = read_image(tmp_path / "eight-bit-as-32.tif")
+    assert (pixels == 1).all()  # 200 / 257, the documented rule
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a real 16-bit image, and a black one, say nothing
+        Image.fromarray(np.full((2, 3), 25700, np.uint16)).save(tmp_path / "sixteen.png")
+        Image.fromarray(np.zeros((2, 3), np.uint16)).save(tmp_path / "black.png")
+        read_image(tmp_path / "sixteen.png")
+        read_image(tmp_path / "black.png")
+
+
 def test_read_image_palette_with_and_without_transparency(tmp_path):
     palette = Image.new("P", (3, 2), 1)
     palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)

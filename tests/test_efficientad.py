@@ -312,6 +312,11 @@ def test_quantile_images_replace_the_held_out_share(tiny_dataset, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="quantile_images="):
         fit(_tiny(out_channels=8, num_steps=1, quantile_images=str(tmp_path / "empty")), train, FitContext(quiet=True))
+    # One training image and no quantile folder: the hold-out leaves nothing; the way out is quantile_images.
+    with pytest.raises(DataError, match=r"validation_ratio=0\.1 .*--set quantile_images=DIR"):
+        fit(_tiny(out_channels=8, num_steps=1), train[:1], FitContext(quiet=True))
+    one = fit(_tiny(out_channels=8, num_steps=1, quantile_images=str(folder)), train[:1], FitContext(quiet=True))
+    assert one["num_train"] == 1
 
 
 def _images(samples):

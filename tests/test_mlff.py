@@ -536,8 +536,20 @@ def test_a_last_batch_of_one_image_is_left_out(tiny_dataset):
 
     options = {"backbone": "efficientnet_lite0", "image_size": 64, "resize_size": 0, "num_epochs": 1}
     model = MLFF(MLFFConfig.from_dict({**options, "repeat_factor": 1, "batch_size": 11}), pretrained=False)
-    report = fit(model, load_dataset(tiny_dataset).train, FitContext(quiet=True))
+    train = load_dataset(tiny_dataset).train
+    report = fit(model, train, FitContext(quiet=True))
     assert report["num_images"] == 12 and report["steps"] == 1 and report["images_seen"] == 11
+    # Batches of one image, or one training image, would train on nothing (or crash in BatchNorm): refused.
+    from flawscope.errors import ConfigError
+
+    for batch_size, images, fragment in ((1, train, "batch_size=1: .*at least 2"), (4, train[:1], "at least 2 tr")):
+        one = MLFF(MLFFConfig.from_dict({**options, "repeat_factor": 1, "batch_size": batch_size}), pretrained=False)
+        with pytest.raises(ConfigError, match=fragment):
+            fit(one, images, FitContext(quiet=True))
+    # No pseudo-anomaly: the score head learns nothing of defects, and the fit says so.
+    plain = MLFF(MLFFConfig.from_dict({**options, "repeat_factor": 1, "batch_size": 6, "pseudo_ratio": 0}), False)
+    with pytest.warns(UserWarning, match="No training image was made pseudo-anomalous"):
+        fit(plain, train, FitContext(quiet=True))
 
 
 def test_texture_dir_is_read_at_fit_time_only(tiny_dataset, tmp_path):

@@ -562,6 +562,7 @@ def test_shared_fusion_weights_save_and_load(tiny_dataset, tmp_path):
         ({"aug2_ranges": (45.0, 16.0)}, "aug2_ranges needs three values"),
         ({"aug2_ranges": (45.0, 90.0, 0.25)}, "shear < 90 degrees"),
         ({"train_layer4": True, "feature_norm": "position"}, "leave train_layer4 off with it"),
+        ({"batch_normal": 0, "batch_extended": 0, "batch_simulated": 0}, "a training batch would hold no image"),
     ],
 )
 def test_options_that_would_fail_after_training_are_refused_when_the_config_is_built(options, fragment):
@@ -660,3 +661,18 @@ def test_base_rotation_turns_the_foreground_with_the_image():
     np.testing.assert_array_equal(
         foreground & (image[..., 0] < 0.5), np.zeros((32, 32), bool)
     )  # still on the bright part
+
+
+def test_taking_every_test_defect_as_seen_warns_that_none_is_left_to_test(tiny_dataset):
+    import warnings
+
+    from flawscope.api import _seen_anomalies
+    from flawscope.registry import get_method
+
+    test = load_dataset(tiny_dataset).test  # 6 defects: the default 10 takes them all
+    with pytest.warns(UserWarning, match="takes every labelled defect of the test split \\(6\\).*metrics will be n/a"):
+        _seen_anomalies(get_method("prn"), test, None, None, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seen, _ = _seen_anomalies(get_method("prn"), test, 2, None, 0)
+    assert len(seen) == 2

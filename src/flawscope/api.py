@@ -282,6 +282,13 @@ def _seen_anomalies(
             f"masks exist in the {source}; it trains on those and on synthetic defects.",
             stacklevel=3,
         )
+    if seen and not anomaly_dir and all(s in seen for s in test if s.label):
+        warnings.warn(
+            f"{spec.name} takes every labelled defect of the test split ({len(seen)}) to train on, and `flawscope "
+            "test` leaves them out: no defective image is left to test on, so the metrics will be n/a. Ask for fewer "
+            "with --seen-anomalies N, or give labelled defects of their own with --anomaly-dir DIR.",
+            stacklevel=3,
+        )
     record = {
         "seen_anomalies_requested": requested,
         "seen_anomalies_source": source,

@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import re
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -180,10 +181,19 @@ def check_image_header(path: str | PathLike) -> None:
     _open_upright(_existing_file(path), path, decode=False)
 
 
-def _wide_to_uint8(image: Image.Image) -> np.ndarray:
+def _wide_to_uint8(image: Image.Image, path: Path | str) -> np.ndarray:
     """Scale a 16-bit or float single-channel image to uint8 (H, W) without clipping the upper range."""
     values = np.asarray(image, dtype=np.float64)
-    full_scale = 1.0 if image.mode == "F" and values.max(initial=0.0) <= 1.0 else _SIXTEEN_BIT_MAX
+    peak = values.max(initial=0.0)
+    full_scale = 1.0 if image.mode == "F" and peak <= 1.0 else _SIXTEEN_BIT_MAX
+    if full_scale == _SIXTEEN_BIT_MAX and 1.0 < peak <= 255:
+        # Likely 8-bit values saved in a wide format (e.g. PIL's convert("I")); the rule cannot tell them from a
+        # nearly black 16-bit image, so it keeps the 16-bit scale and says so.
+        warnings.warn(
+            f"{path} is a {image.mode} image whose values are all at most {peak:g}: read as 16-bit (65535 = white) "
+            "it is nearly black. If it holds 8-bit values, save it as an 8-bit image.",
+            stacklevel=2,
+        )
     return np.round(np.clip(values, 0.0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
 
 
@@ -194,7 +204,7 @@ def _has_alpha(image: Image.Image) -> bool:
 def _to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
     """Convert any decoded PIL image to an (H, W, 3) uint8 RGB array following the module's rules."""
     if image.mode in _WIDE_MODES:
-        gray = _wide_to_uint8(image)
+        gray = _wide_to_uint8(image, path)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if _has_alpha(image):
         rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from ...config import naming_option
 from ...data import Sample, find_images, preprocess, read_image, split_validation
 from ...data.io import ImageReadingDataset
+from ...errors import DataError
 from ...fitting import FitContext, autocast
 from .model import EfficientAD, EfficientADConfig
 
@@ -288,6 +289,12 @@ def fit(model: EfficientAD, samples: Sequence[Sample], ctx: FitContext) -> dict[
         with naming_option("quantile_images", cfg.quantile_images):
             train_samples, val_samples = list(samples), [Sample(p) for p in find_images(cfg.quantile_images)]
     else:
+        if len(samples) < 2:  # split_validation's message would name fit's --val-ratio, which is not this hold-out
+            raise DataError(
+                f"EfficientAD holds out validation_ratio={cfg.validation_ratio} of its training images (at least "
+                f"one) to set its map quantiles and trains on the rest; {len(samples)} image(s) leave none to train "
+                "on. Add good images, or give other good images for the quantiles with --set quantile_images=DIR."
+            )
         train_samples, val_samples = split_validation(samples, cfg.validation_ratio, seed=ctx.seed, min_count=1)
     with naming_option("penalty_images", cfg.penalty_images):
         penalty_paths = find_images(cfg.penalty_images) if cfg.penalty_images else []

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ...config import naming_option
 from ...data import Sample
+from ...errors import ConfigError
 from ...fitting import FitContext
 from ...synthesis import TextureSource, confetti_noise, cutpaste, match_grey, synthetic_defect, texture_source
 from .losses import consistency_loss, feature_loss, normal_patch_mask, score_loss
@@ -168,6 +169,18 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
     (no checkpoint selection).
     """
     cfg = model.config
+    # BatchNorm layers train on each step's batch statistics: one image is no statistic (at small inputs a pooled
+    # branch has one value per channel, which BatchNorm refuses; larger ones would normalise it to zero).
+    if cfg.batch_size < 2:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size}: MLFF's BatchNorm layers need at least 2 images a step; set "
+            "--set batch_size=2 or more (the paper: 32)."
+        )
+    if len(samples) < 2:
+        raise ConfigError(
+            f"MLFF needs at least 2 training images (its BatchNorm layers train on batches of 2 or more); got "
+            f"{len(samples)}. Add good images, or fit with --val-ratio 0 if the hold-out took them."
+        )
     model.to(ctx.device)
     if cfg.feature_norm == "position":
         fit_position_whitening(model, samples, ctx)
@@ -198,7 +211,7 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
             totals: dict[str, float] = {}
             num_steps = 0
             for batch in loader:
-                if len(batch["image"]) == 1 < len(samples):
+                if len(batch["image"]) == 1:
                     # A last batch of one image: its BatchNorm statistics would come from one image (at small inputs
                     # the pooled branches have one value per channel, which BatchNorm refuses); it is left out.
                     bar.update()
@@ -223,6 +236,13 @@ def fit(model: MLFF, samples: Sequence[Sample], ctx: FitContext) -> dict[str, An
                 {"epoch": epoch + 1, "pass": repetition + 1, **{k: v / num_steps for k, v in totals.items()}}
             )
     bar.close()
+    if pseudo == 0:  # pseudo_ratio=0, or a Bernoulli draw that chose none
+        warnings.warn(
+            f"No training image was made pseudo-anomalous (pseudo_ratio={cfg.pseudo_ratio}), so the score head "
+            "learnt from normal images only and its map says little; the method learns from pseudo-anomalies "
+            "(the paper: pseudo_ratio=0.5).",
+            stacklevel=2,
+        )
     model.eval()
     model.fitted.fill_(True)
     return {

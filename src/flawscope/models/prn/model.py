@@ -160,6 +160,11 @@ class PRNConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.batch_normal + self.batch_extended + self.batch_simulated < 1:
+            raise ConfigError(
+                "batch_normal, batch_extended and batch_simulated are all 0: a training batch would hold no image. "
+                "Give at least one of them a count (the paper: 32, 16, 16)."
+            )
         if not self.target_area_shapes or set(self.target_area_shapes) - set(TARGET_SHAPES):
             raise ConfigError(
                 f"target_area_shapes must be a non-empty subset of {TARGET_SHAPES}; got {self.target_area_shapes}."
