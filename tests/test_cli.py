@@ -823,7 +823,7 @@ def test_predict_skips_corrupt_images_and_lists_them(run, images, tmp_path):
     assert_clean_error(strict, str(folder / "broken.png"))
 
 
-def test_predict_names_images_far_smaller_than_the_input(run, images, tmp_path):
+def test_predict_and_test_name_images_far_smaller_than_the_input(run, images, tiny_dataset, tmp_path):
     folder = tmp_path / "small"
     shutil.copytree(images, folder)
     Image.new("RGB", (1, 1), (90, 120, 60)).save(folder / "dot.png")  # the run's input is 64 px
@@ -833,6 +833,13 @@ def test_predict_names_images_far_smaller_than_the_input(run, images, tmp_path):
     assert result.exit_code == 0, result.output
     assert not any("edge.png" in str(w.message) for w in caught)
     assert len(read_csv(tmp_path / "pred" / "predictions.csv")) == len(list(folder.iterdir()))  # still scored
+    # test (and calibrate, and fit's held-out images: all scored by score_images) say the same.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    Image.new("RGB", (1, 1), (90, 120, 60)).save(data / "test" / "good" / "dot.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) were enlarged more than 4x.*dot.png \(1 x 1 px\)"):
+        result = invoke("test", run, "--data", data, "--out", tmp_path / "eval", "--no-report", "--quiet")
+    assert result.exit_code == 0, result.output
 
 
 def test_predict_on_a_folder_without_images(run, tmp_path):

@@ -28,6 +28,7 @@ from .data import (
     load_dataset,
     select_seen_anomalies,
     split_validation,
+    warn_enlarged,
 )
 from .data.layouts import VISA_CSV
 from .errors import ConfigError, DataError
@@ -71,20 +72,22 @@ class ScoredImages:
     maps: np.ndarray | list[np.ndarray] | None  # float32 raw anomaly maps
     masks: np.ndarray | list[np.ndarray] | None  # bool ground truth
     seconds: float
-    sizes: np.ndarray | None = None  # (N, 2) int64: each image's upright (height, width), kept with the maps
+    sizes: np.ndarray | None = None  # (N, 2) int64: each image's upright (height, width)
 
 
 def score_images(
     model: AnomalyModel, samples: Sequence[Sample], ctx: FitContext, batch_size: int = 8, keep_maps: bool = False
 ) -> ScoredImages:
-    """Runs ``model`` over ``samples`` in batches (inference mode, progress bar)."""
+    """Runs ``model`` over ``samples`` in batches (inference mode, progress bar); warns about images the model
+    enlarges more than 4x (``warn_enlarged``)."""
     model.to(ctx.device).eval()
     loader = ctx.loader(samples, model.config, batch_size)
-    size, count = model.config.image_size, len(samples)
+    cfg = model.config
+    size, count = cfg.image_size, len(samples)
     raw, norm = np.zeros(count), np.zeros(count)
     maps = np.zeros((count, size, size), np.float32) if keep_maps else None
     masks = np.zeros((count, size, size), bool) if keep_maps else None
-    sizes = np.zeros((count, 2), np.int64) if keep_maps else None
+    sizes = np.zeros((count, 2), np.int64)
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in ctx.progress_images(loader, "scoring"):
@@ -95,8 +98,10 @@ def score_images(
             if keep_maps:
                 maps[index] = out.anomaly_map[:, 0].float().cpu().numpy()
                 masks[index] = batch["mask"][:, 0].numpy() > 0.5
-                sizes[index] = batch["size"].numpy()
-    return ScoredImages(list(samples), raw, norm, maps, masks, time.perf_counter() - start, sizes)
+            sizes[index] = batch["size"].numpy()
+    seconds = time.perf_counter() - start
+    warn_enlarged([(s.path, size) for s, size in zip(samples, sizes.tolist(), strict=True)], size, cfg.resize_size)
+    return ScoredImages(list(samples), raw, norm, maps, masks, seconds, sizes)
 
 
 def _refuse_non_finite(scored: ScoredImages, model: str, images: str, fix: str) -> None:

@@ -9,21 +9,19 @@ from __future__ import annotations
 import csv
 import json
 import re
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data import Sample, find_images, make_loader, to_uint8_image
+from .data import Sample, find_images, is_enlarged, make_loader, to_uint8_image, warn_enlarged
 from .errors import ConfigError, DataError
 from .export import Prediction, load_inferencer
 from .fitting import FitContext, torch_threads
 from .outputs import IMAGE_OUTPUTS, check_out_folder, check_outside, claim_out_folder, owned_names, portable_stem
 from .report import heatmap_overlay, save_png
 
-TINY_UPSCALE = 4  # an image enlarged more than this to the input size is named in a warning (a thumbnail?)
 CSV_COLUMNS = [
     *("path", "raw_score", "norm_score", "decision", "num_regions", "defect_area", "regions"),
     *("peak_x", "peak_y", "peak_score"),  # added after the first release's columns, so their positions hold
@@ -149,9 +147,7 @@ def predict(
             samples, inferencer.image_size, inferencer.resize_size, batch_size=batch_size, skip_bad=not strict
         )
         csv_path = out / "predictions.csv"
-        # The shorter side the model resizes to, and the images it enlarges more than TINY_UPSCALE times.
-        input_side = inferencer.resize_size or inferencer.image_size
-        tiny: list[tuple[Path, list[int]]] = []  # (path, [height, width])
+        enlarged: list[tuple[Path, list[int]]] = []  # (path, [height, width]): only those, so memory stays flat
         (out / "skipped.csv").unlink(missing_ok=True)  # a list left by an earlier run into this folder would mislead
         try:
             # surrogateescape: a file name that is not UTF-8 is written back as the bytes it has on disk.
@@ -168,8 +164,8 @@ def predict(
                     for index, size, pixels, prediction in zip(
                         batch["index"].tolist(), batch["size"].tolist(), batch["image"], predictions, strict=True
                     ):
-                        if min(size) * TINY_UPSCALE < input_side:
-                            tiny.append((images[index], size))
+                        if is_enlarged(size, inferencer.image_size, inferencer.resize_size):
+                            enlarged.append((images[index], size))
                         row = _row(images[index], index, prediction, size, overlays, masks)
                         if overlays:  # the images first: a row written is a row whose files exist
                             image = to_uint8_image(pixels)
@@ -192,12 +188,5 @@ def predict(
                     csv.writer(f).writerows([("path", "reason"), *bad])
         if len(bad) == len(images):
             raise DataError(f"None of the {len(images)} images could be read; see {out / 'skipped.csv'}.")
-        if tiny:
-            path, (height, width) = tiny[0]
-            warnings.warn(
-                f"{len(tiny)} image(s) were enlarged more than {TINY_UPSCALE}x to the model's input ({input_side} px "
-                f"shorter side), e.g. {path} ({width} x {height} px): a thumbnail or a wrong file? They were scored, "
-                "but an enlarged image has none of the detail the model learned; score the full-size images.",
-                stacklevel=2,
-            )
+        warn_enlarged(enlarged, inferencer.image_size, inferencer.resize_size)
         return csv_path

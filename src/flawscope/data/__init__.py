@@ -4,10 +4,12 @@ from flawscope.data.dataset import (
     ImageDataset,
     collate,
     crop_box,
+    is_enlarged,
     make_loader,
     preprocess,
     preprocess_mask,
     to_uint8_image,
+    warn_enlarged,
 )
 from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, read_mask
 from flawscope.data.layouts import (
@@ -29,6 +31,7 @@ __all__ = [
     "crop_box",
     "exclude_samples",
     "find_images",
+    "is_enlarged",
     "is_image_file",
     "list_categories",
     "load_anomaly_folder",
@@ -41,4 +44,5 @@ __all__ = [
     "select_seen_anomalies",
     "split_validation",
     "to_uint8_image",
+    "warn_enlarged",
 ]

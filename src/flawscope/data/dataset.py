@@ -10,6 +10,7 @@ sampling grid, where nearest-neighbour resizing would shift them by up to half a
 cut off), as EfficientAD and anomalib do; use it for parts whose defects may lie near the borders of elongated images.
 """
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,6 +130,29 @@ def preprocess(image: np.ndarray, image_size: int, resize_size: int | None = Non
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
     resize_size = _resize_size(image_size, resize_size)
     return _resize_crop(tensor, image_size, resize_size) if crop else _resize(tensor, image_size, resize_size)
+
+
+ENLARGE_LIMIT = 4  # an image enlarged more than this to the model's input is named in a warning (a thumbnail?)
+
+
+def is_enlarged(size: Sequence[int], image_size: int, resize_size: int) -> bool:
+    """True when the model's resize enlarges an image of ``size`` (height, width) more than ``ENLARGE_LIMIT`` times."""
+    return min(size) * ENLARGE_LIMIT < (resize_size or image_size)  # the shorter side the model resizes to
+
+
+def warn_enlarged(images: Sequence[tuple[Path, Sequence[int]]], image_size: int, resize_size: int) -> None:
+    """One warning naming the images (path, (height, width)) that the model's resize enlarges more than
+    ``ENLARGE_LIMIT`` times: a thumbnail or a wrong file, with none of the detail the model learned."""
+    side = resize_size or image_size
+    enlarged = [(path, size) for path, size in images if is_enlarged(size, image_size, resize_size)]
+    if enlarged:
+        path, (height, width) = enlarged[0]
+        warnings.warn(
+            f"{len(enlarged)} image(s) were enlarged more than {ENLARGE_LIMIT}x to the model's input ({side} px "
+            f"shorter side), e.g. {path} ({width} x {height} px): a thumbnail or a wrong file? They were scored, "
+            "but an enlarged image has none of the detail the model learned; use the full-size images.",
+            stacklevel=3,
+        )
 
 
 def to_uint8_image(image: Tensor) -> np.ndarray:
