@@ -100,7 +100,8 @@ def score_images(
                 masks[index] = batch["mask"][:, 0].numpy() > 0.5
             sizes[index] = batch["size"].numpy()
     seconds = time.perf_counter() - start
-    warn_enlarged([(s.path, size) for s, size in zip(samples, sizes.tolist(), strict=True)], size, cfg.resize_size)
+    files = [(sample.path, hw) for sample, hw in zip(samples, sizes.tolist(), strict=True)]
+    warn_enlarged(files, cfg.image_size, cfg.resize_size)
     return ScoredImages(list(samples), raw, norm, maps, masks, seconds, sizes)
 
 
