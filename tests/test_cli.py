@@ -1093,8 +1093,12 @@ def test_demo_generates_trains_tests_and_reports(tmp_path):
     # Measured on this schedule: image AUROC 0.913, pixel AUROC 0.940 (one epoch: 0.43 / 0.50, chance).
     assert metrics["image_auroc"] >= 0.85 and metrics["pixel_auroc"] >= 0.88
     # Another texture: the data set is reused, and the run trains and tests on that category.
-    result = invoke("demo", "--out", tmp_path / "demo", "--texture", "brick", "--epochs", "1", "--quiet")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke("demo", "--out", tmp_path / "demo", "--texture", "brick", "--epochs", "1", "--quiet")
     assert result.exit_code == 0, result.output
+    said = result.output + " ".join(str(w.message) for w in caught)  # its own run replaced: nothing to warn about
+    assert "already holds a run" not in said and "results of another model" not in said
     config = json.loads((tmp_path / "demo" / "run" / "config.json").read_text())
     assert Path(config["data"]).name == "brick" and config["options"]["num_epochs"] == 1
     assert json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())["category"] == "brick"

@@ -692,11 +692,15 @@ def demo(out, texture, epochs, device, quiet) -> None:
     make_demo_dataset(out / "data", progress=not quiet)
     data = out / "data" / texture
     click.echo(f"2/3 training SimpleNet ({DEMO_OPTIONS['backbone']}, {epochs} epochs) on {data / 'train' / 'good'}")
-    run = run_fit(
-        "simplenet", data, out / "run", options={**DEMO_OPTIONS, "num_epochs": epochs}, device=device, quiet=quiet
-    )
-    click.echo(f"3/3 testing on {data / 'test'}")
-    metrics = run_test(run, data, device=device, quiet=quiet)
+    with warnings.catch_warnings():
+        # A demo run again replaces its own run folder: the warnings that protect a user's runs say nothing here.
+        warnings.filterwarnings("ignore", message=".*already holds a run: its model will be replaced")
+        warnings.filterwarnings("ignore", message=".*holds the results of another model")
+        run = run_fit(
+            "simplenet", data, out / "run", options={**DEMO_OPTIONS, "num_epochs": epochs}, device=device, quiet=quiet
+        )
+        click.echo(f"3/3 testing on {data / 'test'}")
+        metrics = run_test(run, data, device=device, quiet=quiet)
     _print_metrics(metrics)
     click.echo(f"report: {(run / 'report.html').resolve()}")
     click.echo(f"next: flawscope predict {run} {data / 'test' / 'scratch'} --out {out / 'predictions'}")
