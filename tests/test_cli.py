@@ -840,6 +840,11 @@ def test_predict_and_test_name_images_far_smaller_than_the_input(run, images, ti
     with pytest.warns(UserWarning, match=r"1 image\(s\) were enlarged more than 4x.*dot.png \(1 x 1 px\)"):
         result = invoke("test", run, "--data", data, "--out", tmp_path / "eval", "--no-report", "--quiet")
     assert result.exit_code == 0, result.output
+    # fit names the training images it would enlarge (from their headers) before it trains on them.
+    Image.new("RGB", (300, 2), (90, 120, 60)).save(data / "train" / "good" / "strip.png")
+    with pytest.warns(UserWarning, match=r"enlarged more than 4x.*strip.png \(300 x 2 px\).*They were trained on"):
+        result = invoke(*fit_args(data, tmp_path / "strip-run", "--val-ratio", "0"))
+    assert result.exit_code == 0, result.output
 
 
 def test_predict_on_a_folder_without_images(run, tmp_path):

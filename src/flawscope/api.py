@@ -30,6 +30,7 @@ from .data import (
     split_validation,
     warn_enlarged,
 )
+from .data.io import check_image_header
 from .data.layouts import VISA_CSV
 from .errors import ConfigError, DataError
 from .fitting import FitContext, preserved_random_state, torch_threads
@@ -192,6 +193,7 @@ def fit(
             )
         # At least 3 held-out images, so the threshold and the normalised scale rest on more than one score.
         train, val = split_validation(dataset.train, val_ratio, seed, min_count=3 if val_ratio > 0 else 1)
+        _warn_enlarged_training_images(train, config)
         with preserved_random_state():  # the seed makes the run repeatable without resetting the caller's streams
             seed_everything(seed)
             seen, seen_record = _seen_anomalies(spec, dataset.test, seen_anomalies, anomaly_dir, seed)
@@ -242,6 +244,15 @@ def fit(
         write_json(out / "environment.json", environment(seed, str(torch_device)))
         write_json(out / "fit_log.json", ctx.log)
         return out
+
+
+def _warn_enlarged_training_images(train: Sequence[Sample], config: Any) -> None:
+    """``warn_enlarged`` for the training images, from their headers (the held-out ones are named when scored)."""
+    sizes = []
+    for sample in train:
+        with contextlib.suppress(DataError):  # an unreadable image is named by the fit's own loading
+            sizes.append((sample.path, check_image_header(sample.path)))
+    warn_enlarged(sizes, config.image_size, config.resize_size, used="trained on")
 
 
 def pretrained_weights(model: AnomalyModel) -> list[dict[str, str]]:

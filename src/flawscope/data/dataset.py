@@ -140,17 +140,20 @@ def is_enlarged(size: Sequence[int], image_size: int, resize_size: int) -> bool:
     return min(size) * ENLARGE_LIMIT < (resize_size or image_size)  # the shorter side the model resizes to
 
 
-def warn_enlarged(images: Sequence[tuple[Path, Sequence[int]]], image_size: int, resize_size: int) -> None:
+def warn_enlarged(
+    images: Sequence[tuple[Path, Sequence[int]]], image_size: int, resize_size: int, used: str = "scored"
+) -> None:
     """One warning naming the images (path, (height, width)) that the model's resize enlarges more than
-    ``ENLARGE_LIMIT`` times: a thumbnail or a wrong file, with none of the detail the model learned."""
+    ``ENLARGE_LIMIT`` times: a thumbnail or a wrong file, with none of the detail the model learned (or should).
+    ``used`` says what happens to them anyway ("scored", "trained on")."""
     side = resize_size or image_size
     enlarged = [(path, size) for path, size in images if is_enlarged(size, image_size, resize_size)]
     if enlarged:
         path, (height, width) = enlarged[0]
         warnings.warn(
             f"{len(enlarged)} image(s) were enlarged more than {ENLARGE_LIMIT}x to the model's input ({side} px "
-            f"shorter side), e.g. {path} ({width} x {height} px): a thumbnail or a wrong file? They were scored, "
-            "but an enlarged image has none of the detail the model learned; use the full-size images.",
+            f"shorter side), e.g. {path} ({width} x {height} px): a thumbnail or a wrong file? They were {used}, "
+            "but an enlarged image has none of the detail of a full-size one; use the full-size images.",
             stacklevel=3,
         )
 

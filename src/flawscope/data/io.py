@@ -133,7 +133,7 @@ def _open_upright(
 ) -> Image.Image | None:
     """Decode a file, binary stream or PIL image (``path`` names it in messages) fully and apply its EXIF
     orientation, turning every decoder failure into a DataError. ``decode=False`` reads the file's header only (the
-    format and size checks) and returns None."""
+    format and size checks) and returns the closed, undecoded image, whose ``size`` is the stored one."""
     if isinstance(source, io.TextIOBase) or getattr(source, "closed", False):
         what = "open in text mode: open it with 'rb'" if isinstance(source, io.TextIOBase) else "closed: open it again"
         raise DataError(f"Cannot read {path}: the file object is {what}, or pass its path.")
@@ -145,7 +145,7 @@ def _open_upright(
         with Image.open(source, formats=DECODER_FORMATS) as image:
             _check_pixel_count(image.size, path, max_pixels)  # before decoding: Image.open reads only the header
             if not decode:
-                return None
+                return image
             image.load()  # Image.open is lazy; decode now so truncation surfaces here, not later in a worker.
             return ImageOps.exif_transpose(image)
     except DataError:
@@ -171,14 +171,18 @@ def _open_upright(
         ) from error
 
 
-def check_image_header(path: str | PathLike) -> None:
+def check_image_header(path: str | PathLike) -> tuple[int, int]:
     """Reads only the header of an image file: a cheap check, for folders too large to decode twice, that it is an
     image flawscope can decode and not too large. A file damaged after its header passes; ``read_image`` finds it.
+
+    Returns:
+        (height, width) as stored (before the EXIF orientation, which may swap them).
 
     Raises:
         DataError: what ``read_image`` would say about the header.
     """
-    _open_upright(_existing_file(path), path, decode=False)
+    width, height = _open_upright(_existing_file(path), path, decode=False).size
+    return height, width
 
 
 def _wide_to_uint8(image: Image.Image, path: Path | str) -> np.ndarray:
