@@ -455,6 +455,8 @@ def test_distillation_writes_metadata_and_resumes_exactly(tiny_dataset, tmp_path
     with pytest.raises(ConfigError, match=r"lr: 0\.0001 -> 0\.001\). .*--restart"):
         changed = DistillSettings(**{**SETTINGS.__dict__, "lr": 1e-3})
         distill_teacher("efficientnet_lite0", images, tmp_path / "a" / "t.safetensors", changed, **run)
+    with pytest.raises(ConfigError, match=r"already at step 2, beyond --steps 1\. Ask for at least"):
+        distill_teacher("efficientnet_lite0", images, tmp_path / "a" / "t.safetensors", half, **run)
     with pytest.raises(ConfigError, match="never writes"):
         distill_teacher("efficientnet_lite0", images, images / "t.safetensors", SETTINGS, **run)
     good = images / "good"  # a glob or one file: the folder that holds the images is theirs too

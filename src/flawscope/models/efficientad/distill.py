@@ -321,6 +321,98 @@ def _image_list_digest(paths: Sequence[Path], root: Path) -> str:
     return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
+def _check_out(out: Path, root: Path) -> list[Path]:
+    """Refuses a teacher file that is not ours or lies among the images; returns the images under ``root``."""
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"The teacher file must end in .safetensors; got {out}.")
+    if out.exists() and not _is_teacher_file(out):
+        raise ConfigError(
+            f"{out} exists and is not a teacher written by flawscope distill; flawscope does not overwrite it. "
+            "Choose another --out."
+        )
+    paths = find_images([root])
+    # A folder is searched whole; a glob or a file names images in the folders that hold them.
+    for folder in sorted({root} if root.is_dir() else {path.resolve().parent for path in paths}):
+        refuse_inside(out, folder, "--out")
+    return paths
+
+
+class _Progress:
+    """Where a distillation stands, over every run of one checkpoint: steps, seconds and steps per precision."""
+
+    def __init__(self, settings: DistillSettings, root: Path, num_images: int, digest: str, precision: str) -> None:
+        self.settings, self.root, self.num_images, self.digest = settings, root, num_images, digest
+        self.precision = precision
+        self.start_step, self.seconds_before, self.stats_count = 0, 0.0, 0
+        self.steps_before: dict[str, int] = {}
+        self.loss: float | None = None
+        self.started = time.perf_counter()
+
+    def resume(self, checkpoint: Path, teacher: PDN, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """Loads ``checkpoint`` into ``teacher`` and ``optimizer`` after checking it matches; returns Psi's stats."""
+        state, stats = _load_checkpoint(checkpoint, teacher, optimizer)
+        steps = self.settings.steps
+        saved = {**state["settings"], "steps": steps}
+        wanted = dataclasses.asdict(self.settings)
+        changed = [f"{k}: {saved.get(k)} -> {v}" for k, v in wanted.items() if saved.get(k) != v]
+        if state["images_digest"] != self.digest:
+            changed.append(f"image list: {state['num_images']} -> {self.num_images} images, or other names")
+        if changed:
+            raise ConfigError(
+                f"The checkpoint {checkpoint} was written with other settings ({'; '.join(changed)}). Use the same "
+                "options and images to resume, or --restart to start over."
+            )
+        if state["step"] > steps:
+            raise ConfigError(
+                f"The checkpoint {checkpoint} is already at step {state['step']}, beyond --steps {steps}. "
+                "Ask for at least as many steps, or --restart."
+            )
+        self.start_step, self.seconds_before = state["step"], state["seconds"]
+        self.stats_count, self.loss = state["stats_images_used"], state["loss"]
+        self.steps_before = state.get("precision_steps", {"float32": self.start_step})  # older: all float32
+        return stats
+
+    def state(self, step: int, loss: float | None) -> dict[str, Any]:
+        """The checkpoint's record at ``step``: settings, images, seconds and steps per precision so far."""
+        done = self.steps_before.get(self.precision, 0) + step - self.start_step
+        return {
+            "settings": dataclasses.asdict(self.settings),
+            "step": step,
+            "images": str(self.root),
+            "num_images": self.num_images,
+            "images_digest": self.digest,
+            "stats_images_used": self.stats_count,
+            "loss": loss,
+            "seconds": round(self.seconds_before + time.perf_counter() - self.started, 2),
+            "precision_steps": {k: v for k, v in {**self.steps_before, self.precision: done}.items() if v},
+        }
+
+
+def _stopped(
+    stop: BaseException,
+    completed: int,
+    steps: int,
+    checkpoint: Path,
+    saved_step: int | None,
+    checkpoint_every: int,
+    restart: bool,
+) -> BaseException:
+    """The error that ends an interrupted run or one whose image became unreadable: what is kept, how to go on."""
+    kept = (
+        f"the checkpoint {checkpoint} holds step {saved_step}"
+        if saved_step is not None
+        else f"this run wrote no checkpoint yet (one every {checkpoint_every} steps)"
+    )
+    if isinstance(stop, DataError):  # an image that became unreadable, or a damaged one the check let through
+        return DataError(
+            f"{stop} (at step {completed + 1} of {steps}; {kept}). Replace the file with a readable one "
+            "of the same name and run the same command to resume, or remove it and start again with --restart."
+        )
+    again = "run the command again without --restart" if restart else "run the same command again"
+    resume = f": {again} to resume from there" if saved_step is not None else ""
+    return KeyboardInterrupt(f"Distillation interrupted after {completed} of {steps} steps; {kept}{resume}.")
+
+
 def distill_teacher(
     backbone: str,
     images: str | Path,
@@ -360,17 +452,7 @@ def distill_teacher(
     settings = dataclasses.replace(settings or DistillSettings(), backbone=backbone)
     check_precision(precision, "--precision")  # before the minutes of target caching
     out, root = Path(out), Path(images)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"The teacher file must end in .safetensors; got {out}.")
-    if out.exists() and not _is_teacher_file(out):
-        raise ConfigError(
-            f"{out} exists and is not a teacher written by flawscope distill; flawscope does not overwrite it. "
-            "Choose another --out."
-        )
-    paths = find_images([root])
-    # A folder is searched whole; a glob or a file names images in the folders that hold them.
-    for folder in sorted({root} if root.is_dir() else {path.resolve().parent for path in paths}):
-        refuse_inside(out, folder, "--out")
+    paths = _check_out(out, root)
     device = torch.device(device)
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint, progress_json = _checkpoint_paths(out)
@@ -379,59 +461,24 @@ def distill_teacher(
     psi.to(device)
     teacher = PDN(settings.size, settings.out_channels, padded=True).to(device)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    digest = _image_list_digest(paths, root)
-    start_step, seconds_before, steps_before = 0, 0.0, {}
-    started = time.perf_counter()
+    progress = _Progress(settings, root, len(paths), _image_list_digest(paths, root), precision)
     resumed = checkpoint.is_file() and not restart
     if resumed:
-        state, stats = _load_checkpoint(checkpoint, teacher, optimizer)
-        saved = {**state["settings"], "steps": settings.steps}
-        wanted = dataclasses.asdict(settings)
-        changed = [f"{k}: {saved.get(k)} -> {v}" for k, v in wanted.items() if saved.get(k) != v]
-        if state["images_digest"] != digest:
-            changed.append(f"image list: {state['num_images']} -> {len(paths)} images, or other names")
-        if changed:
-            raise ConfigError(
-                f"The checkpoint {checkpoint} was written with other settings ({'; '.join(changed)}). Use the same "
-                "options and images to resume, or --restart to start over."
-            )
-        start_step, seconds_before, stats_count = state["step"], state["seconds"], state["stats_images_used"]
-        steps_before = state.get("precision_steps", {"float32": start_step})  # older checkpoints: all float32
-        if start_step > settings.steps:
-            raise ConfigError(
-                f"The checkpoint {checkpoint} is already at step {start_step}, beyond --steps {settings.steps}. "
-                "Ask for at least as many steps, or --restart."
-            )
-        mean, std = stats["psi_mean"].to(device), stats["psi_std"].to(device)
+        stats = progress.resume(checkpoint, teacher, optimizer)
     # Only after the checkpoint checks: filling the target cache can take minutes.
     targets = PsiTargets(psi, paths, settings.image_size, device, num_workers, max_cache_bytes, quiet)
     if not resumed:
-        mean, std, stats_count = feature_statistics(targets, settings, quiet)
+        mean, std, progress.stats_count = feature_statistics(targets, settings, quiet)
+        stats = {"psi_mean": mean, "psi_std": std}
+    stats = {k: v.to(device) for k, v in stats.items()}
     image_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     image_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    mean_map, std_map = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-    stats = {"psi_mean": mean, "psi_std": std}
-
-    def done(step: int) -> int:  # steps in ``precision`` so far, over every run of this checkpoint
-        return steps_before.get(precision, 0) + step - start_step
-
-    def state_now(step: int, loss: float | None) -> dict[str, Any]:
-        return {
-            "settings": dataclasses.asdict(settings),
-            "step": step,
-            "images": str(root),
-            "num_images": len(paths),
-            "images_digest": digest,
-            "stats_images_used": stats_count,
-            "loss": loss,
-            "seconds": round(seconds_before + time.perf_counter() - started, 2),
-            "precision_steps": {k: v for k, v in {**steps_before, precision: done(step)}.items() if v},
-        }
-
+    mean_map, std_map = stats["psi_mean"].view(1, -1, 1, 1), stats["psi_std"].view(1, -1, 1, 1)
+    start_step = progress.start_step
     sampler = _StepBatches(len(paths), settings.batch_size, settings.seed, start_step, settings.steps)
     views = targets.loader(sampler, small=True)
     teacher.train()
-    loss_value = state["loss"] if resumed else None  # a resumed run that has no step left keeps its last loss
+    loss_value = progress.loss  # a resumed run that has no step left keeps its last loss
     if resumed and not quiet:
         print(f"resuming from {checkpoint} at step {start_step} of {settings.steps}", file=sys.stderr)
     bar = tqdm(total=settings.steps, initial=start_step, desc="distilling", disable=quiet, dynamic_ncols=True)
@@ -459,27 +506,13 @@ def distill_teacher(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if completed % checkpoint_every == 0 and completed < settings.steps:
-                _save_checkpoint(checkpoint, teacher, optimizer, stats, state_now(completed, loss_value))
+                _save_checkpoint(checkpoint, teacher, optimizer, stats, progress.state(completed, loss_value))
                 saved_step = completed
     except (KeyboardInterrupt, DataError) as stop:
         bar.close()
-        again = "run the command again without --restart" if restart else "run the same command again"
-        kept = (
-            f"the checkpoint {checkpoint} holds step {saved_step}"
-            if saved_step is not None
-            else f"this run wrote no checkpoint yet (one every {checkpoint_every} steps)"
-        )
-        if isinstance(stop, DataError):  # an image that became unreadable, or a damaged one the check let through
-            raise DataError(
-                f"{stop} (at step {completed + 1} of {settings.steps}; {kept}). Replace the file with a readable one "
-                "of the same name and run the same command to resume, or remove it and start again with --restart."
-            ) from None
-        resume = f": {again} to resume from there" if saved_step is not None else ""
-        raise KeyboardInterrupt(
-            f"Distillation interrupted after {completed} of {settings.steps} steps; {kept}{resume}."
-        ) from None
+        raise _stopped(stop, completed, settings.steps, checkpoint, saved_step, checkpoint_every, restart) from None
     bar.close()
-    final = state_now(settings.steps, loss_value)
+    final = progress.state(settings.steps, loss_value)
     _save_checkpoint(checkpoint, teacher, optimizer, stats, final)
     _write_teacher(out, teacher, settings, final, weights_path or psi.backbone.weights_file)
     return {
@@ -490,7 +523,7 @@ def distill_teacher(
         "steps_this_run": settings.steps - start_step,
         "images": str(root),
         "num_images": len(paths),
-        "stats_images_used": stats_count,
+        "stats_images_used": progress.stats_count,
         "final_loss": loss_value,
         "seconds": final["seconds"],
     }
