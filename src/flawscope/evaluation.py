@@ -312,13 +312,7 @@ def test(
         The metrics dictionary written to metrics.json.
     """
     with torch_threads(threads):
-        if exclude_seen_of is not None and not (Path(exclude_seen_of) / "config.json").is_file():
-            raise ConfigError(
-                f"--exclude-seen-of {exclude_seen_of} is not a run folder (no config.json in it); give the folder that "
-                "`flawscope fit --out` wrote for the few-shot run whose seen defects should be left out."
-            )
-        if eval_resolution not in EVAL_RESOLUTIONS:
-            raise ConfigError(f"eval_resolution must be one of {', '.join(EVAL_RESOLUTIONS)}; got {eval_resolution!r}.")
+        _check_options(exclude_seen_of, eval_resolution)
         run = Path(run)
         info = read_model_info(run)
         model = load_model(info["folder"])
@@ -351,29 +345,16 @@ def test(
         pixels = native_resolution(scored) if eval_resolution == "native" else scored
         metrics, curves = compute_metrics(pixels)
         metric_seconds = time.perf_counter() - start
-        labels = np.array([s.label for s in scored.samples])
         maskless, unmarked, full = _check_masks(scored, pixels, dataset.root, eval_resolution)
-        threshold = float(model.threshold)
         calibrated, threshold_line = describe_threshold(info)
-        # The deployed decision: the calibrated score above 0.5, computed in the model's graph. It equals
-        # raw > threshold but for raw scores a float32 rounding step above the threshold.
-        decisions = scored.norm_scores > 0.5
-        # Without a calibrated threshold there are no decisions to count.
-        false_alarms = int((decisions & (labels == 0)).sum()) if calibrated else None
-        misses = int((~decisions & (labels == 1)).sum()) if calibrated else None
+        metrics.update(_decision_counts(scored, calibrated))
         metrics.update(
             {
-                "num_images": int(labels.size),
-                "num_good": int((labels == 0).sum()),
-                "num_defective": int(labels.sum()),
-                "threshold": threshold,
+                "threshold": float(model.threshold),
                 "threshold_calibrated": calibrated,
                 "threshold_rule": threshold_line,
-                "accuracy_at_threshold": float((decisions == (labels == 1)).mean()) if calibrated else None,
-                "num_false_alarms": false_alarms,
-                "num_missed": misses,
                 "inference_seconds": round(scored.seconds, 3),
-                "images_per_second": round(labels.size / max(scored.seconds, 1e-9), 2),
+                "images_per_second": round(len(scored.samples) / max(scored.seconds, 1e-9), 2),
                 "metrics_seconds": round(metric_seconds, 3),
                 "per_type": per_type_metrics(pixels),
                 "eval_resolution": eval_resolution,
@@ -392,38 +373,6 @@ def test(
                 "nearly_full_masks": full,
             }
         )
-        num_good, num_defective = metrics["num_good"], metrics["num_defective"]
-        if calibrated:
-            decided = f"{false_alarms} of {num_good} good images flagged, {misses} of {num_defective} defective missed"
-        else:
-            decided = "none: the threshold is not calibrated (run `flawscope calibrate`); use the raw scores"
-        cards = {
-            "model": info["method"],
-            "backbone": info["config"].get("backbone", ""),
-            "run": str(run.resolve()),
-            "data": str(dataset.root.resolve()),
-            "threshold": threshold_line,
-            "images": f"{labels.size} ({num_good} good, {num_defective} defective)",
-            "pixel metrics at": (
-                "each image's own size (native)"
-                if eval_resolution == "native"
-                else f"the model input, {model.config.image_size} x {model.config.image_size}"
-            ),
-            "decisions": decided,
-        }
-        if excluded:
-            whose = "this run" + (f" and {exclude_seen_of}" if exclude_seen_of else "")
-            cards["excluded"] = f"{len(excluded)} seen defects that {whose} trained on (listed in metrics.json)"
-        if maskless:
-            cards["masks"] = "none (no ground_truth/ folder): image metrics only"
-        elif unmarked or full:
-            cards["masks"] = (
-                f"{len(unmarked)} with no defect pixel, {len(full)} marking over 95 % of the image: check them "
-                "(unmarked_defective and nearly_full_masks in metrics.json)"
-            )
-        reasons = {}
-        if maskless:
-            reasons = dict.fromkeys(PIXEL_METRICS, "needs masks")
         try:
             write_json(out / "metrics.json", metrics)
             write_json(out / "curves.json", {c.name: c.to_dict() for c in curves})
@@ -432,13 +381,82 @@ def test(
                 write_report(
                     out / "report.html",
                     title=f"flawscope test report: {info['method']} on {dataset.category}",
-                    info=cards,
+                    info=_report_cards(metrics, info, run, cfg.image_size, exclude_seen_of),
                     metrics={k: metrics[k] for k in METRIC_KEYS},
                     per_type=metrics["per_type"],
                     curves=curves,
                     gallery=_gallery(model, scored, calibrated),
-                    reasons=reasons,
+                    reasons=dict.fromkeys(PIXEL_METRICS, "needs masks") if maskless else {},
                 )
         finally:  # what this call wrote is flawscope's, also when it stops half-way (check_outside refused the rest)
             claim_out_folder(out, [name for name in writes if (out / name).exists()])
         return metrics
+
+
+def _check_options(exclude_seen_of: str | Path | None, eval_resolution: str) -> None:
+    """Refuses a ``--exclude-seen-of`` that is not a run folder and an unknown ``eval_resolution``."""
+    if exclude_seen_of is not None and not (Path(exclude_seen_of) / "config.json").is_file():
+        raise ConfigError(
+            f"--exclude-seen-of {exclude_seen_of} is not a run folder (no config.json in it); give the folder that "
+            "`flawscope fit --out` wrote for the few-shot run whose seen defects should be left out."
+        )
+    if eval_resolution not in EVAL_RESOLUTIONS:
+        raise ConfigError(f"eval_resolution must be one of {', '.join(EVAL_RESOLUTIONS)}; got {eval_resolution!r}.")
+
+
+def _decision_counts(scored: ScoredImages, calibrated: bool) -> dict[str, Any]:
+    """Image counts, and the deployed decisions' accuracy, false alarms and misses (None when not calibrated)."""
+    labels = np.array([s.label for s in scored.samples])
+    # The deployed decision: the calibrated score above 0.5, computed in the model's graph. It equals
+    # raw > threshold but for raw scores a float32 rounding step above the threshold.
+    decisions = scored.norm_scores > 0.5
+    # Without a calibrated threshold there are no decisions to count.
+    return {
+        "num_images": int(labels.size),
+        "num_good": int((labels == 0).sum()),
+        "num_defective": int(labels.sum()),
+        "accuracy_at_threshold": float((decisions == (labels == 1)).mean()) if calibrated else None,
+        "num_false_alarms": int((decisions & (labels == 0)).sum()) if calibrated else None,
+        "num_missed": int((~decisions & (labels == 1)).sum()) if calibrated else None,
+    }
+
+
+def _report_cards(
+    metrics: dict[str, Any], info: dict[str, Any], run: Path, image_size: int, exclude_seen_of: str | Path | None
+) -> dict[str, str]:
+    """The report's summary lines: model, run, data, threshold, images, where pixels were scored, decisions."""
+    num_good, num_defective = metrics["num_good"], metrics["num_defective"]
+    if metrics["threshold_calibrated"]:
+        decided = (
+            f"{metrics['num_false_alarms']} of {num_good} good images flagged, {metrics['num_missed']} of "
+            f"{num_defective} defective missed"
+        )
+    else:
+        decided = "none: the threshold is not calibrated (run `flawscope calibrate`); use the raw scores"
+    cards = {
+        "model": info["method"],
+        "backbone": info["config"].get("backbone", ""),
+        "run": str(run.resolve()),
+        "data": metrics["data"],
+        "threshold": metrics["threshold_rule"],
+        "images": f"{metrics['num_images']} ({num_good} good, {num_defective} defective)",
+        "pixel metrics at": (
+            "each image's own size (native)"
+            if metrics["eval_resolution"] == "native"
+            else f"the model input, {image_size} x {image_size}"
+        ),
+        "decisions": decided,
+    }
+    if metrics["num_excluded_seen"]:
+        whose = "this run" + (f" and {exclude_seen_of}" if exclude_seen_of else "")
+        count = metrics["num_excluded_seen"]
+        cards["excluded"] = f"{count} seen defects that {whose} trained on (listed in metrics.json)"
+    unmarked, full = metrics["unmarked_defective"], metrics["nearly_full_masks"]
+    if metrics["defective_without_mask"]:
+        cards["masks"] = "none (no ground_truth/ folder): image metrics only"
+    elif unmarked or full:
+        cards["masks"] = (
+            f"{len(unmarked)} with no defect pixel, {len(full)} marking over 95 % of the image: check them "
+            "(unmarked_defective and nearly_full_masks in metrics.json)"
+        )
+    return cards
