@@ -567,3 +567,19 @@ def test_texture_dir_is_read_at_fit_time_only(tiny_dataset, tmp_path):
         fit(MLFF(config, pretrained=False), train, FitContext(quiet=True))
     with pytest.warns(UserWarning, match="texture_dir=.*gone is not used.*perlin"):
         fit(MLFF(MLFFConfig.from_dict(options), pretrained=False), train, FitContext(quiet=True))
+
+
+def test_texture_statistics_keep_their_levels_in_a_float16_model():
+    # TEM's 128 levels lie closer than float16's step near a cosine similarity of 1: computed in float16, the
+    # levels were assigned at random (half the output's range off); the statistics run in float32 in any model.
+    from flawscope.models.mlff.texture import PyramidTexture, TextureEnhancement
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 32, 16, 16) * 0.1 + 1.0  # every pixel close to the mean: similarities near 1
+    for module in (TextureEnhancement(32, 32, 16, num_levels=128), PyramidTexture(32, 16, num_levels=8)):
+        module.eval()
+        with torch.no_grad():
+            full = module(features)
+            half = module.half()(features.half()).float()
+        assert half.dtype == torch.float32 and torch.isfinite(half).all()
+        assert (half - full).abs().max() <= 0.01 * (full.max() - full.min())

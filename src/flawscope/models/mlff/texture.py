@@ -74,6 +74,16 @@ def cooccurrence(encoding: Tensor) -> Tensor:
     return pairs / pairs.sum((-2, -1), keepdim=True).clamp_min(torch.finfo(pairs.dtype).tiny)
 
 
+def _similarity(x: Tensor, mean: Tensor, dim: int) -> Tensor:
+    """Cosine similarity of features to their mean, in float32 whatever the features' precision.
+
+    QCO's levels lie (max - min) / N apart: with TEM's 128 levels over similarities near 1, finer than float16's
+    step there (2^-11), so a float16 graph (``export --half``) would assign levels at random. The statistics are
+    therefore computed in float32 and only their result is cast back (a no-op in a float32 model).
+    """
+    return F.cosine_similarity(x.float(), mean.float(), dim=dim)
+
+
 class TextureEnhancement(nn.Module):
     """TEM: 1-D QCO statistics, self-attention over the levels, redistributed to the pixels (T1 = D'·E).
 
@@ -99,15 +109,17 @@ class TextureEnhancement(nn.Module):
         x = self.embed(x)  # (B, 128, H, W)
         b, c, h, w = x.shape
         mean = x.mean((2, 3))  # (B, 128), the global feature g
-        similarity = F.cosine_similarity(x.flatten(2), mean[:, :, None], dim=1)  # (B, K)
+        similarity = _similarity(x.flatten(2), mean[:, :, None], dim=1)  # (B, K), float32
         levels, encoding = quantize_count(similarity, self.num_levels, self.window)  # (B, N), (B, N, K)
-        stats = torch.stack([levels, level_counts(encoding)], dim=1)  # B = [L; count]: (B, 2, N)
+        stats = torch.stack([levels, level_counts(encoding)], dim=1).to(x.dtype)  # B = [L; count]: (B, 2, N)
         stats = torch.cat([self.stats_mlp(stats), mean[:, :, None].expand(-1, -1, self.num_levels)], dim=1)
         stats = self.stats_fuse(stats)  # D: (B, 128, N)
-        q, k, v = self.query(stats), self.key(stats), self.value(stats)
+        # The products run in float32 too: the unscaled logits make the softmax sharp, and ONNX Runtime's float16
+        # MatMul on a CPU moved them by several % of their range (export --half).
+        q, k, v = (layer(stats).float() for layer in (self.query, self.key, self.value))
         attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (B, N, N): level n attends to all levels
-        updated = self.out(v @ attention.transpose(1, 2))  # D': (B, C_out, N)
-        return (updated @ encoding).reshape(b, -1, h, w)  # R = D'·E: (B, C_out, H, W)
+        updated = self.out((v @ attention.transpose(1, 2)).to(x.dtype))  # D': (B, C_out, N)
+        return (updated.float() @ encoding).to(x.dtype).reshape(b, -1, h, w)  # R = D'·E: (B, C_out, H, W)
 
 
 class CooccurrenceTexture(nn.Module):
@@ -131,12 +143,12 @@ class CooccurrenceTexture(nn.Module):
             x = F.interpolate(x, size=(rh * s, rw * s), mode="bilinear", align_corners=False)
         regions = x.reshape(b, c, s, rh, s, rw).permute(0, 2, 4, 1, 3, 5).reshape(b, s * s, c, rh, rw)
         mean = regions.mean((3, 4))  # (B, s², C)
-        similarity = F.cosine_similarity(regions, mean[..., None, None], dim=2)  # (B, s², rh, rw)
+        similarity = _similarity(regions, mean[..., None, None], dim=2)  # (B, s², rh, rw), float32
         levels, encoding = quantize_count(similarity.flatten(2), n, self.window)  # (B, s², N), (B, s², N, rh*rw)
         pairs = cooccurrence(encoding.reshape(b, s * s, n, rh, rw))  # (B, s², N, N)
         level_i = levels[..., :, None].expand(-1, -1, n, n)
         level_j = levels[..., None, :].expand(-1, -1, n, n)
-        stats = torch.stack([level_i, level_j, pairs], dim=1).flatten(3)  # (B, 3, s², N²)
+        stats = torch.stack([level_i, level_j, pairs], dim=1).flatten(3).to(x.dtype)  # (B, 3, s², N²)
         stats = torch.cat([self.stats_mlp(stats), mean.transpose(1, 2)[..., None].expand(-1, -1, -1, n * n)], 1)
         texture = self.out(stats).mean(-1)  # (B, out_ch, s²): mean over the N² level pairs
         return texture.reshape(b, -1, s, s)
