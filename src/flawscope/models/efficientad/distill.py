@@ -34,13 +34,12 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from ...backbones import create_backbone
 from ...backbones.named import IMAGENET_MEAN, IMAGENET_STD
 from ...data import find_images, preprocess, read_image
 from ...data.io import ImageReadingDataset, check_image_header
 from ...errors import ConfigError, DataError
 from ...fitting import autocast, check_precision
-from ...layers import LocalFeatureAggregator
+from ...layers import local_feature_extractor
 from ...outputs import refuse_inside
 from ...runs import save_safetensors
 from .fit import grayscale_decisions, grayscale_where
@@ -98,8 +97,9 @@ class PatchCoreTarget(nn.Module):
         out_channels: int = 384,
     ) -> None:
         super().__init__()
-        self.backbone = create_backbone(backbone, (8, 16), pretrained=pretrained, weights_path=weights_path)
-        self.aggregator = LocalFeatureAggregator(self.backbone.feature_info.channels, 3, pretrain_dim, out_channels)
+        self.backbone, self.aggregator = local_feature_extractor(
+            backbone, (8, 16), 3, pretrain_dim, out_channels, pretrained=pretrained, weights_path=weights_path
+        )
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...backbones import create_backbone
 from ...config import ModelConfig, context_weight_option, option
 from ...errors import ConfigError
-from ...layers import GaussianBlur2d, LocalFeatureAggregator, pairwise_squared_distances
+from ...layers import GaussianBlur2d, local_feature_extractor, pairwise_squared_distances
 from ..base import AnomalyModel
 
 
@@ -70,15 +69,15 @@ class PatchCore(AnomalyModel):
 
     def __init__(self, config: PatchCoreConfig, pretrained: bool = True, weights_path: str | Path | None = None):
         super().__init__(config)
-        self.backbone = create_backbone(
-            config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
-        )
-        self.aggregator = LocalFeatureAggregator(
-            self.backbone.feature_info.channels,
+        self.backbone, self.aggregator = local_feature_extractor(
+            config.backbone,
+            config.strides,
             config.patch_size,
             config.pretrain_embed_dim,
             config.target_embed_dim,
             config.context_weight,
+            pretrained=pretrained,
+            weights_path=weights_path,
         )
         self.blur = GaussianBlur2d(config.smoothing_sigma)
         self.register_buffer("memory_bank", torch.zeros(0, self.aggregator.out_dim))

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...backbones import create_backbone
 from ...config import ModelConfig, context_weight_option, option, position_shrinkage_option
 from ...errors import ConfigError
-from ...layers import GaussianBlur2d, LocalFeatureAggregator, PositionWhitening
+from ...layers import GaussianBlur2d, PositionWhitening, local_feature_extractor
 from ..base import AnomalyModel
 
 # The backbones of the paper's Table 4 (ResNet18/50/101, WideResNet50), for which the absolute noise sigma of 0.015
@@ -162,15 +161,15 @@ class SimpleNet(AnomalyModel):
 
     def __init__(self, config: SimpleNetConfig, pretrained: bool = True, weights_path: str | Path | None = None):
         super().__init__(config)
-        self.backbone = create_backbone(
-            config.backbone, config.strides, pretrained=pretrained, weights_path=weights_path
-        )
-        self.aggregator = LocalFeatureAggregator(
-            self.backbone.feature_info.channels,
+        self.backbone, self.aggregator = local_feature_extractor(
+            config.backbone,
+            config.strides,
             config.patch_size,
             config.embed_dim,
             config.embed_dim,
             config.context_weight,
+            pretrained=pretrained,
+            weights_path=weights_path,
         )
         dim = self.aggregator.out_dim  # embed_dim, or twice that with the image context appended
         self.adaptor = make_adaptor(dim, config.adaptor_layers, config.adaptor_bias, config.adaptor_activation)
