@@ -6,7 +6,7 @@ Example::
     maps = backbone(images)  # images (B, 3, 256, 256) in [0, 1] -> [(B, 40, 32, 32), (B, 112, 16, 16)]
 """
 
-from .backbone import Backbone, FeatureInfo, build_named_model, create_backbone
+from .backbone import Backbone, FeatureInfo, build_named_model, create_backbone, local_feature_extractor
 from .named import available_backbones, weights_status
 from .weights import WeightsSource, find_weights, load_weights_file, resolve_weights
 
@@ -19,6 +19,7 @@ __all__ = [
     "create_backbone",
     "find_weights",
     "load_weights_file",
+    "local_feature_extractor",
     "resolve_weights",
     "weights_status",
 ]

@@ -20,6 +20,7 @@ from timm.models import FeatureListNet
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelFormatError
+from ..layers.local_features import LocalFeatureAggregator
 from .named import NAMED_BACKBONES, NamedBackbone, available_backbones
 from .weights import WeightsSource, load_weights_file, resolve_weights
 
@@ -299,3 +300,25 @@ def _select_stages(
         )
     indices, channels = zip(*(by_stride[s] for s in strides), strict=True)
     return tuple(indices), tuple(channels)
+
+
+def local_feature_extractor(
+    backbone: str,
+    strides: Sequence[int],
+    patch_size: int = 3,
+    pretrain_dim: int = 1024,
+    target_dim: int = 1024,
+    context_weight: float = 0.0,
+    *,
+    pretrained: bool = True,
+    weights_path: str | Path | None = None,
+) -> tuple[Backbone, LocalFeatureAggregator]:
+    """A frozen backbone at ``strides`` and the aggregator of its stages (PatchCore, SimpleNet, EfficientAD's Psi).
+
+    Returns:
+        ``(backbone, aggregator)``: images (B, 3, H, W) -> stage maps -> (B, out_dim, H / strides[0], W /
+        strides[0]) local features; the two stay separate modules, so their ``state_dict`` keys do not move.
+    """
+    extractor = create_backbone(backbone, strides, pretrained=pretrained, weights_path=weights_path)
+    channels = extractor.feature_info.channels
+    return extractor, LocalFeatureAggregator(channels, patch_size, pretrain_dim, target_dim, context_weight)

@@ -3,7 +3,7 @@ device-following ranges for traced graphs."""
 
 from .blur import GaussianBlur2d, gaussian_kernel1d
 from .kmeans import KMeansResult, kmeans, kmeans_plus_plus, pairwise_squared_distances
-from .local_features import LocalFeatureAggregator, local_feature_extractor
+from .local_features import LocalFeatureAggregator
 from .ranges import arange_like, linspace_like
 from .whitening import PositionWhitening
 
@@ -17,6 +17,5 @@ __all__ = [
     "kmeans",
     "kmeans_plus_plus",
     "linspace_like",
-    "local_feature_extractor",
     "pairwise_squared_distances",
 ]

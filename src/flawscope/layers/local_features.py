@@ -21,13 +21,10 @@ poolings over C * p * p values at every location of the finest grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from ..backbones import Backbone, create_backbone
 
 
 def _pooling_matrix(in_length: int, out_length: int) -> Tensor:
@@ -109,25 +106,3 @@ class LocalFeatureAggregator(nn.Module):
             f"channels={self.channels}, patch_size={self.patch_size}, pretrain_dim={self.pretrain_dim}, "
             f"target_dim={self.target_dim}, context_weight={self.context_weight:g}"
         )
-
-
-def local_feature_extractor(
-    backbone: str,
-    strides: Sequence[int],
-    patch_size: int = 3,
-    pretrain_dim: int = 1024,
-    target_dim: int = 1024,
-    context_weight: float = 0.0,
-    *,
-    pretrained: bool = True,
-    weights_path: str | Path | None = None,
-) -> tuple[Backbone, LocalFeatureAggregator]:
-    """A frozen backbone at ``strides`` and the aggregator of its stages (PatchCore, SimpleNet, EfficientAD's Psi).
-
-    Returns:
-        ``(backbone, aggregator)``: images (B, 3, H, W) -> stage maps -> (B, out_dim, H / strides[0], W /
-        strides[0]) local features; the two stay separate modules, so their ``state_dict`` keys do not move.
-    """
-    extractor = create_backbone(backbone, strides, pretrained=pretrained, weights_path=weights_path)
-    channels = extractor.feature_info.channels
-    return extractor, LocalFeatureAggregator(channels, patch_size, pretrain_dim, target_dim, context_weight)

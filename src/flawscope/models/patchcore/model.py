@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...backbones import local_feature_extractor
 from ...config import ModelConfig, context_weight_option, option
 from ...errors import ConfigError
-from ...layers import GaussianBlur2d, local_feature_extractor, pairwise_squared_distances
+from ...layers import GaussianBlur2d, pairwise_squared_distances
 from ..base import AnomalyModel
 
 

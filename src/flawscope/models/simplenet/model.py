@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...backbones import local_feature_extractor
 from ...config import ModelConfig, context_weight_option, option, position_shrinkage_option
 from ...errors import ConfigError
-from ...layers import GaussianBlur2d, PositionWhitening, local_feature_extractor
+from ...layers import GaussianBlur2d, PositionWhitening
 from ..base import AnomalyModel
 
 # The backbones of the paper's Table 4 (ResNet18/50/101, WideResNet50), for which the absolute noise sigma of 0.015
