@@ -11,11 +11,11 @@ from flawscope.data.dataset import (
     to_uint8_image,
     warn_enlarged,
 )
+from flawscope.data.find import find_images
 from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file, read_image, read_mask
 from flawscope.data.layouts import (
     DatasetSplit,
     Sample,
-    find_images,
     list_categories,
     load_dataset,
     split_validation,

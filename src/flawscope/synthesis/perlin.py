@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from flawscope.data.find import find_images
 from flawscope.data.io import read_image
-from flawscope.data.layouts import find_images
 
 # DRAEM (data_loader.py): scales 2^a x 2^b with a, b in 0..5, noise rotated by U(-90, 90) degrees, threshold 0.5.
 PERLIN_MAX_EXPONENT = 5
