@@ -1329,3 +1329,11 @@ def test_native_resolution_needs_a_run_that_saw_the_whole_image(tiny_dataset, tm
     Image.open(oblong).resize((80, 64)).save(oblong)
     result = invoke("test", out, "--data", data, "--out", tmp_path / "o", "--eval-resolution", "native", "--quiet")
     assert_clean_error(result, "crops the centre of oblong images (1 here, e.g.", oblong.name)
+
+
+@pytest.mark.parametrize("module", ["flawscope", "flawscope.cli"])
+def test_the_command_runs_as_a_module(module):
+    # Where the `flawscope` script is not on PATH: `python -m flawscope` (and the package's own entry point).
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"flawscope, version {__version__}"

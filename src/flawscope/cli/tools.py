@@ -295,7 +295,3 @@ def bench(data, models, overrides, settings, out, threads, repeats, category, la
     )
     click.echo((Path(out) / "bench.md").read_text(encoding="utf-8"))
     click.echo(f"written: {Path(out) / 'bench.md'}, {Path(out) / 'bench.json'} ({len(result['rows'])} rows)")
-
-
-if __name__ == "__main__":
-    main()
