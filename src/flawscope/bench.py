@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from .config import parse_overrides
 from .errors import ConfigError, use_one_line_warnings
 from .fitting import torch_threads
 from .registry import get_method
+
+if TYPE_CHECKING:  # the export code loads only when a benchmark runs
+    from .export import Inferencer
 
 THROUGHPUT_BATCH = 16
 TABLE_FILES = ("bench.json", "bench.md")  # written into --out beside one run folder per setting
@@ -175,7 +178,7 @@ def count_flops(model: torch.nn.Module, image_size: int) -> dict[str, float]:
     return {"total": float(counter.get_total_flops()), "backbone": float(backbone)}
 
 
-def time_inference(inferencer, image_size: int, repeats: int) -> dict[str, float]:
+def time_inference(inferencer: Inferencer, image_size: int, repeats: int) -> dict[str, float]:
     """Latency at batch 1 (median of ``repeats`` calls) and images/s at batch 16 of an inferencer, random inputs."""
     one = torch.rand(1, 3, image_size, image_size).numpy()
     batch = torch.rand(THROUGHPUT_BATCH, 3, image_size, image_size).numpy()

@@ -27,7 +27,9 @@ class ModelFormatError(FlawscopeError, ValueError):
     """A model folder is missing files, corrupt, or written by a newer format version."""
 
 
-def format_warning_line(message, category, filename, lineno, line=None) -> str:
+def format_warning_line(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     """A warning as one line for a command-line user, without the source file and line it was raised from.
 
     Installed as ``warnings.formatwarning`` by the CLI, and in the worker processes of ``flawscope bench``.

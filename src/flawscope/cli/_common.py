@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 from PIL import Image
@@ -26,7 +28,7 @@ def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) 
     return value
 
 
-def threads_option(expose: bool = False):
+def threads_option(expose: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--threads N: torch's (and ONNX Runtime's) CPU threads for the whole command; passed on when ``expose``."""
     return click.option(
         "--threads",
@@ -127,6 +129,7 @@ def threshold_line(run: Path) -> str:
 
 
 def print_metrics(metrics: dict) -> None:
+    """The seven metrics of a metrics.json dictionary, one per line in percent (n/a where not computed)."""
     from ..evaluation import METRIC_KEYS
 
     for key in METRIC_KEYS:

@@ -139,6 +139,7 @@ def export_metadata(
 
 
 def metadata_json(metadata: dict[str, Any]) -> str:
+    """The metadata as the JSON text stored in an exported file (sorted keys, so equal metadata gives equal text)."""
     return json.dumps(metadata, sort_keys=True)
 
 
