@@ -752,6 +752,26 @@ def test_fit_rejects_an_empty_data_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(tiny_dataset, images, tmp_path):
+    plain = tmp_path / "good parts"
+    shutil.copytree(tiny_dataset / "train" / "good", plain)
+    before = snapshot(plain)
+    out = tmp_path / "run"
+    result = invoke(*fit_args(plain, out))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["layout"] == "folder" and config["category"] == "good parts"
+    assert config["num_train"] + config["num_val"] == len(load_dataset(tiny_dataset).train)
+    assert invoke("predict", out, images, "--out", tmp_path / "pred", "--quiet").exit_code == 0
+    assert len(read_csv(tmp_path / "pred" / "predictions.csv")) == 3
+    assert_clean_error(invoke("test", out, "--data", plain), "plain folder of images", "flawscope predict RUN")
+    assert invoke("test", out, "--data", tiny_dataset, "--quiet", "--no-report").exit_code == 0  # labelled: tests
+    bench = invoke("bench", "--data", plain, "--models", "patchcore", "--out", tmp_path / "bench")
+    assert_clean_error(bench, "No labelled test images", "folder layout")
+    assert not (tmp_path / "bench").exists()
+    assert snapshot(plain) == before
+
+
 def test_fit_explains_a_misnamed_folder(tiny_dataset, tmp_path):
     misnamed = tmp_path / "bottle"
     shutil.copytree(tiny_dataset / "train" / "good", misnamed / "training" / "good")

@@ -335,6 +335,51 @@ def test_wrong_size_mask_fails_when_loading_the_item(tmp_path):
         dataset[0]
 
 
+def test_a_plain_folder_is_read_as_good_training_images_and_nothing_below_it(tmp_path):
+    root = tmp_path / "parts"
+    paths = [_save_rgb(root / name) for name in ("b.png", "A.JPG", "c.bmp")]
+    _save_rgb(root / "rejects" / "000.png")  # e.g. defective parts kept next to the good ones: never trained on
+    (root / "notes.txt").write_text("shift 2")
+    (root / ".DS_Store").write_bytes(b"\0")
+    with pytest.warns(UserWarning, match="2 entries") as caught:
+        split = load_dataset(root)
+    message = str(caught[0].message)
+    assert "rejects (a folder: subfolders are not searched)" in message and "notes.txt (not an image" in message
+    assert split.layout == "folder" and split.category == "parts" and split.test == []
+    assert [s.path for s in split.train] == sorted(paths, key=Path.as_posix)  # "A.JPG" < "b.png" < "c.bmp"
+    assert all(s.label == 0 and s.mask_path is None for s in split.train)
+    assert list_categories(root) == ["parts"]
+    assert load_dataset(root, category="parts").train == split.train  # a run's recorded category reads it back
+    with pytest.raises(DataError, match="plain folder of good images, which has no categories"):
+        load_dataset(root, category="screw")
+
+
+def test_auto_reads_a_folder_with_mvtec_visa_or_category_folders_as_those_and_never_as_plain(tmp_path):
+    mvtec = _make_mvtec(tmp_path / "bottle")
+    _save_rgb(mvtec / "loose.png")  # a stray image beside train/ does not make it a plain folder
+    assert load_dataset(mvtec).layout == "mvtec"
+    _save_rgb(tmp_path / "loose.png")  # the parent of a category folder
+    assert load_dataset(tmp_path).root == mvtec
+    visa = _make_visa(tmp_path / "visa")
+    _save_rgb(visa / "loose.png")
+    assert load_dataset(visa, category="candle").layout == "visa"
+    assert load_dataset(mvtec / "train" / "good").layout == "folder"  # any folder of images, named directly
+    assert len(load_dataset(mvtec, layout="folder").train) == 1  # asked for: the one image directly in it
+
+
+def test_a_plain_folder_without_images_names_the_subfolders_that_hold_some(tmp_path):
+    _save_rgb(tmp_path / "parts" / "good" / "0.png")
+    (tmp_path / "parts" / "empty").mkdir()
+    with pytest.raises(
+        DataError, match=r"No images directly in .*parts .*subfolder\(s\) .*parts/good: pass the folder"
+    ):
+        load_dataset(tmp_path / "parts", layout="folder")
+    with pytest.raises(DataError, match=r"No 'train/good' .*if one of .*parts/good holds only good images, pass it"):
+        load_dataset(tmp_path / "parts")  # auto: no images directly in it, so not a plain folder
+    with pytest.raises(ConfigError, match="expected one of: auto, mvtec, visa, folder"):
+        load_dataset(tmp_path, layout="plain")
+
+
 def _make_visa(root: Path) -> Path:
     rows = ["object,split,label,image,mask"]
     for obj in ("candle", "pcb1"):
@@ -377,6 +422,8 @@ def test_a_run_tested_on_a_split_without_test_images_is_told_where_they_belong(t
     shutil.rmtree(mvtec / "ground_truth")
     with pytest.raises(DataError, match=r"`flawscope calibrate` reads its test split .*train/ is not read.*synth"):
         run_dataset(run, mvtec, calibrating=True)
+    with pytest.raises(DataError, match=r"a plain folder of images, .*no labels.*`flawscope predict RUN .*good`"):
+        run_dataset(run, mvtec / "train" / "good")
 
 
 def test_visa_rows_listing_an_image_twice_are_refused_and_object_names_trimmed(tmp_path):

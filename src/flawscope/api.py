@@ -154,7 +154,10 @@ def fit(
 ) -> Path:
     """Trains ``method`` on the good training images of ``data`` and writes a run folder.
 
-    A seeded ``val_ratio`` share of ``train/good`` is held out to calibrate the threshold; test images are never
+    ``data`` is a data set in one of ``load_dataset``'s layouts: an MVTec-style folder (``train/good``), a VisA root,
+    or a plain folder whose images (directly in it) are all good ones.
+
+    A seeded ``val_ratio`` share of the good training images is held out to calibrate the threshold; test images are never
     looked at. Writes ``out/model/`` (model.json + weights.safetensors), ``out/config.json``,
     ``out/environment.json`` and ``out/fit_log.json``.
 
@@ -391,7 +394,13 @@ def run_dataset(
         )
     if not dataset.test:
         command = "calibrate" if calibrating else "test"
-        if dataset.layout == "visa":
+        if dataset.layout == "folder":
+            where = (
+                f"it is a plain folder of images, read as good ones with no labels, and `flawscope {command}` needs "
+                "labelled images (test/good and test/<defect type>; masks in ground_truth/<defect type> add the pixel "
+                f"metrics). To score unlabelled images, use `flawscope predict RUN {dataset.root}`"
+            )
+        elif dataset.layout == "visa":
             where = (
                 f"no 'test' rows for {dataset.category!r} in {dataset.root / VISA_CSV}: `flawscope {command}` reads "
                 "the CSV's test rows (normal and anomaly, with masks)"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import parse_overrides
-from .errors import ConfigError, use_one_line_warnings
+from .errors import ConfigError, DataError, use_one_line_warnings
 from .fitting import torch_threads
 from .registry import get_method
 
@@ -279,6 +279,12 @@ def run_bench(
 
     out = Path(out)
     dataset = load_dataset(data, layout=layout, category=category)  # a wrong path or category fails before any work
+    if not dataset.test:
+        raise DataError(
+            f"No labelled test images in {dataset.root} ({dataset.layout} layout): bench fits each model on the good "
+            "training images and tests it on test/good and test/<defect type> (masks in ground_truth/<defect type>). "
+            "Give a data set with a test split."
+        )
     category = dataset.category
     writes = [*TABLE_FILES, *(setting.name for setting in settings)]
     check_outside(out, dataset.root, writes)

@@ -14,10 +14,19 @@ from PIL import Image
 
 from .. import __version__
 from ..data.io import set_pixel_limit_from_environment
+from ..data.layouts import LAYOUTS
 from ..errors import FlawscopeError, format_warning_line
 
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 QUIET = click.option("--quiet", is_flag=True, help="no progress bars")
+LAYOUT = click.option(
+    "--layout",
+    default="auto",
+    type=click.Choice(LAYOUTS),
+    show_default=True,
+    help="mvtec (train/good, test/<type>, ground_truth/<type>), visa (split_csv/1cls.csv), folder (a plain folder "
+    "of good images, no labels); auto tells them apart",
+)
 
 
 def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:

@@ -13,12 +13,14 @@ import click
 from ..calibration import DEFAULT_TARGET_FPR
 from ..config import parse_overrides
 from ..errors import ConfigError
-from ._common import DEVICE, PATH, QUIET, main, print_metrics, threads_option, threshold_line
+from ._common import DEVICE, LAYOUT, PATH, QUIET, main, print_metrics, threads_option, threshold_line
 
 
 @main.command()
 @click.option("--model", "method", required=True, help="method name (see `flawscope info`)")
-@click.option("--data", required=True, type=PATH, help="data set root (MVTec layout or VisA)")
+@click.option(
+    "--data", required=True, type=PATH, help="data set root (MVTec layout, VisA, or a plain folder of good images)"
+)
 @click.option("--out", required=True, type=PATH, help="run folder to write")
 @click.option("--backbone", default=None, help="feature extractor, e.g. efficientnet_lite0")
 @click.option("--image-size", type=int, default=None, help="model input side in pixels")
@@ -34,7 +36,7 @@ from ._common import DEVICE, PATH, QUIET, main, print_metrics, threads_option, t
     help="tolerated false-positive rate of the threshold on held-out good images",
 )
 @click.option("--category", default=None, help="category folder inside a multi-category data root")
-@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@LAYOUT
 @click.option(
     "--weights",
     type=PATH,
@@ -119,7 +121,7 @@ def fit(
 @click.option("--data", required=True, type=PATH)
 @click.option("--out", type=PATH, default=None, help="default: the run folder")
 @click.option("--category", default=None, help="category of a multi-category root; default: the run's own")
-@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@LAYOUT
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--no-report", is_flag=True, help="skip report.html")
 @click.option(
@@ -268,7 +270,7 @@ def export(run, export_format, out, batch, half, no_check) -> None:
 )
 @click.option("--target-fpr", type=float, default=None, help=f"with --rule fpr  [default: {DEFAULT_TARGET_FPR}]")
 @click.option("--category", default=None, help="category of a multi-category root; default: the run's own")
-@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@LAYOUT
 @threads_option()
 @DEVICE
 @QUIET

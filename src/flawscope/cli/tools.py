@@ -10,7 +10,7 @@ import click
 
 from ..config import TRAIN_PRECISIONS
 from ..errors import ConfigError, DataError
-from ._common import DEVICE, PATH, QUIET, main, print_metrics, threads_option
+from ._common import DEVICE, LAYOUT, PATH, QUIET, main, print_metrics, threads_option
 
 
 @main.command()
@@ -146,7 +146,7 @@ def distill(
 @click.option("--foreground", is_flag=True, help="place defects on the Otsu foreground (object categories)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--category", default=None, help="category of a multi-category --data (default with --run: the run's)")
-@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@LAYOUT
 def synth(data, out, run, num_defects, image_size, resize_size, textures, foreground, seed, category, layout) -> None:
     """Write a synthetic labelled validation set (good images + simulated defects with masks) to OUT.
 
@@ -276,7 +276,7 @@ def demo(out, texture, epochs, device, quiet) -> None:
 @threads_option(expose=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="timed calls at batch 1")
 @click.option("--category", default=None, help="category folder inside a multi-category data root")
-@click.option("--layout", default="auto", type=click.Choice(["auto", "mvtec", "visa"]), show_default=True)
+@LAYOUT
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(data, models, overrides, settings, out, threads, repeats, category, layout, seed) -> None:
     """Fit, test, export and time several models on DATA; write one table (bench.md, bench.json)."""

@@ -1,4 +1,5 @@
-"""Dataset layouts: MVTec AD style folders (also BTAD, MPDD, MTD) and the VisA split CSV (image search: ``find``).
+"""Dataset layouts: MVTec AD style folders (also BTAD, MPDD, MTD), the VisA split CSV, and a plain folder of good
+images (image search for ``predict``: ``find``).
 
 Only listing happens here: files are checked to exist, never opened for writing, and nothing is created in a data
 folder. Every list is sorted by the path's characters (``Path`` sorts without case on Windows), so a run holds out
@@ -17,7 +18,7 @@ from pathlib import Path
 from flawscope.data.io import IMAGE_EXTENSIONS, is_image_file
 from flawscope.errors import ConfigError, DataError
 
-LAYOUTS = ("auto", "mvtec", "visa")
+LAYOUTS = ("auto", "mvtec", "visa", "folder")
 # "good" is MVTec's name for defect-free images; BTAD ships the same tree with "ok" instead.
 NORMAL_NAMES = ("good", "ok")
 MVTEC_HELP = (
@@ -67,8 +68,8 @@ class DatasetSplit:
         root: Folder of the category (MVTec) or of the whole dataset (VisA).
         train: Good training images, sorted by path.
         test: Test images, good and defective, sorted by defect type then path; empty when there is no test set.
-        layout: "mvtec" or "visa".
-        category: The category: the MVTec category folder's name, the VisA object.
+        layout: "mvtec", "visa" or "folder".
+        category: The category: the MVTec category folder's name, the VisA object, the plain folder's name.
     """
 
     root: Path
@@ -109,7 +110,9 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
     return sorted_paths(images)
 
 
-_MVTEC_READS = "the images directly in train/good and test/<type> and the masks in ground_truth/<type>"
+_MVTEC_READS = (
+    "the images directly in train/good and test/<type> and the masks in ground_truth/<type> that belong to a test image"
+)
 
 
 def warn_ignored(root: Path, ignored: list[tuple[Path, str]], reads: str = _MVTEC_READS) -> None:
@@ -119,7 +122,7 @@ def warn_ignored(root: Path, ignored: list[tuple[Path, str]], reads: str = _MVTE
         listed = _join(f"{path} ({reason})" for path, reason in sorted(ignored))
         warnings.warn(
             f"{len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} in {root} were not read: {listed}. flawscope "
-            f"reads {reads} that belong to a test image (extensions {', '.join(IMAGE_EXTENSIONS)}); move or convert "
+            f"reads {reads} (extensions {', '.join(IMAGE_EXTENSIONS)}); move or convert "
             "what should count, or move the rest out of the data folder to silence this.",
             stacklevel=3,
         )
@@ -174,7 +177,19 @@ def _mvtec_root(root: Path, category: str | None) -> Path:
         if (root / VISA_CSV).is_file()
         else ""
     )
-    raise DataError(f"No 'train/good' in {root}; found: {_contents(root)}. {MVTEC_HELP}.{visa}")
+    plain = _image_folders(root)
+    plain_hint = (
+        f" A plain folder of good images also trains: if one of {_join(plain)} holds only good images, pass it as "
+        "the data folder."
+        if plain
+        else " A plain folder of good images (the images directly in it) also trains."
+    )
+    raise DataError(f"No 'train/good' in {root}; found: {_contents(root)}. {MVTEC_HELP}.{visa}{plain_hint}")
+
+
+def _image_folders(root: Path) -> list[str]:
+    """The names of ``root``'s subfolders that hold images directly."""
+    return [str(folder) for folder in _subfolders(root) if any(map(is_image_file, folder.iterdir()))]
 
 
 def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
@@ -260,6 +275,43 @@ def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
     test = _mvtec_test(root, ignored)
     warn_ignored(root, ignored)
     return DatasetSplit(root=root, train=train, test=test, layout="mvtec", category=root.resolve().name)
+
+
+_FOLDER_READS = "the images directly in a plain folder of good images; subfolders are not searched"
+
+
+def _load_folder(root: Path, category: str | None) -> DatasetSplit:
+    """A plain folder: the images directly in ``root`` are good training images; there is no test split."""
+    if category not in (None, root.resolve().name):  # its own name: the category a run fitted on it records
+        raise DataError(
+            f"Category {category!r} was given but {root} is a plain folder of good images, which has no categories. "
+            "Drop --category (category=...), or pass an MVTec-style root that holds category folders."
+        )
+    ignored: list[tuple[Path, str]] = []
+    train = [Sample(path) for path in _list_images(root, ignored)]
+    if not train:
+        holding = _image_folders(root)
+        hint = (
+            f" Images are in its subfolder(s) {_join(holding)}: pass the folder of good images itself (subfolders "
+            "are not searched, so that defective images kept next to the good ones are never trained on)."
+            if holding
+            else ""
+        )
+        raise DataError(
+            f"No images directly in {root} (found: {_join(sorted(p.name for p in root.iterdir()))}), read as a plain "
+            f"folder of good images.{hint} Images need one of the extensions {', '.join(IMAGE_EXTENSIONS)}. For "
+            f"labelled data: {MVTEC_HELP}."
+        )
+    warn_ignored(root, ignored, _FOLDER_READS)
+    return DatasetSplit(root=root, train=train, test=[], layout="folder", category=root.resolve().name)
+
+
+def _is_plain_folder(root: Path, layout: str) -> bool:
+    """``layout`` "folder", or "auto" on a folder with images directly in it and no MVTec, VisA or category folders."""
+    if layout != "auto":
+        return layout == "folder"
+    structured = any((root / name).is_dir() for name in ("train", "test", "split_csv"))
+    return not structured and not _category_names(root) and any(map(is_image_file, root.iterdir()))
 
 
 def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
@@ -381,23 +433,29 @@ def load_dataset(
 
     Args:
         root: MVTec-style category folder (holding ``train/good``), a parent of several category folders (then
-            ``category`` picks one), or a VisA root (holding ``split_csv/1cls.csv``).
-        layout: "mvtec", "visa", or "auto" (VisA when ``root/split_csv`` exists and ``root/train`` does not).
+            ``category`` picks one), a VisA root (holding ``split_csv/1cls.csv``), or a plain folder whose images
+            (directly in it; subfolders are not searched) are all good training images.
+        layout: "mvtec", "visa", "folder", or "auto": VisA when ``root/split_csv`` exists and ``root/train`` does
+            not; a plain folder when ``root`` holds images directly and no train/, test/, split_csv/ or category
+            folder; MVTec otherwise.
         category: MVTec category subfolder or VisA object name; needed when the root holds several.
         need_train: False for readers of the test split only (test, calibrate): an MVTec-style folder may then
             have ``test/`` and ``ground_truth/`` without ``train/good`` (or with an empty one).
 
     Returns:
-        The split; a missing MVTec ``test`` folder gives an empty ``test`` list (enough for fitting).
+        The split; a missing MVTec ``test`` folder, and a plain folder, give an empty ``test`` list (enough for
+        fitting).
 
     Raises:
         ConfigError: Unknown ``layout``.
-        DataError: Missing or misnamed folders, empty ``train/good``, a defective image without its mask, or a
-            bad VisA CSV; the message names the path and what was found.
+        DataError: Missing or misnamed folders, empty ``train/good`` or plain folder, a defective image without its
+            mask, a bad VisA CSV, or ``category`` with a plain folder; the message names the path and what was found.
     """
     root = _checked_root(root, layout)
     if _is_visa(root, layout):
         return _load_visa(root, category)
+    if _is_plain_folder(root, layout):
+        return _load_folder(root, category)
     if not need_train and category is None and (root / "test").is_dir() and not _normal_folder(root / "train"):
         return _load_mvtec(root, need_train=False)
     return _load_mvtec(_mvtec_root(root, category), need_train)
@@ -405,7 +463,7 @@ def load_dataset(
 
 def list_categories(root: str | Path, layout: str = "auto") -> list[str]:
     """The names ``load_dataset(root, layout, category=...)`` accepts, sorted: the category folders of an MVTec-style
-    parent (a single category folder gives its own name) or the objects of a VisA split CSV.
+    parent (a single category folder, and a plain folder, give their own name) or the objects of a VisA split CSV.
 
     Raises:
         ConfigError: Unknown ``layout``.
@@ -414,7 +472,7 @@ def list_categories(root: str | Path, layout: str = "auto") -> list[str]:
     root = _checked_root(root, layout)
     if _is_visa(root, layout):
         return sorted({row["object"] for _, row in _visa_rows(root)})
-    if _normal_folder(root / "train"):
+    if _normal_folder(root / "train") or _is_plain_folder(root, layout):
         return [root.resolve().name]
     categories = _category_names(root)
     if not categories:

@@ -76,7 +76,11 @@ def load_anomaly_folder(folder: str | Path) -> list[Sample]:
     ignored: list[tuple[Path, str]] = []
     parent = folder / "test" if (folder / "test").is_dir() else folder
     samples = [s for s in typed_samples(parent, folder / "ground_truth", ignored) if s.label == 1]
-    warn_ignored(folder, ignored, "the images in <type>/ (or test/<type>/) and the masks in ground_truth/<type>")
+    warn_ignored(
+        folder,
+        ignored,
+        ("the images in <type>/ (or test/<type>/) and the masks in ground_truth/<type> that belong to an image"),
+    )
     if not samples:
         raise DataError(
             f"No labelled defects in {folder}: expected <type>/<image> with ground_truth/<type>/<stem>_mask.png "
