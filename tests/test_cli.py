@@ -157,6 +157,24 @@ def test_test_writes_metrics(run):
     assert metrics["unmarked_defective"] == [] and metrics["nearly_full_masks"] == []
 
 
+def test_mvtec_loco_mask_folders_give_the_metrics_of_the_same_masks_in_one_file(run, tiny_dataset, tmp_path):
+    loco = tmp_path / "grass"  # the same category laid out as MVTec LOCO: each mask cut into two defects' files
+    shutil.copytree(tiny_dataset, loco, ignore=shutil.ignore_patterns("ground_truth"))
+    for mask_file in sorted((tiny_dataset / "ground_truth").glob("*/*_mask.png")):
+        mask = np.asarray(Image.open(mask_file))
+        left, right = mask.copy(), mask.copy()
+        left[:, mask.shape[1] // 2 :], right[:, : mask.shape[1] // 2] = 0, 0
+        folder = loco / "ground_truth" / mask_file.parent.name / mask_file.name.removesuffix("_mask.png")
+        folder.mkdir(parents=True)
+        Image.fromarray(left).save(folder / "000.png")
+        Image.fromarray(right).save(folder / "001.png")
+    result = invoke("test", run, "--data", loco, "--out", tmp_path / "out", "--quiet", "--no-report")
+    assert result.exit_code == 0, result.output
+    loco_metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {key: loco_metrics[key] for key in METRIC_KEYS} == {key: metrics[key] for key in METRIC_KEYS}
+
+
 def test_test_warns_about_defective_images_with_an_empty_mask(run, tiny_dataset, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)

@@ -380,6 +380,38 @@ def test_a_plain_folder_without_images_names_the_subfolders_that_hold_some(tmp_p
         load_dataset(tmp_path, layout="plain")
 
 
+def test_mvtec_loco_masks_are_the_union_of_a_folder_per_image(tmp_path):
+    root = tmp_path / "pushpins"  # MVTec LOCO: a folder of masks per defective image, one mask per defect
+    _save_rgb(root / "train" / "good" / "000.png")
+    _save_rgb(root / "validation" / "good" / "000.png")
+    _save_rgb(root / "test" / "good" / "000.png")
+    _save_rgb(root / "test" / "logical_anomalies" / "000.png")
+    _save_rgb(root / "test" / "structural_anomalies" / "000.png")
+    first, second = np.zeros((24, 32), np.uint8), np.zeros((24, 32), np.uint8)
+    first[2:5, 3:9], second[10:20, 20:30] = 241, 255  # LOCO marks each defect type with its own value
+    folder = root / "ground_truth" / "logical_anomalies" / "000"
+    folder.mkdir(parents=True)
+    Image.fromarray(first).save(folder / "000.png")
+    Image.fromarray(second).save(folder / "001.png")
+    _save_mask(root / "ground_truth" / "structural_anomalies" / "000" / "000.png")
+    split = load_dataset(root)
+    logical = next(s for s in split.test if s.defect_type == "logical_anomalies")
+    assert logical.mask_path == folder
+    assert np.array_equal(read_mask(logical.mask_path, size=(24, 32)), (first > 0) | (second > 0))
+    assert np.array_equal(read_mask(folder / "001.png"), second > 0)  # a file is read as before
+    Image.fromarray(np.zeros((24, 31), np.uint8)).save(folder / "002.png")
+    with pytest.raises(DataError, match=r"Mask .*002\.png is 24x31 .* but the expected size is 24x32"):
+        read_mask(folder)
+    (folder / "002.png").unlink()
+    (root / "ground_truth" / "logical_anomalies" / "007").mkdir()  # masks of no image are named, not read
+    with pytest.warns(UserWarning, match=r"logical_anomalies/007 \(a mask with no test image of its name\)"):
+        load_dataset(root)
+    for path in folder.iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match=r"Mask folder .*000 holds no mask image"):
+        read_mask(folder)
+
+
 def _make_visa(root: Path) -> Path:
     rows = ["object,split,label,image,mask"]
     for obj in ("candle", "pcb1"):

@@ -157,8 +157,8 @@ def fit(
     ``data`` is a data set in one of ``load_dataset``'s layouts: an MVTec-style folder (``train/good``), a VisA root,
     or a plain folder whose images (directly in it) are all good ones.
 
-    A seeded ``val_ratio`` share of the good training images is held out to calibrate the threshold; test images are never
-    looked at. Writes ``out/model/`` (model.json + weights.safetensors), ``out/config.json``,
+    A seeded ``val_ratio`` share of the good training images is held out to calibrate the threshold; test images
+    are never looked at. Writes ``out/model/`` (model.json + weights.safetensors), ``out/config.json``,
     ``out/environment.json`` and ``out/fit_log.json``.
 
     Few-shot methods (``supervision="few-shot"``, e.g. PRN) also train on labelled defects: ``seen_anomalies``

@@ -270,22 +270,43 @@ def _mask_to_bool(image: Image.Image, lossy: bool = False) -> np.ndarray:
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None, image_path: Path | None = None) -> np.ndarray:
-    """Read a ground-truth mask; any nonzero pixel marks a defect (MVTec uses 255, VisA uses instance ids).
+    """Read a ground-truth mask; any nonzero pixel marks a defect (MVTec uses 255, VisA instance ids, MVTec LOCO one
+    value per defect type).
 
     A JPEG mask is the exception: compression leaves faint nonzero pixels around every edge, so a pixel marks a
     defect when a channel reaches 128 (of 255). Masks are best saved as PNG.
 
     Args:
-        path: Mask image file.
-        size: Expected (H, W), the size of the image the mask belongs to; None skips the check.
+        path: Mask image file, or a folder of mask images whose union is the mask (MVTec LOCO keeps one mask per
+            defect of an image in ``ground_truth/<type>/<image stem>/``).
+        size: Expected (H, W), the size of the image the mask belongs to; None skips the check (a folder's masks
+            are still checked against each other).
         image_path: The image the mask belongs to, named in the error message when the sizes differ.
 
     Returns:
         Array of shape (H, W), dtype bool, True where the image is defective.
 
     Raises:
-        DataError: The mask is unreadable, or its size differs from ``size``.
+        DataError: A mask is unreadable, or its size differs from ``size`` (or, in a folder, from the first mask's),
+            or a mask folder holds no mask image.
     """
+    path = Path(path)
+    if not path.is_dir():
+        return _read_mask_file(path, size, image_path)
+    files = sorted((p for p in path.iterdir() if is_image_file(p)), key=Path.as_posix)
+    if not files:
+        raise DataError(
+            f"Mask folder {path} holds no mask image (extensions {', '.join(IMAGE_EXTENSIONS)}). Add the defect's "
+            "masks, or remove the folder and its image from the test set."
+        )
+    mask = _read_mask_file(files[0], size, image_path)
+    for file in files[1:]:
+        mask |= _read_mask_file(file, mask.shape, image_path if size is not None else None)
+    return mask
+
+
+def _read_mask_file(path: Path, size: tuple[int, int] | None, image_path: Path | None) -> np.ndarray:
+    """One mask image as (H, W) bool, checked against ``size``."""
     path = _existing_file(path)
     mask = _mask_to_bool(_open_upright(path, path), lossy=path.suffix.lower() in _LOSSY_MASK_EXTENSIONS)
     if size is not None and mask.shape != tuple(size):

@@ -1,5 +1,5 @@
-"""Dataset layouts: MVTec AD style folders (also BTAD, MPDD, MTD), the VisA split CSV, and a plain folder of good
-images (image search for ``predict``: ``find``).
+"""Dataset layouts: MVTec AD style folders (also BTAD, MPDD, MTD and MVTec LOCO), the VisA split CSV, and a plain
+folder of good images (image search for ``predict``: ``find``).
 
 Only listing happens here: files are checked to exist, never opened for writing, and nothing is created in a data
 folder. Every list is sorted by the path's characters (``Path`` sorts without case on Windows), so a run holds out
@@ -50,8 +50,9 @@ class Sample:
         path: Image file.
         label: 0 for a good image, 1 for a defective one.
         defect_type: Name of the defect folder ("good" for good images).
-        mask_path: Ground-truth mask of a defective image; None for good images (their mask is all zeros) and for
-            the defective images of a test set without a ground_truth/ folder (image labels only).
+        mask_path: Ground-truth mask of a defective image, a file or (MVTec LOCO) a folder of masks whose union is
+            the mask (``read_mask`` reads both); None for good images (their mask is all zeros) and for the
+            defective images of a test set without a ground_truth/ folder (image labels only).
     """
 
     path: Path
@@ -192,17 +193,22 @@ def _image_folders(root: Path) -> list[str]:
     return [str(folder) for folder in _subfolders(root) if any(map(is_image_file, folder.iterdir()))]
 
 
-def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path]) -> Path:
-    """Find ``<stem>_mask.<ext>`` (MVTec, MPDD) or ``<stem>.<ext>`` (BTAD), any extension case, .png first."""
+def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path], folders: dict[str, Path]) -> Path:
+    """Find ``<stem>_mask.<ext>`` (MVTec, MPDD) or ``<stem>.<ext>`` (BTAD), any extension case, .png first; else the
+    folder ``<stem>/`` of MVTec LOCO, whose masks (one per defect) together make the image's mask."""
     for suffix in ("_mask", ""):
         for extension in (".png", *IMAGE_EXTENSIONS):
             found = index.get(_name_key(f"{image.stem}{suffix}{extension}"))
             if found is not None:
                 return found
+    folder = folders.get(_name_key(image.stem))
+    if folder is not None:
+        return folder
     raise DataError(
-        f"Defective test image {image} has no mask: expected {ground_truth / (image.stem + '_mask.png')}. Every "
-        f"image in test/<type> other than test/good needs one; add the mask or move the image out of the test set (a "
-        "folder without any ground_truth/ is read as a test set with image labels only)."
+        f"Defective test image {image} has no mask: expected {ground_truth / (image.stem + '_mask.png')} (or a "
+        f"folder {ground_truth / image.stem} of masks, as in MVTec LOCO). Every image in test/<type> other than "
+        "test/good needs one; add the mask or move the image out of the test set (a folder without any ground_truth/ "
+        "is read as a test set with image labels only)."
     )
 
 
@@ -210,8 +216,8 @@ def typed_samples(
     parent: Path, ground_truth: Path, ignored: list[tuple[Path, str]], masks: bool = True
 ) -> list[Sample]:
     """The images of every type folder in ``parent`` (good ones in a NORMAL_NAMES folder, defective ones with their
-    mask in ``ground_truth/<type>``, or with none when ``masks`` is False); entries not read, masks without an image
-    among them, go to ``ignored``."""
+    mask in ``ground_truth/<type>``, a file or a folder of masks, or with none when ``masks`` is False); entries not
+    read, masks without an image among them, go to ``ignored``."""
     samples = []
     for type_dir in _subfolders(parent):
         if type_dir == ground_truth:  # an anomaly folder may keep ground_truth/ next to its type folders
@@ -224,10 +230,14 @@ def typed_samples(
             samples += [Sample(path, 1, type_dir.name) for path in images]
             continue
         masks_dir = ground_truth / type_dir.name
-        index = {_name_key(p.name): p for p in _list_images(masks_dir, ignored)} if masks_dir.is_dir() else {}
-        found = [_mask_for(path, masks_dir, index) for path in images]
+        index, folders, unread = {}, {}, []
+        if masks_dir.is_dir():
+            index = {_name_key(p.name): p for p in _list_images(masks_dir, unread)}
+            folders = {_name_key(p.name): p for p in _subfolders(masks_dir)}
+        found = [_mask_for(path, masks_dir, index, folders) for path in images]
         samples += [Sample(path, 1, type_dir.name, mask) for path, mask in zip(images, found, strict=True)]
-        unused = sorted_paths(set(index.values()) - set(found))
+        ignored += [(path, reason) for path, reason in unread if path not in folders.values()]
+        unused = sorted_paths({*index.values(), *folders.values()} - set(found))
         ignored += [(mask, "a mask with no test image of its name") for mask in unused]
     return samples
 
