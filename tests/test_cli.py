@@ -787,6 +787,17 @@ def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(tiny_
     bench = invoke("bench", "--data", plain, "--models", "patchcore", "--out", tmp_path / "bench")
     assert_clean_error(bench, "No labelled test images", "folder layout")
     assert not (tmp_path / "bench").exists()
+    # New good parts set the threshold by the fpr rule; the f1 rule needs defects; the training folder is refused.
+    new_parts = tmp_path / "new parts"
+    shutil.copytree(tiny_dataset / "test" / "good", new_parts)
+    assert_clean_error(invoke("calibrate", out, "--data", new_parts), "needs labelled images", "--rule fpr")
+    assert_clean_error(invoke("calibrate", out, "--data", plain, "--rule", "fpr"), "trained on", "its images trained")
+    result = invoke("calibrate", out, "--data", new_parts, "--rule", "fpr", "--target-fpr", "0.25", "--quiet")
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    scores = score_images(model, load_dataset(new_parts).train, FitContext(quiet=True)).raw_scores
+    expected = threshold_from_normals(scores, 0.25)["threshold"]
+    assert json.loads((out / "model" / "model.json").read_text())["calibration"]["threshold"] == pytest.approx(expected)
     assert snapshot(plain) == before
 
 

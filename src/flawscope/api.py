@@ -360,9 +360,18 @@ def run_category(run: str | Path, data: str | Path, layout: str = "auto", catego
 
 
 def run_dataset(
-    run: str | Path, data: str | Path, layout: str = "auto", category: str | None = None, *, calibrating: bool = False
+    run: str | Path,
+    data: str | Path,
+    layout: str = "auto",
+    category: str | None = None,
+    *,
+    calibrating: bool = False,
+    good_only: bool = False,
 ) -> DatasetSplit:
     """The labelled data a run is evaluated or calibrated on (``load_dataset`` with ``need_train=False``).
+
+    ``good_only`` (calibration from good images alone, the "fpr" rule) also accepts a plain folder of good images;
+    its images are then in the split's ``train``, and ``test`` is empty.
 
     Without ``category``, a multi-category ``data`` gives the run's own category (config.json) when it holds it.
     Warns when another of several categories (or another VisA object) is read than the one the run was trained on.
@@ -392,13 +401,18 @@ def run_dataset(
             f"({dataset.root}): a cross-category result. {how}.",
             stacklevel=3,
         )
-    if not dataset.test:
+    if not dataset.test and not (good_only and dataset.layout == "folder"):
         command = "calibrate" if calibrating else "test"
         if dataset.layout == "folder":
+            use = (
+                "; --rule fpr sets the threshold from a plain folder of good images"
+                if calibrating
+                else f". To score unlabelled images, use `flawscope predict RUN {dataset.root}`"
+            )
             where = (
                 f"it is a plain folder of images, read as good ones with no labels, and `flawscope {command}` needs "
                 "labelled images (test/good and test/<defect type>; masks in ground_truth/<defect type> add the pixel "
-                f"metrics). To score unlabelled images, use `flawscope predict RUN {dataset.root}`"
+                f"metrics){use}"
             )
         elif dataset.layout == "visa":
             where = (
@@ -429,7 +443,8 @@ def calibrate_run(
     """Recomputes a run's threshold on a separate labelled validation folder and saves it into the run.
 
     ``data`` is read like a test set (MVTec layout ``test/``, or VisA's test rows) but must not be the data the
-    model will be evaluated on: calibrating on the test split of the training folder is refused.
+    model will be evaluated on: calibrating on the test split of the training folder is refused. With the "fpr"
+    rule ``data`` may also be a plain folder of good images (new good parts, not the training folder).
 
     Args:
         rule: "f1" for the F1-optimal threshold (needs good and defective images), "fpr" for the quantile of the
@@ -449,16 +464,22 @@ def calibrate_run(
             stacklevel=2,
         )
     info = read_model_info(run)
-    dataset = run_dataset(run, data, layout, category, calibrating=True)
+    dataset = run_dataset(run, data, layout, category, calibrating=True, good_only=rule == "fpr")
     trained_on = run_record(run).get("data")
     if trained_on and Path(trained_on).resolve() == dataset.root.resolve():
-        raise ConfigError(
-            f"{dataset.root} is the folder this run was trained on; its test split is the test set. Calibrate on a "
-            "separate labelled validation folder so the test metrics stay honest."
+        why = (
+            "its images trained the model, whose scores on them are lower than on new good parts"
+            if dataset.layout == "folder"
+            else "its test split is the test set"
         )
+        raise ConfigError(
+            f"{dataset.root} is the folder this run was trained on; {why}. Calibrate on a separate validation "
+            "folder so the threshold and the test metrics stay honest."
+        )
+    samples = dataset.test or dataset.train  # a plain folder of good images (rule "fpr"): all of them
     model = load_model(info["folder"])
-    scored = score_images(model, dataset.test, FitContext(device=resolve_device(device), quiet=quiet))
-    labels = np.array([s.label for s in dataset.test], bool)
+    scored = score_images(model, samples, FitContext(device=resolve_device(device), quiet=quiet))
+    labels = np.array([s.label for s in samples], bool)
     _refuse_non_finite(
         scored,
         f"The {model.method} model in {info['folder']}",

@@ -259,7 +259,8 @@ def export(run, export_format, out, batch, half, no_check) -> None:
     "--data",
     required=True,
     type=PATH,
-    help="a labelled validation folder (its test/ split), never the data you report test metrics on",
+    help="a labelled validation folder (its test/ split), never the data you report test metrics on; with --rule "
+    "fpr also a plain folder of good images",
 )
 @click.option(
     "--rule",
