@@ -771,18 +771,19 @@ def test_fit_rejects_an_empty_data_folder(tmp_path):
 
 
 def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(tiny_dataset, images, tmp_path):
-    plain = tmp_path / "good parts"
-    shutil.copytree(tiny_dataset / "train" / "good", plain)
+    shutil.copytree(tiny_dataset, tmp_path / "copy")
+    plain = tmp_path / "copy" / "train" / "good"  # a folder of images: auto reads it as a plain folder
     before = snapshot(plain)
     out = tmp_path / "run"
     result = invoke(*fit_args(plain, out))
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
-    assert config["layout"] == "folder" and config["category"] == "good parts"
+    assert config["layout"] == "folder" and config["category"] == "good"
     assert config["num_train"] + config["num_val"] == len(load_dataset(tiny_dataset).train)
     assert invoke("predict", out, images, "--out", tmp_path / "pred", "--quiet").exit_code == 0
     assert len(read_csv(tmp_path / "pred" / "predictions.csv")) == 3
     assert_clean_error(invoke("test", out, "--data", plain), "plain folder of images", "flawscope predict RUN")
+    assert "--out DIR`" in invoke("test", out, "--data", plain).stderr
     assert invoke("test", out, "--data", tiny_dataset, "--quiet", "--no-report").exit_code == 0  # labelled: tests
     bench = invoke("bench", "--data", plain, "--models", "patchcore", "--out", tmp_path / "bench")
     assert_clean_error(bench, "No labelled test images", "folder layout")
@@ -792,6 +793,7 @@ def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(tiny_
     shutil.copytree(tiny_dataset / "test" / "good", new_parts)
     assert_clean_error(invoke("calibrate", out, "--data", new_parts), "needs labelled images", "--rule fpr")
     assert_clean_error(invoke("calibrate", out, "--data", plain, "--rule", "fpr"), "trained on", "its images trained")
+    assert_clean_error(invoke("calibrate", out, "--data", tmp_path / "copy"), "a folder that holds the folder this run")
     result = invoke("calibrate", out, "--data", new_parts, "--rule", "fpr", "--target-fpr", "0.25", "--quiet")
     assert result.exit_code == 0, result.output
     model = load_model(out)
@@ -1124,8 +1126,13 @@ def test_calibrate_says_why_a_threshold_can_call_every_good_image_defective(whol
     assert result.exit_code == 0, result.output
 
 
-def test_calibrate_refuses_the_training_folder(whole_run_copy, tiny_dataset):
+def test_calibrate_refuses_the_training_folder_and_folders_inside_it(whole_run_copy, tiny_dataset):
     assert_clean_error(invoke("calibrate", whole_run_copy, "--data", tiny_dataset), "trained on", "test set")
+    for inside in ("train/good", "test/good"):  # plain folders of good images, read by the fpr rule
+        line = assert_clean_error(
+            invoke("calibrate", whole_run_copy, "--data", tiny_dataset / inside, "--rule", "fpr"), "trained on"
+        )
+        assert f"{tiny_dataset / inside} is inside the folder this run was trained on" in line
 
 
 def test_demo_refuses_bad_options_before_generating_anything(tmp_path):

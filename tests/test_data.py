@@ -356,8 +356,9 @@ def test_a_plain_folder_is_read_as_good_training_images_and_nothing_below_it(tmp
 
 def test_auto_reads_a_folder_with_mvtec_visa_or_category_folders_as_those_and_never_as_plain(tmp_path):
     mvtec = _make_mvtec(tmp_path / "bottle")
-    _save_rgb(mvtec / "loose.png")  # a stray image beside train/ does not make it a plain folder
-    assert load_dataset(mvtec).layout == "mvtec"
+    _save_rgb(mvtec / "loose.png")  # a stray image beside train/ does not make it a plain folder, and is named
+    with pytest.warns(UserWarning, match=r"loose\.png \(an image directly in the data folder"):
+        assert load_dataset(mvtec).layout == "mvtec"
     _save_rgb(tmp_path / "loose.png")  # the parent of a category folder
     assert load_dataset(tmp_path).root == mvtec
     visa = _make_visa(tmp_path / "visa")
@@ -376,6 +377,10 @@ def test_a_plain_folder_without_images_names_the_subfolders_that_hold_some(tmp_p
         load_dataset(tmp_path / "parts", layout="folder")
     with pytest.raises(DataError, match=r"No 'train/good' .*if one of .*parts/good holds only good images, pass it"):
         load_dataset(tmp_path / "parts")  # auto: no images directly in it, so not a plain folder
+    _save_rgb(tmp_path / "parts" / "1.png")
+    (tmp_path / "parts" / "train").mkdir()  # images directly in it, but a train/ folder: auto reads it as MVTec
+    with pytest.raises(DataError, match=r"directly in .*parts are not read .* also has train/: pass --layout folder"):
+        load_dataset(tmp_path / "parts")
     with pytest.raises(ConfigError, match="expected one of: auto, mvtec, visa, folder"):
         load_dataset(tmp_path, layout="plain")
 
@@ -404,10 +409,24 @@ def test_mvtec_loco_masks_are_the_union_of_a_folder_per_image(tmp_path):
         read_mask(folder)
     (folder / "002.png").unlink()
     (root / "ground_truth" / "logical_anomalies" / "007").mkdir()  # masks of no image are named, not read
-    with pytest.warns(UserWarning, match=r"logical_anomalies/007 \(a mask with no test image of its name\)"):
-        load_dataset(root)
-    for path in folder.iterdir():
+    (folder / "notes.txt").write_text("annotator: A")
+    _save_mask(folder / "extra" / "000.png")
+    _save_mask(root / "ground_truth" / "structural_anomalies" / "000_mask.png")  # a file is read before a folder
+    with pytest.warns(UserWarning, match="4 entries") as caught:
+        split = load_dataset(root)
+    message = str(caught[0].message)
+    for name, reason in [
+        ("logical_anomalies/007", "a mask with no test image of its name"),
+        ("000/notes.txt", "not an image extension"),
+        ("000/extra", "a folder: subfolders are not searched"),
+        ("structural_anomalies/000", "masks of an image whose mask file is read instead"),
+    ]:
+        assert f"{name} ({reason}" in message
+    assert next(s for s in split.test if s.defect_type == "structural_anomalies").mask_path.name == "000_mask.png"
+    for path in folder.glob("*.png"):
         path.unlink()
+    with pytest.raises(DataError, match=r"Mask folder .*000 of the defective test image .*000\.png holds no mask"):
+        load_dataset(root)  # when the data are listed, before any image is scored
     with pytest.raises(DataError, match=r"Mask folder .*000 holds no mask image"):
         read_mask(folder)
 
@@ -454,7 +473,9 @@ def test_a_run_tested_on_a_split_without_test_images_is_told_where_they_belong(t
     shutil.rmtree(mvtec / "ground_truth")
     with pytest.raises(DataError, match=r"`flawscope calibrate` reads its test split .*train/ is not read.*synth"):
         run_dataset(run, mvtec, calibrating=True)
-    with pytest.raises(DataError, match=r"a plain folder of images, .*no labels.*`flawscope predict RUN .*good`"):
+    with pytest.raises(
+        DataError, match=r"a plain folder of images, .*no labels.*`flawscope predict RUN .*good --out DIR`"
+    ):
         run_dataset(run, mvtec / "train" / "good")
 
 

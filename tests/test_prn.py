@@ -524,6 +524,16 @@ def test_cli_fit_says_how_many_seen_defects_it_trained_on_and_from_where(tiny_da
     )
 
 
+def test_seen_anomalies_asked_of_a_plain_folder_say_it_has_no_test_split(tiny_dataset):
+    from flawscope.api import _seen_anomalies
+    from flawscope.registry import get_method
+
+    plain = load_dataset(tiny_dataset / "train" / "good")
+    with pytest.warns(UserWarning, match=r"synthetic defects only \(no labelled defects with masks in the data, a "):
+        seen, record = _seen_anomalies(get_method("prn"), plain, 3, None, seed=0)
+    assert seen == [] and "plain folder of good images with no test split" in record["seen_anomalies_source"]
+
+
 def test_cli_refuses_seen_anomalies_for_unsupervised_methods(tiny_dataset, tmp_path):
     from click.testing import CliRunner
 

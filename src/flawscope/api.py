@@ -199,7 +199,7 @@ def fit(
         _warn_enlarged_training_images(train, config)
         with preserved_random_state():  # the seed makes the run repeatable without resetting the caller's streams
             seed_everything(seed)
-            seen, seen_record = _seen_anomalies(spec, dataset.test, seen_anomalies, anomaly_dir, seed)
+            seen, seen_record = _seen_anomalies(spec, dataset, seen_anomalies, anomaly_dir, seed)
             ctx = FitContext(device=torch_device, seed=seed, quiet=quiet, num_workers=num_workers, seen_anomalies=seen)
             model = spec.model_class(config, pretrained=True, weights_path=weights_path)
             start = time.perf_counter()
@@ -273,9 +273,10 @@ DEFAULT_SEEN_ANOMALIES = 10  # PRN's "general setting" (DRA, DevNet): 10 labelle
 
 
 def _seen_anomalies(
-    spec, test: Sequence[Sample], count: int | None, anomaly_dir: str | Path | None, seed: int
+    spec, dataset: DatasetSplit, count: int | None, anomaly_dir: str | Path | None, seed: int
 ) -> tuple[list[Sample], dict[str, Any]]:
     """The labelled defects a few-shot method trains on, and what config.json records about them."""
+    test = dataset.test
     if spec.supervision != "few-shot":
         if count or anomaly_dir:
             raise ConfigError(
@@ -288,7 +289,13 @@ def _seen_anomalies(
     # A separate defect folder is used whole unless a count is given.
     requested = (len(pool) if anomaly_dir else DEFAULT_SEEN_ANOMALIES) if count is None else count
     seen = select_seen_anomalies(pool, requested, seed)
-    source = str(anomaly_dir) if anomaly_dir else "test split of the data (removed from it by `flawscope test`)"
+    source = (
+        str(anomaly_dir)
+        if anomaly_dir
+        else "data, a plain folder of good images with no test split"
+        if dataset.layout == "folder"
+        else "test split of the data (removed from it by `flawscope test`)"
+    )
     if not seen:
         why = "0 seen anomalies were asked for" if requested == 0 else f"no labelled defects with masks in the {source}"
         warnings.warn(
@@ -407,7 +414,7 @@ def run_dataset(
             use = (
                 "; --rule fpr sets the threshold from a plain folder of good images"
                 if calibrating
-                else f". To score unlabelled images, use `flawscope predict RUN {dataset.root}`"
+                else f". To score unlabelled images, use `flawscope predict RUN {dataset.root} --out DIR`"
             )
             where = (
                 f"it is a plain folder of images, read as good ones with no labels, and `flawscope {command}` needs "
@@ -466,15 +473,17 @@ def calibrate_run(
     info = read_model_info(run)
     dataset = run_dataset(run, data, layout, category, calibrating=True, good_only=rule == "fpr")
     trained_on = run_record(run).get("data")
-    if trained_on and Path(trained_on).resolve() == dataset.root.resolve():
+    here, there = dataset.root.resolve(), Path(trained_on or "").resolve()
+    if trained_on and (here == there or here in there.parents or there in here.parents):
         why = (
             "its images trained the model, whose scores on them are lower than on new good parts"
             if dataset.layout == "folder"
             else "its test split is the test set"
         )
+        where = "" if here == there else "inside " if there in here.parents else "a folder that holds "
         raise ConfigError(
-            f"{dataset.root} is the folder this run was trained on; {why}. Calibrate on a separate validation "
-            "folder so the threshold and the test metrics stay honest."
+            f"{dataset.root} is {where}the folder this run was trained on ({there}); {why}. Calibrate on a separate "
+            "validation folder, outside the training data, so the threshold and the test metrics stay honest."
         )
     samples = dataset.test or dataset.train  # a plain folder of good images (rule "fpr"): all of them
     model = load_model(info["folder"])

@@ -111,6 +111,7 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
     return sorted_paths(images)
 
 
+NO_IMAGE = "a mask with no test image of its name"
 _MVTEC_READS = (
     "the images directly in train/good and test/<type> and the masks in ground_truth/<type> that belong to a test image"
 )
@@ -179,17 +180,24 @@ def _mvtec_root(root: Path, category: str | None) -> Path:
         else ""
     )
     plain = _image_folders(root)
-    plain_hint = (
-        f" A plain folder of good images also trains: if one of {_join(plain)} holds only good images, pass it as "
-        "the data folder."
-        if plain
-        else " A plain folder of good images (the images directly in it) also trains."
-    )
+    if any(map(is_image_file, root.iterdir())):
+        plain_hint = (
+            f" The images directly in {root} are not read as a plain folder of good images because it also has "
+            f"{_join(name + '/' for name in ('train', 'test', 'split_csv') if (root / name).is_dir())}: pass "
+            "--layout folder (layout='folder') to train on them."
+        )
+    elif plain:
+        plain_hint = (
+            f" A plain folder of good images also trains: if one of {_join(plain)} holds only good images, pass it "
+            "as the data folder."
+        )
+    else:
+        plain_hint = " A plain folder of good images (the images directly in it) also trains."
     raise DataError(f"No 'train/good' in {root}; found: {_contents(root)}. {MVTEC_HELP}.{visa}{plain_hint}")
 
 
 def _image_folders(root: Path) -> list[str]:
-    """The names of ``root``'s subfolders that hold images directly."""
+    """The paths of ``root``'s subfolders that hold images directly."""
     return [str(folder) for folder in _subfolders(root) if any(map(is_image_file, folder.iterdir()))]
 
 
@@ -203,6 +211,11 @@ def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path], folders: 
                 return found
     folder = folders.get(_name_key(image.stem))
     if folder is not None:
+        if not any(map(is_image_file, folder.iterdir())):
+            raise DataError(
+                f"Mask folder {folder} of the defective test image {image} holds no mask image (extensions "
+                f"{', '.join(IMAGE_EXTENSIONS)}). Add the defect's masks, or move the image out of the test set."
+            )
         return folder
     raise DataError(
         f"Defective test image {image} has no mask: expected {ground_truth / (image.stem + '_mask.png')} (or a "
@@ -237,8 +250,12 @@ def typed_samples(
         found = [_mask_for(path, masks_dir, index, folders) for path in images]
         samples += [Sample(path, 1, type_dir.name, mask) for path, mask in zip(images, found, strict=True)]
         ignored += [(path, reason) for path, reason in unread if path not in folders.values()]
-        unused = sorted_paths({*index.values(), *folders.values()} - set(found))
-        ignored += [(mask, "a mask with no test image of its name") for mask in unused]
+        for folder in filter(Path.is_dir, found):  # what a folder of masks holds besides mask images
+            _list_images(folder, ignored)
+        stems = {_name_key(path.stem) for path in images}
+        for mask in sorted_paths({*index.values(), *folders.values()} - set(found)):
+            shadowed = mask.is_dir() and _name_key(mask.name) in stems
+            ignored.append((mask, "masks of an image whose mask file is read instead" if shadowed else NO_IMAGE))
     return samples
 
 
@@ -276,6 +293,8 @@ def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
     if train_dir:
         others = [path for path in filter(_visible, (root / "train").iterdir()) if path != train_dir]
         ignored += [(path, f"only train/{train_dir.name} is read for training") for path in others]
+    loose = [path for path in root.iterdir() if is_image_file(path)]
+    ignored += [(path, "an image directly in the data folder: training images go in train/good") for path in loose]
     if not train and need_train:
         others = sorted(p.name for p in train_dir.iterdir())
         raise DataError(
@@ -287,7 +306,7 @@ def _load_mvtec(root: Path, need_train: bool = True) -> DatasetSplit:
     return DatasetSplit(root=root, train=train, test=test, layout="mvtec", category=root.resolve().name)
 
 
-_FOLDER_READS = "the images directly in a plain folder of good images; subfolders are not searched"
+_FOLDER_READS = "the images directly in a plain folder of good images, not its subfolders"
 
 
 def _load_folder(root: Path, category: str | None) -> DatasetSplit:
@@ -308,7 +327,8 @@ def _load_folder(root: Path, category: str | None) -> DatasetSplit:
             else ""
         )
         raise DataError(
-            f"No images directly in {root} (found: {_join(sorted(p.name for p in root.iterdir()))}), read as a plain "
+            f"No images directly in {root} (found: {_join(sorted(p.name for p in filter(_visible, root.iterdir())))}), "
+            "read as a plain "
             f"folder of good images.{hint} Images need one of the extensions {', '.join(IMAGE_EXTENSIONS)}. For "
             f"labelled data: {MVTEC_HELP}."
         )
