@@ -679,10 +679,10 @@ def test_taking_every_test_defect_as_seen_warns_that_none_is_left_to_test(tiny_d
     from flawscope.api import _seen_anomalies
     from flawscope.registry import get_method
 
-    test = load_dataset(tiny_dataset).test  # 6 defects: the default 10 takes them all
+    dataset = load_dataset(tiny_dataset)  # 6 defects: the default 10 takes them all
     with pytest.warns(UserWarning, match="takes every labelled defect of the test split \\(6\\).*metrics will be n/a"):
-        _seen_anomalies(get_method("prn"), test, None, None, 0)
+        _seen_anomalies(get_method("prn"), dataset, None, None, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        seen, _ = _seen_anomalies(get_method("prn"), test, 2, None, 0)
+        seen, _ = _seen_anomalies(get_method("prn"), dataset, 2, None, 0)
     assert len(seen) == 2
