@@ -157,22 +157,35 @@ def test_test_writes_metrics(run):
     assert metrics["unmarked_defective"] == [] and metrics["nearly_full_masks"] == []
 
 
-def test_mvtec_loco_mask_folders_give_the_metrics_of_the_same_masks_in_one_file(run, tiny_dataset, tmp_path):
-    loco = tmp_path / "grass"  # the same category laid out as MVTec LOCO: each mask cut into two defects' files
-    shutil.copytree(tiny_dataset, loco, ignore=shutil.ignore_patterns("ground_truth"))
-    for mask_file in sorted((tiny_dataset / "ground_truth").glob("*/*_mask.png")):
+def _as_mvtec_loco(root: Path) -> None:
+    """MVTec LOCO's masks: a folder per defective image, here each mask cut into two defects' files."""
+    for mask_file in sorted((root / "ground_truth").glob("*/*_mask.png")):
         mask = np.asarray(Image.open(mask_file))
         left, right = mask.copy(), mask.copy()
         left[:, mask.shape[1] // 2 :], right[:, : mask.shape[1] // 2] = 0, 0
-        folder = loco / "ground_truth" / mask_file.parent.name / mask_file.name.removesuffix("_mask.png")
-        folder.mkdir(parents=True)
+        folder = mask_file.parent / mask_file.name.removesuffix("_mask.png")
+        folder.mkdir()
         Image.fromarray(left).save(folder / "000.png")
         Image.fromarray(right).save(folder / "001.png")
-    result = invoke("test", run, "--data", loco, "--out", tmp_path / "out", "--quiet", "--no-report")
+        mask_file.unlink()
+
+
+def _as_mvtec_ad_2(root: Path) -> None:
+    """MVTec AD 2's test split: test_public/ with its ground_truth/ inside it."""
+    (root / "test").rename(root / "test_public")
+    (root / "ground_truth").rename(root / "test_public" / "ground_truth")
+
+
+@pytest.mark.parametrize("relayout", [_as_mvtec_loco, _as_mvtec_ad_2])
+def test_the_test_set_laid_out_as_loco_or_mvtec_ad_2_gives_the_same_metrics(run, tiny_dataset, tmp_path, relayout):
+    copy = tmp_path / "grass"
+    shutil.copytree(tiny_dataset, copy)
+    relayout(copy)
+    result = invoke("test", run, "--data", copy, "--out", tmp_path / "out", "--quiet", "--no-report")
     assert result.exit_code == 0, result.output
-    loco_metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    other = json.loads((tmp_path / "out" / "metrics.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {key: loco_metrics[key] for key in METRIC_KEYS} == {key: metrics[key] for key in METRIC_KEYS}
+    assert {key: other[key] for key in METRIC_KEYS} == {key: metrics[key] for key in METRIC_KEYS}
 
 
 def test_test_warns_about_defective_images_with_an_empty_mask(run, tiny_dataset, tmp_path):

@@ -385,6 +385,25 @@ def test_a_plain_folder_without_images_names_the_subfolders_that_hold_some(tmp_p
         load_dataset(tmp_path, layout="plain")
 
 
+def test_mvtec_ad_2_reads_its_labelled_test_public_split(tmp_path):
+    root = tmp_path / "can"  # MVTec AD 2: test_public/ with its own ground_truth/, unlabelled test_private/
+    _save_rgb(root / "train" / "good" / "000_regular.png")
+    _save_rgb(root / "validation" / "good" / "000_regular.png")
+    _save_rgb(root / "test_public" / "good" / "000_regular.png")
+    _save_rgb(root / "test_public" / "bad" / "000_regular.png")
+    mask = _save_mask(root / "test_public" / "ground_truth" / "bad" / "000_regular_mask.png")
+    _save_rgb(root / "test_private" / "000_regular.png")
+    split = load_dataset(root)
+    assert [(s.path.relative_to(root).as_posix(), s.label, s.mask_path) for s in split.test] == [
+        ("test_public/bad/000_regular.png", 1, mask),
+        ("test_public/good/000_regular.png", 0, None),
+    ]
+    assert load_dataset(root, need_train=False).test == split.test
+    mask.unlink()
+    with pytest.raises(DataError, match=r"has no mask: expected .*test_public/ground_truth/bad/000_regular_mask\.png"):
+        load_dataset(root)
+
+
 def test_mvtec_loco_masks_are_the_union_of_a_folder_per_image(tmp_path):
     root = tmp_path / "pushpins"  # MVTec LOCO: a folder of masks per defective image, one mask per defect
     _save_rgb(root / "train" / "good" / "000.png")

@@ -429,7 +429,7 @@ def run_dataset(
         else:
             where = (
                 f"`flawscope {command}` reads its test split (test/good and test/<defect type> with masks in "
-                "ground_truth/<defect type>), and train/ is not read"
+                "ground_truth/<defect type>; MVTec AD 2: test_public/), and train/ is not read"
             )
         fix = " Write a synthetic one with `flawscope synth --data DIR --run RUN --out VAL`." if calibrating else ""
         raise DataError(f"No labelled images in {dataset.root}: {where}.{fix}")

@@ -1,5 +1,5 @@
-"""Dataset layouts: MVTec AD style folders (also BTAD, MPDD, MTD and MVTec LOCO), the VisA split CSV, and a plain
-folder of good images (image search for ``predict``: ``find``).
+"""Dataset layouts: MVTec AD style folders (also BTAD, MPDD, MTD, MVTec LOCO and MVTec AD 2), the VisA split CSV, and
+a plain folder of good images (image search for ``predict``: ``find``).
 
 Only listing happens here: files are checked to exist, never opened for writing, and nothing is created in a data
 folder. Every list is sorted by the path's characters (``Path`` sorts without case on Windows), so a run holds out
@@ -112,6 +112,7 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
 
 
 NO_IMAGE = "a mask with no test image of its name"
+_STRUCTURE = ("train", "test", "test_public", "split_csv")  # folders that make a data set more than a plain folder
 _MVTEC_READS = (
     "the images directly in train/good and test/<type> and the masks in ground_truth/<type> that belong to a test image"
 )
@@ -181,10 +182,10 @@ def _mvtec_root(root: Path, category: str | None) -> Path:
     )
     plain = _image_folders(root)
     if any(map(is_image_file, root.iterdir())):
+        structure = [f"{name}/" for name in _STRUCTURE if (root / name).is_dir()]
         plain_hint = (
             f" The images directly in {root} are not read as a plain folder of good images because it also has "
-            f"{_join(name + '/' for name in ('train', 'test', 'split_csv') if (root / name).is_dir())}: pass "
-            "--layout folder (layout='folder') to train on them."
+            f"{_join(structure)}: pass --layout folder (layout='folder') to train on them."
         )
     elif plain:
         plain_hint = (
@@ -259,28 +260,39 @@ def typed_samples(
     return samples
 
 
+def _test_folders(root: Path) -> tuple[Path, Path] | None:
+    """The test folder of an MVTec-style category and where its masks are: ``test/`` with ``ground_truth/`` (MVTec
+    AD, LOCO, BTAD, MPDD), else ``test_public/`` with ``test_public/ground_truth/`` (MVTec AD 2); None without."""
+    if (root / "test").is_dir():
+        return root / "test", root / "ground_truth"
+    if (root / "test_public").is_dir():
+        return root / "test_public", root / "test_public" / "ground_truth"
+    return None
+
+
 def _mvtec_test(root: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
     """The test samples of an MVTec-style folder; entries not read go to ``ignored``."""
-    test_dir = root / "test"
-    if not test_dir.is_dir():
+    folders = _test_folders(root)
+    if folders is None:
         return []
-    ground_truth = root / "ground_truth"
+    test_dir, ground_truth = folders
+    test, truth = f"{test_dir.name}/", f"{ground_truth.relative_to(root).as_posix()}/"
     # Without a ground_truth/ folder at all the test set has image labels only (pixel metrics are left out); with
     # one, every defective image needs its mask, as a missing one is then a mistake.
     samples = typed_samples(test_dir, ground_truth, ignored, masks=ground_truth.is_dir())
     loose = [path for path in filter(_visible, test_dir.iterdir()) if not path.is_dir()]
-    ignored += [(path, "a file directly in test/: test images go in test/<type>") for path in loose]
+    ignored += [(path, f"a file directly in {test}: test images go in {test}<type>") for path in loose]
     if ground_truth.is_dir():
         for path in filter(_visible, ground_truth.iterdir()):
             if not path.is_dir():
-                ignored.append((path, "a file directly in ground_truth/: masks go in ground_truth/<type>"))
+                ignored.append((path, f"a file directly in {truth}: masks go in {truth}<type>"))
             elif _name_key(path.name) in NORMAL_NAMES:
                 if any(filter(_visible, path.iterdir())):  # a good image has no defect: a mislabelled image?
                     ignored.append(
-                        (path, "masks of good images, which are all normal; a defective image goes in test/<type>")
+                        (path, f"masks of good images, which are all normal; a defective image goes in {test}<type>")
                     )
             elif not (test_dir / path.name).is_dir():
-                ignored.append((path, "masks of a type with no test/<type> folder"))
+                ignored.append((path, f"masks of a type with no {test}<type> folder"))
     if not samples:
         raise DataError(f"No test images in {test_dir}; found: {_contents(test_dir)}. {MVTEC_HELP}.")
     return samples
@@ -340,7 +352,7 @@ def _is_plain_folder(root: Path, layout: str) -> bool:
     """``layout`` "folder", or "auto" on a folder with images directly in it and no MVTec, VisA or category folders."""
     if layout != "auto":
         return layout == "folder"
-    structured = any((root / name).is_dir() for name in ("train", "test", "split_csv"))
+    structured = any((root / name).is_dir() for name in _STRUCTURE)
     return not structured and not _category_names(root) and any(map(is_image_file, root.iterdir()))
 
 
@@ -466,8 +478,8 @@ def load_dataset(
             ``category`` picks one), a VisA root (holding ``split_csv/1cls.csv``), or a plain folder whose images
             (directly in it; subfolders are not searched) are all good training images.
         layout: "mvtec", "visa", "folder", or "auto": VisA when ``root/split_csv`` exists and ``root/train`` does
-            not; a plain folder when ``root`` holds images directly and no train/, test/, split_csv/ or category
-            folder; MVTec otherwise.
+            not; a plain folder when ``root`` holds images directly and no train/, test/, test_public/, split_csv/ or
+            category folder; MVTec otherwise (its test split in ``test/``, or MVTec AD 2's ``test_public/``).
         category: MVTec category subfolder or VisA object name; needed when the root holds several.
         need_train: False for readers of the test split only (test, calibrate): an MVTec-style folder may then
             have ``test/`` and ``ground_truth/`` without ``train/good`` (or with an empty one).
@@ -486,7 +498,7 @@ def load_dataset(
         return _load_visa(root, category)
     if _is_plain_folder(root, layout):
         return _load_folder(root, category)
-    if not need_train and category is None and (root / "test").is_dir() and not _normal_folder(root / "train"):
+    if not need_train and category is None and _test_folders(root) and not _normal_folder(root / "train"):
         return _load_mvtec(root, need_train=False)
     return _load_mvtec(_mvtec_root(root, category), need_train)
 
