@@ -786,9 +786,12 @@ def test_fit_rejects_an_empty_data_folder(tmp_path):
 def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(tiny_dataset, images, tmp_path):
     shutil.copytree(tiny_dataset, tmp_path / "copy")
     plain = tmp_path / "copy" / "train" / "good"  # a folder of images: auto reads it as a plain folder
+    new_parts = plain / "next batch"  # a subfolder: never read by the fit, so it may set the threshold later
+    shutil.copytree(tiny_dataset / "test" / "good", new_parts)
     before = snapshot(plain)
     out = tmp_path / "run"
-    result = invoke(*fit_args(plain, out))
+    with pytest.warns(UserWarning, match="next batch \\(a folder: subfolders are not searched\\)"):
+        result = invoke(*fit_args(plain, out))
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["layout"] == "folder" and config["category"] == "good"
@@ -801,12 +804,10 @@ def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(tiny_
     bench = invoke("bench", "--data", plain, "--models", "patchcore", "--out", tmp_path / "bench")
     assert_clean_error(bench, "No labelled test images", "folder layout")
     assert not (tmp_path / "bench").exists()
-    # New good parts set the threshold by the fpr rule; the f1 rule needs defects; the training folder is refused.
-    new_parts = tmp_path / "new parts"
-    shutil.copytree(tiny_dataset / "test" / "good", new_parts)
+    # New good parts set the threshold by the fpr rule; the f1 rule needs defects; the training images are refused.
     assert_clean_error(invoke("calibrate", out, "--data", new_parts), "needs labelled images", "--rule fpr")
-    assert_clean_error(invoke("calibrate", out, "--data", plain, "--rule", "fpr"), "trained on", "its images trained")
-    assert_clean_error(invoke("calibrate", out, "--data", tmp_path / "copy"), "a folder that holds the folder this run")
+    line = assert_clean_error(invoke("calibrate", out, "--data", plain, "--rule", "fpr"), "its training images")
+    assert f"12 of the 12 images in {plain} are among the data this run was trained on" in line
     result = invoke("calibrate", out, "--data", new_parts, "--rule", "fpr", "--target-fpr", "0.25", "--quiet")
     assert result.exit_code == 0, result.output
     model = load_model(out)
@@ -1139,13 +1140,11 @@ def test_calibrate_says_why_a_threshold_can_call_every_good_image_defective(whol
     assert result.exit_code == 0, result.output
 
 
-def test_calibrate_refuses_the_training_folder_and_folders_inside_it(whole_run_copy, tiny_dataset):
+def test_calibrate_refuses_the_images_of_the_data_it_was_trained_on(whole_run_copy, tiny_dataset):
     assert_clean_error(invoke("calibrate", whole_run_copy, "--data", tiny_dataset), "trained on", "test set")
-    for inside in ("train/good", "test/good"):  # plain folders of good images, read by the fpr rule
-        line = assert_clean_error(
-            invoke("calibrate", whole_run_copy, "--data", tiny_dataset / inside, "--rule", "fpr"), "trained on"
-        )
-        assert f"{tiny_dataset / inside} is inside the folder this run was trained on" in line
+    for inside, count, part in (("train/good", 12, "its training images"), ("test/good", 4, "its test split")):
+        result = invoke("calibrate", whole_run_copy, "--data", tiny_dataset / inside, "--rule", "fpr")
+        assert_clean_error(result, f"{count} of the {count} images in {tiny_dataset / inside}", part)
 
 
 def test_demo_refuses_bad_options_before_generating_anything(tmp_path):

@@ -18,6 +18,7 @@ from flawscope.data import (
     collate,
     find_images,
     list_categories,
+    load_anomaly_folder,
     load_dataset,
     make_loader,
     preprocess,
@@ -399,6 +400,15 @@ def test_mvtec_ad_2_reads_its_labelled_test_public_split(tmp_path):
         ("test_public/good/000_regular.png", 0, None),
     ]
     assert load_dataset(root, need_train=False).test == split.test
+    assert [s.path for s in load_anomaly_folder(root)] == [split.test[0].path]  # --anomaly-dir CATEGORY
+    _save_mask(root / "ground_truth" / "bad" / "000_regular_mask.png")  # masks where MVTec AD keeps them
+    with pytest.warns(UserWarning, match=r"can/ground_truth \(masks beside test_public/, whose masks go in"):
+        load_dataset(root)
+    shutil.rmtree(root / "ground_truth")
+    _save_rgb(root / "test" / "good" / "000.png")  # an MVTec AD test/ folder wins, and test_public/ is named
+    with pytest.warns(UserWarning, match=r"can/test_public \(MVTec AD 2's test split, not read beside test/\)"):
+        assert [s.path.parent.name for s in load_dataset(root).test] == ["good"]
+    shutil.rmtree(root / "test")
     mask.unlink()
     with pytest.raises(DataError, match=r"has no mask: expected .*test_public/ground_truth/bad/000_regular_mask\.png"):
         load_dataset(root)

@@ -436,6 +436,33 @@ def run_dataset(
     return dataset
 
 
+def _refuse_training_data(run: str | Path, samples: Sequence[Sample], root: Path) -> None:
+    """Refuses calibration images that are among the training data set's images (its training images or its test
+    split), listed again from the run's config.json; a training folder that is gone or changed is not checked."""
+    record = run_record(run)
+    data = record.get("data")
+    if not isinstance(data, str) or not Path(data).is_dir():
+        return
+    try:
+        with warnings.catch_warnings():  # its listing's warnings were given when the run was fitted or tested
+            warnings.simplefilter("ignore")
+            trained = load_dataset(data, layout=record.get("layout", "auto"), category=record.get("category"))
+    except (ConfigError, DataError):
+        return
+    given = {sample.path.resolve(): sample.path for sample in samples}
+    for part, why in (
+        (trained.train, "its training images (the model was fitted on them, or held them out to set the threshold)"),
+        (trained.test, "its test split (the test set)"),
+    ):
+        shared = sorted(set(given) & {sample.path.resolve() for sample in part})
+        if shared:
+            raise ConfigError(
+                f"{len(shared)} of the {len(samples)} images in {root} are among the data this run was trained on "
+                f"({data}): {why}, e.g. {given[shared[0]]}. Calibrate on a separate validation folder so the threshold "
+                "and the test metrics stay honest."
+            )
+
+
 def calibrate_run(
     run: str | Path,
     data: str | Path,
@@ -449,9 +476,10 @@ def calibrate_run(
 ) -> dict[str, Any]:
     """Recomputes a run's threshold on a separate labelled validation folder and saves it into the run.
 
-    ``data`` is read like a test set (MVTec layout ``test/``, or VisA's test rows) but must not be the data the
-    model will be evaluated on: calibrating on the test split of the training folder is refused. With the "fpr"
-    rule ``data`` may also be a plain folder of good images (new good parts, not the training folder).
+    ``data`` is read like a test set (MVTec layout ``test/`` or ``test_public/``, or VisA's test rows) but must not
+    be the data the model will be evaluated on: images that are among the training data set's (its training images
+    or its test split) are refused. With the "fpr" rule ``data`` may also be a plain folder of good images (new good
+    parts, such as MVTec LOCO's or AD 2's ``validation/good``).
 
     Args:
         rule: "f1" for the F1-optimal threshold (needs good and defective images), "fpr" for the quantile of the
@@ -472,20 +500,8 @@ def calibrate_run(
         )
     info = read_model_info(run)
     dataset = run_dataset(run, data, layout, category, calibrating=True, good_only=rule == "fpr")
-    trained_on = run_record(run).get("data")
-    here, there = dataset.root.resolve(), Path(trained_on or "").resolve()
-    if trained_on and (here == there or here in there.parents or there in here.parents):
-        why = (
-            "its images trained the model, whose scores on them are lower than on new good parts"
-            if dataset.layout == "folder"
-            else "its test split is the test set"
-        )
-        where = "" if here == there else "inside " if there in here.parents else "a folder that holds "
-        raise ConfigError(
-            f"{dataset.root} is {where}the folder this run was trained on ({there}); {why}. Calibrate on a separate "
-            "validation folder, outside the training data, so the threshold and the test metrics stay honest."
-        )
     samples = dataset.test or dataset.train  # a plain folder of good images (rule "fpr"): all of them
+    _refuse_training_data(run, samples, dataset.root)
     model = load_model(info["folder"])
     scored = score_images(model, samples, FitContext(device=resolve_device(device), quiet=quiet))
     labels = np.array([s.label for s in samples], bool)

@@ -24,7 +24,7 @@ NORMAL_NAMES = ("good", "ok")
 MVTEC_HELP = (
     "flawscope expects the MVTec AD layout: <root>/train/good/ (defect-free training images), "
     "<root>/test/<type>/ (test images, 'good' for defect-free ones) and <root>/ground_truth/<type>/<stem>_mask.png "
-    "(one mask per defective test image)"
+    "(one mask per defective test image; MVTec AD 2: test_public/ and test_public/ground_truth/)"
 )
 VISA_CSV = Path("split_csv") / "1cls.csv"
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -114,7 +114,8 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
 NO_IMAGE = "a mask with no test image of its name"
 _STRUCTURE = ("train", "test", "test_public", "split_csv")  # folders that make a data set more than a plain folder
 _MVTEC_READS = (
-    "the images directly in train/good and test/<type> and the masks in ground_truth/<type> that belong to a test image"
+    "the images directly in train/good and test/<type> and the masks in ground_truth/<type> that belong to a test "
+    "image (MVTec AD 2: test_public/<type> and test_public/ground_truth/<type>)"
 )
 
 
@@ -220,9 +221,9 @@ def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path], folders: 
         return folder
     raise DataError(
         f"Defective test image {image} has no mask: expected {ground_truth / (image.stem + '_mask.png')} (or a "
-        f"folder {ground_truth / image.stem} of masks, as in MVTec LOCO). Every image in test/<type> other than "
-        "test/good needs one; add the mask or move the image out of the test set (a folder without any ground_truth/ "
-        "is read as a test set with image labels only)."
+        f"folder {ground_truth / image.stem} of masks, as in MVTec LOCO). Every test image outside the good folder "
+        "needs one; add the mask or move the image out of the test set (a test set without any ground_truth/ folder "
+        "is read with image labels only)."
     )
 
 
@@ -260,7 +261,7 @@ def typed_samples(
     return samples
 
 
-def _test_folders(root: Path) -> tuple[Path, Path] | None:
+def labelled_folders(root: Path) -> tuple[Path, Path] | None:
     """The test folder of an MVTec-style category and where its masks are: ``test/`` with ``ground_truth/`` (MVTec
     AD, LOCO, BTAD, MPDD), else ``test_public/`` with ``test_public/ground_truth/`` (MVTec AD 2); None without."""
     if (root / "test").is_dir():
@@ -272,11 +273,15 @@ def _test_folders(root: Path) -> tuple[Path, Path] | None:
 
 def _mvtec_test(root: Path, ignored: list[tuple[Path, str]]) -> list[Sample]:
     """The test samples of an MVTec-style folder; entries not read go to ``ignored``."""
-    folders = _test_folders(root)
+    folders = labelled_folders(root)
     if folders is None:
         return []
     test_dir, ground_truth = folders
     test, truth = f"{test_dir.name}/", f"{ground_truth.relative_to(root).as_posix()}/"
+    if test_dir.name == "test" and (root / "test_public").is_dir():
+        ignored.append((root / "test_public", "MVTec AD 2's test split, not read beside test/"))
+    if test_dir.name == "test_public" and (root / "ground_truth").is_dir():
+        ignored.append((root / "ground_truth", "masks beside test_public/, whose masks go in test_public/ground_truth"))
     # Without a ground_truth/ folder at all the test set has image labels only (pixel metrics are left out); with
     # one, every defective image needs its mask, as a missing one is then a mistake.
     samples = typed_samples(test_dir, ground_truth, ignored, masks=ground_truth.is_dir())
@@ -482,7 +487,8 @@ def load_dataset(
             category folder; MVTec otherwise (its test split in ``test/``, or MVTec AD 2's ``test_public/``).
         category: MVTec category subfolder or VisA object name; needed when the root holds several.
         need_train: False for readers of the test split only (test, calibrate): an MVTec-style folder may then
-            have ``test/`` and ``ground_truth/`` without ``train/good`` (or with an empty one).
+            have ``test/`` and ``ground_truth/`` (or MVTec AD 2's ``test_public/``) without ``train/good`` (or with
+            an empty one).
 
     Returns:
         The split; a missing MVTec ``test`` folder, and a plain folder, give an empty ``test`` list (enough for
@@ -498,7 +504,7 @@ def load_dataset(
         return _load_visa(root, category)
     if _is_plain_folder(root, layout):
         return _load_folder(root, category)
-    if not need_train and category is None and _test_folders(root) and not _normal_folder(root / "train"):
+    if not need_train and category is None and labelled_folders(root) and not _normal_folder(root / "train"):
         return _load_mvtec(root, need_train=False)
     return _load_mvtec(_mvtec_root(root, category), need_train)
 

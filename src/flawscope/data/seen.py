@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from flawscope.data.layouts import Sample, typed_samples, warn_ignored
+from flawscope.data.layouts import Sample, labelled_folders, typed_samples, warn_ignored
 from flawscope.errors import ConfigError, DataError
 from flawscope.runs import file_sha256
 
@@ -64,8 +64,9 @@ def select_seen_anomalies(samples: Sequence[Sample], count: int, seed: int = 0) 
 def load_anomaly_folder(folder: str | Path) -> list[Sample]:
     """Reads a folder of labelled defects given in addition to (or instead of) the test set.
 
-    Two layouts are accepted: an MVTec-style root (``test/<type>/`` and ``ground_truth/<type>/<stem>_mask.png``;
-    ``test/good`` is ignored), or the same without the ``test`` level (``<type>/`` next to ``ground_truth/``).
+    Two layouts are accepted: an MVTec-style root (``test/<type>/`` and ``ground_truth/<type>/<stem>_mask.png``, or
+    MVTec AD 2's ``test_public/`` with its ``ground_truth/``; ``test/good`` is ignored), or the same without the
+    ``test`` level (``<type>/`` next to ``ground_truth/``). A mask may be a folder of masks (MVTec LOCO).
 
     Raises:
         DataError: the folder does not exist, holds no defect images, or an image has no mask.
@@ -74,8 +75,8 @@ def load_anomaly_folder(folder: str | Path) -> list[Sample]:
     if not folder.is_dir():
         raise DataError(f"Anomaly folder {folder} does not exist. Pass a folder laid out as <type>/ + ground_truth/.")
     ignored: list[tuple[Path, str]] = []
-    parent = folder / "test" if (folder / "test").is_dir() else folder
-    samples = [s for s in typed_samples(parent, folder / "ground_truth", ignored) if s.label == 1]
+    parent, ground_truth = labelled_folders(folder) or (folder, folder / "ground_truth")
+    samples = [s for s in typed_samples(parent, ground_truth, ignored) if s.label == 1]
     warn_ignored(
         folder,
         ignored,
