@@ -487,7 +487,7 @@ def test_load_visa_csv(tmp_path):
 
 
 def test_a_run_tested_on_a_split_without_test_images_is_told_where_they_belong(tmp_path):
-    from flawscope.api import run_dataset
+    from flawscope.run_data import run_dataset
 
     root = _make_visa(tmp_path / "visa")
     csv_path = root / "split_csv" / "1cls.csv"

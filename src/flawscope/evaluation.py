@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .api import ScoredImages, resolve_device, run_dataset, run_record, score_images
+from .api import ScoredImages, resolve_device, score_images
 from .data import DatasetSplit, ImageDataset, exclude_samples, read_mask, to_uint8_image
 from .errors import ConfigError, DataError
 from .fitting import FitContext, torch_threads
@@ -23,6 +23,7 @@ from .model_io import describe_threshold, load_model, read_model_info
 from .models.base import AnomalyModel
 from .outputs import TEST_FILES, check_outside, claim_out_folder
 from .report import Curve, GalleryItem, heatmap_overlay, write_report
+from .run_data import run_dataset, run_record
 from .runs import write_json
 
 GALLERY_SIZE = 6

@@ -152,10 +152,10 @@ def synth(data, out, run, num_defects, image_size, resize_size, textures, foregr
 
     Calibrate a run on it when no real defects exist: flawscope calibrate RUN --data OUT --rule f1
     """
-    from ..api import missing_images_reason, run_category, run_record
     from ..data import load_dataset
     from ..outputs import check_outside
     from ..registry import get_method
+    from ..run_data import missing_images_reason, run_category, run_record
     from ..synthesis import write_synthetic_validation_set
 
     if run is not None and not (Path(run) / "config.json").is_file():

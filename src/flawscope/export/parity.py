@@ -166,9 +166,9 @@ def held_out_images(run: str | Path, model: AnomalyModel, count: int = 4) -> tor
 
     Real images keep the calibrated outputs away from the clipping at 0 and 1 that random noise images reach.
     """
-    from ..api import missing_images_reason, run_record
     from ..data import preprocess, read_image
     from ..errors import DataError
+    from ..run_data import missing_images_reason, run_record
 
     listed = run_record(run).get("val_images", [])
     cfg = model.config
