@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from flawscope.data import (
+    DatasetSplit,
     ImageDataset,
     Sample,
     collate,
@@ -61,6 +62,16 @@ def _make_mvtec(root: Path) -> Path:
             _save_rgb(root / "test" / defect / f"{i:03d}.png")
             _save_mask(root / "ground_truth" / defect / f"{i:03d}_mask.png")
     return root
+
+
+def _load_naming_unread(root: Path, entries: list[tuple[str, str]]) -> DatasetSplit:
+    """load_dataset(root), asserting one warning that names each (entry, reason) it did not read, and no more."""
+    with pytest.warns(UserWarning, match=f"{len(entries)} entries") as caught:
+        split = load_dataset(root)
+    message = str(caught[0].message)
+    for name, reason in entries:
+        assert f"{name} ({reason}" in message
+    return split
 
 
 def _snapshot(root: Path) -> dict[str, int]:
@@ -260,24 +271,23 @@ def test_load_mvtec_names_every_entry_it_does_not_read(tmp_path):
     _save_mask(root / "ground_truth" / "Good" / "000_mask.png")
     (root / "ground_truth" / "ok").mkdir()  # an empty normal folder says nothing
     os.mkfifo(root / "train" / "good" / "camera.png")  # a pipe named like an image
-    with pytest.warns(UserWarning, match="12 entries") as caught:
-        split = load_dataset(root)
-    message = str(caught[0].message)
-    for name, reason in [
-        ("README.txt", "not an image extension"),
-        ("batch2", "a folder: subfolders are not searched"),
-        ("009.gif", "not an image extension"),
-        ("gone.png", "a broken link"),
-        ("camera.png", "not a regular file"),
-        ("007_mask.png", "a mask with no test image"),
-        ("train/loose.png", "only train/good is read"),
-        ("good_batch2", "only train/good is read"),
-        ("test/loose.png", "a file directly in test/"),
-        ("crack_old", "masks of a type with no test/<type> folder"),
-        ("notes.txt", "a file directly in ground_truth/"),
-        ("ground_truth/Good", "masks of good images, which are all normal"),
-    ]:
-        assert f"{name} ({reason}" in message
+    split = _load_naming_unread(
+        root,
+        [
+            ("README.txt", "not an image extension"),
+            ("batch2", "a folder: subfolders are not searched"),
+            ("009.gif", "not an image extension"),
+            ("gone.png", "a broken link"),
+            ("camera.png", "not a regular file"),
+            ("007_mask.png", "a mask with no test image"),
+            ("train/loose.png", "only train/good is read"),
+            ("good_batch2", "only train/good is read"),
+            ("test/loose.png", "a file directly in test/"),
+            ("crack_old", "masks of a type with no test/<type> folder"),
+            ("notes.txt", "a file directly in ground_truth/"),
+            ("ground_truth/Good", "masks of good images, which are all normal"),
+        ],
+    )
     assert len(split.train) == 5 and len(split.test) == 5  # what is read is unchanged
 
 
@@ -441,16 +451,15 @@ def test_mvtec_loco_masks_are_the_union_of_a_folder_per_image(tmp_path):
     (folder / "notes.txt").write_text("annotator: A")
     _save_mask(folder / "extra" / "000.png")
     _save_mask(root / "ground_truth" / "structural_anomalies" / "000_mask.png")  # a file is read before a folder
-    with pytest.warns(UserWarning, match="4 entries") as caught:
-        split = load_dataset(root)
-    message = str(caught[0].message)
-    for name, reason in [
-        ("logical_anomalies/007", "a mask with no test image of its name"),
-        ("000/notes.txt", "not an image extension"),
-        ("000/extra", "a folder: subfolders are not searched"),
-        ("structural_anomalies/000", "masks of an image whose mask file is read instead"),
-    ]:
-        assert f"{name} ({reason}" in message
+    split = _load_naming_unread(
+        root,
+        [
+            ("logical_anomalies/007", "a mask with no test image of its name"),
+            ("000/notes.txt", "not an image extension"),
+            ("000/extra", "a folder: subfolders are not searched"),
+            ("structural_anomalies/000", "masks of an image whose mask file is read instead"),
+        ],
+    )
     assert next(s for s in split.test if s.defect_type == "structural_anomalies").mask_path.name == "000_mask.png"
     for path in folder.glob("*.png"):
         path.unlink()
