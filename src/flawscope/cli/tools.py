@@ -265,6 +265,10 @@ def demo(out, texture, epochs, device, quiet) -> None:
     print_metrics(metrics)
     click.echo(f"report: {(run / 'report.html').resolve()}")
     click.echo(f"next: flawscope predict {run} {data / 'test' / 'scratch'} --out {out / 'predictions'}")
+    click.echo(
+        "your parts: flawscope fit --model simplenet --backbone efficientnet_lite0 --data GOOD_IMAGES/ --out RUN "
+        "(a folder of good images, or an MVTec-style data set)"
+    )
 
 
 @main.command()
