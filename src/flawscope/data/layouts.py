@@ -111,7 +111,7 @@ def _list_images(folder: Path, ignored: list[tuple[Path, str]] | None = None) ->
     return sorted_paths(images)
 
 
-NO_IMAGE = "a mask with no test image of its name"
+_NO_IMAGE = "a mask with no test image of its name"
 _STRUCTURE = ("train", "test", "test_public", "split_csv")  # folders that make a data set more than a plain folder
 _MVTEC_READS = (
     "the images directly in train/good and test/<type> and the masks in ground_truth/<type> that belong to a test "
@@ -257,7 +257,7 @@ def typed_samples(
         stems = {_name_key(path.stem) for path in images}
         for mask in sorted_paths({*index.values(), *folders.values()} - set(found)):
             shadowed = mask.is_dir() and _name_key(mask.name) in stems
-            ignored.append((mask, "masks of an image whose mask file is read instead" if shadowed else NO_IMAGE))
+            ignored.append((mask, "masks of an image whose mask file is read instead" if shadowed else _NO_IMAGE))
     return samples
 
 
@@ -343,11 +343,10 @@ def _load_folder(root: Path, category: str | None) -> DatasetSplit:
             if holding
             else ""
         )
+        found = _join(sorted(path.name for path in filter(_visible, root.iterdir())))
         raise DataError(
-            f"No images directly in {root} (found: {_join(sorted(p.name for p in filter(_visible, root.iterdir())))}), "
-            "read as a plain "
-            f"folder of good images.{hint} Images need one of the extensions {', '.join(IMAGE_EXTENSIONS)}. For "
-            f"labelled data: {MVTEC_HELP}."
+            f"No images directly in {root} (found: {found}), read as a plain folder of good images.{hint} Images need "
+            f"one of the extensions {', '.join(IMAGE_EXTENSIONS)}. For labelled data: {MVTEC_HELP}."
         )
     warn_ignored(root, ignored, _FOLDER_READS)
     return DatasetSplit(root=root, train=train, test=[], layout="folder", category=root.resolve().name)
