@@ -783,7 +783,7 @@ def test_fit_rejects_an_empty_data_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(tiny_dataset, images, tmp_path):
+def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(run, tiny_dataset, images, tmp_path):
     shutil.copytree(tiny_dataset, tmp_path / "copy")
     plain = tmp_path / "copy" / "train" / "good"  # a folder of images: auto reads it as a plain folder
     new_parts = plain / "next batch"  # a subfolder: never read by the fit, so it may set the threshold later
@@ -796,6 +796,10 @@ def test_a_plain_folder_of_good_images_trains_and_only_labelled_data_tests(tiny_
     config = json.loads((out / "config.json").read_text())
     assert config["layout"] == "folder" and config["category"] == "good"
     assert config["num_train"] + config["num_val"] == len(load_dataset(tiny_dataset).train)
+    # The same images as the MVTec layout's train/good, in the same order: the same split, weights and threshold.
+    plain_model, mvtec_model = (json.loads((folder / "model" / "model.json").read_text()) for folder in (out, run))
+    assert plain_model["weights_sha256"] == mvtec_model["weights_sha256"]
+    assert plain_model["calibration"] == mvtec_model["calibration"]
     assert invoke("predict", out, images, "--out", tmp_path / "pred", "--quiet").exit_code == 0
     assert len(read_csv(tmp_path / "pred" / "predictions.csv")) == 3
     assert_clean_error(invoke("test", out, "--data", plain), "plain folder of images", "flawscope predict RUN")
