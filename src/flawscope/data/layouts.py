@@ -182,7 +182,7 @@ def _mvtec_root(root: Path, category: str | None) -> Path:
         else ""
     )
     plain = _image_folders(root)
-    if any(map(is_image_file, root.iterdir())):
+    if _holds_images(root):
         structure = [f"{name}/" for name in _STRUCTURE if (root / name).is_dir()]
         plain_hint = (
             f" The images directly in {root} are not read as a plain folder of good images because it also has "
@@ -198,9 +198,14 @@ def _mvtec_root(root: Path, category: str | None) -> Path:
     raise DataError(f"No 'train/good' in {root}; found: {_contents(root)}. {MVTEC_HELP}.{visa}{plain_hint}")
 
 
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file directly (not in a subfolder)."""
+    return any(map(is_image_file, folder.iterdir()))
+
+
 def _image_folders(root: Path) -> list[str]:
     """The paths of ``root``'s subfolders that hold images directly."""
-    return [str(folder) for folder in _subfolders(root) if any(map(is_image_file, folder.iterdir()))]
+    return [str(folder) for folder in _subfolders(root) if _holds_images(folder)]
 
 
 def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path], folders: dict[str, Path]) -> Path:
@@ -213,7 +218,7 @@ def _mask_for(image: Path, ground_truth: Path, index: dict[str, Path], folders: 
                 return found
     folder = folders.get(_name_key(image.stem))
     if folder is not None:
-        if not any(map(is_image_file, folder.iterdir())):
+        if not _holds_images(folder):
             raise DataError(
                 f"Mask folder {folder} of the defective test image {image} holds no mask image (extensions "
                 f"{', '.join(IMAGE_EXTENSIONS)}). Add the defect's masks, or move the image out of the test set."
@@ -357,7 +362,7 @@ def _is_plain_folder(root: Path, layout: str) -> bool:
     if layout != "auto":
         return layout == "folder"
     structured = any((root / name).is_dir() for name in _STRUCTURE)
-    return not structured and not _category_names(root) and any(map(is_image_file, root.iterdir()))
+    return not structured and not _category_names(root) and _holds_images(root)
 
 
 def _read_visa_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
